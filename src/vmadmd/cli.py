@@ -1,0 +1,320 @@
+"""``vmadm``: create, inspect and drive VMs; the daemon's operations go through its API.
+
+Standard library only, so that it starts fast.  Every failure prints one
+line on stderr and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from . import proc
+from .client import Client
+from .config import DEFAULT_SOCKET, VmSettings, env_or
+from .errors import InvalidParameter, VmadmError, WrongState
+from .props import parse_cli_value
+from .store import validate_uuid
+from .vms import VmLayer
+
+DEFAULT_TIMEOUT = 180
+LIST_FIELDS = ("uuid", "type", "ram", "state", "alias")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse's default prints usage and exits 2; the contract is one
+        # line and exit 1.
+        sys.stderr.write(f"vmadm: {message}\n")
+        raise SystemExit(1)
+
+
+def _client() -> Client:
+    return Client(env_or("VMADMD_SOCKET", DEFAULT_SOCKET))
+
+
+def _read_json(path: str | None) -> Any:
+    try:
+        if path is None or path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+    except OSError as err:
+        raise InvalidParameter(f"cannot read {path}: {err.strerror}") from err
+    try:
+        return json.loads(text)
+    except ValueError as err:
+        raise InvalidParameter(f"invalid JSON: {err}") from err
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _field(vm: dict[str, Any], name: str) -> str:
+    if name == "type":
+        return "KVM" if vm.get("brand", "kvm") == "kvm" else "OS"
+    value = vm.get(name)
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def cmd_create(layer: VmLayer, args: argparse.Namespace) -> None:
+    payload = _read_json(args.file)
+    uuid = layer.create(payload)
+    if layer.store.load(uuid).get("autoboot"):
+        try:
+            layer.start(uuid)
+        except VmadmError as err:
+            raise VmadmError(f"created VM {uuid} but it failed to boot: {err}") from err
+    print(f"Successfully created VM {uuid}")
+
+
+def cmd_list(layer: VmLayer, args: argparse.Namespace) -> None:
+    fields = [f.strip() for f in args.o.split(",")] if args.o else list(LIST_FIELDS)
+    if not all(fields):
+        raise InvalidParameter("-o needs a comma-separated list of fields")
+    rows = [[_field(vm, f) for f in fields] for vm in layer.list()]
+    if args.p:
+        for row in rows:
+            print(":".join(row))
+        return
+    header = [f.upper() for f in fields]
+    table = rows if args.H else [header, *rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(fields))] if table else []
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def cmd_get(layer: VmLayer, args: argparse.Namespace) -> None:
+    _print_json(layer.get(validate_uuid(args.uuid)))
+
+
+def cmd_start(layer: VmLayer, args: argparse.Namespace) -> None:
+    uuid = validate_uuid(args.uuid)
+    layer.start(uuid)
+    print(f"Successfully started VM {uuid}")
+
+
+def _wait_gone(layer: VmLayer, uuid: str, expire_ms: int | None, limit: float) -> bool:
+    """Wait until the VM's current qemu exits; shows the countdown on a tty."""
+    found = proc.open_vm_pidfd(layer.store.paths(uuid).pid, uuid)
+    if found is None:
+        return True
+    _, fd = found
+    tty = sys.stderr.isatty()
+    deadline = time.monotonic() + limit
+    try:
+        while not proc.pidfd_wait(fd, 0.25):
+            if time.monotonic() > deadline:
+                return False
+            if tty and expire_ms is not None:
+                left = max(0.0, expire_ms / 1000 - time.time())
+                sys.stderr.write(f"\rwaiting for VM {uuid} to stop: forced stop in {left:4.0f} s")
+                sys.stderr.flush()
+        return True
+    finally:
+        os.close(fd)
+        if tty and expire_ms is not None:
+            sys.stderr.write("\r\033[K")
+
+
+def _graceful(layer: VmLayer, args: argparse.Namespace, action: str) -> dict[str, Any]:
+    uuid = validate_uuid(args.uuid)
+    if args.t <= 0:
+        raise InvalidParameter("-t must be a positive number of seconds")
+    layer.store.load(uuid)  # unknown VM: one clear line before talking to the daemon
+    _, body = _client().request(
+        "POST", f"/vm/{uuid}", {"action": action, "timeout": str(args.t)}
+    )
+    transition = body.get("transition", {}) if isinstance(body, dict) else {}
+    expire = transition.get("expire")
+    expire_ms = expire if isinstance(expire, int) else None
+    try:
+        if not _wait_gone(layer, uuid, expire_ms, args.t + 60):
+            raise VmadmError(f"VM {uuid} is still running {args.t + 60} s after the stop request")
+    except KeyboardInterrupt:
+        raise VmadmError(f"stopped waiting; vmadmd goes on with the {action} of VM {uuid}") from None
+    return {"uuid": uuid}
+
+
+def cmd_stop(layer: VmLayer, args: argparse.Namespace) -> None:
+    uuid = validate_uuid(args.uuid)
+    if args.F:
+        layer.store.load(uuid)
+        if not layer.is_running(uuid):
+            raise WrongState(f"VM {uuid} is not running")
+        layer.halt(uuid, set_autoboot=False)
+    else:
+        if not layer.is_running(uuid):
+            layer.store.load(uuid)
+            raise WrongState(f"VM {uuid} is not running")
+        _graceful(layer, args, "stop")
+        layer.store.update(uuid, lambda vm: vm.update(autoboot=False))
+    print(f"Successfully completed stop for VM {uuid}")
+
+
+def cmd_reboot(layer: VmLayer, args: argparse.Namespace) -> None:
+    uuid = validate_uuid(args.uuid)
+    if args.F:
+        _client().request("POST", f"/vm/{uuid}", {"action": "reset"})
+    else:
+        _graceful(layer, args, "reboot")
+        # The daemon boots it again once the old qemu is gone; "running"
+        # also means the transition is cleared.
+        deadline = time.monotonic() + 120
+        while layer.get(uuid)["state"] != "running":
+            if time.monotonic() > deadline:
+                raise VmadmError(f"VM {uuid} did not come back after the reboot")
+            time.sleep(0.1)
+    print(f"Successfully completed reboot for VM {uuid}")
+
+
+def cmd_info(layer: VmLayer, args: argparse.Namespace) -> None:
+    uuid = validate_uuid(args.uuid)
+    params = {"type": args.types} if args.types else None
+    _, body = _client().request("GET", f"/vm/{uuid}", params)
+    _print_json(body)
+
+
+def cmd_sysrq(layer: VmLayer, args: argparse.Namespace) -> None:
+    uuid = validate_uuid(args.uuid)
+    _, body = _client().request("POST", f"/vm/{uuid}", {"action": "sysrq", "request": args.request})
+    if args.request == "screenshot" and isinstance(body, dict) and body.get("path"):
+        print(body["path"])
+    else:
+        print(f"Sent {args.request} to VM {uuid}")
+
+
+def cmd_update(layer: VmLayer, args: argparse.Namespace) -> None:
+    uuid = validate_uuid(args.uuid)
+    changes: dict[str, Any] = {}
+    if args.file is not None or not args.pairs:
+        if args.pairs:
+            raise InvalidParameter("give either -f FILE or key=value pairs, not both")
+        payload = _read_json(args.file)
+        if not isinstance(payload, dict):
+            raise InvalidParameter("an update payload must be a JSON object")
+        changes = payload
+    for pair in args.pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidParameter(f"expected key=value, not {pair!r}")
+        changes[key] = parse_cli_value(key, value)
+    _, changed = layer.update(uuid, changes)
+    if changed & {"vnc_port", "vnc_password"} and layer.is_running(uuid):
+        try:
+            _client().request("POST", f"/vm/{uuid}", {"action": "reload_vnc"})
+        except VmadmError as err:
+            sys.stderr.write(f"vmadm: warning: VNC settings saved but not applied: {err}\n")
+    print(f"Successfully updated VM {uuid}")
+
+
+def cmd_delete(layer: VmLayer, args: argparse.Namespace) -> None:
+    uuid = validate_uuid(args.uuid)
+    layer.delete(uuid)
+    print(f"Successfully deleted VM {uuid}")
+
+
+def cmd_events(layer: VmLayer, args: argparse.Namespace) -> None:
+    params = {"vm": validate_uuid(args.uuid)} if args.uuid else None
+    try:
+        for line in _client().stream("/events", params):
+            if line.startswith("data:"):
+                print(line[5:].strip(), flush=True)
+    except KeyboardInterrupt:
+        return
+
+
+def cmd_console(layer: VmLayer, args: argparse.Namespace) -> None:
+    uuid = validate_uuid(args.uuid)
+    _, body = _client().request("POST", f"/vm/{uuid}", {"action": "console"})
+    print(body["url"] if isinstance(body, dict) and "url" in body else json.dumps(body))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="vmadm", description="Manage KVM/QEMU virtual machines (with vmadmd).")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    c = sub.add_parser("create", help="create a VM from JSON (stdin or -f FILE)")
+    c.add_argument("-f", dest="file", metavar="FILE")
+    c.set_defaults(func=cmd_create)
+
+    c = sub.add_parser("list", help="list VMs")
+    c.add_argument("-H", action="store_true", help="no header")
+    c.add_argument("-o", metavar="FIELDS", help="comma-separated fields")
+    c.add_argument("-p", action="store_true", help="parsable: colon-separated, no header")
+    c.set_defaults(func=cmd_list)
+
+    for name, func, helptext in (
+        ("get", cmd_get, "print a VM's JSON"),
+        ("start", cmd_start, "boot a VM"),
+        ("delete", cmd_delete, "halt and remove a VM"),
+        ("console", cmd_console, "print a one-time browser console URL"),
+    ):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("uuid")
+        c.set_defaults(func=func)
+
+    for name, func, helptext in (
+        ("stop", cmd_stop, "stop a VM: ACPI powerdown, forced at the deadline (-F: at once)"),
+        ("reboot", cmd_reboot, "reboot a VM: stop then start (-F: reset)"),
+    ):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("uuid")
+        c.add_argument("-F", action="store_true", help="force")
+        c.add_argument("-t", type=float, default=DEFAULT_TIMEOUT, metavar="SECS")
+        c.set_defaults(func=func)
+
+    c = sub.add_parser("info", help="QMP information through vmadmd")
+    c.add_argument("uuid")
+    c.add_argument("types", nargs="?", help="comma-separated: block,blockstats,chardev,...")
+    c.set_defaults(func=cmd_info)
+
+    c = sub.add_parser("sysrq", help="send nmi or take a screenshot through vmadmd")
+    c.add_argument("uuid")
+    c.add_argument("request", choices=("nmi", "screenshot"))
+    c.set_defaults(func=cmd_sysrq)
+
+    c = sub.add_parser("update", help="change properties (-f FILE or key=value ...)")
+    c.add_argument("uuid")
+    c.add_argument("-f", dest="file", metavar="FILE")
+    c.add_argument("pairs", nargs="*", metavar="key=value")
+    c.set_defaults(func=cmd_update)
+
+    c = sub.add_parser("events", help="follow vmadmd's event stream")
+    c.add_argument("uuid", nargs="?")
+    c.set_defaults(func=cmd_events)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        layer = VmLayer(VmSettings.from_env())
+        args.func(layer, args)
+    except VmadmError as err:
+        sys.stderr.write(f"vmadm: {err}\n")
+        return 1
+    except ValueError as err:  # bad VMADM_ACCEL and the like
+        sys.stderr.write(f"vmadm: {err}\n")
+        return 1
+    except BrokenPipeError:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

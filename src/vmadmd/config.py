@@ -1,0 +1,63 @@
+"""Settings shared by ``vmadm`` and ``vmadmd``: flag, environment, default.
+
+Standard library only: the CLI imports this and must start fast.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal, cast
+
+Accel = Literal["kvm", "tcg", "auto"]
+
+DEFAULT_ZONES_ROOT = "/zones"
+DEFAULT_SOCKET = "/tmp/vmadmd.http"
+DEFAULT_AUTOBOOT_MARKER = "/tmp/.autoboot_vmadmd"
+DEFAULT_VNC_BIND = "127.0.0.1"
+DEFAULT_QEMU = "qemu-system-x86_64"
+DEFAULT_ACCEL: Accel = "auto"
+
+
+def env_or(name: str, default: str) -> str:
+    value = os.environ.get(name, "")
+    return value if value else default
+
+
+def parse_accel(value: str) -> Accel:
+    if value not in ("kvm", "tcg", "auto"):
+        raise ValueError(f"accel must be kvm, tcg or auto, not {value!r}")
+    return cast(Accel, value)
+
+
+def kvm_usable() -> bool:
+    """True when ``/dev/kvm`` can be opened for reading and writing."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def resolve_accel(accel: Accel) -> Literal["kvm", "tcg"]:
+    if accel == "auto":
+        return "kvm" if kvm_usable() else "tcg"
+    return accel
+
+
+@dataclass(frozen=True)
+class VmSettings:
+    """What the VM layer needs, whoever drives it."""
+
+    zones_root: str
+    qemu: str = DEFAULT_QEMU
+    accel: Accel = DEFAULT_ACCEL
+
+    @classmethod
+    def from_env(cls) -> VmSettings:
+        return cls(
+            zones_root=env_or("VMADM_ZONES_ROOT", DEFAULT_ZONES_ROOT),
+            qemu=env_or("VMADM_QEMU", DEFAULT_QEMU),
+            accel=parse_accel(env_or("VMADM_ACCEL", DEFAULT_ACCEL)),
+        )

@@ -1,0 +1,135 @@
+"""Is this VM's qemu running?  Identity-checked liveness and safe signalling.
+
+A pid file alone proves nothing: pids are reused.  A VM is running only when
+the pid in ``vm.pid`` is alive, not a zombie, and its command line carries
+``-uuid <uuid>``.  Signals go through a pidfd opened and then re-checked, so a
+pid recycled between the check and the kill can never be hit.
+
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import time
+
+
+def read_pid(pid_path: str) -> int | None:
+    try:
+        with open(pid_path, "rb") as f:
+            text = f.read(32).strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        pid = int(text)
+    except ValueError:
+        return None
+    return pid if pid > 1 else None
+
+
+def _proc_state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The comm field may contain spaces and parentheses: the state is the
+    # first field after the *last* ')'.
+    rest = stat[stat.rfind(")") + 2 :]
+    return rest[:1] or None
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def is_vm_process(pid: int, uuid: str) -> bool:
+    """True when ``pid`` is a live, non-zombie process started with ``-uuid <uuid>``."""
+    state = _proc_state(pid)
+    if state is None or state in ("Z", "X"):
+        return False
+    argv = _cmdline(pid)
+    return any(a == "-uuid" and b == uuid for a, b in zip(argv, argv[1:], strict=False))
+
+
+def find_vm_pid(pid_path: str, uuid: str) -> int | None:
+    """The pid of the VM's qemu when it is running, else None."""
+    pid = read_pid(pid_path)
+    if pid is None or not is_vm_process(pid, uuid):
+        return None
+    return pid
+
+
+def open_vm_pidfd(pid_path: str, uuid: str) -> tuple[int, int] | None:
+    """A pidfd for the VM's running qemu as ``(pid, fd)``, or None.
+
+    The identity check runs *after* the pidfd is opened: if it passes, the fd
+    refers to the process that passed it (a process that died in between
+    leaves a pidfd that reads as exited, which the caller sees at once).
+    """
+    pid = read_pid(pid_path)
+    if pid is None:
+        return None
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    if not is_vm_process(pid, uuid) or pidfd_exited(fd):
+        os.close(fd)
+        return None
+    return pid, fd
+
+
+def pidfd_exited(fd: int) -> bool:
+    """A pidfd polls readable once its process has exited."""
+    readable, _, _ = select.select([fd], [], [], 0)
+    return bool(readable)
+
+
+def pidfd_wait(fd: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` s for the process to exit; True if it did."""
+    readable, _, _ = select.select([fd], [], [], max(timeout, 0.0))
+    return bool(readable)
+
+
+def pidfd_signal(fd: int, sig: signal.Signals) -> bool:
+    """Send ``sig``; False when the process is already gone."""
+    try:
+        signal.pidfd_send_signal(fd, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def kill_vm(pid_path: str, uuid: str, term_timeout: float = 5.0) -> str | None:
+    """Force the VM's qemu to exit: SIGTERM, then SIGKILL; wait until gone.
+
+    Returns the stage that ended it (``"sigterm"``/``"sigkill"``), or None when
+    it was not running.  "Already gone" is success.
+    """
+    found = open_vm_pidfd(pid_path, uuid)
+    if found is None:
+        return None
+    _, fd = found
+    try:
+        if not pidfd_signal(fd, signal.SIGTERM) or pidfd_wait(fd, term_timeout):
+            return "sigterm"
+        pidfd_signal(fd, signal.SIGKILL)
+        # SIGKILL cannot be ignored; a process in uninterruptible sleep can
+        # still take a moment.  Bound the wait anyway.
+        deadline = time.monotonic() + 30.0
+        while not pidfd_wait(fd, 0.5):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"qemu of VM {uuid} survived SIGKILL for 30 s")
+        return "sigkill"
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)

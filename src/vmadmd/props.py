@@ -1,0 +1,260 @@
+"""VM properties: which exist, their types, defaults and validation.
+
+A subset of SmartOS ``vmadm``'s JSON.  Everything the user gives is checked
+here before anything reaches the disk.  Standard library only.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .errors import InvalidParameter
+
+DISK_MODELS = ("virtio", "ide", "scsi")
+NIC_MODELS = ("virtio", "e1000", "rtl8139")
+NETDEVS = ("user", "tap")
+VNC_PASSWORD_MAX = 8  # qemu's VNC (DES) password limit
+
+# Computed by `vmadm get`; never stored, never settable.
+COMPUTED = (
+    "state",
+    "zone_state",
+    "pid",
+    "transition_to",
+    "transition_expire",
+    "zonepath",
+)
+# Stored by the VM layer and the daemon; never settable by a user.
+INTERNAL = ("create_timestamp", "boot_timestamp", "transition", "last_exit")
+
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+
+
+def _int(name: str, lo: int, hi: int) -> Callable[[object], int]:
+    def check(v: object) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise InvalidParameter(f"{name} must be an integer, not {type(v).__name__}")
+        if not lo <= v <= hi:
+            raise InvalidParameter(f"{name} must be between {lo} and {hi}, not {v}")
+        return v
+
+    return check
+
+
+def _bool(name: str) -> Callable[[object], bool]:
+    def check(v: object) -> bool:
+        if not isinstance(v, bool):
+            raise InvalidParameter(f"{name} must be true or false, not {v!r}")
+        return v
+
+    return check
+
+
+def _str(name: str, max_len: int = 4096) -> Callable[[object], str]:
+    def check(v: object) -> str:
+        if not isinstance(v, str):
+            raise InvalidParameter(f"{name} must be a string, not {type(v).__name__}")
+        if len(v) > max_len:
+            raise InvalidParameter(f"{name} is longer than {max_len} characters")
+        if "\0" in v:
+            raise InvalidParameter(f"{name} must not contain a NUL character")
+        return v
+
+    return check
+
+
+def _brand(v: object) -> str:
+    if v != "kvm":
+        raise InvalidParameter(f"brand must be 'kvm', not {v!r}")
+    return "kvm"
+
+
+def _vnc_password(v: object) -> str:
+    s = _str("vnc_password", VNC_PASSWORD_MAX)(v)
+    if not s.isprintable():
+        raise InvalidParameter("vnc_password must be printable characters")
+    return s
+
+
+def _cpu_type(v: object) -> str:
+    s = _str("cpu_type", 128)(v)
+    if not re.match(r"^[A-Za-z0-9_.,=+-]+$", s):
+        raise InvalidParameter("cpu_type has characters qemu would not accept")
+    return s
+
+
+def _metadata(v: object) -> dict[str, str]:
+    if not isinstance(v, dict):
+        raise InvalidParameter("customer_metadata must be an object of strings")
+    out: dict[str, str] = {}
+    for key, value in v.items():
+        if not isinstance(value, str):
+            raise InvalidParameter(f"customer_metadata.{key} must be a string")
+        out[str(key)] = value
+    return out
+
+
+def _disk(i: int, v: object) -> dict[str, Any]:
+    where = f"disks[{i}]"
+    if not isinstance(v, dict):
+        raise InvalidParameter(f"{where} must be an object")
+    unknown = set(v) - {"size", "path", "model", "boot", "image_format"}
+    if unknown:
+        raise InvalidParameter(f"{where}: unknown property {sorted(unknown)[0]!r}")
+    disk: dict[str, Any] = {}
+    if "size" in v:
+        disk["size"] = _int(f"{where}.size", 1, 16 * 1024 * 1024)(v["size"])
+    if "path" in v:
+        path = _str(f"{where}.path")(v["path"])
+        if not path.startswith("/"):
+            raise InvalidParameter(f"{where}.path must be absolute")
+        if "," in path:
+            raise InvalidParameter(f"{where}.path must not contain a comma")
+        disk["path"] = path
+    if "size" not in disk and "path" not in disk:
+        raise InvalidParameter(f"{where} needs a size (MiB) or a path")
+    model = v.get("model", "virtio")
+    if model not in DISK_MODELS:
+        raise InvalidParameter(f"{where}.model must be one of {', '.join(DISK_MODELS)}")
+    disk["model"] = model
+    disk["boot"] = _bool(f"{where}.boot")(v.get("boot", False))
+    if "image_format" in v:
+        fmt = v["image_format"]
+        if fmt not in ("qcow2", "raw"):
+            raise InvalidParameter(f"{where}.image_format must be qcow2 or raw")
+        disk["image_format"] = fmt
+    return disk
+
+
+def random_mac() -> str:
+    """A locally administered unicast MAC (SmartOS's old 02:08:20 prefix)."""
+    tail = [random.randrange(256) for _ in range(3)]
+    return "02:08:20:" + ":".join(f"{b:02x}" for b in tail)
+
+
+def _nic(i: int, v: object) -> dict[str, Any]:
+    where = f"nics[{i}]"
+    if not isinstance(v, dict):
+        raise InvalidParameter(f"{where} must be an object")
+    unknown = set(v) - {"model", "mac", "netdev", "ifname"}
+    if unknown:
+        raise InvalidParameter(f"{where}: unknown property {sorted(unknown)[0]!r}")
+    model = v.get("model", "virtio")
+    if model not in NIC_MODELS:
+        raise InvalidParameter(f"{where}.model must be one of {', '.join(NIC_MODELS)}")
+    mac = v.get("mac") or random_mac()
+    if not isinstance(mac, str) or not _MAC_RE.match(mac.lower()):
+        raise InvalidParameter(f"{where}.mac must look like 02:08:20:aa:bb:cc")
+    netdev = v.get("netdev", "user")
+    if netdev not in NETDEVS:
+        raise InvalidParameter(f"{where}.netdev must be user or tap")
+    nic: dict[str, Any] = {"model": model, "mac": mac.lower(), "netdev": netdev}
+    if netdev == "tap":
+        ifname = v.get("ifname")
+        if not isinstance(ifname, str) or not _IFNAME_RE.match(ifname):
+            raise InvalidParameter(f"{where}.ifname is required for a tap netdev (1-15 chars)")
+        nic["ifname"] = ifname
+    return nic
+
+
+def _disks(v: object) -> list[dict[str, Any]]:
+    if not isinstance(v, list):
+        raise InvalidParameter("disks must be a list")
+    return [_disk(i, d) for i, d in enumerate(v)]
+
+
+def _nics(v: object) -> list[dict[str, Any]]:
+    if not isinstance(v, list):
+        raise InvalidParameter("nics must be a list")
+    return [_nic(i, n) for i, n in enumerate(v)]
+
+
+VALIDATORS: dict[str, Callable[[object], Any]] = {
+    "uuid": _str("uuid", 36),
+    "alias": _str("alias", 256),
+    "brand": _brand,
+    "ram": _int("ram", 16, 1024 * 1024),
+    "vcpus": _int("vcpus", 1, 256),
+    "autoboot": _bool("autoboot"),
+    "autoboot_order": _int("autoboot_order", -1000000, 1000000),
+    "disks": _disks,
+    "nics": _nics,
+    "vnc_port": _int("vnc_port", -1, 65535),
+    "vnc_password": _vnc_password,
+    "cpu_type": _cpu_type,
+    "qemu_extra_opts": _str("qemu_extra_opts", 65536),
+    "customer_metadata": _metadata,
+}
+
+# Properties `vmadm update` may not change.
+IMMUTABLE = ("uuid", "brand")
+
+DEFAULTS: dict[str, Any] = {
+    "brand": "kvm",
+    "ram": 256,
+    "vcpus": 1,
+    "autoboot": True,  # as in SmartOS: a new VM boots unless told otherwise
+    "disks": [],
+    "nics": [],
+    "vnc_port": 0,
+    "customer_metadata": {},
+}
+
+# How `key=value` on the command line is read for each property.
+SCALAR_KINDS: dict[str, type] = {
+    "alias": str,
+    "ram": int,
+    "vcpus": int,
+    "autoboot": bool,
+    "autoboot_order": int,
+    "vnc_port": int,
+    "vnc_password": str,
+    "cpu_type": str,
+    "qemu_extra_opts": str,
+}
+
+
+def validate(props: Mapping[str, object]) -> dict[str, Any]:
+    """Check every given property; unknown or computed names are errors."""
+    out: dict[str, Any] = {}
+    for name, value in props.items():
+        if name in COMPUTED or name in INTERNAL:
+            raise InvalidParameter(f"{name} is read-only")
+        check = VALIDATORS.get(name)
+        if check is None:
+            raise InvalidParameter(f"unknown property {name!r}")
+        out[name] = check(value)
+    return out
+
+
+def for_create(props: object) -> dict[str, Any]:
+    """Validate a `vmadm create` payload and fill the defaults."""
+    if not isinstance(props, dict):
+        raise InvalidParameter("a VM payload must be a JSON object")
+    checked = validate(props)
+    out = dict(DEFAULTS)
+    out.update(checked)
+    return out
+
+
+def parse_cli_value(name: str, text: str) -> object:
+    """Read ``key=value`` the way SmartOS ``vmadm update`` does, by property type."""
+    kind = SCALAR_KINDS.get(name)
+    if kind is None:
+        if name in VALIDATORS:
+            raise InvalidParameter(f"{name} can only be set from JSON (-f)")
+        raise InvalidParameter(f"unknown property {name!r}")
+    if kind is bool:
+        if text in ("true", "false"):
+            return text == "true"
+        raise InvalidParameter(f"{name} must be true or false, not {text!r}")
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise InvalidParameter(f"{name} must be an integer, not {text!r}") from None
+    return text

@@ -1,0 +1,71 @@
+"""Unix sockets at paths longer than the 108-byte ``sun_path`` limit.
+
+qemu is started with its runtime directory as working directory and binds
+short relative names there.  To connect, we open the directory with
+``O_PATH`` and connect to ``/proc/self/fd/<N>/<name>``, which the kernel
+resolves through the open directory: the address stays short however deep
+the zones root is.  Standard library only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+
+SUN_PATH_MAX = 107  # 108 bytes including the terminating NUL
+
+
+def connect_unix(directory: str, name: str, *, blocking: bool = True) -> socket.socket:
+    """Connect a stream socket to ``directory/name``.
+
+    Raises ``OSError`` like ``socket.connect`` would.  A non-blocking connect
+    may raise ``BlockingIOError`` (EAGAIN: the listener's backlog is full);
+    callers retry that.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.setblocking(blocking)
+        full = os.path.join(directory, name)
+        if len(full.encode()) <= SUN_PATH_MAX:
+            sock.connect(full)
+        else:
+            dfd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                sock.connect(f"/proc/self/fd/{dfd}/{name}")
+            finally:
+                os.close(dfd)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def bind_unix(path: str, backlog: int = 128) -> socket.socket:
+    """A listening stream socket at ``path`` (any length)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        if len(path.encode()) <= SUN_PATH_MAX:
+            sock.bind(path)
+        else:
+            dfd = os.open(os.path.dirname(path) or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                sock.bind(f"/proc/self/fd/{dfd}/{os.path.basename(path)}")
+            finally:
+                os.close(dfd)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def probe_unix(directory: str, name: str) -> bool:
+    """True when something accepts connections at ``directory/name``."""
+    try:
+        sock = connect_unix(directory, name)
+    except OSError:
+        return False
+    with contextlib.suppress(OSError):
+        sock.close()
+    return True

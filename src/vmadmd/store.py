@@ -1,0 +1,239 @@
+"""The VM store: ``<zones_root>/<uuid>/vm.json`` and every path beside it.
+
+``vm.json`` is the source of truth.  It is written atomically (temp file,
+fsync, rename, fsync of the directory) and carries a format version that is
+checked on every read.  Writers are serialised per VM with ``flock`` on a lock
+file in the zonepath, so two ``vmadm`` processes and the daemon never lose an
+update.  A uuid is validated before any path is built from it.
+
+Standard library only: the CLI imports this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InvalidUuid, VmBroken, VmNotFound
+
+FORMAT_VERSION = 1
+FORMAT_KEY = "format_version"
+
+_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+VmRecord = dict[str, Any]
+
+
+def validate_uuid(value: str) -> str:
+    """Return ``value`` when it is a canonical lower-case UUID, else raise."""
+    if not isinstance(value, str) or not _UUID_RE.match(value):
+        shown = repr(value) if isinstance(value, str) and len(value) <= 64 else "value"
+        raise InvalidUuid(f"invalid VM uuid {shown}: expected a lower-case canonical UUID")
+    return value
+
+
+def is_uuid(value: str) -> bool:
+    return bool(_UUID_RE.match(value))
+
+
+@dataclass(frozen=True)
+class VmPaths:
+    """Every per-VM path, built in one place from a validated uuid."""
+
+    zonepath: str
+
+    @property
+    def vm_json(self) -> str:
+        return os.path.join(self.zonepath, "vm.json")
+
+    @property
+    def lock(self) -> str:
+        return os.path.join(self.zonepath, ".vm.lock")
+
+    @property
+    def runtime_dir(self) -> str:
+        """``root/tmp``: qemu runs here, so its sockets can use short names."""
+        return os.path.join(self.zonepath, "root", "tmp")
+
+    # Socket names are relative to runtime_dir: see vmadmd.sockets.
+    QMP_NAME = "vm.qmp"
+    VNC_NAME = "vm.vnc"
+    CONSOLE_NAME = "vm.console"
+
+    @property
+    def qmp(self) -> str:
+        return os.path.join(self.runtime_dir, self.QMP_NAME)
+
+    @property
+    def vnc(self) -> str:
+        return os.path.join(self.runtime_dir, self.VNC_NAME)
+
+    @property
+    def console(self) -> str:
+        return os.path.join(self.runtime_dir, self.CONSOLE_NAME)
+
+    @property
+    def console_log(self) -> str:
+        return os.path.join(self.runtime_dir, "vm.console.log")
+
+    @property
+    def screenshot(self) -> str:
+        return os.path.join(self.runtime_dir, "vm.ppm")
+
+    @property
+    def pid(self) -> str:
+        return os.path.join(self.runtime_dir, "vm.pid")
+
+    def disk(self, index: int) -> str:
+        return os.path.join(self.zonepath, f"disk{index}.qcow2")
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_json(path: str, data: object) -> None:
+    """Write ``data`` to ``path`` so a reader sees the old or the new file, whole.
+
+    On any failure (disk full included) the old file is left untouched and the
+    temp file removed.
+    """
+    directory = os.path.dirname(path)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    payload = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(payload)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+class Store:
+    """The zones root and the VMs in it."""
+
+    def __init__(self, zones_root: str) -> None:
+        self.zones_root = zones_root
+
+    def paths(self, uuid: str) -> VmPaths:
+        return VmPaths(os.path.join(self.zones_root, validate_uuid(uuid)))
+
+    def exists(self, uuid: str) -> bool:
+        return os.path.exists(self.paths(uuid).vm_json)
+
+    def list_uuids(self) -> list[str]:
+        try:
+            names = os.listdir(self.zones_root)
+        except FileNotFoundError:
+            return []
+        return sorted(
+            n
+            for n in names
+            if is_uuid(n) and os.path.exists(os.path.join(self.zones_root, n, "vm.json"))
+        )
+
+    @contextlib.contextmanager
+    def lock(self, uuid: str) -> Iterator[None]:
+        """Hold the VM's exclusive lock (blocking) for the block's duration."""
+        paths = self.paths(uuid)
+        try:
+            fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            raise VmNotFound(f"no such VM: {uuid}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def load(self, uuid: str) -> VmRecord:
+        """Read the VM's record, without the format key."""
+        path = self.paths(uuid).vm_json
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raise VmNotFound(f"no such VM: {uuid}") from None
+        except OSError as err:
+            raise VmBroken(f"VM {uuid}: cannot read vm.json: {err.strerror}") from err
+        return parse_record(uuid, raw)
+
+    def save(self, uuid: str, record: VmRecord) -> None:
+        """Write the record (caller holds the lock)."""
+        data = {k: v for k, v in record.items() if k != FORMAT_KEY}
+        data[FORMAT_KEY] = FORMAT_VERSION
+        atomic_write_json(self.paths(uuid).vm_json, data)
+
+    def update(self, uuid: str, change: Callable[[VmRecord], None]) -> VmRecord:
+        """Load, change in place, and save the record, all under the VM's lock."""
+        with self.lock(uuid):
+            record = self.load(uuid)
+            change(record)
+            self.save(uuid, record)
+            return record
+
+    def create(self, uuid: str, record: VmRecord) -> VmPaths:
+        """Make the zonepath and write the first record; fails if it exists."""
+        paths = self.paths(uuid)
+        os.makedirs(self.zones_root, exist_ok=True)
+        try:
+            os.mkdir(paths.zonepath, 0o700)
+        except FileExistsError:
+            raise VmBroken(f"VM {uuid} already exists") from None
+        os.makedirs(paths.runtime_dir, 0o700, exist_ok=True)
+        with self.lock(uuid):
+            self.save(uuid, record)
+        return paths
+
+    def remove(self, uuid: str) -> None:
+        """Remove the zonepath; vm.json goes first so the VM vanishes at once."""
+        paths = self.paths(uuid)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(paths.vm_json)
+        try:
+            shutil.rmtree(paths.zonepath)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            if err.errno != errno.ENOENT:
+                raise
+
+
+def parse_record(uuid: str, raw: bytes) -> VmRecord:
+    """Parse and version-check a vm.json payload."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise VmBroken(f"VM {uuid}: vm.json is corrupt: {err}") from err
+    if not isinstance(data, dict):
+        raise VmBroken(f"VM {uuid}: vm.json is not a JSON object")
+    version = data.pop(FORMAT_KEY, None)
+    if version != FORMAT_VERSION:
+        raise VmBroken(
+            f"VM {uuid}: vm.json has format version {version!r}, this vmadm reads {FORMAT_VERSION}"
+        )
+    if data.get("uuid") != uuid:
+        raise VmBroken(f"VM {uuid}: vm.json names another uuid ({data.get('uuid')!r})")
+    return data

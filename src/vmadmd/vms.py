@@ -1,0 +1,247 @@
+"""The VM layer: create, start, halt, delete, and what ``vmadm get`` shows.
+
+Used by ``vmadm`` directly and by ``vmadmd`` (from a worker thread: the
+per-VM lock is a blocking ``flock``).  ``start`` is the analogue of
+``zoneadm boot``: qemu is spawned with ``-daemonize`` so that it is in its
+own session with no controlling terminal, re-parented away from whoever
+started it, and only reported started once its sockets are listening.
+``halt`` is ``zoneadm halt``: a forced stop.
+
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import uuid as uuidlib
+from typing import Any
+
+from . import props, proc
+from .config import VmSettings, resolve_accel
+from .errors import InvalidParameter, StartFailed, VmBroken, WrongState
+from .qemu import build_argv
+from .store import Store, VmPaths, VmRecord, validate_uuid
+
+START_TIMEOUT = 60.0
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def iso_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
+
+
+class VmLayer:
+    """Operations on VMs in one zones root."""
+
+    def __init__(self, settings: VmSettings) -> None:
+        self.settings = settings
+        self.store = Store(settings.zones_root)
+
+    # -- queries -----------------------------------------------------------
+
+    def pid(self, uuid: str) -> int | None:
+        return proc.find_vm_pid(self.store.paths(uuid).pid, uuid)
+
+    def is_running(self, uuid: str) -> bool:
+        return self.pid(uuid) is not None
+
+    def get(self, uuid: str) -> dict[str, Any]:
+        """The record plus the computed properties, as ``vmadm get`` shows it."""
+        record = self.store.load(uuid)
+        return with_computed(record, self.store.paths(uuid), self.pid(uuid))
+
+    def list(self) -> list[dict[str, Any]]:
+        out = []
+        for uuid in self.store.list_uuids():
+            try:
+                out.append(self.get(uuid))
+            except VmBroken as err:
+                out.append({"uuid": uuid, "state": "broken", "error": str(err)})
+        return out
+
+    # -- create / delete ---------------------------------------------------
+
+    def create(self, payload: object) -> str:
+        """Create a VM from a user payload; returns its uuid.  Does not boot it."""
+        vm = props.for_create(payload)
+        uuid = validate_uuid(vm.get("uuid") or str(uuidlib.uuid4()))
+        vm["uuid"] = uuid
+        if self.store.exists(uuid) or os.path.exists(self.store.paths(uuid).zonepath):
+            raise InvalidParameter(f"a VM with uuid {uuid} already exists")
+        for disk in vm["disks"]:
+            if "size" not in disk and not os.path.exists(disk["path"]):
+                raise InvalidParameter(f"disk image {disk['path']} does not exist")
+        vm["create_timestamp"] = iso_now()
+        paths = self.store.create(uuid, {**vm, "disks": []})
+        try:
+            for i, disk in enumerate(vm["disks"]):
+                if "path" not in disk:
+                    disk["path"] = paths.disk(i)
+                    disk["image_format"] = "qcow2"
+                    _qemu_img_create(disk["path"], disk["size"])
+                elif "image_format" not in disk:
+                    disk["image_format"] = _probe_format(disk["path"])
+            self.store.update(uuid, lambda r: r.update(disks=vm["disks"]))
+        except BaseException:
+            self.store.remove(uuid)
+            raise
+        return uuid
+
+    def delete(self, uuid: str) -> None:
+        """Halt the VM if it runs, then remove its zonepath."""
+        with self.store.lock(uuid):
+            self.store.load(uuid)  # 404 for unknown VMs, before anything is killed
+            proc.kill_vm(self.store.paths(uuid).pid, uuid)
+            self.store.remove(uuid)
+
+    # -- start / halt ------------------------------------------------------
+
+    def start(self, uuid: str, *, set_autoboot: bool = True) -> int:
+        """Boot the VM; returns qemu's pid.  Raises WrongState if it runs."""
+        paths = self.store.paths(uuid)
+        with self.store.lock(uuid):
+            vm = self.store.load(uuid)
+            if self.pid(uuid) is not None:
+                raise WrongState(f"VM {uuid} is already running")
+            for disk in vm.get("disks", []):
+                if not os.path.exists(disk["path"]):
+                    raise StartFailed(f"VM {uuid}: disk image {disk['path']} is missing")
+            pid = self._spawn(vm, paths)
+            vm["boot_timestamp"] = iso_now()
+            if set_autoboot:
+                vm["autoboot"] = True
+            self.store.save(uuid, vm)
+            return pid
+
+    def _spawn(self, vm: VmRecord, paths: VmPaths) -> int:
+        os.makedirs(paths.runtime_dir, 0o700, exist_ok=True)
+        for stale in (paths.pid, paths.qmp, paths.vnc, paths.console):
+            try:
+                os.unlink(stale)
+            except FileNotFoundError:
+                pass
+        argv = build_argv(vm, paths, self.settings.qemu, resolve_accel(self.settings.accel))
+        try:
+            # With -daemonize the first process exits once qemu is set up (or
+            # has failed); its stderr carries the reason for a failure.
+            res = subprocess.run(
+                argv,
+                cwd=paths.runtime_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                timeout=START_TIMEOUT,
+                check=False,
+            )
+        except FileNotFoundError:
+            raise StartFailed(f"qemu binary {self.settings.qemu!r} not found") from None
+        except subprocess.TimeoutExpired:
+            raise StartFailed(f"qemu did not start within {START_TIMEOUT:.0f} s") from None
+        if res.returncode != 0:
+            lines = [ln for ln in res.stderr.decode(errors="replace").splitlines() if ln.strip()]
+            reason = lines[-1] if lines else f"exit status {res.returncode}"
+            raise StartFailed(f"VM {vm['uuid']}: qemu failed to start: {reason}")
+        pid = proc.find_vm_pid(paths.pid, vm["uuid"])
+        if pid is None:
+            raise StartFailed(f"VM {vm['uuid']}: qemu exited right after starting")
+        return pid
+
+    def halt(self, uuid: str, *, set_autoboot: bool | None = False) -> str | None:
+        """Forced stop: SIGTERM, then SIGKILL, waiting until qemu is gone.
+
+        Clears any pending transition.  Returns the stage that ended qemu, or
+        None when it was not running.
+        """
+        paths = self.store.paths(uuid)
+        with self.store.lock(uuid):
+            vm = self.store.load(uuid)
+            stage = proc.kill_vm(paths.pid, uuid)
+            vm.pop("transition", None)
+            if stage is not None:
+                vm["last_exit"] = {"stage": stage, "time": iso_now()}
+            if set_autoboot is not None:
+                vm["autoboot"] = set_autoboot
+            self.store.save(uuid, vm)
+            return stage
+
+    def update(self, uuid: str, changes: dict[str, Any]) -> tuple[VmRecord, set[str]]:
+        """Apply validated changes; returns the new record and the changed keys."""
+        meta_set = changes.pop("set_customer_metadata", None)
+        meta_remove = changes.pop("remove_customer_metadata", None)
+        for name in props.IMMUTABLE:
+            if name in changes:
+                raise InvalidParameter(f"{name} cannot be changed")
+        checked = props.validate(changes)
+        if meta_set is not None:
+            checked_meta = props.validate({"customer_metadata": meta_set})["customer_metadata"]
+        if meta_remove is not None and (
+            not isinstance(meta_remove, list) or not all(isinstance(k, str) for k in meta_remove)
+        ):
+            raise InvalidParameter("remove_customer_metadata must be a list of keys")
+        changed: set[str] = set()
+
+        def apply(vm: VmRecord) -> None:
+            for key, value in checked.items():
+                if vm.get(key) != value:
+                    changed.add(key)
+                vm[key] = value
+            if meta_set is not None or meta_remove is not None:
+                meta = dict(vm.get("customer_metadata", {}))
+                if meta_set is not None:
+                    meta.update(checked_meta)
+                for key in meta_remove or []:
+                    meta.pop(key, None)
+                if meta != vm.get("customer_metadata"):
+                    changed.add("customer_metadata")
+                vm["customer_metadata"] = meta
+
+        record = self.store.update(uuid, apply)
+        return record, changed
+
+
+def state_of(record: VmRecord, pid: int | None) -> str:
+    if pid is None:
+        return "stopped"
+    if record.get("transition"):
+        return "stopping"
+    return "running"
+
+
+def with_computed(record: VmRecord, paths: VmPaths, pid: int | None) -> dict[str, Any]:
+    out = dict(record)
+    transition = out.pop("transition", None)
+    out["state"] = state_of(record, pid)
+    out["zone_state"] = "running" if pid is not None else "installed"
+    out["zonepath"] = paths.zonepath
+    if pid is not None:
+        out["pid"] = pid
+    if transition and pid is not None:
+        out["transition_to"] = transition.get("to")
+        out["transition_expire"] = transition.get("expire")
+    return out
+
+
+def _qemu_img_create(path: str, size_mib: int) -> None:
+    res = subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", path, f"{size_mib}M"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    if res.returncode != 0:
+        raise InvalidParameter(f"qemu-img create failed: {res.stderr.decode(errors='replace').strip()}")
+
+
+def _probe_format(path: str) -> str:
+    """qcow2 when the file starts with qcow2's magic, else raw."""
+    try:
+        with open(path, "rb") as f:
+            return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
+    except OSError as err:
+        raise InvalidParameter(f"cannot read disk image {path}: {err.strerror}") from err

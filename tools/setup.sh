@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Install everything vmadmd needs on a fresh Debian machine, idempotently:
+# Debian packages (qemu, qemu-img, busybox-static, socat), a venv with the
+# package and its dev tools in .venv, and the test guest in .cache/guest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v qemu-img >/dev/null || need+=(qemu-utils)
+[[ -x /bin/busybox ]] && dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
+command -v socat >/dev/null || need+=(socat)
+command -v cpio >/dev/null || need+=(cpio)
+if ((${#need[@]})); then
+    echo "setup: installing ${need[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+if [[ ! -x .venv/bin/python ]]; then
+    python3 -m venv .venv
+fi
+stamp=.venv/.installed
+if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
+    .venv/bin/pip install -q --upgrade pip >/dev/null
+    .venv/bin/pip install -q -e '.[dev]'
+    touch "$stamp"
+fi
+
+./tools/build-guest.sh .cache/guest >&2
