@@ -135,9 +135,7 @@ def _graceful(layer: VmLayer, args: argparse.Namespace, action: str) -> dict[str
     if args.t <= 0:
         raise InvalidParameter("-t must be a positive number of seconds")
     layer.store.load(uuid)  # unknown VM: one clear line before talking to the daemon
-    _, body = _client().request(
-        "POST", f"/vm/{uuid}", {"action": action, "timeout": str(args.t)}
-    )
+    _, body = _client().request("POST", f"/vm/{uuid}", {"action": action, "timeout": str(args.t)})
     transition = body.get("transition", {}) if isinstance(body, dict) else {}
     expire = transition.get("expire")
     expire_ms = expire if isinstance(expire, int) else None
@@ -145,7 +143,9 @@ def _graceful(layer: VmLayer, args: argparse.Namespace, action: str) -> dict[str
         if not _wait_gone(layer, uuid, expire_ms, args.t + 60):
             raise VmadmError(f"VM {uuid} is still running {args.t + 60} s after the stop request")
     except KeyboardInterrupt:
-        raise VmadmError(f"stopped waiting; vmadmd goes on with the {action} of VM {uuid}") from None
+        raise VmadmError(
+            f"stopped waiting; vmadmd goes on with the {action} of VM {uuid}"
+        ) from None
     return {"uuid": uuid}
 
 

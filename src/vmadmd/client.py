@@ -9,7 +9,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import socket
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlencode
@@ -68,7 +67,7 @@ class Client:
                 raise DaemonUnavailable(
                     f"vmadmd socket {self.socket_path}: permission denied"
                 ) from None
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 raise DaemonUnavailable(f"vmadmd did not answer on {self.socket_path}") from None
             except (http.client.HTTPException, ConnectionError) as err:
                 raise DaemonUnavailable(f"vmadmd connection failed: {err}") from None
@@ -79,11 +78,11 @@ class Client:
         except ValueError:
             data = {"raw": body.decode(errors="replace")}
         if resp.status >= 400:
-            err = data.get("error", {}) if isinstance(data, dict) else {}
+            info = data.get("error", {}) if isinstance(data, dict) else {}
             raise ApiError(
                 resp.status,
-                str(err.get("code", "Error")),
-                str(err.get("message", f"HTTP {resp.status}")),
+                str(info.get("code", "Error")),
+                str(info.get("message", f"HTTP {resp.status}")),
             )
         return resp.status, data
 

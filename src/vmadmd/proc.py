@@ -11,6 +11,7 @@ Standard library only.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import select
 import signal
@@ -57,7 +58,7 @@ def is_vm_process(pid: int, uuid: str) -> bool:
     if state is None or state in ("Z", "X"):
         return False
     argv = _cmdline(pid)
-    return any(a == "-uuid" and b == uuid for a, b in zip(argv, argv[1:], strict=False))
+    return any(a == "-uuid" and b == uuid for a, b in itertools.pairwise(argv))
 
 
 def find_vm_pid(pid_path: str, uuid: str) -> int | None:

@@ -12,13 +12,14 @@ Standard library only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
 import uuid as uuidlib
 from typing import Any
 
-from . import props, proc
+from . import proc, props
 from .config import VmSettings, resolve_accel
 from .errors import InvalidParameter, StartFailed, VmBroken, WrongState
 from .qemu import build_argv
@@ -32,7 +33,10 @@ def now_ms() -> int:
 
 
 def iso_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+        + f".{int(time.time() * 1000) % 1000:03d}Z"
+    )
 
 
 class VmLayer:
@@ -121,10 +125,8 @@ class VmLayer:
     def _spawn(self, vm: VmRecord, paths: VmPaths) -> int:
         os.makedirs(paths.runtime_dir, 0o700, exist_ok=True)
         for stale in (paths.pid, paths.qmp, paths.vnc, paths.console):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(stale)
-            except FileNotFoundError:
-                pass
         argv = build_argv(vm, paths, self.settings.qemu, resolve_accel(self.settings.accel))
         try:
             # With -daemonize the first process exits once qemu is set up (or
@@ -235,7 +237,9 @@ def _qemu_img_create(path: str, size_mib: int) -> None:
         check=False,
     )
     if res.returncode != 0:
-        raise InvalidParameter(f"qemu-img create failed: {res.stderr.decode(errors='replace').strip()}")
+        raise InvalidParameter(
+            f"qemu-img create failed: {res.stderr.decode(errors='replace').strip()}"
+        )
 
 
 def _probe_format(path: str) -> str:

@@ -1,0 +1,3 @@
+"""vmadmd for Linux: a QEMU virtual machine management daemon and its vmadm CLI."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,297 @@
+"""vmadmd's HTTP API (aiohttp, on a unix socket).
+
+Handlers parse and validate, call the Manager, and shape JSON.  Every error
+leaves as ``{"error": {"code", "message"}}`` with the status from ``STATUS``;
+anything else that escapes a handler is a bug: 500, logged with traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.resources
+import json
+import logging
+import math
+import os
+import time
+import uuid as uuidlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from . import __version__
+from .errors import (
+    InvalidParameter,
+    InvalidUuid,
+    NotImplementedYet,
+    PayloadTooLarge,
+    QmpFailed,
+    QmpTimeout,
+    StartFailed,
+    VmadmError,
+    VmBroken,
+    VmNotFound,
+    WrongState,
+)
+from .events import Event, EventBus, Subscriber
+from .manager import Manager, TransitionTo, parse_types
+from .store import validate_uuid
+
+log = logging.getLogger("vmadmd.api")
+
+# The one table from domain errors to HTTP statuses; most specific first.
+STATUS: tuple[tuple[type[VmadmError], int], ...] = (
+    (InvalidUuid, 404),  # a malformed uuid names no VM
+    (PayloadTooLarge, 413),
+    (InvalidParameter, 400),
+    (VmNotFound, 404),
+    (VmBroken, 409),
+    (WrongState, 409),
+    (StartFailed, 409),
+    (QmpFailed, 409),
+    (QmpTimeout, 504),
+    (NotImplementedYet, 501),
+)
+
+MAX_BODY = 64 * 1024
+MAX_TIMEOUT = 86400.0
+KEEPALIVE = 15.0
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def status_of(err: VmadmError) -> int:
+    for cls, status in STATUS:
+        if isinstance(err, cls):
+            return status
+    return 500
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+_HTTP_CODES = {
+    400: "BadRequest",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    413: "PayloadTooLarge",
+    414: "UriTooLong",
+}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    req_id = request.headers.get("X-Request-Id") or uuidlib.uuid4().hex[:16]
+    request["req_id"] = req_id
+    t0 = time.monotonic()
+    try:
+        resp = await handler(request)
+    except VmadmError as err:
+        resp = error_response(status_of(err), err.code, err.message)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "HttpError")
+        resp = error_response(exc.status, code, exc.reason)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("bug while serving %s %s", request.method, request.path_qs)
+        resp = error_response(500, "InternalError", "internal error (logged by vmadmd)")
+    if not resp.prepared:
+        resp.headers["X-Request-Id"] = req_id
+    log.debug(
+        "%s %s -> %d in %.1f ms",
+        request.method, request.path, resp.status, (time.monotonic() - t0) * 1000,
+        extra={"req_id": req_id},
+    )  # fmt: skip
+    return resp
+
+
+async def params_of(request: web.Request) -> dict[str, str]:
+    """Query parameters, plus a form-encoded POST body as real SmartOS clients send."""
+    params = dict(request.query)
+    if request.method == "POST" and request.can_read_body:
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            raise PayloadTooLarge(f"request body larger than {MAX_BODY} bytes")
+        ctype = request.content_type
+        if ctype == "application/x-www-form-urlencoded":
+            form = await request.post()
+            for key, value in form.items():
+                if isinstance(value, str):
+                    params.setdefault(key, value)
+        elif ctype == "application/json":
+            try:
+                body = await request.json()
+            except ValueError as err:
+                raise InvalidParameter(f"request body is not valid JSON: {err}") from None
+            if not isinstance(body, dict):
+                raise InvalidParameter("a JSON body must be an object")
+            for key, value in body.items():
+                params.setdefault(str(key), value if isinstance(value, str) else json.dumps(value))
+    return params
+
+
+def parse_timeout(raw: str | None) -> float:
+    if raw is None or raw == "":
+        raise InvalidParameter("timeout is required (seconds, > 0)")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidParameter(f"timeout must be a number of seconds, not {raw[:40]!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise InvalidParameter("timeout must be a positive number of seconds")
+    if value > MAX_TIMEOUT:
+        raise InvalidParameter(f"timeout must be at most {MAX_TIMEOUT:.0f} s (one day)")
+    return value
+
+
+class Api:
+    def __init__(self, manager: Manager, bus: EventBus, status: Callable[[], dict[str, Any]]):
+        self.manager = manager
+        self.bus = bus
+        self.status = status
+        self.started = time.monotonic()
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
+        app.router.add_get("/ping", self.ping)
+        app.router.add_get("/vms", self.list_vms)
+        app.router.add_get("/openapi.json", self.openapi)
+        app.router.add_get("/events", self.events)
+        app.router.add_get("/vm/{uuid}", self.info)
+        app.router.add_get("/vm/{uuid}/info", self.info)
+        app.router.add_get("/vm/{uuid}/screenshot.png", self.screenshot_png)
+        app.router.add_post("/vm/{uuid}", self.action)
+        return app
+
+    # -- routes ------------------------------------------------------------
+
+    async def ping(self, request: web.Request) -> web.Response:
+        body = {
+            "ok": True,
+            "version": __version__,
+            "uptime": round(time.monotonic() - self.started, 3),
+            "running_vms": len(self.manager.vms),
+        }
+        body.update(self.status())
+        return web.json_response(body)
+
+    async def list_vms(self, request: web.Request) -> web.Response:
+        out: list[dict[str, Any]] = []
+        for uuid in self.manager.store.list_uuids():
+            try:
+                record = self.manager.load(uuid)
+            except VmadmError as err:
+                out.append({"uuid": uuid, "state": "broken", "error": err.message})
+                continue
+            rt = self.manager.vms.get(uuid)
+            state = "stopped" if rt is None else ("stopping" if rt.transition else "running")
+            out.append({"uuid": uuid, "state": state, "alias": record.get("alias")})
+        return web.json_response(out)
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        text = importlib.resources.files("vmadmd").joinpath("openapi.json").read_text()
+        return web.Response(text=text, content_type="application/json")
+
+    async def info(self, request: web.Request) -> web.Response:
+        uuid = validate_uuid(request.match_info["uuid"])
+        params = await params_of(request)
+        raw = params.get("type", params.get("types"))
+        types = parse_types(raw)
+        return web.json_response(await self.manager.info(uuid, types))
+
+    async def screenshot_png(self, request: web.Request) -> web.Response:
+        uuid = validate_uuid(request.match_info["uuid"])
+        path = await self.manager.screenshot(uuid, "png")
+        data = await asyncio.to_thread(_read_and_remove, path)
+        return web.Response(body=data, content_type="image/png")
+
+    async def action(self, request: web.Request) -> web.Response:
+        uuid = validate_uuid(request.match_info["uuid"])
+        params = await params_of(request)
+        action = params.get("action")
+        m = self.manager
+        if action == "stop" or action == "reboot":
+            timeout = parse_timeout(params.get("timeout"))
+            m.load(uuid)
+            to: TransitionTo = "start" if action == "reboot" else "stopped"
+            transition = await m.request_stop(uuid, timeout, to)
+            return web.json_response({"uuid": uuid, "transition": transition}, status=202)
+        if action == "reset":
+            await m.reset(uuid)
+            return web.json_response({"uuid": uuid, "action": "reset"})
+        if action == "sysrq":
+            request_kind = params.get("request")
+            if request_kind == "nmi":
+                await m.nmi(uuid)
+                return web.json_response({"uuid": uuid, "request": "nmi"})
+            if request_kind == "screenshot":
+                path = await m.screenshot(uuid, "ppm")
+                return web.json_response({"uuid": uuid, "request": "screenshot", "path": path})
+            raise InvalidParameter("request must be nmi or screenshot")
+        if action in ("reload_vnc", "reload_display"):
+            vnc = await m.reload_vnc(uuid)
+            return web.json_response({"uuid": uuid, "vnc": vnc})
+        if action == "console":
+            raise NotImplementedYet("browser consoles are not available in this vmadmd")
+        if action is None:
+            raise InvalidParameter("action is required")
+        raise InvalidParameter(f"unknown action {action[:40]!r}")
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        params = await params_of(request)
+        vm = params.get("vm")
+        if vm is not None:
+            validate_uuid(vm)
+        last_raw = request.headers.get("Last-Event-ID", params.get("last_event_id", "0"))
+        try:
+            last_id = int(last_raw or "0")
+        except ValueError:
+            raise InvalidParameter("Last-Event-ID must be an integer") from None
+        sub = self.bus.subscribe(vm)
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        resp.headers["X-Request-Id"] = request["req_id"]
+        try:
+            await resp.prepare(request)
+            for past in self.bus.since(last_id, vm):
+                await resp.write(_sse(past.id, past.type, past.as_dict()))
+            while True:
+                try:
+                    event = await asyncio.wait_for(_next(sub), KEEPALIVE)
+                except TimeoutError:
+                    await resp.write(b": keep-alive\n\n")
+                    continue
+                if event is None:  # dropped for being too slow
+                    break
+                if event.id <= last_id:
+                    continue
+                await resp.write(_sse(event.id, event.type, event.as_dict()))
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self.bus.unsubscribe(sub)
+        with contextlib.suppress(Exception):
+            await resp.write_eof()
+        return resp
+
+
+async def _next(sub: Subscriber) -> Event | None:
+    return await sub.queue.get()
+
+
+def _sse(event_id: int, type_: str, data: dict[str, Any]) -> bytes:
+    return f"id: {event_id}\nevent: {type_}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def _read_and_remove(path: str) -> bytes:
+    with open(path, "rb") as f:
+        data = f.read()
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    return data

@@ -1,0 +1,208 @@
+"""``vmadmd``: the daemon's entry point and lifecycle.
+
+Runs in the foreground; a service manager daemonises it.  Start-up and
+shutdown read as checklists below.  Stopping or killing the daemon never
+stops a VM: qemu runs in its own session, and nothing here kills it on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from aiohttp import web
+
+from . import autoboot, logs
+from .api import Api
+from .config import (
+    DEFAULT_ACCEL,
+    DEFAULT_AUTOBOOT_MARKER,
+    DEFAULT_QEMU,
+    DEFAULT_SOCKET,
+    DEFAULT_VNC_BIND,
+    DEFAULT_ZONES_ROOT,
+    VmSettings,
+    env_or,
+    parse_accel,
+)
+from .events import EventBus
+from .manager import DaemonSettings, Manager
+from .sockets import bind_unix, connect_unix
+from .watch import ZonesWatcher
+
+log = logging.getLogger("vmadmd")
+
+SHUTDOWN_GRACE = 5.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vmadmd",
+        description="VM management daemon: autoboot, VNC consoles, reliable stop/reboot, QMP.",
+    )
+    p.add_argument("--zones-root", default=env_or("VMADM_ZONES_ROOT", DEFAULT_ZONES_ROOT))
+    p.add_argument("--socket", default=env_or("VMADMD_SOCKET", DEFAULT_SOCKET))
+    p.add_argument(
+        "--autoboot-marker", default=env_or("VMADMD_AUTOBOOT_MARKER", DEFAULT_AUTOBOOT_MARKER)
+    )
+    p.add_argument("--vnc-bind", default=env_or("VMADMD_VNC_BIND", DEFAULT_VNC_BIND))
+    p.add_argument("--qemu", default=env_or("VMADM_QEMU", DEFAULT_QEMU))
+    p.add_argument(
+        "--accel", type=parse_accel, default=parse_accel(env_or("VMADM_ACCEL", DEFAULT_ACCEL))
+    )
+    p.add_argument("--qmp-timeout", type=float, default=5.0, metavar="SECS")
+    p.add_argument(
+        "--autoboot-concurrency", type=int, default=2 * (os.cpu_count() or 1), metavar="N"
+    )
+    p.add_argument("--autoboot-delay", type=float, default=0.0, metavar="SECS",
+                   help="pause after each autoboot_order group")  # fmt: skip
+    p.add_argument("--log-level", default=env_or("VMADMD_LOG_LEVEL", "info"),
+                   choices=("debug", "info", "warning", "error"))  # fmt: skip
+    p.add_argument("--log-format", default="json", choices=("json", "text"))
+    return p
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd about our state (Type=notify); a no-op without NOTIFY_SOCKET.
+
+    Written out because the protocol is one datagram and the PyPI wrappers add
+    nothing but a dependency.
+    """
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s,
+        contextlib.suppress(OSError),
+    ):
+        s.connect(addr)
+        s.sendall(message.encode())
+
+
+def claim_socket(path: str) -> socket.socket:
+    """Bind the API socket with mode 0600, replacing a stale one safely.
+
+    Refuses (SystemExit) when another vmadmd answers on it.
+    """
+    directory, name = os.path.dirname(path) or ".", os.path.basename(path)
+    if os.path.lexists(path):
+        try:
+            probe = connect_unix(directory, name)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # nobody listens: stale
+        except OSError as err:
+            raise SystemExit(f"vmadmd: cannot check the existing socket {path}: {err}") from err
+        else:
+            probe.close()
+            raise SystemExit(f"vmadmd: another vmadmd is already answering on {path}")
+    old_umask = os.umask(0o177)
+    try:
+        return bind_unix(path)
+    finally:
+        os.umask(old_umask)
+
+
+class Daemon:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.bus = EventBus()
+        settings = DaemonSettings(
+            vm=VmSettings(zones_root=args.zones_root, qemu=args.qemu, accel=args.accel),
+            vnc_bind=args.vnc_bind,
+            qmp_timeout=args.qmp_timeout,
+        )
+        self.manager = Manager(settings, self.bus)
+        self.watcher = ZonesWatcher(args.zones_root, self.manager.refresh, self._rescan)
+        self.autoboot = autoboot.Progress()
+        self._stop = asyncio.Event()
+
+    def status(self) -> dict[str, Any]:
+        return {"autoboot": self.autoboot.as_dict()}
+
+    async def _rescan(self) -> None:
+        await self.manager.scan(self.manager.store.list_uuids())
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+
+        # Claim the API socket first: a second daemon must not touch any VM.
+        sock = claim_socket(self.args.socket)
+        # Watch before scanning, so no VM that starts meanwhile is missed.
+        self.watcher.start()
+        # Serve the API at once; VMs still being picked up answer 409/504.
+        runner = web.AppRunner(
+            Api(self.manager, self.bus, self.status).app(),
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=SHUTDOWN_GRACE,
+        )
+        await runner.setup()
+        site = web.SockSite(runner, sock)
+        await site.start()
+        log.info("listening on %s", self.args.socket)
+        # Sweep every VM: attach running ones, settle or re-arm transitions.
+        uuids = self.manager.store.list_uuids()
+        await self.manager.scan(uuids)
+        log.info("start-up sweep done: %d VMs, %d running", len(uuids), len(self.manager.vms))
+        sd_notify("READY=1\nSTATUS=serving")
+        autoboot_task = asyncio.create_task(self._autoboot(uuids), name="autoboot")
+
+        await self._stop.wait()
+
+        log.info("shutting down; VMs keep running")
+        sd_notify("STOPPING=1")
+        # Stop accepting, and finish in-flight requests (bounded).
+        autoboot_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await autoboot_task
+        await self.watcher.close()
+        await runner.cleanup()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.args.socket)
+        # Let go of QMP connections and listeners; never of the VMs.
+        await self.manager.close()
+        return 0
+
+    async def _autoboot(self, uuids: list[str]) -> None:
+        records = []
+        for uuid in uuids:
+            with contextlib.suppress(Exception):
+                records.append(self.manager.load(uuid))
+        await autoboot.run(
+            self.args.autoboot_marker,
+            records,
+            set(self.manager.vms),
+            lambda u: self.manager.boot(u, reason="autoboot"),
+            concurrency=self.args.autoboot_concurrency,
+            group_delay=self.args.autoboot_delay,
+            progress=self.autoboot,
+        )
+        self.bus.emit("autoboot_done", None, **self.autoboot.as_dict())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.setup(args.log_level, args.log_format)
+    try:
+        return asyncio.run(Daemon(args).run())
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            sys.stderr.write(exc.code + "\n")
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""One VM's QMP connection, with ``qemu.qmp``: timeouts, wedge recovery, events.
+
+qemu serves one QMP client per socket at a time, so this connection is the
+only way in while the daemon runs; it is kept open for the VM's lifetime.
+Every command is bounded by a timeout.  A command that times out marks the
+connection wedged: it is dropped and re-established in the background (a
+qemu stopped with SIGSTOP answers again after SIGCONT), and until then
+commands wait for the connection up to their own timeout.  Nothing here
+touches another VM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, Message, QMPClient
+from qemu.qmp.error import QMPError
+
+from .errors import QmpFailed, QmpTimeout
+from .sockets import connect_unix
+
+log = logging.getLogger("vmadmd.qmp")
+
+EventCallback = Callable[[str, dict[str, Any]], None]
+
+
+class MonitorState(enum.Enum):
+    CONNECTING = "connecting"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+class _CallbackListener(EventListener):
+    """Hands each event to a callback at once: no queue, no history.
+
+    qemu.qmp's default listener keeps every event in a history list and an
+    unbounded queue; a long-lived connection must not grow like that.
+    """
+
+    def __init__(self, callback: Callable[[Message], None]) -> None:
+        super().__init__()
+        self._callback = callback
+
+    async def put(self, event: Message) -> None:
+        self._callback(event)
+
+
+class Monitor:
+    """The daemon's QMP connection to one VM's qemu."""
+
+    def __init__(
+        self,
+        uuid: str,
+        directory: str,
+        name: str,
+        *,
+        timeout: float,
+        on_event: EventCallback,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self.uuid = uuid
+        self._directory = directory
+        self._name = name
+        self.timeout = timeout
+        self._connect_timeout = connect_timeout
+        self._on_event = on_event
+        self._client: QMPClient | None = None
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.state = MonitorState.CONNECTING
+        self.last_error: str | None = None
+        self.wedged_count = 0
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._connect_loop(), name=f"qmp-{self.uuid}")
+
+    async def close(self) -> None:
+        self._closed = True
+        self.state = MonitorState.CLOSED
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._drop()
+
+    async def _connect_loop(self) -> None:
+        """Connect, retrying with back-off until connected or closed."""
+        delay = 0.05
+        while not self._closed:
+            client = QMPClient(f"vm-{self.uuid[:8]}")
+            # qemu.qmp (0.0.x) refuses to remove its default listener, whose
+            # history list grows forever: make ours the default, then drop
+            # theirs.
+            default = client.events
+            client.events = _CallbackListener(self._dispatch)
+            client.register_listener(client.events)
+            client.remove_listener(default)
+            try:
+                sock = await self._open_socket()
+                await asyncio.wait_for(client.connect(sock), self._connect_timeout)
+            except (OSError, QMPError, TimeoutError, EOFError) as err:
+                # OSError: socket missing or refused (qemu still starting or
+                # gone); QMPError: no or bad greeting; TimeoutError: qemu
+                # accepted but does not speak (stopped with SIGSTOP).
+                self.last_error = f"QMP connect failed: {err or type(err).__name__}"
+                log.debug("vm %s: %s", self.uuid, self.last_error)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.disconnect(), 1.0)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            self._client = client
+            self.state = MonitorState.READY
+            self.last_error = None
+            self._ready.set()
+            log.debug("vm %s: QMP connected", self.uuid)
+            return
+
+    async def _open_socket(self) -> Any:
+        """A connected non-blocking socket; EAGAIN (full backlog) is retried."""
+        for _ in range(50):
+            try:
+                return connect_unix(self._directory, self._name, blocking=False)
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+        raise OSError("QMP socket backlog stays full")
+
+    async def _drop(self) -> None:
+        client, self._client = self._client, None
+        self._ready.clear()
+        if client is not None:
+            with contextlib.suppress(Exception):
+                # After `quit` qemu resets the socket rather than closing it
+                # cleanly (qemu 7.2), so disconnect may raise; it may also
+                # hang on a stopped peer.  Bounded either way.
+                await asyncio.wait_for(client.disconnect(), 1.0)
+
+    def _wedged(self, why: str) -> None:
+        """Drop the connection and reconnect in the background."""
+        if self._closed:
+            return
+        self.wedged_count += 1
+        self.last_error = why
+        self.state = MonitorState.CONNECTING
+        log.warning("vm %s: QMP connection wedged (%s); reconnecting", self.uuid, why)
+        old = self._client
+        self._client = None
+        self._ready.clear()
+
+        async def reconnect() -> None:
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(old.disconnect(), 1.0)
+            await self._connect_loop()
+
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(reconnect(), name=f"qmp-{self.uuid}")
+
+    def _dispatch(self, msg: Message) -> None:
+        name = str(msg.get("event", ""))
+        data = msg.get("data", {})
+        try:
+            self._on_event(name, data if isinstance(data, dict) else {})
+        except Exception:
+            log.exception("vm %s: QMP event handler failed", self.uuid)
+
+    # -- commands ----------------------------------------------------------
+
+    async def execute(
+        self,
+        cmd: str,
+        arguments: Mapping[str, object] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Any:
+        """Run one command; raises QmpTimeout or QmpFailed."""
+        limit = self.timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        if self._closed:
+            raise QmpFailed(f"VM {self.uuid}: QMP connection is closed")
+        try:
+            await asyncio.wait_for(self._ready.wait(), limit)
+        except TimeoutError:
+            raise QmpTimeout(
+                f"VM {self.uuid}: no QMP connection within {limit:g} s"
+                + (f" ({self.last_error})" if self.last_error else "")
+            ) from None
+        client = self._client
+        if client is None:
+            raise QmpFailed(f"VM {self.uuid}: QMP connection lost")
+        try:
+            return await asyncio.wait_for(
+                client.execute(cmd, arguments), max(deadline - loop.time(), 0.001)
+            )
+        except TimeoutError:
+            self._wedged(f"{cmd} timed out after {limit:g} s")
+            raise QmpTimeout(
+                f"VM {self.uuid}: qemu did not answer {cmd} within {limit:g} s"
+            ) from None
+        except ExecuteError as err:
+            raise QmpFailed(f"VM {self.uuid}: {cmd}: {err}") from err
+        except (ExecInterruptedError, QMPError, OSError, EOFError) as err:
+            # The connection broke under the command (qemu exited, or the
+            # peer sent something qemu.qmp could not parse).
+            if client is self._client:
+                self._wedged(f"{cmd}: {type(err).__name__}")
+            raise QmpFailed(f"VM {self.uuid}: {cmd} failed: connection lost") from err
