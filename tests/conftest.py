@@ -58,7 +58,9 @@ def guest_payload(
         "alias": "guest",
         "ram": 128,
         "autoboot": False,
-        "qemu_extra_opts": f"-kernel {guest['kernel']} -initrd {guest['initrd']} -append '{append}'",
+        "qemu_extra_opts": (
+            f"-kernel {guest['kernel']} -initrd {guest['initrd']} -append '{append}'"
+        ),
     }
     payload.update(props)
     return payload
