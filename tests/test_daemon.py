@@ -1,0 +1,335 @@
+"""vmadmd core against real qemu: routes, errors, VM events, restarts, wedged qemu."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from vmadmd.manager import INFO_TYPES
+from vmadmd.sockets import connect_unix
+
+from .conftest import Env, bios_payload, guest_payload
+
+U = "0b3f1c2e-9a4d-4f5e-8b6a-1c2d3e4f5a6b"
+
+
+def read_events(
+    env: Env, until: Callable[[list[dict[str, Any]]], bool], timeout: float = 20, **params: str
+) -> list[dict[str, Any]]:
+    """Follow GET /events until ``until(events)`` holds (raw socket, bounded)."""
+    sock = connect_unix(os.path.dirname(env.socket), os.path.basename(env.socket))
+    sock.settimeout(0.5)
+    query = "&".join(f"{k}={v}" for k, v in params.items())
+    headers = "".join(f"{k}: {v}\r\n" for k, v in params.items() if k == "Last-Event-ID")
+    path = "/events" + (f"?{query}" if query and not headers else "")
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+    buf = b""
+    events: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                continue
+            if not chunk:
+                break
+            buf += chunk
+            for line in buf.split(b"\n"):
+                if line.startswith(b"data: "):
+                    event = json.loads(line[6:])
+                    if event not in events:
+                        events.append(event)
+            if until(events):
+                return events
+    finally:
+        sock.close()
+    raise AssertionError(f"events not as expected: {events}")
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    length, kind = struct.unpack(">I4s", data[8:16])
+    assert kind == b"IHDR" and length == 13
+    crc = struct.unpack(">I", data[29:33])[0]
+    assert zlib.crc32(data[12:29]) == crc
+    w, h = struct.unpack(">II", data[16:24])
+    return w, h
+
+
+def ppm_size(data: bytes) -> tuple[int, int]:
+    parts = data.split(maxsplit=4)
+    assert parts[0] == b"P6" and parts[3] == b"255"
+    w, h = int(parts[1]), int(parts[2])
+    assert len(parts[4]) == w * h * 3
+    return w, h
+
+
+def test_info_screenshot_reset_nmi_on_real_guest(env: Env, guest: dict[str, str]) -> None:
+    env.start_daemon()
+    uuid = env.create(guest_payload(guest, disks=[{"size": 8}], nics=[{}]))
+    env.vmadm("start", uuid, check=True)
+    env.wait_console(uuid)
+    env.wait_qmp(uuid)
+
+    status, info = env.api("GET", f"/vm/{uuid}")
+    assert status == 200 and sorted(info) == sorted(INFO_TYPES)
+    assert info["version"]["qemu"]["major"] >= 7
+    assert info["status"]["status"] == "running"
+    assert [c["cpu-index"] for c in info["cpus"]] == [0]
+    assert info["kvm"] == {"enabled": False, "present": info["kvm"]["present"]}
+    assert any(b["device"] == "" or "disk0" in json.dumps(b) for b in info["block"])
+    assert any(c["label"] == "serial0" for c in info["chardev"])
+    assert info["pci"][0]["devices"]
+    assert isinstance(info["blockstats"], list)
+    assert info["vnc"]["host"] == "127.0.0.1" and info["vnc"]["port"] > 0
+    for t in INFO_TYPES:
+        status, one = env.api("GET", f"/vm/{uuid}", type=t)
+        assert status == 200 and list(one) == [t]
+    # SmartOS spellings.
+    status, two = env.api("GET", f"/vm/{uuid}/info", types="version,status")
+    assert status == 200 and sorted(two) == ["status", "version"]
+    res = env.vmadm("info", uuid, "version,vnc")
+    assert res.returncode == 0 and sorted(json.loads(res.stdout)) == ["version", "vnc"]
+
+    # Screenshot: a valid PPM of the guest's real (VGA text mode) screen.
+    res = env.vmadm("sysrq", uuid, "screenshot")
+    assert res.returncode == 0, res.stderr
+    ppm = (env.runtime(uuid) / "vm.ppm").read_bytes()
+    assert res.stdout.strip() == str(env.runtime(uuid) / "vm.ppm")
+    assert ppm_size(ppm) == (720, 400)
+    png = _get_png(env, uuid)
+    assert png_size(png) == (720, 400)
+
+    assert env.vmadm("sysrq", uuid, "nmi").returncode == 0
+
+    # Reset: qemu reports it, and the guest really boots again.
+    res = env.vmadm("reboot", uuid, "-F")
+    assert res.returncode == 0, res.stderr
+    env.wait_console(uuid, count=2)
+    events = read_events(
+        env,
+        lambda evs: any(e.get("event") == "RESET" for e in evs),
+        vm=uuid,
+    )
+    assert any(e["type"] == "reset" for e in events)
+    assert env.get(uuid)["state"] == "running"
+
+
+def _get_png(env: Env, uuid: str) -> bytes:
+    sock = connect_unix(os.path.dirname(env.socket), os.path.basename(env.socket))
+    sock.settimeout(10)
+    sock.sendall(
+        f"GET /vm/{uuid}/screenshot.png HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+    )
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    sock.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"image/png" in head
+    return body
+
+
+def test_error_statuses(env: Env) -> None:
+    env.start_daemon("--qmp-timeout", "2")
+    stopped = env.create(bios_payload())
+    running = env.create(bios_payload())
+    env.vmadm("start", running, check=True)
+    env.wait_qmp(running)
+
+    cases = [
+        ("GET", f"/vm/{running}", {"type": "frobs"}, 400),
+        ("GET", f"/vm/{running}", {"type": "version,frobs"}, 400),
+        ("POST", f"/vm/{running}", {"action": "frobnicate"}, 400),
+        ("POST", f"/vm/{running}", {}, 400),
+        ("POST", f"/vm/{running}", {"action": "sysrq", "request": "crash"}, 400),
+        ("POST", f"/vm/{running}", {"action": "sysrq"}, 400),
+        ("GET", f"/vm/{U}", {}, 404),
+        ("POST", f"/vm/{U}", {"action": "reset"}, 404),
+        ("GET", "/vm/not-a-uuid", {}, 404),
+        ("GET", "/vm/..%2F..%2Fetc", {}, 404),
+        ("GET", "/vm/" + U.upper(), {}, 404),
+        ("GET", "/nowhere", {}, 404),
+        ("DELETE", f"/vm/{running}", {}, 405),
+        ("GET", f"/vm/{stopped}", {}, 409),
+        ("POST", f"/vm/{stopped}", {"action": "reset"}, 409),
+        ("POST", f"/vm/{stopped}", {"action": "sysrq", "request": "nmi"}, 409),
+        ("GET", f"/vm/{stopped}/screenshot.png", {}, 409),
+    ]
+    for method, path, params, want in cases:
+        status, body = env.api(method, path, **params)
+        assert status == want, (method, path, params, status, body)
+        assert set(body["error"]) == {"code", "message"} and body["error"]["message"]
+
+    # A form-encoded body, as SmartOS clients send it.
+    sock = connect_unix(os.path.dirname(env.socket), os.path.basename(env.socket))
+    body = b"action=sysrq&request=nmi"
+    sock.sendall(
+        f"POST /vm/{running} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    reply = sock.recv(65536)
+    sock.close()
+    assert reply.startswith(b"HTTP/1.1 200"), reply
+
+    # The CLI: one line, exit 1.
+    res = env.vmadm("info", U)
+    assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1
+    res = env.vmadm("info", stopped)
+    assert res.returncode == 1 and "not running" in res.stderr
+
+
+def test_cli_without_daemon(env: Env) -> None:
+    uuid = env.create(bios_payload())
+    for args in (["info", uuid], ["sysrq", uuid, "nmi"], ["reboot", "-F", uuid]):
+        res = env.vmadm(*args)
+        assert res.returncode == 1
+        assert res.stderr.strip() == (
+            f"vmadm: vmadmd is not running (socket {env.socket}: No such file or directory)"
+        )
+
+
+def test_vm_events_seen_within_a_second(env: Env) -> None:
+    env.start_daemon()
+    uuid = env.create(bios_payload())
+
+    def daemon_state() -> str:
+        vms = env.api("GET", "/vms")[1]
+        return str(next(v["state"] for v in vms if v["uuid"] == uuid))
+
+    assert daemon_state() == "stopped"
+    env.vmadm("start", uuid, check=True)
+    took = env.wait_for(lambda: daemon_state() == "running", timeout=5, what="start seen")
+    assert took < 1.0
+    pid = env.pid(uuid)
+    assert pid is not None
+    env.wait_for(lambda: env.api("GET", f"/vm/{uuid}", type="vnc")[0] == 200, what="vnc info")
+    os.kill(pid, signal.SIGKILL)
+    took = env.wait_for(lambda: daemon_state() == "stopped", timeout=5, what="exit seen")
+    assert took < 1.0
+    status, _ = env.api("GET", f"/vm/{uuid}", type="version")
+    assert status == 409
+    events = read_events(env, lambda evs: any(e["type"] == "exited" for e in evs), vm=uuid)
+    types = [e["type"] for e in events]
+    assert types.index("started") < types.index("exited")
+    exited = next(e for e in events if e["type"] == "exited")
+    assert exited["stage"] == "guest"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_daemon_restart_never_stops_vms(env: Env, sig: int) -> None:
+    a = env.create(bios_payload())
+    b = env.create(bios_payload(vnc_port=-1))
+    for u in (a, b):
+        env.vmadm("start", u, check=True)
+    pids = {u: env.pid(u) for u in (a, b)}
+    daemon = env.start_daemon()
+    env.wait_qmp(a)
+    rc = env.stop_daemon(daemon, sig)
+    assert rc == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
+    assert {u: env.pid(u) for u in (a, b)} == pids
+    env.start_daemon()
+    for u in (a, b):
+        env.wait_qmp(u)
+    assert {u: env.pid(u) for u in (a, b)} == pids
+    assert env.api("GET", f"/vm/{b}", type="vnc")[1] == {"vnc": {}}
+
+
+def test_socket_is_private_stale_replaced_and_second_daemon_refused(env: Env) -> None:
+    # A stale socket (nobody listening) is replaced.
+    import socket as socketlib
+
+    stale = socketlib.socket(socketlib.AF_UNIX)
+    if len(env.socket) < 108:
+        stale.bind(env.socket)
+    stale.close()
+    env.start_daemon()
+    assert os.stat(env.socket).st_mode & 0o777 == 0o600
+    second = env.start_daemon(wait=False)
+    assert second.wait(timeout=20) == 1
+    assert env.api("GET", "/ping")[0] == 200
+
+
+def test_wedged_qemu_gives_504_and_others_keep_answering(env: Env) -> None:
+    env.start_daemon("--qmp-timeout", "1")
+    frozen = env.create(bios_payload())
+    other = env.create(bios_payload())
+    for u in (frozen, other):
+        env.vmadm("start", u, check=True)
+        env.wait_qmp(u)
+    pid = env.pid(frozen)
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        results: dict[str, Any] = {}
+
+        def hit_frozen() -> None:
+            t0 = time.monotonic()
+            results["frozen"] = (
+                env.api("GET", f"/vm/{frozen}", type="version")[0],
+                time.monotonic() - t0,
+            )
+
+        t = threading.Thread(target=hit_frozen)
+        t.start()
+        latencies = []
+        while t.is_alive():
+            t0 = time.monotonic()
+            assert env.api("GET", f"/vm/{other}", type="version")[0] == 200
+            latencies.append(time.monotonic() - t0)
+        t.join()
+        status, took = results["frozen"]
+        assert status == 504 and took < 2.5
+        assert max(latencies) < 0.5, latencies
+        # Still wedged: a reset answers 504 too, the daemon stays up.
+        assert env.api("POST", f"/vm/{frozen}", action="reset")[0] == 504
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    env.wait_for(
+        lambda: env.api("GET", f"/vm/{frozen}", type="version")[0] == 200,
+        timeout=10,
+        what="recovery",
+    )
+
+
+def test_openapi_documents_every_route(env: Env) -> None:
+    env.start_daemon()
+    status, doc = env.api("GET", "/openapi.json")
+    assert status == 200 and doc["openapi"].startswith("3.")
+    from vmadmd.api import Api
+
+    class _Stub:
+        vms: dict[str, Any]
+
+    app = Api(_Stub(), None, dict).app()  # type: ignore[arg-type]
+    routes = set()
+    for route in app.router.routes():
+        info = route.resource.get_info() if route.resource else {}
+        path = info.get("path") or info.get("formatter")
+        routes.add((route.method.lower(), path))
+    documented = {(m, p) for p, ops in doc["paths"].items() for m in ops}
+    assert {r for r in routes if r[0] != "head"} == documented
+    # Every documented route answers (not the router's 404/405).
+    uuid = env.create(bios_payload())
+    for method, path in documented:
+        if path == "/events":
+            continue
+        concrete = path.replace("{uuid}", uuid)
+        status, body = (
+            env.api(method.upper(), concrete, action="reset")
+            if method == "post"
+            else env.api(method.upper(), concrete)
+        )
+        assert status in (200, 202, 409), (method, path, status, body)
+    read_events(env, lambda evs: True, timeout=2)
