@@ -220,6 +220,14 @@ class Env:
             p.read_text(errors="replace")[-5000:] for p in sorted(self.tmp.glob("vmadmd.*.log"))
         )
 
+    def wait_qmp(self, uuid: str, timeout: float = 15) -> float:
+        """Wait until the daemon answers QMP queries for ``uuid``."""
+        return self.wait_for(
+            lambda: self.api("GET", f"/vm/{uuid}", type="version")[0] == 200,
+            timeout=timeout,
+            what=f"QMP of {uuid}",
+        )
+
     def wait_for(
         self, cond: Callable[[], bool], timeout: float = 10, what: str = "condition"
     ) -> float:

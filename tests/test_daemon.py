@@ -176,7 +176,8 @@ def test_error_statuses(env: Env) -> None:
     body = b"action=sysrq&request=nmi"
     sock.sendall(
         f"POST /vm/{running} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-        f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        "Content-Type: application/x-www-form-urlencoded\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
         + body
     )
     reply = sock.recv(65536)
