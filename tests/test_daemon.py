@@ -118,8 +118,9 @@ def test_info_screenshot_reset_nmi_on_real_guest(env: Env, guest: dict[str, str]
     env.wait_console(uuid, count=2)
     events = read_events(
         env,
-        lambda evs: any(e.get("event") == "RESET" for e in evs)
-        and any(e["type"] == "reset" for e in evs),
+        lambda evs: (
+            any(e.get("event") == "RESET" for e in evs) and any(e["type"] == "reset" for e in evs)
+        ),
         vm=uuid,
     )
     assert all(e["vm"] == uuid for e in events)
