@@ -69,8 +69,10 @@ def test_cooperating_guest_stops_at_once(env: Env, guest: dict[str, str]) -> Non
     gone = watch.wait(10)
     assert gone - t0 < 3, "the guest powered off well before the deadline"
     # Reported stopped, transition cleared, stage recorded: promptly.
-    env.wait_for(lambda: "transition" not in json.loads(
-        (env.runtime(uuid).parent.parent / "vm.json").read_text()), timeout=2, what="cleared")  # fmt: skip
+    vm_json = env.runtime(uuid).parent.parent / "vm.json"
+    env.wait_for(
+        lambda: "transition" not in json.loads(vm_json.read_text()), timeout=2, what="cleared"
+    )
     settled = time.time() - gone
     assert settled < 0.5, settled
     vm = env.get(uuid)
