@@ -74,7 +74,7 @@ def test_cooperating_guest_stops_at_once(env: Env, guest: dict[str, str]) -> Non
         lambda: "transition" not in json.loads(vm_json.read_text()), timeout=2, what="cleared"
     )
     settled = time.time() - gone
-    assert settled < 0.5, settled
+    assert settled < 0.5, settled  # the precise figure is measured in bench/
     vm = env.get(uuid)
     assert vm["state"] == "stopped" and "transition_to" not in vm
     assert vm["last_exit"]["stage"] == "guest"

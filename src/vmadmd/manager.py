@@ -204,11 +204,12 @@ class Manager:
                 rt.timer.cancel()
             if rt.vnc_task is not None:
                 rt.vnc_task.cancel()
+            # The record first: that is what `vmadm get/stop` wait for.
+            cleared = await self._settle_exit(rt.uuid, rt.exit_stage or "guest")
             if rt.vnc is not None:
                 await rt.vnc.close()
                 self.bus.emit("vnc_down", rt.uuid)
             await rt.monitor.close()
-            cleared = await self._settle_exit(rt.uuid, rt.exit_stage or "guest")
         finally:
             self._exiting.discard(rt.uuid)
         if cleared.get("to") == "start" and not self._closing:
