@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -90,6 +91,17 @@ class VmRuntime:
     timer: asyncio.Task[None] | None = None
     exit_stage: ExitStage | None = None
     vnc_task: asyncio.Task[None] | None = None
+    # How this qemu's VNC server was started: None (no -vnc), or whether it
+    # requires password auth.  Only a new qemu can change either.
+    qemu_vnc_auth: bool | None = None
+
+
+def qemu_vnc_mode(argv: list[str]) -> bool | None:
+    """From qemu's argv: None without -vnc, else whether password auth is on."""
+    for flag, value in itertools.pairwise(argv):
+        if flag == "-vnc":
+            return "password=on" in value.split(",")
+    return None
 
 
 class Manager:
@@ -168,7 +180,14 @@ class Manager:
             timeout=self.settings.qmp_timeout,
             on_event=lambda name, data: self._on_qmp_event(uuid, name, data),
         )
-        rt = VmRuntime(uuid=uuid, paths=paths, pid=pid, pidfd=pidfd, monitor=monitor)
+        rt = VmRuntime(
+            uuid=uuid,
+            paths=paths,
+            pid=pid,
+            pidfd=pidfd,
+            monitor=monitor,
+            qemu_vnc_auth=qemu_vnc_mode(proc.cmdline(pid)),
+        )
         self.vms[uuid] = rt
         asyncio.get_running_loop().add_reader(pidfd, self._on_pidfd, rt)
         monitor.start()
@@ -274,6 +293,13 @@ class Manager:
         listener = VncListener(
             rt.uuid, rt.paths.runtime_dir, rt.paths.VNC_NAME, self.settings.vnc_bind, port
         )
+        mismatch = vnc_mismatch(rt.qemu_vnc_auth, bool(password))
+        if mismatch is not None:
+            # Never serve a console with weaker protection than asked for.
+            listener.error = mismatch
+            rt.vnc = listener
+            log.warning("vm %s: %s", rt.uuid, mismatch)
+            return
         if password:
             try:
                 await rt.monitor.execute("set_password", {"protocol": "vnc", "password": password})
@@ -300,6 +326,21 @@ class Manager:
                 await rt.vnc_task
             key = (record.get("vnc_port", 0), record.get("vnc_password") or None)
             if key == rt.vnc_key:
+                return self.vnc_info(rt, record)
+            port, password = key
+            listener = rt.vnc
+            if (
+                rt.vnc_key is not None
+                and port == rt.vnc_key[0]
+                and password
+                and rt.qemu_vnc_auth
+                and listener is not None
+                and listener.error is None
+            ):
+                # Only the password changed: qemu takes a new one in place;
+                # the listener (and its port) stay.
+                await rt.monitor.execute("set_password", {"protocol": "vnc", "password": password})
+                rt.vnc_key = key
                 return self.vnc_info(rt, record)
             if rt.vnc is not None:
                 await rt.vnc.close()
@@ -465,6 +506,23 @@ class Manager:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=2.0)
         self.vms.clear()
+
+
+def vnc_mismatch(qemu_auth: bool | None, want_password: bool) -> str | None:
+    """Why this qemu cannot serve the console as configured, or None."""
+    if qemu_auth is None:
+        return "this qemu was started without a VNC server; the console comes with the next boot"
+    if want_password and not qemu_auth:
+        return (
+            "vnc_password was set after this qemu started without password auth; "
+            "the console stays closed until the next boot"
+        )
+    if not want_password and qemu_auth:
+        return (
+            "vnc_password was removed, but this qemu requires one until the next boot; "
+            "the console stays closed until then"
+        )
+    return None
 
 
 def parse_types(raw: str | None) -> list[str]:

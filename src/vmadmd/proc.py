@@ -43,7 +43,7 @@ def _proc_state(pid: int) -> str | None:
     return rest[:1] or None
 
 
-def _cmdline(pid: int) -> list[str]:
+def cmdline(pid: int) -> list[str]:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             raw = f.read()
@@ -57,7 +57,7 @@ def is_vm_process(pid: int, uuid: str) -> bool:
     state = _proc_state(pid)
     if state is None or state in ("Z", "X"):
         return False
-    argv = _cmdline(pid)
+    argv = cmdline(pid)
     return any(a == "-uuid" and b == uuid for a, b in itertools.pairwise(argv))
 
 

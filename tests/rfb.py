@@ -1,0 +1,91 @@
+"""A small RFB (VNC) client for tests: version, security, init, one update."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from dataclasses import dataclass
+
+from Crypto.Cipher import DES
+
+
+class RfbError(Exception):
+    pass
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise RfbError(f"connection closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return buf
+
+
+def vnc_auth_response(password: str, challenge: bytes) -> bytes:
+    """VNC authentication: DES with the password's bits reversed in each byte."""
+    key = password.encode()[:8].ljust(8, b"\0")
+    key = bytes(int(f"{b:08b}"[::-1], 2) for b in key)
+    return DES.new(key, DES.MODE_ECB).encrypt(challenge)
+
+
+@dataclass
+class ServerInit:
+    width: int
+    height: int
+    name: str
+    first_rect: tuple[int, int, int, int, int]
+
+
+def connect(host: str, port: int, timeout: float = 10) -> socket.socket:
+    sock = socket.create_connection((host, port), timeout=timeout)
+    return sock
+
+
+def banner(sock: socket.socket) -> bytes:
+    return recv_exact(sock, 12)
+
+
+def handshake(sock: socket.socket, password: str | None = None) -> ServerInit:
+    """Full RFB 3.8 handshake and one framebuffer update."""
+    version = banner(sock)
+    if version != b"RFB 003.008\n":
+        raise RfbError(f"unexpected banner {version!r}")
+    sock.sendall(b"RFB 003.008\n")
+    (count,) = struct.unpack("B", recv_exact(sock, 1))
+    if count == 0:
+        (n,) = struct.unpack(">I", recv_exact(sock, 4))
+        raise RfbError(recv_exact(sock, n).decode(errors="replace"))
+    types = list(recv_exact(sock, count))
+    if password is None:
+        if 1 not in types:
+            raise RfbError(f"server requires authentication (types {types})")
+        sock.sendall(b"\x01")
+    else:
+        if 2 not in types:
+            raise RfbError(f"server does not offer VNC auth (types {types})")
+        sock.sendall(b"\x02")
+        challenge = recv_exact(sock, 16)
+        sock.sendall(vnc_auth_response(password, challenge))
+    (result,) = struct.unpack(">I", recv_exact(sock, 4))
+    if result != 0:
+        reason = b""
+        try:
+            (n,) = struct.unpack(">I", recv_exact(sock, 4))
+            reason = recv_exact(sock, n)
+        except (RfbError, OSError):
+            pass
+        raise RfbError(f"security handshake failed: {reason.decode(errors='replace')}")
+    sock.sendall(b"\x01")  # ClientInit: shared
+    width, height = struct.unpack(">HH", recv_exact(sock, 4))
+    recv_exact(sock, 16)  # pixel format
+    (name_len,) = struct.unpack(">I", recv_exact(sock, 4))
+    name = recv_exact(sock, name_len).decode(errors="replace")
+    # FramebufferUpdateRequest, non-incremental, whole screen.
+    sock.sendall(struct.pack(">BBHHHH", 3, 0, 0, 0, width, height))
+    msg_type, _, nrects = struct.unpack(">BBH", recv_exact(sock, 4))
+    if msg_type != 0 or nrects < 1:
+        raise RfbError(f"expected a FramebufferUpdate, got type {msg_type} with {nrects} rects")
+    rect = struct.unpack(">HHHHi", recv_exact(sock, 12))
+    return ServerInit(width, height, name, rect)
