@@ -215,9 +215,10 @@ class Env:
             proc.send_signal(sig)
         return proc.wait(timeout=20)
 
-    def daemon_log(self) -> str:
+    def daemon_log(self, tail: int | None = 5000) -> str:
         return "\n".join(
-            p.read_text(errors="replace")[-5000:] for p in sorted(self.tmp.glob("vmadmd.*.log"))
+            p.read_text(errors="replace")[-(tail or 0) :]
+            for p in sorted(self.tmp.glob("vmadmd.*.log"))
         )
 
     def wait_qmp(self, uuid: str, timeout: float = 15) -> float:
