@@ -6,8 +6,7 @@ Standard library only: the CLI imports this and must start fast.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Literal, NamedTuple, cast
 
 Accel = Literal["kvm", "tcg", "auto"]
 
@@ -46,8 +45,7 @@ def resolve_accel(accel: Accel) -> Literal["kvm", "tcg"]:
     return accel
 
 
-@dataclass(frozen=True)
-class VmSettings:
+class VmSettings(NamedTuple):
     """What the VM layer needs, whoever drives it."""
 
     zones_root: str

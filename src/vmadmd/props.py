@@ -6,7 +6,7 @@ here before anything reaches the disk.  Standard library only.
 
 from __future__ import annotations
 
-import random
+import os
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -132,8 +132,7 @@ def _disk(i: int, v: object) -> dict[str, Any]:
 
 def random_mac() -> str:
     """A locally administered unicast MAC (SmartOS's old 02:08:20 prefix)."""
-    tail = [random.randrange(256) for _ in range(3)]
-    return "02:08:20:" + ":".join(f"{b:02x}" for b in tail)
+    return "02:08:20:" + ":".join(f"{b:02x}" for b in os.urandom(3))
 
 
 def _nic(i: int, v: object) -> dict[str, Any]:

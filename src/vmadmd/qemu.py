@@ -8,7 +8,6 @@ are absolute, since ``-daemonize`` makes qemu ``chdir("/")`` once it is up.
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -84,5 +83,7 @@ def build_argv(
         ]  # fmt: skip
     extra = vm.get("qemu_extra_opts")
     if extra:
+        import shlex  # here, not at the top: the CLI's start-up time
+
         argv += shlex.split(extra)
     return argv

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import time
-import uuid as uuidlib
 from typing import Any
 
 from . import proc, props
@@ -24,6 +22,9 @@ from .config import VmSettings, resolve_accel
 from .errors import InvalidParameter, StartFailed, VmBroken, WrongState
 from .qemu import build_argv
 from .store import Store, VmPaths, VmRecord, validate_uuid
+
+# subprocess and uuid are imported where used: `vmadm get/list/info` never
+# need them, and every millisecond of import is paid by every vmadm call.
 
 START_TIMEOUT = 60.0
 
@@ -72,6 +73,8 @@ class VmLayer:
 
     def create(self, payload: object) -> str:
         """Create a VM from a user payload; returns its uuid.  Does not boot it."""
+        import uuid as uuidlib
+
         vm = props.for_create(payload)
         uuid = validate_uuid(vm.get("uuid") or str(uuidlib.uuid4()))
         vm["uuid"] = uuid
@@ -123,6 +126,8 @@ class VmLayer:
             return pid
 
     def _spawn(self, vm: VmRecord, paths: VmPaths) -> int:
+        import subprocess
+
         os.makedirs(paths.runtime_dir, 0o700, exist_ok=True)
         for stale in (paths.pid, paths.qmp, paths.vnc, paths.console):
             with contextlib.suppress(FileNotFoundError):
@@ -229,6 +234,8 @@ def with_computed(record: VmRecord, paths: VmPaths, pid: int | None) -> dict[str
 
 
 def _qemu_img_create(path: str, size_mib: int) -> None:
+    import subprocess
+
     res = subprocess.run(
         ["qemu-img", "create", "-q", "-f", "qcow2", path, f"{size_mib}M"],
         stdin=subprocess.DEVNULL,
