@@ -184,11 +184,13 @@ class Env:
         except ApiError as err:
             return err.status, {"error": {"code": err.code, "message": err.message}}
 
-    def start_daemon(self, *extra: str, wait: bool = True) -> subprocess.Popen[bytes]:
+    def start_daemon(
+        self, *extra: str, wait: bool = True, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = open(self.tmp / f"vmadmd.{len(self.daemons)}.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(
             [_bin("vmadmd"), "--log-level", "debug", *extra],
-            env=self.environ,
+            env={**self.environ, **(env or {})},
             stdout=log,
             stderr=log,
             start_new_session=True,

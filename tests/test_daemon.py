@@ -23,14 +23,18 @@ U = "0b3f1c2e-9a4d-4f5e-8b6a-1c2d3e4f5a6b"
 
 
 def read_events(
-    env: Env, until: Callable[[list[dict[str, Any]]], bool], timeout: float = 20, **params: str
+    env: Env,
+    until: Callable[[list[dict[str, Any]]], bool],
+    timeout: float = 20,
+    last_event_id: int = 0,
+    **params: str,
 ) -> list[dict[str, Any]]:
     """Follow GET /events until ``until(events)`` holds (raw socket, bounded)."""
     sock = connect_unix(os.path.dirname(env.socket), os.path.basename(env.socket))
     sock.settimeout(0.5)
     query = "&".join(f"{k}={v}" for k, v in params.items())
-    headers = "".join(f"{k}: {v}\r\n" for k, v in params.items() if k == "Last-Event-ID")
-    path = "/events" + (f"?{query}" if query and not headers else "")
+    headers = f"Last-Event-ID: {last_event_id}\r\n"  # 0: replay the history too
+    path = "/events" + (f"?{query}" if query else "")
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
     buf = b""
     events: list[dict[str, Any]] = []
@@ -311,11 +315,12 @@ def test_openapi_documents_every_route(env: Env) -> None:
     status, doc = env.api("GET", "/openapi.json")
     assert status == 200 and doc["openapi"].startswith("3.")
     from vmadmd.api import Api
+    from vmadmd.metrics import Metrics
 
     class _Stub:
         vms: dict[str, Any]
 
-    app = Api(_Stub(), None, dict).app()  # type: ignore[arg-type]
+    app = Api(_Stub(), None, dict, Metrics()).app()  # type: ignore[arg-type]
     routes = set()
     for route in app.router.routes():
         info = route.resource.get_info() if route.resource else {}

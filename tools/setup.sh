@@ -33,3 +33,9 @@ fi
 .venv/bin/python -m compileall -q src >/dev/null
 
 ./tools/build-guest.sh .cache/guest >&2
+
+# Where systemd runs, install (not enable) the unit, pointing at this checkout.
+if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null; then
+    sed "s|/opt/vmadmd|$PWD|g" contrib/vmadmd.service >/etc/systemd/system/vmadmd.service
+    systemctl daemon-reload || true
+fi

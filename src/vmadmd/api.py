@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import __version__
 from .errors import (
@@ -36,7 +37,9 @@ from .errors import (
     WrongState,
 )
 from .events import Event, EventBus, Subscriber
+from .logs import req_id_var
 from .manager import Manager, TransitionTo, parse_types
+from .metrics import Metrics
 from .store import validate_uuid
 
 log = logging.getLogger("vmadmd.api")
@@ -55,6 +58,7 @@ STATUS: tuple[tuple[type[VmadmError], int], ...] = (
     (NotImplementedYet, 501),
 )
 
+METRICS_KEY = web.AppKey("metrics", Metrics)
 MAX_BODY = 64 * 1024
 MAX_TIMEOUT = 86400.0
 KEEPALIVE = 15.0
@@ -84,8 +88,9 @@ _HTTP_CODES = {
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    req_id = request.headers.get("X-Request-Id") or uuidlib.uuid4().hex[:16]
+    req_id = request.headers.get("X-Request-Id", "")[:64] or uuidlib.uuid4().hex[:16]
     request["req_id"] = req_id
+    req_id_var.set(req_id)  # each request runs in its own task: its own context
     t0 = time.monotonic()
     try:
         resp = await handler(request)
@@ -103,11 +108,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         resp = error_response(500, "InternalError", "internal error (logged by vmadmd)")
     if not resp.prepared:
         resp.headers["X-Request-Id"] = req_id
-    log.debug(
-        "%s %s -> %d in %.1f ms",
-        request.method, request.path, resp.status, (time.monotonic() - t0) * 1000,
-        extra={"req_id": req_id},
-    )  # fmt: skip
+    took = time.monotonic() - t0
+    log.debug("%s %s -> %d in %.1f ms", request.method, request.path, resp.status, took * 1000)
+    metrics: Metrics | None = request.app.get(METRICS_KEY)
+    if metrics is not None:
+        info = request.match_info.route.resource
+        route = info.canonical if info is not None else "unmatched"
+        metrics.api_requests.labels(route, request.method, str(resp.status)).inc()
+        metrics.api_latency.labels(route).observe(took)
     return resp
 
 
@@ -150,18 +158,27 @@ def parse_timeout(raw: str | None) -> float:
 
 
 class Api:
-    def __init__(self, manager: Manager, bus: EventBus, status: Callable[[], dict[str, Any]]):
+    def __init__(
+        self,
+        manager: Manager,
+        bus: EventBus,
+        status: Callable[[], dict[str, Any]],
+        metrics: Metrics,
+    ) -> None:
         self.manager = manager
         self.bus = bus
         self.status = status
+        self.metrics = metrics
         self.started = time.monotonic()
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
+        app[METRICS_KEY] = self.metrics
         app.router.add_get("/ping", self.ping)
         app.router.add_get("/vms", self.list_vms)
         app.router.add_get("/openapi.json", self.openapi)
         app.router.add_get("/events", self.events)
+        app.router.add_get("/metrics", self.metrics_page)
         app.router.add_get("/vm/{uuid}", self.info)
         app.router.add_get("/vm/{uuid}/info", self.info)
         app.router.add_get("/vm/{uuid}/screenshot.png", self.screenshot_png)
@@ -192,6 +209,11 @@ class Api:
             state = "stopped" if rt is None else ("stopping" if rt.transition else "running")
             out.append({"uuid": uuid, "state": state, "alias": record.get("alias")})
         return web.json_response(out)
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
 
     async def openapi(self, request: web.Request) -> web.Response:
         text = importlib.resources.files("vmadmd").joinpath("openapi.json").read_text()
@@ -247,9 +269,11 @@ class Api:
         vm = params.get("vm")
         if vm is not None:
             validate_uuid(vm)
-        last_raw = request.headers.get("Last-Event-ID", params.get("last_event_id", "0"))
+        # Standard SSE: with Last-Event-ID, replay what followed it (from the
+        # bounded history); without, start from now.
+        last_raw = request.headers.get("Last-Event-ID", params.get("last_event_id"))
         try:
-            last_id = int(last_raw or "0")
+            last_id = self.bus.last_id if last_raw is None else int(last_raw)
         except ValueError:
             raise InvalidParameter("Last-Event-ID must be an integer") from None
         sub = self.bus.subscribe(vm)
@@ -257,6 +281,7 @@ class Api:
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         resp.headers["X-Request-Id"] = request["req_id"]
+        resp.force_close()  # an ended stream (e.g. a dropped slow consumer) ends the connection
         try:
             await resp.prepare(request)
             for past in self.bus.since(last_id, vm):

@@ -35,6 +35,7 @@ from .config import (
 )
 from .events import EventBus
 from .manager import DaemonSettings, Manager
+from .metrics import Metrics
 from .sockets import bind_unix, connect_unix
 from .watch import ZonesWatcher
 
@@ -121,7 +122,8 @@ class Daemon:
             vnc_bind=args.vnc_bind,
             qmp_timeout=args.qmp_timeout,
         )
-        self.manager = Manager(settings, self.bus)
+        self.metrics = Metrics()
+        self.manager = Manager(settings, self.bus, self.metrics)
         self.watcher = ZonesWatcher(args.zones_root, self.manager.refresh, self._rescan)
         self.autoboot = autoboot.Progress()
         self._stop = asyncio.Event()
@@ -143,7 +145,7 @@ class Daemon:
         self.watcher.start()
         # Serve the API at once; VMs still being picked up answer 409/504.
         runner = web.AppRunner(
-            Api(self.manager, self.bus, self.status).app(),
+            Api(self.manager, self.bus, self.status, self.metrics).app(),
             handle_signals=False,
             access_log=None,
             shutdown_timeout=SHUTDOWN_GRACE,
@@ -158,15 +160,18 @@ class Daemon:
         log.info("start-up sweep done: %d VMs, %d running", len(uuids), len(self.manager.vms))
         sd_notify("READY=1\nSTATUS=serving")
         autoboot_task = asyncio.create_task(self._autoboot(uuids), name="autoboot")
+        watchdog = self._start_watchdog()
 
         await self._stop.wait()
 
         log.info("shutting down; VMs keep running")
         sd_notify("STOPPING=1")
         # Stop accepting, and finish in-flight requests (bounded).
-        autoboot_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await autoboot_task
+        for task in (autoboot_task, watchdog):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.watcher.close()
         await runner.cleanup()
         with contextlib.suppress(FileNotFoundError):
@@ -174,6 +179,23 @@ class Daemon:
         # Let go of QMP connections and listeners; never of the VMs.
         await self.manager.close()
         return 0
+
+    def _start_watchdog(self) -> asyncio.Task[None] | None:
+        """Ping systemd's watchdog at half its interval, when it asks for one."""
+        try:
+            usec = int(os.environ.get("WATCHDOG_USEC", "0"))
+            pid = int(os.environ.get("WATCHDOG_PID", str(os.getpid())))
+        except ValueError:
+            return None
+        if usec <= 0 or pid != os.getpid():
+            return None
+
+        async def ping() -> None:
+            while True:
+                sd_notify("WATCHDOG=1")
+                await asyncio.sleep(usec / 2e6)
+
+        return asyncio.create_task(ping(), name="watchdog")
 
     async def _autoboot(self, uuids: list[str]) -> None:
         records = []
@@ -189,6 +211,8 @@ class Daemon:
             group_delay=self.args.autoboot_delay,
             progress=self.autoboot,
         )
+        if self.autoboot.seconds is not None:
+            self.metrics.autoboot_seconds.set(self.autoboot.seconds)
         self.bus.emit("autoboot_done", None, **self.autoboot.as_dict())
 
 

@@ -8,13 +8,22 @@ gives a terminal-friendly line instead.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import time
 from typing import Literal
+
+# The API request being served, carried into every log line it causes
+# (QMP commands included) through the task's context.
+req_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("req_id", default=None)
+
+# Any JSON-ish `"password": "..."` (QMP's set_password on the wire, at debug).
+_PASSWORD_RE = re.compile(r"""(['"]password['"]\s*:\s*)(['"])(?:\\.|(?!\2).)*\2""")
 
 BUNYAN_LEVELS = {
     logging.DEBUG: 20,
@@ -53,8 +62,24 @@ class BunyanFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+class ContextFilter(logging.Filter):
+    """Adds the request id from the context, and redacts passwords."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "req_id", None) is None:
+            req_id = req_id_var.get()
+            if req_id is not None:
+                record.req_id = req_id
+        message = record.getMessage()
+        if "password" in message:
+            record.msg = _PASSWORD_RE.sub(r"\1\2<redacted>\2", message)
+            record.args = None
+        return True
+
+
 def setup(level: str = "info", fmt: LogFormat = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(ContextFilter())
     if fmt == "json":
         handler.setFormatter(BunyanFormatter())
     else:

@@ -27,6 +27,7 @@ from . import proc
 from .config import VmSettings
 from .errors import InvalidParameter, QmpFailed, QmpTimeout, VmadmError, WrongState
 from .events import EventBus
+from .metrics import Metrics
 from .monitor import Monitor
 from .store import VmPaths, VmRecord
 from .vms import VmLayer, iso_now, now_ms
@@ -105,9 +106,10 @@ def qemu_vnc_mode(argv: list[str]) -> bool | None:
 
 
 class Manager:
-    def __init__(self, settings: DaemonSettings, bus: EventBus) -> None:
+    def __init__(self, settings: DaemonSettings, bus: EventBus, metrics: Metrics) -> None:
         self.settings = settings
         self.bus = bus
+        self.metrics = metrics
         self.layer = VmLayer(settings.vm)
         self.store = self.layer.store
         self.vms: dict[str, VmRuntime] = {}
@@ -116,6 +118,7 @@ class Manager:
         self._exiting: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
+        metrics.watch_state(self._state_snapshot)
 
     # -- helpers -----------------------------------------------------------
 
@@ -141,6 +144,18 @@ class Manager:
             self.load(uuid)
             raise WrongState(f"VM {uuid} is not running")
         return rt
+
+    def _state_snapshot(self) -> dict[str, float]:
+        running = sum(1 for rt in self.vms.values() if not rt.transition)
+        total = len(self.store.list_uuids())
+        listeners = [rt.vnc for rt in self.vms.values() if rt.vnc is not None]
+        return {
+            "vms_running": running,
+            "vms_stopping": len(self.vms) - running,
+            "vms_stopped": max(0, total - len(self.vms)),
+            "vnc_sessions": sum(len(vnc.sessions) for vnc in listeners),
+            "vnc_listeners": sum(1 for vnc in listeners if vnc.port is not None),
+        }
 
     # -- discovery ---------------------------------------------------------
 
@@ -179,6 +194,7 @@ class Manager:
             paths.QMP_NAME,
             timeout=self.settings.qmp_timeout,
             on_event=lambda name, data: self._on_qmp_event(uuid, name, data),
+            metrics=self.metrics,
         )
         rt = VmRuntime(
             uuid=uuid,
@@ -241,6 +257,7 @@ class Manager:
         Returns the transition it cleared (empty if none).
         """
         cleared: dict[str, Any] = {}
+        stage_seen: list[str] = []
 
         def change(vm: VmRecord) -> None:
             transition = vm.pop("transition", None)
@@ -251,6 +268,9 @@ class Manager:
             already = isinstance(last, dict) and str(last.get("time", "")) >= str(boot)
             if stage is not None and not already:
                 vm["last_exit"] = {"stage": stage, "time": iso_now()}
+            recorded = vm.get("last_exit")
+            if stage is not None and isinstance(recorded, dict):
+                stage_seen.append(str(recorded.get("stage")))
 
         try:
             await asyncio.to_thread(self.store.update, uuid, change)
@@ -259,8 +279,11 @@ class Manager:
             log.info("vm %s: exited; record not updated: %s", uuid, err)
             self.bus.emit("exited", uuid, stage=stage)
             return {}
-        log.info("vm %s: exited (stage %s)", uuid, stage or "unknown")
-        self.bus.emit("exited", uuid, stage=stage)
+        ended_by = stage_seen[0] if stage_seen else stage
+        log.info("vm %s: exited (stage %s)", uuid, ended_by or "unknown", extra={"vm": uuid})
+        self.bus.emit("exited", uuid, stage=ended_by)
+        if ended_by:
+            self.metrics.stops.labels(ended_by).inc()
         if cleared:
             self.bus.emit("transition_cleared", uuid, to=cleared.get("to"))
         return cleared
@@ -291,12 +314,14 @@ class Manager:
         if port == -1:
             return
         listener = VncListener(
-            rt.uuid, rt.paths.runtime_dir, rt.paths.VNC_NAME, self.settings.vnc_bind, port
-        )
+            rt.uuid, rt.paths.runtime_dir, rt.paths.VNC_NAME, self.settings.vnc_bind, port,
+            self.metrics,
+        )  # fmt: skip
         mismatch = vnc_mismatch(rt.qemu_vnc_auth, bool(password))
         if mismatch is not None:
             # Never serve a console with weaker protection than asked for.
             listener.error = mismatch
+            self.metrics.vnc_listener_errors.inc()
             rt.vnc = listener
             log.warning("vm %s: %s", rt.uuid, mismatch)
             return
@@ -326,7 +351,7 @@ class Manager:
                 await rt.vnc_task
             key = (record.get("vnc_port", 0), record.get("vnc_password") or None)
             if key == rt.vnc_key:
-                return self.vnc_info(rt, record)
+                return self.vnc_info(rt)
             port, password = key
             listener = rt.vnc
             if (
@@ -341,24 +366,25 @@ class Manager:
                 # the listener (and its port) stay.
                 await rt.monitor.execute("set_password", {"protocol": "vnc", "password": password})
                 rt.vnc_key = key
-                return self.vnc_info(rt, record)
+                return self.vnc_info(rt)
             if rt.vnc is not None:
                 await rt.vnc.close()
                 rt.vnc = None
                 self.bus.emit("vnc_down", uuid)
             await self._open_vnc(rt, record)
-            return self.vnc_info(rt, record)
+            return self.vnc_info(rt)
 
-    def vnc_info(self, rt: VmRuntime, record: VmRecord) -> dict[str, Any]:
+    @staticmethod
+    def vnc_info(rt: VmRuntime) -> dict[str, Any]:
+        """The listener as it is, with the password qemu was given (if any)."""
         if rt.vnc is None:
             return {}
-        return rt.vnc.info(record.get("vnc_password") or None)
+        return rt.vnc.info(rt.vnc_key[1] if rt.vnc_key else None)
 
     # -- QMP operations ----------------------------------------------------
 
     async def info(self, uuid: str, types: list[str]) -> dict[str, Any]:
-        record = self.load(uuid)
-        rt = self.running(uuid)
+        rt = self.running(uuid)  # vm.json is read only when the VM is not running
         queries = [t for t in types if t in INFO_QUERIES]
         results = await asyncio.gather(
             *(rt.monitor.execute(INFO_QUERIES[t]) for t in queries), return_exceptions=True
@@ -370,7 +396,7 @@ class Manager:
             raise failure
         out: dict[str, Any] = dict(zip(queries, results, strict=True))
         if "vnc" in types:
-            out["vnc"] = self.vnc_info(rt, record)
+            out["vnc"] = self.vnc_info(rt)
         return {t: out[t] for t in types if t in out}
 
     async def reset(self, uuid: str) -> None:

@@ -22,6 +22,7 @@ from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, Message,
 from qemu.qmp.error import QMPError
 
 from .errors import QmpFailed, QmpTimeout
+from .metrics import Metrics
 from .sockets import connect_unix
 
 log = logging.getLogger("vmadmd.qmp")
@@ -62,7 +63,9 @@ class Monitor:
         timeout: float,
         on_event: EventCallback,
         connect_timeout: float = 5.0,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self.uuid = uuid
         self._directory = directory
         self._name = name
@@ -197,11 +200,17 @@ class Monitor:
         client = self._client
         if client is None:
             raise QmpFailed(f"VM {self.uuid}: QMP connection lost")
+        outcome = "error"
+        t0 = loop.time()
+        log.debug("vm %s: qmp --> %s", self.uuid, cmd, extra={"vm": self.uuid})
         try:
-            return await asyncio.wait_for(
+            result = await asyncio.wait_for(
                 client.execute(cmd, arguments), max(deadline - loop.time(), 0.001)
             )
+            outcome = "ok"
+            return result
         except TimeoutError:
+            outcome = "timeout"
             self._wedged(f"{cmd} timed out after {limit:g} s")
             raise QmpTimeout(
                 f"VM {self.uuid}: qemu did not answer {cmd} within {limit:g} s"
@@ -214,3 +223,14 @@ class Monitor:
             if client is self._client:
                 self._wedged(f"{cmd}: {type(err).__name__}")
             raise QmpFailed(f"VM {self.uuid}: {cmd} failed: connection lost") from err
+        finally:
+            took = loop.time() - t0
+            log.debug(
+                "vm %s: qmp <-- %s %s in %.3f ms", self.uuid, cmd, outcome, took * 1000,
+                extra={"vm": self.uuid},
+            )  # fmt: skip
+            if self._metrics is not None:
+                self._metrics.qmp_commands.labels(cmd, outcome).inc()
+                self._metrics.qmp_latency.labels(cmd).observe(took)
+                if outcome == "timeout":
+                    self._metrics.qmp_timeouts.inc()

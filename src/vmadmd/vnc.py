@@ -16,6 +16,7 @@ import logging
 import socket
 from typing import Any
 
+from .metrics import Metrics
 from .sockets import connect_unix
 
 log = logging.getLogger("vmadmd.vnc")
@@ -43,6 +44,9 @@ class _Half(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
+        metrics = self.session.listener.metrics
+        if metrics is not None:
+            metrics.vnc_bytes.inc(len(data))
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.write(data)
 
@@ -123,8 +127,17 @@ class _Session:
 class VncListener:
     """A TCP listener for one VM's console."""
 
-    def __init__(self, uuid: str, directory: str, name: str, host: str, port: int) -> None:
+    def __init__(
+        self,
+        uuid: str,
+        directory: str,
+        name: str,
+        host: str,
+        port: int,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.uuid = uuid
+        self.metrics = metrics
         self.directory = directory
         self.name = name
         self.host = host
@@ -144,7 +157,9 @@ class VncListener:
             )
         except OSError as err:
             self.error = f"cannot listen on {self.host}:{self.wanted_port}: {err.strerror or err}"
-            log.error("vm %s: %s", self.uuid, self.error)
+            log.error("vm %s: %s", self.uuid, self.error, extra={"vm": self.uuid})
+            if self.metrics is not None:
+                self.metrics.vnc_listener_errors.inc()
             return False
         sockname = self._server.sockets[0].getsockname()
         self.port = int(sockname[1])

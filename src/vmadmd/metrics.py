@@ -1,0 +1,75 @@
+"""Prometheus metrics (prometheus-client), one registry per daemon.
+
+Counters and histograms are updated where things happen; gauges that
+describe the current state (VMs by state, open VNC sessions) are computed
+at scrape time by a collector, so they can never drift.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+
+class _StateCollector(Collector):
+    def __init__(self, snapshot: Callable[[], dict[str, float]]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        values = self._snapshot()
+        vms = GaugeMetricFamily("vmadmd_vms", "VMs by state", labels=["state"])
+        for state in ("running", "stopping", "stopped", "broken"):
+            vms.add_metric([state], values.get(f"vms_{state}", 0.0))
+        yield vms
+        yield GaugeMetricFamily(
+            "vmadmd_vnc_sessions", "Open proxied VNC sessions", value=values.get("vnc_sessions", 0)
+        )
+        yield GaugeMetricFamily(
+            "vmadmd_vnc_listeners", "Open VNC listeners", value=values.get("vnc_listeners", 0)
+        )
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.api_requests = Counter(
+            "vmadmd_api_requests", "API requests", ["route", "method", "status"], registry=r
+        )
+        self.api_latency = Histogram(
+            "vmadmd_api_request_seconds", "API request latency", ["route"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.qmp_commands = Counter(
+            "vmadmd_qmp_commands", "QMP commands", ["command", "outcome"], registry=r
+        )
+        self.qmp_latency = Histogram(
+            "vmadmd_qmp_command_seconds", "QMP command latency", ["command"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.qmp_timeouts = Counter(
+            "vmadmd_qmp_timeouts", "QMP commands that timed out", registry=r
+        )
+        self.vnc_bytes = Counter("vmadmd_vnc_bytes", "Bytes proxied for VNC clients", registry=r)
+        self.vnc_listener_errors = Counter(
+            "vmadmd_vnc_listener_errors", "VNC listeners that could not open", registry=r
+        )
+        self.stops = Counter(
+            "vmadmd_stops", "VM exits by the stage that ended them", ["stage"], registry=r
+        )
+        self.autoboot_seconds = Gauge(
+            "vmadmd_autoboot_seconds", "Duration of the last autoboot run", registry=r
+        )
+
+    def watch_state(self, snapshot: Callable[[], dict[str, float]]) -> None:
+        self.registry.register(_StateCollector(snapshot))
+
+    def render(self) -> bytes:
+        data: bytes = generate_latest(self.registry)
+        return data
