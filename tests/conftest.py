@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 GUEST_DIR = REPO / ".cache" / "guest"
 VENV_BIN = Path(sys.executable).parent
 READY = "VMTEST-READY"
+STANDIN = str(REPO / "bench" / "qemu-standin")
 
 
 def _bin(name: str) -> str:
@@ -108,6 +109,7 @@ class Env:
     socket: str
     marker: str
     daemons: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def environ(self) -> dict[str, str]:
@@ -118,6 +120,7 @@ class Env:
             VMADMD_AUTOBOOT_MARKER=self.marker,
             VMADM_ACCEL="tcg",
         )
+        env.update(self.extra_env)
         return env
 
     def vmadm(

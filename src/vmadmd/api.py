@@ -60,6 +60,7 @@ STATUS: tuple[tuple[type[VmadmError], int], ...] = (
 
 METRICS_KEY = web.AppKey("metrics", Metrics)
 MAX_BODY = 64 * 1024
+MAX_QUERY = 8 * 1024
 MAX_TIMEOUT = 86400.0
 KEEPALIVE = 15.0
 
@@ -93,6 +94,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     req_id_var.set(req_id)  # each request runs in its own task: its own context
     t0 = time.monotonic()
     try:
+        if len(request.rel_url.raw_query_string) > MAX_QUERY:
+            raise web.HTTPRequestURITooLong()
         resp = await handler(request)
     except VmadmError as err:
         resp = error_response(status_of(err), err.code, err.message)

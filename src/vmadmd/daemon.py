@@ -42,6 +42,7 @@ from .watch import ZonesWatcher
 log = logging.getLogger("vmadmd")
 
 SHUTDOWN_GRACE = 5.0
+MAX_LINE = 16 * 1024  # request line / header; query strings past 8 KiB get a JSON 414
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--accel", type=parse_accel, default=parse_accel(env_or("VMADM_ACCEL", DEFAULT_ACCEL))
     )
     p.add_argument("--qmp-timeout", type=float, default=5.0, metavar="SECS")
+    p.add_argument(
+        "--client-timeout",
+        type=float,
+        default=15.0,
+        metavar="SECS",
+        help="close an API connection idle or stuck in its request this long",
+    )
     p.add_argument(
         "--autoboot-concurrency", type=int, default=2 * (os.cpu_count() or 1), metavar="N"
     )
@@ -149,6 +157,11 @@ class Daemon:
             handle_signals=False,
             access_log=None,
             shutdown_timeout=SHUTDOWN_GRACE,
+            # aiohttp arms this from the first byte of a connection, so it
+            # also bounds a client that trickles its request (slowloris).
+            keepalive_timeout=self.args.client_timeout,
+            max_line_size=MAX_LINE,
+            max_field_size=MAX_LINE,
         )
         await runner.setup()
         site = web.SockSite(runner, sock)

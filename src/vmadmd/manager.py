@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import itertools
 import logging
 import os
@@ -336,6 +337,12 @@ class Manager:
         if await listener.open():
             self.bus.emit("vnc_up", rt.uuid, port=listener.port)
             log.info("vm %s: VNC on %s:%s", rt.uuid, listener.host, listener.port)
+            if not password and not is_loopback(listener.host):
+                log.warning(
+                    "vm %s: VNC console on %s:%s without a vnc_password: "
+                    "whoever reaches that address has the console",
+                    rt.uuid, listener.host, listener.port, extra={"vm": rt.uuid},
+                )  # fmt: skip
         if rt.exited.is_set():
             await listener.close()
             return
@@ -532,6 +539,15 @@ class Manager:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=2.0)
         self.vms.clear()
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def vnc_mismatch(qemu_auth: bool | None, want_password: bool) -> str | None:
