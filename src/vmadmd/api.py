@@ -26,7 +26,6 @@ from . import __version__
 from .errors import (
     InvalidParameter,
     InvalidUuid,
-    NotImplementedYet,
     PayloadTooLarge,
     QmpFailed,
     QmpTimeout,
@@ -55,7 +54,6 @@ STATUS: tuple[tuple[type[VmadmError], int], ...] = (
     (StartFailed, 409),
     (QmpFailed, 409),
     (QmpTimeout, 504),
-    (NotImplementedYet, 501),
 )
 
 METRICS_KEY = web.AppKey("metrics", Metrics)
@@ -262,7 +260,10 @@ class Api:
             vnc = await m.reload_vnc(uuid)
             return web.json_response({"uuid": uuid, "vnc": vnc})
         if action == "console":
-            raise NotImplementedYet("browser consoles are not available in this vmadmd")
+            m.load(uuid)
+            raise WrongState(
+                "this vmadmd serves no browser consoles (start it with --console-listen)"
+            )
         if action is None:
             raise InvalidParameter("action is required")
         raise InvalidParameter(f"unknown action {action[:40]!r}")

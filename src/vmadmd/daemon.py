@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from . import autoboot, logs
 from .api import Api
@@ -96,6 +97,19 @@ def sd_notify(message: str) -> None:
     ):
         s.connect(addr)
         s.sendall(message.encode())
+
+
+class _MalformedRequestFilter(logging.Filter):
+    """aiohttp logs a client's malformed HTTP at ERROR with a traceback; it is
+    answered with a 400 and is not ours to alarm about: keep it at debug."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.exc_info = None
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
 
 
 def claim_socket(path: str) -> socket.socket:
@@ -232,6 +246,7 @@ class Daemon:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.setup(args.log_level, args.log_format)
+    logging.getLogger("aiohttp.server").addFilter(_MalformedRequestFilter())
     try:
         return asyncio.run(Daemon(args).run())
     except SystemExit as exc:

@@ -68,10 +68,6 @@ class QmpFailed(VmadmError):
     code = "QmpFailed"
 
 
-class NotImplementedYet(VmadmError):
-    code = "NotImplemented"
-
-
 class DaemonUnavailable(VmadmError):
     """The CLI cannot reach vmadmd."""
 
