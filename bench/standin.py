@@ -265,7 +265,16 @@ async def hub(zones_root: str, uuids: list[str]) -> None:
         finally:
             os.chdir(cwd)
         proc = await asyncio.create_subprocess_exec(
-            "busybox", "sh", "-c", "read x", "-uuid", uuid, stdin=asyncio.subprocess.PIPE
+            # qemu's identity and VNC mode are read off the command line.
+            "busybox",
+            "sh",
+            "-c",
+            "read x",
+            "-uuid",
+            uuid,
+            "-vnc",
+            "unix:vm.vnc",
+            stdin=asyncio.subprocess.PIPE,
         )
         holders[uuid] = proc
         with open(paths.pid, "w") as f:
@@ -287,6 +296,10 @@ async def hub(zones_root: str, uuids: list[str]) -> None:
 def main() -> int:
     argv = sys.argv[1:]
     if argv[:1] == ["hub"]:
+        import resource
+
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         zones_root = argv[1]
         uuids = argv[2:] or sorted(os.listdir(zones_root))
         asyncio.run(hub(zones_root, uuids))

@@ -193,7 +193,7 @@ class Api:
             "ok": True,
             "version": __version__,
             "uptime": round(time.monotonic() - self.started, 3),
-            "running_vms": len(self.manager.vms),
+            **self.manager.connection_counts(),
         }
         body.update(self.status())
         return web.json_response(body)

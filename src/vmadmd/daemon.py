@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -110,6 +111,15 @@ class _MalformedRequestFilter(logging.Filter):
             record.exc_info = None
             return logging.getLogger().isEnabledFor(logging.DEBUG)
         return True
+
+
+def raise_fd_limit() -> None:
+    """Each running VM holds a pidfd, a QMP socket, a listener and its
+    sessions: take the hard limit on open files, not the (often 1024) soft one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def claim_socket(path: str) -> socket.socket:
@@ -246,6 +256,7 @@ class Daemon:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.setup(args.log_level, args.log_format)
+    raise_fd_limit()
     logging.getLogger("aiohttp.server").addFilter(_MalformedRequestFilter())
     try:
         return asyncio.run(Daemon(args).run())

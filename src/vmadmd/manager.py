@@ -51,6 +51,7 @@ INFO_TYPES = (*INFO_QUERIES, "vnc")
 TransitionTo = Literal["stopped", "start"]
 ExitStage = Literal["guest", "quit", "sigterm", "sigkill"]
 
+CONNECT_CONCURRENCY = 64  # QMP connects in flight at once (start-up with many VMs)
 POWERDOWN_RESEND = 2.0  # a guest still booting can miss one ACPI press
 QUIT_WAIT = 2.0
 SIGTERM_WAIT = 3.0
@@ -119,6 +120,7 @@ class Manager:
         self._exiting: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
+        self._connect_slots = asyncio.Semaphore(CONNECT_CONCURRENCY)
         metrics.watch_state(self._state_snapshot)
 
     # -- helpers -----------------------------------------------------------
@@ -146,6 +148,16 @@ class Manager:
             raise WrongState(f"VM {uuid} is not running")
         return rt
 
+    def connection_counts(self) -> dict[str, int]:
+        """How far the daemon is in picking up its running VMs."""
+        return {
+            "running_vms": len(self.vms),
+            "qmp_ready": sum(1 for rt in self.vms.values() if rt.monitor.ready),
+            "vnc_listeners": sum(
+                1 for rt in self.vms.values() if rt.vnc is not None and rt.vnc.port is not None
+            ),
+        }
+
     def _state_snapshot(self) -> dict[str, float]:
         running = sum(1 for rt in self.vms.values() if not rt.transition)
         total = len(self.store.list_uuids())
@@ -160,9 +172,23 @@ class Manager:
 
     # -- discovery ---------------------------------------------------------
 
-    async def scan(self, uuids: Iterable[str]) -> None:
-        """Pick up every VM: attach running ones, settle stale transitions."""
-        await asyncio.gather(*(self.refresh(u) for u in uuids))
+    async def scan(self, uuids: Iterable[str], batch: int = 32) -> None:
+        """Pick up every VM: attach running ones, settle stale transitions.
+
+        In batches, yielding between them, so the API answers while a daemon
+        with a thousand VMs is still picking them up.
+        """
+        pending = list(uuids)
+        for i in range(0, len(pending), batch):
+            await asyncio.gather(*(self.refresh_safely(u) for u in pending[i : i + batch]))
+            await asyncio.sleep(0)
+
+    async def refresh_safely(self, uuid: str) -> None:
+        """refresh(), with a failure confined to its VM (logged as the bug it is)."""
+        try:
+            await self.refresh(uuid)
+        except Exception:
+            log.exception("vm %s: cannot pick up this VM", uuid, extra={"vm": uuid})
 
     async def refresh(self, uuid: str) -> None:
         """Bring our view of one VM in line with reality.  Idempotent."""
@@ -196,6 +222,7 @@ class Manager:
             timeout=self.settings.qmp_timeout,
             on_event=lambda name, data: self._on_qmp_event(uuid, name, data),
             metrics=self.metrics,
+            connect_slots=self._connect_slots,
         )
         rt = VmRuntime(
             uuid=uuid,

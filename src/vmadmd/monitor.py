@@ -64,8 +64,12 @@ class Monitor:
         on_event: EventCallback,
         connect_timeout: float = 5.0,
         metrics: Metrics | None = None,
+        connect_slots: asyncio.Semaphore | None = None,
     ) -> None:
         self._metrics = metrics
+        # Shared by all monitors: a daemon (re)starting with many VMs
+        # connects a bounded number at a time.
+        self._connect_slots = connect_slots or asyncio.Semaphore(1)
         self.uuid = uuid
         self._directory = directory
         self._name = name
@@ -107,8 +111,9 @@ class Monitor:
             client.register_listener(client.events)
             client.remove_listener(default)
             try:
-                sock = await self._open_socket()
-                await asyncio.wait_for(client.connect(sock), self._connect_timeout)
+                async with self._connect_slots:
+                    sock = await self._open_socket()
+                    await asyncio.wait_for(client.connect(sock), self._connect_timeout)
             except (OSError, QMPError, TimeoutError, EOFError) as err:
                 # OSError: socket missing or refused (qemu still starting or
                 # gone); QMPError: no or bad greeting; TimeoutError: qemu
@@ -166,6 +171,10 @@ class Monitor:
 
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(reconnect(), name=f"qmp-{self.uuid}")
+
+    @property
+    def ready(self) -> bool:
+        return self._client is not None
 
     def _dispatch(self, msg: Message) -> None:
         name = str(msg.get("event", ""))

@@ -91,14 +91,17 @@ def open_vm_pidfd(pid_path: str, uuid: str) -> tuple[int, int] | None:
 
 def pidfd_exited(fd: int) -> bool:
     """A pidfd polls readable once its process has exited."""
-    readable, _, _ = select.select([fd], [], [], 0)
-    return bool(readable)
+    return pidfd_wait(fd, 0.0)
 
 
 def pidfd_wait(fd: int, timeout: float) -> bool:
-    """Wait up to ``timeout`` s for the process to exit; True if it did."""
-    readable, _, _ = select.select([fd], [], [], max(timeout, 0.0))
-    return bool(readable)
+    """Wait up to ``timeout`` s for the process to exit; True if it did.
+
+    poll, not select: a daemon with hundreds of VMs has fds past select's 1024.
+    """
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(timeout, 0.0) * 1000))
 
 
 def pidfd_signal(fd: int, sig: signal.Signals) -> bool:

@@ -1,0 +1,130 @@
+"""A bounded soak: mixed traffic for a fixed time against real qemu and stand-ins.
+
+8 real qemu VMs (BIOS only) and 1,000 stand-in VMs (bench.standin hub) under
+one daemon. 32 concurrent clients send a mix of info (all types), NMI,
+screenshots and resets to random VMs, while a chaos loop stops a real VM
+(graceful with a 1 s deadline, which forces it) and boots it again with the
+VM layer. At the end: requests served, errors (a 5xx, or a 4xx other than
+the 409s a VM caught stopped gives), p99 per route, and the daemon's RSS and
+open file descriptors at start and end.
+
+Run: ``.venv/bin/python -m bench.soak [SECONDS] [STANDINS]``  (default 600, 1000)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+
+import aiohttp
+
+from vmadmd.config import VmSettings
+from vmadmd.vms import VmLayer
+
+from .bench_scale import ping, rss_kib, start_hub
+from .common import pct, world
+
+REAL = 8
+CLIENTS = 32
+
+
+def fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def soak(seconds: float, socket_path: str, real: list[str], standins: list[str],
+               layer: VmLayer) -> tuple[dict[str, list[float]], dict[str, int], int]:  # fmt: skip
+    latencies: dict[str, list[float]] = defaultdict(list)
+    errors: dict[str, int] = defaultdict(int)
+    served = 0
+    stopped: set[str] = set()
+    conn = aiohttp.UnixConnector(path=socket_path, limit=CLIENTS + 4)
+    deadline = time.monotonic() + seconds
+    async with aiohttp.ClientSession(connector=conn) as session:
+
+        async def call(route: str, method: str, url: str, uuid: str) -> None:
+            nonlocal served
+            t0 = time.monotonic()
+            async with session.request(method, f"http://x{url}") as resp:
+                await resp.read()
+            latencies[route].append(time.monotonic() - t0)
+            served += 1
+            caught_stopped = resp.status == 409 and uuid in stopped
+            if resp.status >= 500 or (resp.status >= 400 and not caught_stopped):
+                errors[f"{route} {resp.status}"] += 1
+
+        async def client() -> None:
+            while time.monotonic() < deadline:
+                uuid = random.choice(real if random.random() < 0.5 else standins)
+                kind = random.choices(
+                    ["info", "nmi", "screenshot", "reset"], weights=[70, 10, 10, 10]
+                )[0]
+                if kind == "info":
+                    await call("GET /vm/{uuid}", "GET", f"/vm/{uuid}", uuid)
+                elif kind == "nmi":
+                    await call("nmi", "POST", f"/vm/{uuid}?action=sysrq&request=nmi", uuid)
+                elif kind == "screenshot":
+                    await call("screenshot", "POST", f"/vm/{uuid}?action=sysrq&request=screenshot",
+                               uuid)  # fmt: skip
+                else:
+                    await call("reset", "POST", f"/vm/{uuid}?action=reset", uuid)
+
+        async def chaos() -> None:
+            while time.monotonic() < deadline - 5:
+                await asyncio.sleep(2)
+                uuid = random.choice(real)
+                stopped.add(uuid)
+                await call("stop", "POST", f"/vm/{uuid}?action=stop&timeout=1", uuid)
+                while layer.is_running(uuid):
+                    await asyncio.sleep(0.1)
+                await asyncio.to_thread(layer.start, uuid)
+                await asyncio.sleep(0.5)
+                stopped.discard(uuid)
+
+        await asyncio.gather(chaos(), *(client() for _ in range(CLIENTS)))
+    return latencies, errors, served
+
+
+def main() -> None:
+    seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 600
+    n_standins = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
+    with world() as w:
+        layer = VmLayer(VmSettings(zones_root=w.zones, accel="tcg"))
+        standins = [layer.create({"alias": f"s{i}", "autoboot": False}) for i in range(n_standins)]
+        hub = start_hub(w)  # serves every VM present now: the stand-ins
+        real = [layer.create({"alias": f"real{i}", "ram": 64, "autoboot": False})
+                for i in range(REAL)]  # fmt: skip
+        for uuid in real:
+            layer.start(uuid)
+        try:
+            w.start_daemon()
+            assert w.daemon is not None
+            while ping(w)["qmp_ready"] < n_standins + REAL:
+                time.sleep(0.05)
+            time.sleep(1)
+            pid = w.daemon.pid
+            rss0, fds0 = rss_kib(pid), fds(pid)
+            latencies, errors, served = asyncio.run(soak(seconds, w.socket, real, standins, layer))
+            time.sleep(2)
+            rss1, fds1 = rss_kib(pid), fds(pid)
+        finally:
+            w.stop_daemon()
+            hub.send_signal(signal.SIGTERM)
+            hub.wait(timeout=30)
+            subprocess.run(["true"], check=False)
+    print(f"soak: {seconds:.0f} s, {REAL} real qemu + {n_standins} stand-ins, {CLIENTS} clients")
+    print(f"requests served: {served}, errors: {sum(errors.values())} {dict(errors) or ''}")
+    for route, values in sorted(latencies.items()):
+        print(f"  {route:18s} n={len(values):7d}  p50 {pct(values, 50) * 1000:7.2f} ms  "
+              f"p99 {pct(values, 99) * 1000:7.2f} ms")  # fmt: skip
+    print(f"daemon RSS {rss0 / 1024:.1f} -> {rss1 / 1024:.1f} MiB; open fds {fds0} -> {fds1}")
+
+
+if __name__ == "__main__":
+    main()
