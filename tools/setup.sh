@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Install everything vmadmd needs on a fresh Debian machine, idempotently:
 # Debian packages (qemu, qemu-img, busybox-static, socat), a venv with the
-# package and its dev tools in .venv, and the test guest in .cache/guest.
+# package and its dev tools in .venv, noVNC (npm) in .cache/novnc, and the
+# test guest in .cache/guest.  --with-browser adds Debian's chromium and
+# chromium-driver, for the browser-console test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+with_browser=0
+[[ ${1:-} == --with-browser ]] && with_browser=1
 
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
@@ -11,6 +15,11 @@ command -v qemu-img >/dev/null || need+=(qemu-utils)
 [[ -x /bin/busybox ]] && dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 command -v socat >/dev/null || need+=(socat)
 command -v cpio >/dev/null || need+=(cpio)
+command -v npm >/dev/null || need+=(npm)
+if ((with_browser)); then
+    command -v chromium >/dev/null || need+=(chromium)
+    command -v chromedriver >/dev/null || need+=(chromium-driver)
+fi
 if ((${#need[@]})); then
     echo "setup: installing ${need[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
@@ -26,6 +35,13 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
     .venv/bin/pip install -q --upgrade pip >/dev/null
     .venv/bin/pip install -q -e '.[dev]'
     touch "$stamp"
+fi
+
+# noVNC, from the npm registry (served by vmadmd --console-listen).
+NOVNC_VERSION=1.7.0
+if [[ ! -f .cache/novnc/node_modules/@novnc/novnc/core/rfb.js ]]; then
+    mkdir -p .cache/novnc
+    npm install --silent --no-audit --no-fund --prefix .cache/novnc "@novnc/novnc@$NOVNC_VERSION" >&2
 fi
 
 # Byte-compile our sources even where PYTHONDONTWRITEBYTECODE is set: vmadm

@@ -23,6 +23,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import __version__
+from .console import ConsoleServer
 from .errors import (
     InvalidParameter,
     InvalidUuid,
@@ -165,7 +166,9 @@ class Api:
         bus: EventBus,
         status: Callable[[], dict[str, Any]],
         metrics: Metrics,
+        console: ConsoleServer | None = None,
     ) -> None:
+        self.console = console
         self.manager = manager
         self.bus = bus
         self.status = status
@@ -261,9 +264,11 @@ class Api:
             return web.json_response({"uuid": uuid, "vnc": vnc})
         if action == "console":
             m.load(uuid)
-            raise WrongState(
-                "this vmadmd serves no browser consoles (start it with --console-listen)"
-            )
+            if self.console is None:
+                raise WrongState(
+                    "this vmadmd serves no browser consoles (start it with --console-listen)"
+                )
+            return web.json_response(self.console.mint(uuid))
         if action is None:
             raise InvalidParameter("action is required")
         raise InvalidParameter(f"unknown action {action[:40]!r}")

@@ -35,6 +35,7 @@ from .config import (
     env_or,
     parse_accel,
 )
+from .console import ConsoleServer
 from .events import EventBus
 from .manager import DaemonSettings, Manager
 from .metrics import Metrics
@@ -75,10 +76,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--autoboot-delay", type=float, default=0.0, metavar="SECS",
                    help="pause after each autoboot_order group")  # fmt: skip
+    p.add_argument("--console-listen", metavar="ADDR:PORT", default=None,
+                   help="serve browser (noVNC) consoles here; off by default")  # fmt: skip
+    p.add_argument("--console-token-ttl", type=float, default=30.0, metavar="SECS")
+    p.add_argument("--console-idle-timeout", type=float, default=600.0, metavar="SECS")
+    p.add_argument("--novnc-dir", default=env_or("VMADMD_NOVNC_DIR", default_novnc_dir()),
+                   help="the @novnc/novnc package directory")  # fmt: skip
     p.add_argument("--log-level", default=env_or("VMADMD_LOG_LEVEL", "info"),
                    choices=("debug", "info", "warning", "error"))  # fmt: skip
     p.add_argument("--log-format", default="json", choices=("json", "text"))
     return p
+
+
+def default_novnc_dir() -> str:
+    """Where tools/setup.sh installs noVNC, beside a source checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return os.path.normpath(
+        os.path.join(here, "..", "..", ".cache", "novnc", "node_modules", "@novnc", "novnc")
+    )
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise SystemExit(f"vmadmd: --console-listen wants ADDR:PORT, not {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def sd_notify(message: str) -> None:
@@ -158,6 +180,13 @@ class Daemon:
         self.manager = Manager(settings, self.bus, self.metrics)
         self.watcher = ZonesWatcher(args.zones_root, self.manager.refresh, self._rescan)
         self.autoboot = autoboot.Progress()
+        self.console: ConsoleServer | None = None
+        if args.console_listen:
+            host, port = parse_listen(args.console_listen)
+            self.console = ConsoleServer(
+                self.manager, host, port, args.novnc_dir,
+                ttl=args.console_token_ttl, idle_timeout=args.console_idle_timeout,
+            )  # fmt: skip
         self._stop = asyncio.Event()
 
     def status(self) -> dict[str, Any]:
@@ -177,7 +206,7 @@ class Daemon:
         self.watcher.start()
         # Serve the API at once; VMs still being picked up answer 409/504.
         runner = web.AppRunner(
-            Api(self.manager, self.bus, self.status, self.metrics).app(),
+            Api(self.manager, self.bus, self.status, self.metrics, self.console).app(),
             handle_signals=False,
             access_log=None,
             shutdown_timeout=SHUTDOWN_GRACE,
@@ -191,6 +220,8 @@ class Daemon:
         site = web.SockSite(runner, sock)
         await site.start()
         log.info("listening on %s", self.args.socket)
+        if self.console is not None:
+            await self.console.start()
         # Sweep every VM: attach running ones, settle or re-arm transitions.
         uuids = self.manager.store.list_uuids()
         await self.manager.scan(uuids)
@@ -210,6 +241,8 @@ class Daemon:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self.watcher.close()
+        if self.console is not None:
+            await self.console.close()
         await runner.cleanup()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.args.socket)

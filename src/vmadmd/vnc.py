@@ -25,6 +25,33 @@ WRITE_HIGH_WATER = 512 * 1024
 CONNECT_RETRIES = 200  # qemu's VNC socket has a tiny backlog: EAGAIN is retried
 
 
+async def connect_upstream(directory: str, name: str) -> socket.socket:
+    """A fresh connection to qemu's VNC socket.
+
+    qemu's VNC unix socket has a tiny listen backlog: under a burst of
+    clients a non-blocking connect fails with EAGAIN, which is retried here
+    rather than mistaken for a connection.
+    """
+    for _ in range(CONNECT_RETRIES):
+        try:
+            return connect_unix(directory, name, blocking=False)
+        except BlockingIOError:
+            await asyncio.sleep(0.005)
+    raise OSError("the VNC socket's backlog stayed full")
+
+
+async def open_upstream(
+    directory: str, name: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """``connect_upstream`` as asyncio streams (for the WebSocket relay)."""
+    sock = await connect_upstream(directory, name)
+    try:
+        return await asyncio.open_connection(sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+
+
 class _Half(asyncio.Protocol):
     """One side of a proxied session; forwards what it reads to its peer."""
 
@@ -81,22 +108,14 @@ class _Session:
 
     async def _connect_upstream(self) -> None:
         loop = asyncio.get_running_loop()
-        sock: socket.socket | None = None
-        for _ in range(CONNECT_RETRIES):
-            if self.closed:
-                return
-            try:
-                sock = connect_unix(self.listener.directory, self.listener.name, blocking=False)
-                break
-            except BlockingIOError:
-                await asyncio.sleep(0.005)
-            except OSError as err:
-                log.warning("vm %s: VNC upstream connect failed: %s", self.listener.uuid, err)
-                self.close()
-                return
-        if sock is None:
-            log.warning("vm %s: VNC upstream backlog stayed full", self.listener.uuid)
+        try:
+            sock = await connect_upstream(self.listener.directory, self.listener.name)
+        except OSError as err:
+            log.warning("vm %s: VNC upstream connect failed: %s", self.listener.uuid, err)
             self.close()
+            return
+        if self.closed:
+            sock.close()
             return
         try:
             await loop.create_connection(lambda: self.upstream, sock=sock)

@@ -1,0 +1,260 @@
+"""Browser consoles: one-time tokens, a noVNC page, and a WebSocket relay to ``vm.vnc``.
+
+Off unless ``--console-listen ADDR:PORT`` is given; it is a separate HTTP
+listener from the unix-socket API.  ``POST /vm/<uuid>?action=console`` on
+the API mints a token that opens one session, once, within ``ttl`` seconds.
+The page at ``/console/<token>`` loads noVNC (the npm package, served from
+its install directory) and connects its WebSocket to
+``/console/<token>/ws``, which spends the token and relays binary frames to
+the VM's VNC socket, reached the same way the TCP listeners reach it
+(``vnc.open_upstream``).  Tokens never appear whole in logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import importlib.resources
+import json
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from .manager import Manager
+from .vnc import open_upstream
+
+log = logging.getLogger("vmadmd.console")
+
+TOKEN_TTL = 30.0  # seconds to open the console
+STATE_TTL = 3600.0  # how long a spent token may still ask whether its VM runs
+MAX_TOKENS = 4096
+
+
+def shown(token: str) -> str:
+    """What of a token may appear in a log line."""
+    return token[:6] + "…"
+
+
+@dataclass
+class _Token:
+    uuid: str
+    expires: float
+    used: bool = False
+
+
+class TokenStore:
+    """One-time, short-lived tokens; the clock is injected for tests."""
+
+    def __init__(self, ttl: float = TOKEN_TTL, clock: Callable[[], float] = time.monotonic):
+        self.ttl = ttl
+        self._clock = clock
+        self._tokens: OrderedDict[str, _Token] = OrderedDict()
+
+    def issue(self, uuid: str) -> tuple[str, float]:
+        self._purge()
+        token = secrets.token_urlsafe(24)
+        expires = self._clock() + self.ttl
+        self._tokens[token] = _Token(uuid, expires)
+        while len(self._tokens) > MAX_TOKENS:
+            self._tokens.popitem(last=False)
+        return token, expires
+
+    def peek(self, token: str) -> str | None:
+        """The VM a valid, unspent token opens, without spending it."""
+        entry = self._tokens.get(token)
+        if entry is None or entry.used or self._clock() > entry.expires:
+            return None
+        return entry.uuid
+
+    def spend(self, token: str) -> str | None:
+        """Spend the token: its VM, once; None when missing, used or expired."""
+        uuid = self.peek(token)
+        if uuid is not None:
+            self._tokens[token].used = True
+        return uuid
+
+    def owner(self, token: str) -> str | None:
+        """The VM of a token, spent or not, for a while after it was issued."""
+        entry = self._tokens.get(token)
+        if entry is None or self._clock() > entry.expires - self.ttl + STATE_TTL:
+            return None
+        return entry.uuid
+
+    def _purge(self) -> None:
+        now = self._clock()
+        for token in [t for t, e in self._tokens.items() if now > e.expires - self.ttl + STATE_TTL]:
+            del self._tokens[token]
+
+
+class ConsoleServer:
+    def __init__(
+        self,
+        manager: Manager,
+        host: str,
+        port: int,
+        novnc_dir: str | None,
+        *,
+        ttl: float = TOKEN_TTL,
+        idle_timeout: float = 600.0,
+    ) -> None:
+        self.manager = manager
+        self.host = host
+        self.port = port
+        self.novnc_dir = novnc_dir
+        self.tokens = TokenStore(ttl)
+        self.idle_timeout = idle_timeout
+        self.sessions: set[web.WebSocketResponse] = set()
+        self._runner: web.AppRunner | None = None
+
+    def url_for(self, token: str) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/console/{token}"
+
+    def mint(self, uuid: str) -> dict[str, Any]:
+        """A one-time console URL for a running VM."""
+        self.manager.running(uuid)
+        token, expires = self.tokens.issue(uuid)
+        log.info("vm %s: console token %s issued", uuid, shown(token), extra={"vm": uuid})
+        wall_expires = time.time() + (expires - time.monotonic())
+        return {"uuid": uuid, "url": self.url_for(token), "expires": int(wall_expires * 1000)}
+
+    # -- HTTP --------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/console/{token}", self.page)
+        app.router.add_get("/console/{token}/ws", self.websocket)
+        app.router.add_get("/console/{token}/state", self.state)
+        if self.novnc_dir:
+            app.router.add_static("/novnc", self.novnc_dir, follow_symlinks=False)
+        return app
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        if self.port == 0:
+            server = site._server
+            assert isinstance(server, asyncio.base_events.Server)
+            self.port = int(server.sockets[0].getsockname()[1])
+        log.info("browser consoles on http://%s:%d/console/", self.host, self.port)
+
+    async def close(self) -> None:
+        for ws in list(self.sessions):
+            await ws.close(code=1001, message=b"vmadmd is shutting down")
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def page(self, request: web.Request) -> web.Response:
+        token = request.match_info["token"]
+        uuid = self.tokens.peek(token)
+        if uuid is None:
+            return _refused(403, "This console link is invalid, used or expired.")
+        record = self.manager.load(uuid)
+        config = {
+            "token": token,
+            "uuid": uuid,
+            "name": record.get("alias") or uuid,
+            "password": bool(record.get("vnc_password")),
+        }
+        template = importlib.resources.files("vmadmd").joinpath("console.html").read_text()
+        # Inside a <script> element: keep "</" out of the JSON.
+        blob = json.dumps(config).replace("</", "<\\/")
+        body = template.replace("{{title}}", html.escape(str(config["name"]))).replace(
+            "{{config}}", blob
+        )
+        return web.Response(
+            text=body,
+            content_type="text/html",
+            headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"},
+        )
+
+    async def state(self, request: web.Request) -> web.Response:
+        uuid = self.tokens.owner(request.match_info["token"])
+        if uuid is None:
+            return web.json_response({"state": "unknown"}, status=403)
+        return web.json_response({"state": "running" if uuid in self.manager.vms else "stopped"})
+
+    async def websocket(self, request: web.Request) -> web.StreamResponse:
+        token = request.match_info["token"]
+        uuid = self.tokens.spend(token)
+        if uuid is None:
+            log.warning("console token %s refused", shown(token))
+            return _refused(403, "invalid, used or expired console token")
+        rt = self.manager.vms.get(uuid)
+        if rt is None:
+            return _refused(409, "the VM is not running")
+        # Connect to qemu before accepting the WebSocket: a refused session
+        # gets a plain HTTP error, and no byte reaches qemu without a token.
+        try:
+            reader, writer = await open_upstream(rt.paths.runtime_dir, rt.paths.VNC_NAME)
+        except OSError as err:
+            return _refused(502, f"cannot reach the VM's console: {err}")
+        ws = web.WebSocketResponse(protocols=("binary",), max_msg_size=1 << 20)
+        await ws.prepare(request)
+        self.sessions.add(ws)
+        log.info("vm %s: console session opened (token %s)", uuid, shown(token), extra={"vm": uuid})
+        try:
+            await self._relay(ws, reader, writer)
+        finally:
+            self.sessions.discard(ws)
+            writer.close()
+            log.info("vm %s: console session closed", uuid, extra={"vm": uuid})
+        return ws
+
+    async def _relay(
+        self, ws: web.WebSocketResponse, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        last_input = time.monotonic()
+
+        async def upstream_to_ws() -> str:
+            while data := await reader.read(65536):
+                await ws.send_bytes(data)
+            return "the VM has stopped"
+
+        async def ws_to_upstream() -> str:
+            nonlocal last_input
+            async for msg in ws:
+                if msg.type == WSMsgType.BINARY:
+                    last_input = time.monotonic()
+                    writer.write(msg.data)
+                    await writer.drain()
+                elif msg.type == WSMsgType.ERROR:
+                    break
+            return ""
+
+        async def idle() -> str:
+            while True:
+                left = last_input + self.idle_timeout - time.monotonic()
+                if left <= 0:
+                    return "idle timeout"
+                await asyncio.sleep(left)
+
+        tasks = [asyncio.create_task(c()) for c in (upstream_to_ws, ws_to_upstream, idle)]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            reason = next(iter(done)).result() if done else ""
+        except (ConnectionError, OSError):
+            reason = "connection lost"
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if not ws.closed:
+            await ws.close(code=1000, message=reason.encode()[:120])
+
+
+def _refused(status: int, message: str) -> web.Response:
+    return web.json_response(
+        {"error": {"code": "ConsoleRefused", "message": message}}, status=status
+    )

@@ -1,0 +1,206 @@
+"""Browser consoles: tokens (unit), and noVNC in real headless Chromium against a real guest."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from vmadmd.console import TokenStore
+
+from .conftest import Env, bios_payload, guest_payload
+
+U1 = "0b3f1c2e-9a4d-4f5e-8b6a-1c2d3e4f5a6b"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_token_store_once_and_expiry() -> None:
+    clock = FakeClock()
+    store = TokenStore(ttl=30, clock=clock)
+    token, _ = store.issue(U1)
+    assert store.peek(token) == U1 and store.peek(token) == U1  # peeking spends nothing
+    assert store.spend(token) == U1
+    assert store.spend(token) is None and store.peek(token) is None  # once
+    assert store.owner(token) == U1  # may still ask for its VM's state
+    late, _ = store.issue(U1)
+    clock.now += 30.5
+    assert store.spend(late) is None  # expired
+    assert store.spend("no-such-token") is None
+    other, _ = store.issue(U1)
+    assert other != token and len(other) >= 32
+
+
+def console_url(env: Env, uuid: str) -> str:
+    status, body = env.api("POST", f"/vm/{uuid}", action="console")
+    assert status == 200, body
+    url: str = body["url"]
+    return url
+
+
+async def ws_server_name(url: str, query: str = "") -> str:
+    """Open the console WebSocket and read qemu's RFB ServerInit name."""
+    ws_url = url.replace("http://", "ws://") + "/ws" + query
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(ws_url, protocols=("binary",)) as ws,
+    ):
+        buf = b""
+
+        async def need(n: int) -> bytes:
+            nonlocal buf
+            while len(buf) < n:
+                msg = await ws.receive(timeout=10)
+                assert msg.type == aiohttp.WSMsgType.BINARY, msg
+                buf += msg.data
+            out, buf = buf[:n], buf[n:]
+            return out
+
+        assert await need(12) == b"RFB 003.008\n"
+        await ws.send_bytes(b"RFB 003.008\n")
+        count = (await need(1))[0]
+        assert 1 in await need(count)
+        await ws.send_bytes(b"\x01")
+        assert await need(4) == b"\0\0\0\0"
+        await ws.send_bytes(b"\x01")
+        await need(4 + 16)
+        (length,) = struct.unpack(">I", await need(4))
+        return (await need(length)).decode()
+
+
+async def ws_status(url: str) -> int:
+    async with aiohttp.ClientSession() as session:
+        try:
+            async with session.ws_connect(url.replace("http://", "ws://") + "/ws"):
+                return 101
+        except aiohttp.WSServerHandshakeError as err:
+            return err.status
+
+
+def test_tokens_refused_and_bound_to_their_vm(env: Env) -> None:
+    env.start_daemon("--console-listen", "127.0.0.1:0", "--console-token-ttl", "2")
+    a = env.create(bios_payload(alias="vm-a"))
+    b = env.create(bios_payload(alias="vm-b"))
+    for u in (a, b):
+        env.vmadm("start", u, check=True)
+        env.wait_qmp(u)
+    url_a = console_url(env, a)
+    # The token opens A's console, whatever the request says about B.
+    assert asyncio.run(ws_server_name(url_a, "?vm=" + b)) == "QEMU (vm-a)"
+    # Used once: refused the second time.
+    assert asyncio.run(ws_status(url_a)) == 403
+    # Expired: refused.
+    url = console_url(env, b)
+    time.sleep(2.5)
+    assert asyncio.run(ws_status(url)) == 403
+    # Unknown and missing tokens.
+    base = url_a.rsplit("/", 1)[0]
+    assert asyncio.run(ws_status(base + "/not-a-token")) == 403
+    # A stopped VM gets no token.
+    env.vmadm("stop", b, "-F", check=True)
+    assert env.api("POST", f"/vm/{b}", action="console")[0] == 409
+    # The CLI prints the URL.
+    res = env.vmadm("console", a)
+    assert res.returncode == 0 and res.stdout.startswith("http://127.0.0.1:")
+    token = res.stdout.strip().rsplit("/", 1)[1]
+    log = env.daemon_log(tail=None)
+    assert token[:6] in log and token not in log, "tokens are never logged whole"
+    assert url_a.rsplit("/", 1)[1] not in log
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for arg in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+        "--no-first-run", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--disable-quic", f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1024,768",
+    ):  # fmt: skip
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_state(driver: Any, want: str, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    state = ""
+    while time.monotonic() < deadline:
+        state = driver.execute_script("return document.body.dataset.state || ''")
+        if state.startswith(want):
+            return str(state)
+        time.sleep(0.1)
+    raise AssertionError(f"console state {state!r}, wanted {want!r}")
+
+
+CANVAS_STATS = """
+const c = document.querySelector('#screen canvas');
+if (!c) return null;
+const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+let lit = 0;
+for (let i = 0; i < d.length; i += 4) { if (d[i] + d[i+1] + d[i+2] > 96) lit++; }
+return [c.width, c.height, lit];
+"""
+
+
+def test_novnc_console_in_chromium(env: Env, guest: dict[str, str], browser: Any) -> None:
+    env.start_daemon("--console-listen", "127.0.0.1:0")
+    payload = guest_payload(guest, alias="web-guest")
+    payload["qemu_extra_opts"] = payload["qemu_extra_opts"].replace(
+        "console=ttyS0", "console=tty0 console=ttyS0"
+    )
+    uuid = env.create(payload)
+    env.vmadm("start", uuid, check=True)
+    env.wait_console(uuid)
+    env.wait_qmp(uuid)
+
+    browser.get(console_url(env, uuid))
+    assert browser.title == "Console: web-guest"
+    wait_state(browser, "connected")
+    assert browser.find_element("id", "uuid").text == uuid
+    # The guest's console text is on the canvas: a fair share of lit pixels.
+    deadline = time.monotonic() + 20
+    stats = None
+    while time.monotonic() < deadline:
+        stats = browser.execute_script(CANVAS_STATS)
+        if stats and stats[2] > 2000:
+            break
+        time.sleep(0.2)
+    assert stats is not None and stats[0] >= 640 and stats[2] > 2000, stats
+    shot = env.tmp / "console.png"
+    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 5000
+    assert browser.find_element("id", "cad").is_enabled()
+    browser.find_element("id", "cad").click()  # noVNC's sendCtrlAltDel, through the relay
+
+    # The same link a second time is refused.
+    browser.get(browser.current_url)
+    assert "invalid, used or expired" in browser.page_source
+
+    # qemu exits: the session closes with a clear message.
+    browser.get(console_url(env, uuid))
+    wait_state(browser, "connected")
+    pid = env.pid(uuid)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    assert wait_state(browser, "disconnected", timeout=10) == "disconnected: the VM has stopped"
