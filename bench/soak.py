@@ -14,10 +14,10 @@ Run: ``.venv/bin/python -m bench.soak [SECONDS] [STANDINS]``  (default 600, 1000
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -25,6 +25,7 @@ from collections import defaultdict
 import aiohttp
 
 from vmadmd.config import VmSettings
+from vmadmd.errors import WrongState
 from vmadmd.vms import VmLayer
 
 from .bench_scale import ping, rss_kib, start_hub
@@ -81,9 +82,14 @@ async def soak(seconds: float, socket_path: str, real: list[str], standins: list
                 uuid = random.choice(real)
                 stopped.add(uuid)
                 await call("stop", "POST", f"/vm/{uuid}?action=stop&timeout=1", uuid)
+                give_up = time.monotonic() + 30
                 while layer.is_running(uuid):
+                    if time.monotonic() > give_up:
+                        errors["stop did not end the VM in 30 s"] += 1
+                        break
                     await asyncio.sleep(0.1)
-                await asyncio.to_thread(layer.start, uuid)
+                with contextlib.suppress(WrongState):
+                    await asyncio.to_thread(layer.start, uuid)
                 await asyncio.sleep(0.5)
                 stopped.discard(uuid)
 
@@ -105,7 +111,10 @@ def main() -> None:
         try:
             w.start_daemon()
             assert w.daemon is not None
+            give_up = time.monotonic() + 120
             while ping(w)["qmp_ready"] < n_standins + REAL:
+                if time.monotonic() > give_up:
+                    raise RuntimeError(f"daemon did not pick up every VM: {ping(w)}")
                 time.sleep(0.05)
             time.sleep(1)
             pid = w.daemon.pid
@@ -117,7 +126,6 @@ def main() -> None:
             w.stop_daemon()
             hub.send_signal(signal.SIGTERM)
             hub.wait(timeout=30)
-            subprocess.run(["true"], check=False)
     print(f"soak: {seconds:.0f} s, {REAL} real qemu + {n_standins} stand-ins, {CLIENTS} clients")
     print(f"requests served: {served}, errors: {sum(errors.values())} {dict(errors) or ''}")
     for route, values in sorted(latencies.items()):

@@ -341,3 +341,33 @@ def test_openapi_documents_every_route(env: Env) -> None:
         )
         assert status in (200, 202, 409), (method, path, status, body)
     read_events(env, lambda evs: True, timeout=2)
+
+
+def test_vm_restarted_while_its_exit_is_settled_is_picked_up(env: Env) -> None:
+    """A qemu booted while the daemon settles the previous exit is not lost.
+
+    (Found by the soak: a start racing the daemon's handling of the previous
+    exit left the new qemu unwatched.)  Made deterministic by holding the
+    VM's lock, so the daemon's settling waits while the new qemu starts.
+    """
+    from vmadmd.config import VmSettings
+    from vmadmd.vms import VmLayer
+
+    env.start_daemon()
+    uuid = env.create(bios_payload())
+    env.vmadm("start", uuid, check=True)
+    env.wait_qmp(uuid)
+    layer = VmLayer(VmSettings(zones_root=env.zones, accel="tcg"))
+    with layer.store.lock(uuid):
+        pid = env.pid(uuid)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        env.wait_for(lambda: env.pid(uuid) is None, timeout=5, what="gone")
+        time.sleep(0.3)  # the daemon has seen the exit and waits for the lock
+        record = layer.store.load(uuid)
+        new_pid = layer._spawn(record, layer.store.paths(uuid))
+        layer.store.save(uuid, record)  # the vm.json event arrives mid-settle
+    env.wait_qmp(uuid)
+    assert env.pid(uuid) == new_pid
+    vms = env.api("GET", "/vms")[1]
+    assert [v["state"] for v in vms if v["uuid"] == uuid] == ["running"]

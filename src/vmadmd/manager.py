@@ -275,9 +275,15 @@ class Manager:
             await rt.monitor.close()
         finally:
             self._exiting.discard(rt.uuid)
-        if cleared.get("to") == "start" and not self._closing:
+        if self._closing:
+            return
+        if cleared.get("to") == "start":
             with contextlib.suppress(VmadmError):  # logged and emitted by boot()
                 await self.boot(rt.uuid, reason="reboot")
+        else:
+            # `vmadm start` may have booted a new qemu while this exit was
+            # being settled; its vm.json event was ignored meanwhile.
+            await self.refresh_safely(rt.uuid)
 
     async def _settle_exit(self, uuid: str, stage: ExitStage | None) -> dict[str, Any]:
         """qemu is gone: clear the transition and record how it ended.
@@ -323,6 +329,7 @@ class Manager:
             await asyncio.to_thread(self.layer.start, uuid, set_autoboot=False)
         except WrongState:
             log.info("vm %s: %s: already running", uuid, reason)
+            await self.refresh(uuid)  # someone else booted it: make sure we hold it
             raise
         except VmadmError as err:
             log.error("vm %s: %s failed: %s", uuid, reason, err)
