@@ -3,7 +3,7 @@ vmadmd as real processes, and a cleanup that kills every qemu a test left.
 
 Every test gets its own zones root (deeper than the 108-byte unix socket
 limit, so the long-path handling is always in use), its own API socket and
-its own autoboot marker; nothing touches /zones or /tmp/vmadmd.http.
+its own autoboot marker; nothing touches the default zones root or API socket.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import concurrent.futures
 import json
 import os
 import random
+import resource
 import signal
 import socket
 import time
@@ -122,6 +123,9 @@ def test_slow_client_is_cut_off_and_others_unaffected(env: Env) -> None:
 
 
 def test_thousands_of_idle_connections(env: Env) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4096 <= hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (4096, hard))
     daemon = env.start_daemon("--client-timeout", "2")
     socks = []
     try:

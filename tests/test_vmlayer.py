@@ -74,7 +74,7 @@ def test_props_validation() -> None:
 
 
 def test_build_argv() -> None:
-    paths = VmPaths("/zones/" + U)
+    paths = VmPaths("/srv/vms/" + U)
     vm = props.for_create(
         {
             "uuid": U,
