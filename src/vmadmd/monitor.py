@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -28,12 +27,6 @@ from .sockets import connect_unix
 log = logging.getLogger("vmadmd.qmp")
 
 EventCallback = Callable[[str, dict[str, Any]], None]
-
-
-class MonitorState(enum.Enum):
-    CONNECTING = "connecting"
-    READY = "ready"
-    CLOSED = "closed"
 
 
 class _CallbackListener(EventListener):
@@ -80,9 +73,7 @@ class Monitor:
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-        self.state = MonitorState.CONNECTING
         self.last_error: str | None = None
-        self.wedged_count = 0
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -91,7 +82,6 @@ class Monitor:
 
     async def close(self) -> None:
         self._closed = True
-        self.state = MonitorState.CLOSED
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -126,7 +116,6 @@ class Monitor:
                 delay = min(delay * 2, 2.0)
                 continue
             self._client = client
-            self.state = MonitorState.READY
             self.last_error = None
             self._ready.set()
             log.debug("vm %s: QMP connected", self.uuid)
@@ -155,9 +144,7 @@ class Monitor:
         """Drop the connection and reconnect in the background."""
         if self._closed:
             return
-        self.wedged_count += 1
         self.last_error = why
-        self.state = MonitorState.CONNECTING
         log.warning("vm %s: QMP connection wedged (%s); reconnecting", self.uuid, why)
         old = self._client
         self._client = None

@@ -75,7 +75,6 @@ class _Pump:
         with contextlib.suppress(OSError):
             fcntl.fcntl(self.pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         self.buffered = 0
-        self.moved = 0
         self.reading = False
         self.writing = False
 
@@ -104,7 +103,6 @@ class _Pump:
             self.session.close()
             return
         self.buffered += n
-        self.moved += n
         metrics = self.session.listener.metrics
         if metrics is not None:
             metrics.vnc_bytes.inc(n)
@@ -183,7 +181,6 @@ class _Session:
         if self._task is not None and not self._task.done():
             self._task.cancel()
         for pump in self.pumps:
-            self.listener.bytes_proxied += pump.moved
             pump.close()
         for sock in (self.client, self.upstream):
             if sock is not None:
@@ -213,7 +210,6 @@ class VncListener:
         self.error: str | None = None
         self._sock: socket.socket | None = None
         self.sessions: set[_Session] = set()
-        self.bytes_proxied = 0
 
     async def open(self) -> bool:
         """Bind; on failure keep the reason in ``error`` and return False."""
