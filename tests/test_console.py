@@ -191,6 +191,8 @@ def test_novnc_console_in_chromium(env: Env, guest: dict[str, str], browser: Any
     shot = env.tmp / "console.png"
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 5000
     assert browser.find_element("id", "cad").is_enabled()
+    metrics = env.client().request("GET", "/metrics")[1]["raw"]
+    assert "vmadmd_console_sessions 1.0" in metrics
     browser.find_element("id", "cad").click()  # noVNC's sendCtrlAltDel, through the relay
 
     # The same link a second time is refused.

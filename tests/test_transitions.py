@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from vmadmd.errors import DaemonUnavailable
 from vmadmd.manager import merge_transition
 
 from .conftest import Env, bios_payload, guest_payload
@@ -258,3 +259,43 @@ def test_vmadm_stop_waits_and_clears_autoboot(env: Env, guest: dict[str, str]) -
     assert vm["state"] == "stopped" and vm["autoboot"] is False
     res = env.vmadm("stop", uuid)
     assert res.returncode == 1 and "not running" in res.stderr
+
+
+def test_daemon_killed_around_the_202_loses_nothing(env: Env) -> None:
+    """SIGKILL at random moments around a stop request: afterwards the VM is
+    either stopped (the deadline was on disk, and honoured) or still running
+    with no transition (the request was never accepted) - never half-way."""
+    import random
+    import threading
+
+    uuid = env.create(bios_payload())
+    for attempt in range(4):
+        daemon = env.start_daemon()
+        if env.pid(uuid) is None:
+            env.vmadm("start", uuid, check=True)
+        env.wait_qmp(uuid)
+        answer: list[int] = []
+
+        def send(out: list[int] = answer) -> None:
+            try:
+                out.append(env.api("POST", f"/vm/{uuid}", action="stop", timeout="1")[0])
+            except DaemonUnavailable:
+                out.append(0)  # killed under the request: no answer
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        time.sleep(random.uniform(0.0, 0.03) if attempt else 0.0)
+        env.stop_daemon(daemon, signal.SIGKILL)
+        sender.join(timeout=10)
+        on_disk = "transition" in json.loads(
+            (env.runtime(uuid).parent.parent / "vm.json").read_text()
+        )
+        env.start_daemon()
+        if on_disk or answer == [202]:
+            env.wait_for(lambda: env.pid(uuid) is None, timeout=10, what="the stop honoured")
+        else:
+            time.sleep(1.5)
+            assert env.pid(uuid) is not None, "no transition was written: the VM keeps running"
+        vm = env.get(uuid)
+        assert "transition_to" not in vm
+        env.stop_daemon(env.daemons[-1])

@@ -201,11 +201,13 @@ class ConsoleServer:
         ws = web.WebSocketResponse(protocols=("binary",), max_msg_size=1 << 20)
         await ws.prepare(request)
         self.sessions.add(ws)
+        self.manager.metrics.console_sessions.inc()
         log.info("vm %s: console session opened (token %s)", uuid, shown(token), extra={"vm": uuid})
         try:
             await self._relay(ws, reader, writer)
         finally:
             self.sessions.discard(ws)
+            self.manager.metrics.console_sessions.dec()
             writer.close()
             log.info("vm %s: console session closed", uuid, extra={"vm": uuid})
         return ws

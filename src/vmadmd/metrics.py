@@ -63,6 +63,9 @@ class Metrics:
         self.stops = Counter(
             "vmadmd_stops", "VM exits by the stage that ended them", ["stage"], registry=r
         )
+        self.console_sessions = Gauge(
+            "vmadmd_console_sessions", "Open browser console sessions", registry=r
+        )
         self.autoboot_seconds = Gauge(
             "vmadmd_autoboot_seconds", "Duration of the last autoboot run", registry=r
         )
