@@ -100,6 +100,11 @@ def kill_qemus_under(root: str) -> int:
     return len(pids)
 
 
+def _test_qemu_env() -> dict[str, str]:
+    qemu = os.environ.get("VMADMD_TEST_QEMU")
+    return {"VMADM_QEMU": qemu} if qemu else {}
+
+
 @dataclass
 class Env:
     """One test's world: zones root, socket, marker, and helpers to drive it."""
@@ -109,7 +114,9 @@ class Env:
     socket: str
     marker: str
     daemons: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    extra_env: dict[str, str] = field(default_factory=dict)
+    # VMADMD_TEST_QEMU runs the suite's qemu-less-guest tests on another
+    # qemu binary, e.g. bench/qemu-standin, to check the stand-in against them.
+    extra_env: dict[str, str] = field(default_factory=lambda: _test_qemu_env())
 
     @property
     def environ(self) -> dict[str, str]:

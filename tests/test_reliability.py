@@ -214,7 +214,7 @@ def test_faulty_qmp_peer(env: Env, mode: str, want: set[int]) -> None:
     env.extra_env.update(VMADM_QEMU=STANDIN, VMADMD_STANDIN_QMP=mode)
     faulty = env.create(bios_payload())
     env.vmadm("start", faulty, check=True)
-    env.extra_env.clear()
+    del env.extra_env["VMADMD_STANDIN_QMP"], env.extra_env["VMADM_QEMU"]
     env.wait_for(lambda: any(v["uuid"] == faulty and v["state"] == "running"
                              for v in env.api("GET", "/vms")[1]), what="picked up")  # fmt: skip
     for _ in range(3):
