@@ -291,9 +291,10 @@ class Manager:
         Returns the transition it cleared (empty if none).
         """
         cleared: dict[str, Any] = {}
-        stage_seen: list[str] = []
+        ended_by = stage  # or what the VM layer recorded (e.g. `vmadm stop -F`)
 
         def change(vm: VmRecord) -> None:
+            nonlocal ended_by
             transition = vm.pop("transition", None)
             if transition:
                 cleared.update(transition)
@@ -304,7 +305,7 @@ class Manager:
                 vm["last_exit"] = {"stage": stage, "time": iso_now()}
             recorded = vm.get("last_exit")
             if stage is not None and isinstance(recorded, dict):
-                stage_seen.append(str(recorded.get("stage")))
+                ended_by = recorded.get("stage", stage)
 
         try:
             await asyncio.to_thread(self.store.update, uuid, change)
@@ -313,7 +314,6 @@ class Manager:
             log.info("vm %s: exited; record not updated: %s", uuid, err)
             self.bus.emit("exited", uuid, stage=stage)
             return {}
-        ended_by = stage_seen[0] if stage_seen else stage
         log.info("vm %s: exited (stage %s)", uuid, ended_by or "unknown", extra={"vm": uuid})
         self.bus.emit("exited", uuid, stage=ended_by)
         if ended_by:
