@@ -21,7 +21,15 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 # The versioned kernel package behind the cloud-kernel metapackage.
-pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+resolve() {
+    apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+        awk '/Depends: linux-image-[0-9]/ {print $2; exit}'
+}
+pkg=$(resolve)
+if [[ -z $pkg ]]; then  # a fresh machine may have no package lists yet
+    apt-get update -qq
+    pkg=$(resolve)
+fi
 [[ -n $pkg ]] || { echo "build-guest: cannot resolve linux-image-cloud-amd64" >&2; exit 1; }
 (cd "$work" && apt-get download "$pkg" >/dev/null 2>&1)
 dpkg-deb -x "$work"/"$pkg"_*.deb "$work/k"
