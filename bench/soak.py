@@ -43,6 +43,7 @@ async def soak(seconds: float, socket_path: str, real: list[str], standins: list
                layer: VmLayer) -> tuple[dict[str, list[float]], dict[str, int], int]:  # fmt: skip
     latencies: dict[str, list[float]] = defaultdict(list)
     errors: dict[str, int] = defaultdict(int)
+    samples: dict[str, list[str]] = defaultdict(list)
     served = 0
     stopped: set[str] = set()
     conn = aiohttp.UnixConnector(path=socket_path, limit=CLIENTS + 4)
@@ -53,12 +54,15 @@ async def soak(seconds: float, socket_path: str, real: list[str], standins: list
             nonlocal served
             t0 = time.monotonic()
             async with session.request(method, f"http://x{url}") as resp:
-                await resp.read()
+                body = await resp.read()
             latencies[route].append(time.monotonic() - t0)
             served += 1
             caught_stopped = resp.status == 409 and uuid in stopped
             if resp.status >= 500 or (resp.status >= 400 and not caught_stopped):
-                errors[f"{route} {resp.status}"] += 1
+                key = f"{route} {resp.status}"
+                errors[key] += 1
+                if len(samples[key]) < 3:
+                    samples[key].append(body.decode(errors="replace")[:200])
 
         async def client() -> None:
             while time.monotonic() < deadline:
@@ -90,10 +94,19 @@ async def soak(seconds: float, socket_path: str, real: list[str], standins: list
                     await asyncio.sleep(0.1)
                 with contextlib.suppress(WrongState):
                     await asyncio.to_thread(layer.start, uuid)
-                await asyncio.sleep(0.5)
+                # Until the daemon has picked the new qemu up, a 409 is right.
+                give_up = time.monotonic() + 30
+                while time.monotonic() < give_up:
+                    async with session.get(f"http://x/vm/{uuid}?type=status") as resp:
+                        await resp.read()
+                        if resp.status == 200:
+                            break
+                    await asyncio.sleep(0.05)
                 stopped.discard(uuid)
 
         await asyncio.gather(chaos(), *(client() for _ in range(CLIENTS)))
+    for key, texts in samples.items():
+        print(f"  sample of {key}: {texts}")
     return latencies, errors, served
 
 

@@ -371,3 +371,29 @@ def test_vm_restarted_while_its_exit_is_settled_is_picked_up(env: Env) -> None:
     assert env.pid(uuid) == new_pid
     vms = env.api("GET", "/vms")[1]
     assert [v["state"] for v in vms if v["uuid"] == uuid] == ["running"]
+
+
+def test_requests_waiting_on_a_wedged_qemu_fail_fast_when_it_dies(env: Env) -> None:
+    """A command waiting for a reconnect gets a 409 as soon as the VM is gone,
+    not a 504 at its timeout (found by the soak)."""
+    env.start_daemon("--qmp-timeout", "4")
+    uuid = env.create(bios_payload())
+    env.vmadm("start", uuid, check=True)
+    env.wait_qmp(uuid)
+    pid = env.pid(uuid)
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    assert env.api("GET", f"/vm/{uuid}", type="version")[0] == 504  # now wedged
+    results: list[tuple[int, float]] = []
+
+    def waiting() -> None:
+        t0 = time.monotonic()
+        results.append((env.api("GET", f"/vm/{uuid}", type="version")[0], time.monotonic() - t0))
+
+    t = threading.Thread(target=waiting)
+    t.start()
+    time.sleep(0.5)
+    os.kill(pid, signal.SIGKILL)
+    t.join(timeout=10)
+    status, took = results[0]
+    assert status == 409 and took < 2.5, (status, took)

@@ -87,6 +87,9 @@ class Monitor:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self._drop()
+        # Wake commands waiting for a (re)connection: they fail now, as for a
+        # VM that stopped, rather than wait out their timeout.
+        self._ready.set()
 
     async def _connect_loop(self) -> None:
         """Connect, retrying with back-off until connected or closed."""
@@ -159,6 +162,9 @@ class Monitor:
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(reconnect(), name=f"qmp-{self.uuid}")
 
+    def _closed_error(self) -> QmpFailed:
+        return QmpFailed(f"VM {self.uuid}: QMP connection is closed (the VM stopped)")
+
     @property
     def ready(self) -> bool:
         return self._client is not None
@@ -185,7 +191,7 @@ class Monitor:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limit
         if self._closed:
-            raise QmpFailed(f"VM {self.uuid}: QMP connection is closed")
+            raise self._closed_error()
         try:
             await asyncio.wait_for(self._ready.wait(), limit)
         except TimeoutError:
@@ -193,6 +199,8 @@ class Monitor:
                 f"VM {self.uuid}: no QMP connection within {limit:g} s"
                 + (f" ({self.last_error})" if self.last_error else "")
             ) from None
+        if self._closed:
+            raise self._closed_error()
         client = self._client
         if client is None:
             raise QmpFailed(f"VM {self.uuid}: QMP connection lost")
