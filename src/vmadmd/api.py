@@ -77,6 +77,8 @@ def error_response(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
 
+_METHODS = frozenset({"GET", "POST", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
 _HTTP_CODES = {
     400: "BadRequest",
     404: "NotFound",
@@ -116,7 +118,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     if metrics is not None:
         info = request.match_info.route.resource
         route = info.canonical if info is not None else "unmatched"
-        metrics.api_requests.labels(route, request.method, str(resp.status)).inc()
+        # Bounded label values: a client must not be able to mint new series.
+        method = request.method if request.method in _METHODS else "other"
+        metrics.api_requests.labels(route, method, str(resp.status)).inc()
         metrics.api_latency.labels(route).observe(took)
     return resp
 
