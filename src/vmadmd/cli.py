@@ -156,11 +156,10 @@ def _wait_gone(layer: VmLayer, uuid: str, expire_ms: int | None, limit: float) -
             sys.stderr.write("\r\033[K")
 
 
-def _graceful(layer: VmLayer, args: argparse.Namespace, action: str) -> dict[str, Any]:
-    uuid = validate_uuid(args.uuid)
+def _graceful(layer: VmLayer, uuid: str, args: argparse.Namespace, action: str) -> None:
+    """Ask vmadmd for a stop or reboot, then wait until the current qemu is gone."""
     if args.t <= 0:
         raise InvalidParameter("-t must be a positive number of seconds")
-    layer.store.load(uuid)  # unknown VM: one clear line before talking to the daemon
     _, body = _client().request("POST", f"/vm/{uuid}", {"action": action, "timeout": str(args.t)})
     transition = body.get("transition", {}) if isinstance(body, dict) else {}
     expire = transition.get("expire")
@@ -172,22 +171,18 @@ def _graceful(layer: VmLayer, args: argparse.Namespace, action: str) -> dict[str
         raise VmadmError(
             f"stopped waiting; vmadmd goes on with the {action} of VM {uuid}"
         ) from None
-    return {"uuid": uuid}
 
 
 def cmd_stop(ctx: Context, args: argparse.Namespace) -> None:
     layer = ctx.layer
     uuid = validate_uuid(args.uuid)
+    layer.store.load(uuid)  # an unknown VM: one clear line before anything else
+    if not layer.is_running(uuid):
+        raise WrongState(f"VM {uuid} is not running")
     if args.F:
-        layer.store.load(uuid)
-        if not layer.is_running(uuid):
-            raise WrongState(f"VM {uuid} is not running")
         layer.halt(uuid, set_autoboot=False)
     else:
-        if not layer.is_running(uuid):
-            layer.store.load(uuid)
-            raise WrongState(f"VM {uuid} is not running")
-        _graceful(layer, args, "stop")
+        _graceful(layer, uuid, args, "stop")
         layer.store.update(uuid, lambda vm: vm.update(autoboot=False))
     print(f"Successfully completed stop for VM {uuid}")
 
@@ -198,7 +193,8 @@ def cmd_reboot(ctx: Context, args: argparse.Namespace) -> None:
         _client().request("POST", f"/vm/{uuid}", {"action": "reset"})
     else:
         layer = ctx.layer
-        _graceful(layer, args, "reboot")
+        layer.store.load(uuid)  # an unknown VM: one clear line before talking to vmadmd
+        _graceful(layer, uuid, args, "reboot")
         # The daemon boots it again once the old qemu is gone; "running"
         # also means the transition is cleared.
         deadline = time.monotonic() + 120

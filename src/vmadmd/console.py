@@ -83,13 +83,17 @@ class TokenStore:
     def owner(self, token: str) -> str | None:
         """The VM of a token, spent or not, for a while after it was issued."""
         entry = self._tokens.get(token)
-        if entry is None or self._clock() > entry.expires - self.ttl + STATE_TTL:
+        if entry is None or self._clock() > self._forgotten_at(entry):
             return None
         return entry.uuid
 
+    def _forgotten_at(self, entry: _Token) -> float:
+        """When a token, spent or not, is dropped altogether."""
+        return entry.expires - self.ttl + STATE_TTL
+
     def _purge(self) -> None:
         now = self._clock()
-        for token in [t for t, e in self._tokens.items() if now > e.expires - self.ttl + STATE_TTL]:
+        for token in [t for t, e in self._tokens.items() if now > self._forgotten_at(e)]:
             del self._tokens[token]
 
 

@@ -161,13 +161,12 @@ class Manager:
     def _state_snapshot(self) -> dict[str, float]:
         running = sum(1 for rt in self.vms.values() if not rt.transition)
         total = len(self.store.list_uuids())
-        listeners = [rt.vnc for rt in self.vms.values() if rt.vnc is not None]
         return {
             "vms_running": running,
             "vms_stopping": len(self.vms) - running,
             "vms_stopped": max(0, total - len(self.vms)),
-            "vnc_sessions": sum(len(vnc.sessions) for vnc in listeners),
-            "vnc_listeners": sum(1 for vnc in listeners if vnc.port is not None),
+            "vnc_sessions": sum(len(rt.vnc.sessions) for rt in self.vms.values() if rt.vnc),
+            "vnc_listeners": self.connection_counts()["vnc_listeners"],
         }
 
     # -- discovery ---------------------------------------------------------
