@@ -1,14 +1,23 @@
-"""VNC proxy throughput and round trips: direct unix socket, socat, vmadmd.
+"""VNC console throughput and round trips, each path against the same server.
 
-The daemon proxies TCP clients to ``<zonepath>/root/tmp/vm.vnc``.  For a
-transfer benchmark we need a peer that sinks and sources bytes at wire speed,
-which qemu's VNC server is not, so once the daemon has opened the VM's
-listener the bench binds its own server at that path (the daemon connects to
-the path for every client, so its real proxy code is what is measured).
+The VM is the qemu stand-in (``bench/standin.py``) with its VNC replaced by
+the bench's wire protocol (``VMADMD_STANDIN_VNC=wire``): qemu's own VNC
+server cannot sink or source a GiB, the stand-in serves the same protocol
+on its unix socket and on client sockets handed over QMP, as qemu does.
+Paths, interleaved over ROUNDS rounds (medians reported):
 
-Each path moves SIZE bytes client->server ("up") and server->client
-("down"), then runs a 64-byte ping-pong.  Run:
-``.venv/bin/python -m bench.bench_vnc [MiB]``
+* ``unix``    a direct connection to ``vm.vnc`` (the issue's baseline);
+* ``tcp``     a direct TCP connection to a server of the same code: the
+              floor of any console reached over TCP;
+* ``socat``   ``socat -b65536`` TCP -> ``vm.vnc``, a process per connection;
+* ``handoff`` the daemon's listener, default mode: the client is handed to
+              the VM over QMP and served directly;
+* ``proxy``   the daemon's listener with ``--vnc-relay proxy`` (the relay
+              used when a qemu cannot take a client).
+
+Each moves SIZE bytes client->server ("up") and server->client ("down"),
+then runs a 64-byte ping-pong.  Run:
+``.venv/bin/python -m bench.bench_vnc [MiB] [rounds]``
 """
 
 from __future__ import annotations
@@ -26,65 +35,25 @@ import time
 from collections.abc import Callable
 
 from vmadmd.client import Client
-from vmadmd.sockets import bind_unix, connect_unix
+from vmadmd.sockets import connect_unix
 
-from .common import pct, world
+from .common import REPO, World, pct, world
+from .standin import wire_session
 
 CHUNK = 1 << 20
 PINGS = 3000
 
+Connect = Callable[[], socket.socket]
 
-def serve(path: str, ready: threading.Event | None = None) -> None:
-    sock = bind_unix(path, backlog=64)
-    if ready is not None:
-        ready.set()
+
+def serve_tcp(sock: socket.socket) -> None:
+    """The ``tcp`` path's server: the stand-in's wire sessions, on TCP."""
     while True:
         conn, _ = sock.accept()
-        threading.Thread(target=handle, args=(conn,), daemon=True).start()
+        threading.Thread(target=wire_session, args=(conn,), daemon=True).start()
 
 
-def _recv_exact(conn: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = conn.recv(n - len(buf))
-        if not chunk:
-            raise EOFError
-        buf += chunk
-    return buf
-
-
-def handle(conn: socket.socket) -> None:
-    try:
-        mode, size = struct.unpack(">cQ", _recv_exact(conn, 9))
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        if mode == b"U":
-            left = size
-            while left:
-                got = conn.recv_into(view[: min(CHUNK, left)])
-                if not got:
-                    return
-                left -= got
-            conn.sendall(b"K")
-        elif mode == b"D":
-            left = size
-            while left:
-                n = min(CHUNK, left)
-                conn.sendall(view[:n])
-                left -= n
-        elif mode == b"P":
-            while True:
-                data = conn.recv(64)
-                if not data:
-                    return
-                conn.sendall(data)
-    except (EOFError, OSError):
-        pass
-    finally:
-        conn.close()
-
-
-def run_path(name: str, connect: Callable[[], socket.socket], size: int) -> dict[str, float]:
+def run_path(connect: Connect, size: int) -> dict[str, float]:
     buf = memoryview(bytearray(CHUNK))
     # Up.
     s = connect()
@@ -111,7 +80,7 @@ def run_path(name: str, connect: Callable[[], socket.socket], size: int) -> dict
     s.close()
     # Ping-pong.
     s = connect()
-    if s.family == socket.AF_INET:
+    if s.family != socket.AF_UNIX:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     s.sendall(struct.pack(">cQ", b"P", 0))
     msg = b"x" * 64
@@ -124,40 +93,44 @@ def run_path(name: str, connect: Callable[[], socket.socket], size: int) -> dict
             echoed += s.recv(64)
         rtts.append(time.perf_counter() - t0)
     s.close()
-    res = {
+    return {
         "up": up,
         "down": down,
         "rtt50": statistics.median(rtts) * 1e6,
         "rtt99": pct(rtts, 99) * 1e6,
     }
-    print(
-        f"{name:8s} up {up:8.0f} MB/s  down {down:8.0f} MB/s  "
-        f"RTT p50 {res['rtt50']:6.1f} us  p99 {res['rtt99']:6.1f} us",
-        flush=True,
-    )
-    return res
+
+
+def tcp(port: int) -> Connect:
+    return lambda: socket.create_connection(("127.0.0.1", port))
+
+
+def vnc_port(w: World, uuid: str) -> int:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        _, info = Client(w.socket).request("GET", f"/vm/{uuid}", {"type": "vnc"})
+        if info["vnc"].get("port"):
+            return int(info["vnc"]["port"])
+        time.sleep(0.02)
+    raise RuntimeError("no VNC listener")
 
 
 def main() -> None:
     size = (int(sys.argv[1]) if len(sys.argv) > 1 else 1024) << 20
+    rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    os.environ.update(VMADM_QEMU=str(REPO / "bench" / "qemu-standin"), VMADMD_STANDIN_VNC="wire")
+    results: dict[str, list[dict[str, float]]] = {}
     with world() as w:
-        w.start_daemon()
         uuid = w.create()
         w.vmadm("start", uuid)
-        w.wait_qmp(uuid)
-        _, info = Client(w.socket).request("GET", f"/vm/{uuid}", {"type": "vnc"})
-        port = info["vnc"]["port"]
         rundir = os.path.join(w.zones, uuid, "root", "tmp")
         vnc = os.path.join(rundir, "vm.vnc")
-        os.unlink(vnc)  # qemu keeps its listening socket; new clients reach ours
-        server = multiprocessing.Process(target=serve, args=(vnc,), daemon=True)
-        server.start()
-        while not os.path.exists(vnc):
-            time.sleep(0.01)
 
-        direct = run_path("direct", lambda: connect_unix(rundir, "vm.vnc"), size)
-        socat_port = 0
+        listener = socket.create_server(("127.0.0.1", 0))
+        tcp_server = multiprocessing.Process(target=serve_tcp, args=(listener,), daemon=True)
+        tcp_server.start()
         socat: subprocess.Popen[bytes] | None = None
+        socat_port = 0
         if shutil.which("socat"):
             with socket.socket() as probe:
                 probe.bind(("127.0.0.1", 0))
@@ -167,22 +140,47 @@ def main() -> None:
                  f"UNIX-CONNECT:{vnc}"],
             )  # fmt: skip
             time.sleep(0.3)
-            via_socat = run_path(
-                "socat", lambda: socket.create_connection(("127.0.0.1", socat_port)), size
-            )
-            socat.terminate()
-        daemon = run_path("vmadmd", lambda: socket.create_connection(("127.0.0.1", port)), size)
-        server.terminate()
+        try:
+            for _ in range(rounds):
+                paths: list[tuple[str, Connect]] = [
+                    ("unix", lambda: connect_unix(rundir, "vm.vnc")),
+                    ("tcp", tcp(listener.getsockname()[1])),
+                ]
+                if socat is not None:
+                    paths.append(("socat", tcp(socat_port)))
+                for name, connect in paths:
+                    results.setdefault(name, []).append(run_path(connect, size))
+                for relay in ("handoff", "proxy"):
+                    w.start_daemon("--vnc-relay", relay)
+                    w.wait_qmp(uuid)
+                    port = vnc_port(w, uuid)
+                    results.setdefault(relay, []).append(run_path(tcp(port), size))
+                    w.stop_daemon()
+        finally:
+            if socat is not None:
+                socat.terminate()
+            tcp_server.terminate()
 
-    print()
-    for name, res in (("socat", via_socat if socat else None), ("vmadmd", daemon)):
-        if res is None:
-            continue
+    med = {
+        name: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        for name, runs in results.items()
+    }
+    print(f"{size >> 20} MiB each way, {PINGS} pings, median of {rounds} rounds")
+    for name, res in med.items():
         print(
-            f"{name:8s} vs direct: up {res['up'] / direct['up']:.2f}x  "
-            f"down {res['down'] / direct['down']:.2f}x  "
-            f"RTT p50 +{res['rtt50'] - direct['rtt50']:.1f} us"
+            f"{name:8s} up {res['up']:6.0f} MB/s  down {res['down']:6.0f} MB/s  "
+            f"RTT p50 {res['rtt50']:6.1f} us  p99 {res['rtt99']:6.1f} us"
         )
+    print()
+    for base in ("unix", "tcp"):
+        for name, res in med.items():
+            if name in ("unix", base):
+                continue
+            print(
+                f"{name:8s} vs {base:5s}: up {res['up'] / med[base]['up']:.2f}x  "
+                f"down {res['down'] / med[base]['down']:.2f}x  "
+                f"RTT p50 {res['rtt50'] - med[base]['rtt50']:+.1f} us"
+            )
 
 
 if __name__ == "__main__":

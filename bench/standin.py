@@ -11,6 +11,10 @@ Two uses, one protocol implementation:
   ``garbage`` (unparseable replies), ``half`` (half a greeting, then
   silence), ``error`` (an error reply to every command), ``stall`` (a
   greeting, then no reply ever), ``ignore_acpi`` (powerdown does nothing).
+  Like qemu, it takes client sockets passed over QMP (SCM_RIGHTS, ``getfd``,
+  ``add_client``) and serves them as VNC clients.  ``VMADMD_STANDIN_VNC=wire``
+  replaces its VNC (a banner, then echo) with the bench's wire protocol (see
+  ``wire_session``), so a console path can be timed at full speed.
 
 * **As a hub for scale runs** (``python -m bench.standin hub ...``): one
   process serves many VMs' sockets; each VM's liveness is a tiny
@@ -22,12 +26,16 @@ This is test and bench tooling: it depends on the standard library only.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import json
 import os
 import signal
+import socket
+import struct
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 GREETING = {
@@ -68,25 +76,78 @@ def _event(name: str) -> bytes:
 class FakeVm:
     """One VM's QMP and VNC behaviour."""
 
-    def __init__(self, mode: str, on_quit: Callable[[], None]) -> None:
+    def __init__(self, mode: str, on_quit: Callable[[], None], vnc_mode: str = "echo") -> None:
         self.mode = mode
         self.on_quit = on_quit
+        self.vnc_mode = vnc_mode
         self.qmp_busy = False
+        self.received_fds: list[int] = []  # with the last message that carried any
+        self.named_fds: dict[str, int] = {}
 
-    async def qmp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _took_fds(self, fds: list[int]) -> None:
+        """As qemu does: new fds replace those not yet claimed by getfd."""
+        for fd in self.received_fds:
+            os.close(fd)
+        self.received_fds = fds
+
+    async def qmp_conn(self, sock: socket.socket) -> None:
+        conn = _FdConn(sock, self._took_fds)
         if self.qmp_busy:  # qemu serves one QMP client at a time
-            writer.close()
+            conn.close()
             return
         self.qmp_busy = True
+        pump = asyncio.create_task(conn.pump())
         try:
-            await self._qmp(reader, writer)
+            await self._qmp(conn.reader, conn)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
             self.qmp_busy = False
-            writer.close()
+            pump.cancel()
+            conn.close()
+            self._took_fds([])
 
-    async def _qmp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _fd_command(self, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
+        name = str(args.get("fdname", ""))
+        if cmd == "getfd":
+            if not self.received_fds:
+                return _error("No file descriptor supplied via SCM_RIGHTS")
+            fd, *rest = self.received_fds
+            self.received_fds = []
+            for other in rest:
+                os.close(other)
+            if name in self.named_fds:
+                os.close(self.named_fds[name])
+            self.named_fds[name] = fd
+            return {"return": {}}
+        fd = self.named_fds.pop(name, -1)
+        if fd < 0:
+            return _error(f"File descriptor named '{name}' has not been found")
+        if cmd == "closefd":
+            os.close(fd)
+            return {"return": {}}
+        if args.get("protocol") != "vnc":  # add_client
+            os.close(fd)
+            return _error("protocol is invalid")
+        self.vnc_client(socket.socket(fileno=fd))
+        return {"return": {}}
+
+    def vnc_client(self, sock: socket.socket) -> None:
+        """Serve one connected VNC client (from the unix socket or add_client)."""
+        if self.vnc_mode == "wire":
+            threading.Thread(target=wire_session, args=(sock,), daemon=True).start()
+            return
+        sock.setblocking(False)
+
+        async def serve() -> None:
+            reader, writer = await asyncio.open_connection(sock=sock)
+            await self.vnc(reader, writer)
+
+        task = asyncio.create_task(serve())
+        _TASKS.add(task)
+        task.add_done_callback(_TASKS.discard)
+
+    async def _qmp(self, reader: asyncio.StreamReader, writer: _FdConn) -> None:
         greeting = json.dumps(GREETING).encode() + b"\n"
         if self.mode == "half":
             writer.write(greeting[: len(greeting) // 2])
@@ -109,6 +170,8 @@ class FakeVm:
                 reply = {"error": {"class": "GenericError", "desc": "stand-in says no"}}
             elif cmd in CANNED:
                 reply = {"return": CANNED[cmd]}
+            elif cmd in ("getfd", "add_client", "closefd"):
+                reply = self._fd_command(cmd, msg.get("arguments", {}))
             elif cmd == "screendump":
                 path = msg.get("arguments", {}).get("filename", "")
                 with open(path, "wb") as f:
@@ -152,7 +215,136 @@ class FakeVm:
             writer.close()
 
 
-async def _json_stream(reader: asyncio.StreamReader) -> Any:
+_TASKS: set[asyncio.Task[None]] = set()
+
+
+def _error(desc: str) -> dict[str, Any]:
+    return {"error": {"class": "GenericError", "desc": desc}}
+
+
+class _FdConn:
+    """A QMP connection read with recvmsg, so fds passed with SCM_RIGHTS arrive
+    (asyncio's streams read with recv, which drops them)."""
+
+    def __init__(self, sock: socket.socket, on_fds: Callable[[list[int]], None]) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.on_fds = on_fds
+        self.reader = asyncio.StreamReader()
+        self.out = bytearray()
+
+    async def pump(self) -> None:
+        loop = asyncio.get_running_loop()
+        space = socket.CMSG_SPACE(16 * 4)
+        try:
+            while True:
+                ready = loop.create_future()
+                loop.add_reader(self.sock.fileno(), ready.set_result, None)
+                try:
+                    await ready
+                finally:
+                    loop.remove_reader(self.sock.fileno())
+                try:
+                    data, ancillary, _, _ = self.sock.recvmsg(65536, space)
+                except BlockingIOError:
+                    continue
+                for level, kind, payload in ancillary:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        fds = array.array("i")
+                        fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                        self.on_fds(list(fds))
+                if not data:
+                    break
+                self.reader.feed_data(data)
+        except OSError:
+            pass
+        self.reader.feed_eof()
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+
+    async def drain(self) -> None:
+        data, self.out = bytes(self.out), bytearray()
+        await asyncio.get_running_loop().sock_sendall(self.sock, data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def _serve_unix(name: str, handler: Callable[[socket.socket], Any]) -> socket.socket:
+    """Accept on a unix socket named relative to the cwd, as qemu binds."""
+    if os.path.exists(name):
+        os.unlink(name)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(name)
+    sock.listen(64)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            result = handler(conn)
+            if asyncio.iscoroutine(result):
+                task = asyncio.create_task(result)
+                _TASKS.add(task)
+                task.add_done_callback(_TASKS.discard)
+
+    loop.add_reader(sock.fileno(), accept)
+    return sock
+
+
+# -- the bench's wire protocol ------------------------------------------------
+
+WIRE_CHUNK = 1 << 20
+
+
+def _recv_exact(conn: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = conn.recv(n - len(buf))
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    return buf
+
+
+def wire_session(conn: socket.socket) -> None:
+    """One bench session, blocking: a 9-byte header ``>cQ`` (mode, size), then
+    ``U`` sink size bytes and answer ``K``; ``D`` send size bytes; ``P`` echo
+    until EOF."""
+    conn.setblocking(True)
+    try:
+        mode, size = struct.unpack(">cQ", _recv_exact(conn, 9))
+        view = memoryview(bytearray(WIRE_CHUNK))
+        left = size
+        if mode == b"U":
+            while left:
+                got = conn.recv_into(view[: min(WIRE_CHUNK, left)])
+                if not got:
+                    return
+                left -= got
+            conn.sendall(b"K")
+        elif mode == b"D":
+            while left:
+                n = min(WIRE_CHUNK, left)
+                conn.sendall(view[:n])
+                left -= n
+        elif mode == b"P":
+            while data := conn.recv(64):
+                conn.sendall(data)
+    except (EOFError, OSError):
+        pass
+    finally:
+        conn.close()
+
+
+async def _json_stream(reader: asyncio.StreamReader) -> AsyncIterator[Any]:
     """JSON values as they arrive: QMP clients need not end them with a newline."""
     decoder = json.JSONDecoder()
     buf = ""
@@ -192,14 +384,16 @@ def _unix_name(spec: str | None) -> str | None:
 async def _serve_one(argv: list[str], ready_fd: int | None) -> None:
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
-    vm = FakeVm(os.environ.get("VMADMD_STANDIN_QMP", "normal"), done.set)
+    vm = FakeVm(
+        os.environ.get("VMADMD_STANDIN_QMP", "normal"),
+        done.set,
+        os.environ.get("VMADMD_STANDIN_VNC", "echo"),
+    )
     servers = []
-    for flag, handler in (("-qmp", vm.qmp), ("-vnc", vm.vnc)):
+    for flag, handler in (("-qmp", vm.qmp_conn), ("-vnc", vm.vnc_client)):
         name = _unix_name(_opt(argv, flag))
         if name is not None:
-            if os.path.exists(name):
-                os.unlink(name)
-            servers.append(await asyncio.start_unix_server(handler, name))
+            servers.append(await _serve_unix(name, handler))
     pidfile = _opt(argv, "-pidfile")
     if pidfile:
         with open(pidfile, "w") as f:
@@ -210,6 +404,7 @@ async def _serve_one(argv: list[str], ready_fd: int | None) -> None:
     loop.add_signal_handler(signal.SIGTERM, done.set)
     await done.wait()
     for server in servers:
+        asyncio.get_running_loop().remove_reader(server.fileno())
         server.close()
 
 
@@ -243,7 +438,7 @@ async def hub(zones_root: str, uuids: list[str]) -> None:
 
     store = Store(zones_root)
     holders: dict[str, asyncio.subprocess.Process] = {}
-    servers: list[asyncio.base_events.Server] = []
+    servers: list[socket.socket] = []
 
     async def start(uuid: str) -> None:
         paths = store.paths(uuid)
@@ -258,10 +453,8 @@ async def hub(zones_root: str, uuids: list[str]) -> None:
         cwd = os.getcwd()
         os.chdir(paths.runtime_dir)  # short socket names, as qemu does
         try:
-            for name, handler in (("vm.qmp", vm.qmp), ("vm.vnc", vm.vnc)):
-                if os.path.exists(name):
-                    os.unlink(name)
-                servers.append(await asyncio.start_unix_server(handler, name))
+            for name, handler in (("vm.qmp", vm.qmp_conn), ("vm.vnc", vm.vnc_client)):
+                servers.append(await _serve_unix(name, handler))
         finally:
             os.chdir(cwd)
         proc = await asyncio.create_subprocess_exec(
@@ -290,6 +483,7 @@ async def hub(zones_root: str, uuids: list[str]) -> None:
         if proc.returncode is None:
             proc.kill()
     for server in servers:
+        asyncio.get_running_loop().remove_reader(server.fileno())
         server.close()
 
 

@@ -14,13 +14,13 @@ class RfbError(Exception):
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = b""
+    buf = bytearray()
     while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
         if not chunk:
             raise RfbError(f"connection closed after {len(buf)} of {n} bytes")
         buf += chunk
-    return buf
+    return bytes(buf)
 
 
 def vnc_auth_response(password: str, challenge: bytes) -> bytes:
@@ -36,6 +36,7 @@ class ServerInit:
     height: int
     name: str
     first_rect: tuple[int, int, int, int, int]
+    bytes_per_pixel: int = 4
 
 
 def connect(host: str, port: int, timeout: float = 10) -> socket.socket:
@@ -79,13 +80,30 @@ def handshake(sock: socket.socket, password: str | None = None) -> ServerInit:
         raise RfbError(f"security handshake failed: {reason.decode(errors='replace')}")
     sock.sendall(b"\x01")  # ClientInit: shared
     width, height = struct.unpack(">HH", recv_exact(sock, 4))
-    recv_exact(sock, 16)  # pixel format
+    pixel_format = recv_exact(sock, 16)
     (name_len,) = struct.unpack(">I", recv_exact(sock, 4))
     name = recv_exact(sock, name_len).decode(errors="replace")
-    # FramebufferUpdateRequest, non-incremental, whole screen.
-    sock.sendall(struct.pack(">BBHHHH", 3, 0, 0, 0, width, height))
+    init = ServerInit(width, height, name, (0, 0, 0, 0, 0), pixel_format[0] // 8)
+    init.first_rect = update(sock, init)[0]
+    return init
+
+
+def update(sock: socket.socket, init: ServerInit) -> list[tuple[int, int, int, int, int]]:
+    """Ask for the whole screen (non-incremental) and read the whole update.
+
+    No SetEncodings was sent, so the server may only use raw rectangles:
+    their pixels are read to the last byte, leaving the stream at a message
+    boundary.
+    """
+    sock.sendall(struct.pack(">BBHHHH", 3, 0, 0, 0, init.width, init.height))
     msg_type, _, nrects = struct.unpack(">BBH", recv_exact(sock, 4))
     if msg_type != 0 or nrects < 1:
         raise RfbError(f"expected a FramebufferUpdate, got type {msg_type} with {nrects} rects")
-    rect = struct.unpack(">HHHHi", recv_exact(sock, 12))
-    return ServerInit(width, height, name, rect)
+    rects = []
+    for _ in range(nrects):
+        rect = struct.unpack(">HHHHi", recv_exact(sock, 12))
+        if rect[4] != 0:
+            raise RfbError(f"unexpected encoding {rect[4]} without SetEncodings")
+        recv_exact(sock, rect[2] * rect[3] * init.bytes_per_pixel)
+        rects.append(rect)
+    return rects

@@ -59,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--autoboot-marker", default=env_or("VMADMD_AUTOBOOT_MARKER", DEFAULT_AUTOBOOT_MARKER)
     )
     p.add_argument("--vnc-bind", default=env_or("VMADMD_VNC_BIND", DEFAULT_VNC_BIND))
+    p.add_argument(
+        "--vnc-relay",
+        default=env_or("VMADMD_VNC_RELAY", "handoff"),
+        choices=("handoff", "proxy"),
+        help="handoff: give VNC clients to qemu itself (relay only when it cannot take "
+        "one); proxy: relay every session through the daemon",
+    )
     p.add_argument("--qemu", default=env_or("VMADM_QEMU", DEFAULT_QEMU))
     p.add_argument(
         "--accel", type=parse_accel, default=parse_accel(env_or("VMADM_ACCEL", DEFAULT_ACCEL))
@@ -175,6 +182,7 @@ class Daemon:
             vm=VmSettings(zones_root=args.zones_root, qemu=args.qemu, accel=args.accel),
             vnc_bind=args.vnc_bind,
             qmp_timeout=args.qmp_timeout,
+            vnc_relay=args.vnc_relay,
         )
         self.metrics = Metrics()
         self.manager = Manager(settings, self.bus, self.metrics)

@@ -63,6 +63,9 @@ class DaemonSettings:
     vm: VmSettings
     vnc_bind: str = "127.0.0.1"
     qmp_timeout: float = 5.0
+    # "handoff": give console clients to qemu's VNC server over QMP, relaying
+    # only when qemu cannot take one; "proxy": always relay.
+    vnc_relay: str = "handoff"
 
 
 def merge_transition(
@@ -347,9 +350,16 @@ class Manager:
         rt.vnc_key = (port, password)
         if port == -1:
             return
+        handoff = None
+        if self.settings.vnc_relay == "handoff":
+            monitor, timeout = rt.monitor, self.settings.qmp_timeout
+
+            async def handoff(fd: int) -> bool:
+                return await monitor.add_vnc_client(fd, timeout=timeout)
+
         listener = VncListener(
             rt.uuid, rt.paths.runtime_dir, rt.paths.VNC_NAME, self.settings.vnc_bind, port,
-            self.metrics,
+            self.metrics, handoff,
         )  # fmt: skip
         mismatch = vnc_mismatch(rt.qemu_vnc_auth, bool(password))
         if mismatch is not None:

@@ -57,6 +57,11 @@ class Metrics:
             "vmadmd_qmp_timeouts", "QMP commands that timed out", registry=r
         )
         self.vnc_bytes = Counter("vmadmd_vnc_bytes", "Bytes proxied for VNC clients", registry=r)
+        self.vnc_clients = Counter(
+            "vmadmd_vnc_clients",
+            "VNC clients accepted, by how they were served (handed_off to qemu, proxied, dropped)",
+            ["outcome"], registry=r,
+        )  # fmt: skip
         self.vnc_listener_errors = Counter(
             "vmadmd_vnc_listener_errors", "VNC listeners that could not open", registry=r
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -74,6 +75,10 @@ class Monitor:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self.last_error: str | None = None
+        # qemu keeps only the file descriptors of the last message that
+        # carried any, until a getfd takes them: one handoff at a time.
+        self._fd_lock = asyncio.Lock()
+        self._fd_names = itertools.count(1)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -238,3 +243,60 @@ class Monitor:
                 self._metrics.qmp_latency.labels(cmd).observe(took)
                 if outcome == "timeout":
                     self._metrics.qmp_timeouts.inc()
+
+    # -- handing a console client to qemu ------------------------------------
+
+    async def add_vnc_client(self, fd: int, *, timeout: float) -> bool:
+        """Give a connected client socket to qemu's own VNC server.
+
+        qemu then serves it directly: no byte of the session passes through
+        the daemon, and the session outlives a daemon restart.  The fd is
+        passed with SCM_RIGHTS (``getfd``) and attached with ``add_client``;
+        qemu's VNC authentication applies as for any client.  The caller
+        keeps (and should close) its own copy of ``fd``.
+
+        Returns True when qemu took the client, False when it certainly did
+        not (no connection right now, or qemu refused): the caller may serve
+        the client some other way.  Raises QmpTimeout / QmpFailed when the
+        outcome is unknown (the connection broke or qemu did not answer):
+        then nobody else may touch the client.
+        """
+        client = self._client
+        if client is None or self._closed:
+            return False  # not waiting: the caller has a way that works now
+        async with self._fd_lock:
+            if client is not self._client:
+                return False
+            # The fd rides on one space byte written straight to the socket
+            # (qemu.qmp's send_fd_scm), so nothing else may be half-written
+            # in the transport's buffer, or the byte would land inside it.
+            writer = getattr(client, "_writer", None)
+            if writer is None or writer.transport.get_write_buffer_size():
+                return False
+            name = f"vnc-client-{next(self._fd_names)}"
+            try:
+                client.send_fd_scm(fd)
+            except (OSError, QMPError) as err:
+                log.debug("vm %s: cannot pass a VNC client: %s", self.uuid, err)
+                return False
+            try:
+                await self.execute("getfd", {"fdname": name}, timeout=timeout)
+            except QmpFailed as err:
+                if isinstance(err.__cause__, ExecuteError):
+                    return False
+                raise
+        try:
+            await self.execute(
+                "add_client",
+                {"protocol": "vnc", "fdname": name, "skipauth": False, "tls": False},
+                timeout=timeout,
+            )
+        except QmpFailed as err:
+            if not isinstance(err.__cause__, ExecuteError):
+                raise
+            # qemu said no (it closes what it was given); do not leave the
+            # name behind if it was never looked up.
+            with contextlib.suppress(QmpFailed, QmpTimeout):
+                await self.execute("closefd", {"fdname": name}, timeout=timeout)
+            return False
+        return True

@@ -1,11 +1,19 @@
-"""VNC consoles on TCP: one listener per running VM, proxying to ``vm.vnc``.
+"""VNC consoles on TCP: one listener per running VM.
 
-Every client gets a fresh connection to qemu's VNC unix socket; bytes are
-relayed client -> qemu with splice(2) through a pipe, and qemu -> client
-through one fixed buffer, driven by the daemon's one event loop (no process
-or thread per connection).  Back-pressure is end to end: a side that cannot
-take more stops the other side being read, so a slow client costs bounded
-memory, and an idle session costs no CPU.
+A client accepted on the listener is, by default, handed to qemu itself:
+the daemon passes the connected socket over QMP (``getfd`` +
+``add_client``) and closes its copy, so qemu's VNC server talks to the
+client directly.  The session then runs at the speed of a plain TCP
+connection, costs the daemon nothing, and survives a daemon restart.
+
+When qemu cannot take the client right now (its QMP connection is down or
+wedged, or it refuses), or with ``--vnc-relay proxy``, the daemon relays
+instead: a fresh connection to qemu's VNC unix socket, bytes moved
+client -> qemu with splice(2) through a pipe and qemu -> client through one
+fixed buffer, driven by the daemon's one event loop (no process or thread
+per connection).  Back-pressure is end to end: a side that cannot take more
+stops the other side being read, so a slow client costs bounded memory, and
+an idle session costs no CPU.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import fcntl
 import logging
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .metrics import Metrics
@@ -26,6 +35,10 @@ log = logging.getLogger("vmadmd.vnc")
 PIPE_SIZE = 1 << 20  # per direction: the session's whole buffer
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 CONNECT_RETRIES = 200  # qemu's VNC socket has a tiny backlog: EAGAIN is retried
+
+# Gives a client's socket fd to qemu: True if qemu took it, False if it
+# certainly did not; raises when that is unknown.
+Handoff = Callable[[int], Awaitable[bool]]
 
 
 async def connect_upstream(directory: str, name: str) -> socket.socket:
@@ -243,9 +256,11 @@ class VncListener:
         host: str,
         port: int,
         metrics: Metrics | None = None,
+        handoff: Handoff | None = None,
     ) -> None:
         self.uuid = uuid
         self.metrics = metrics
+        self.handoff = handoff
         self.directory = directory
         self.name = name
         self.host = host
@@ -253,7 +268,8 @@ class VncListener:
         self.port: int | None = None
         self.error: str | None = None
         self._sock: socket.socket | None = None
-        self.sessions: set[_Session] = set()
+        self.sessions: set[_Session] = set()  # proxied by the daemon
+        self._pending: set[asyncio.Task[None]] = set()  # handoffs under way (kept referenced)
 
     async def open(self) -> bool:
         """Bind; on failure keep the reason in ``error`` and return False."""
@@ -291,16 +307,58 @@ class VncListener:
             client.setblocking(False)
             with contextlib.suppress(OSError):
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            session = _Session(self, client)
-            self.sessions.add(session)
-            session.start()
+            if self.handoff is None:
+                self._proxy(client)
+            else:
+                task = asyncio.create_task(self._hand_off(client, self.handoff))
+                self._pending.add(task)
+                task.add_done_callback(self._pending.discard)
+
+    def _proxy(self, client: socket.socket) -> None:
+        session = _Session(self, client)
+        self.sessions.add(session)
+        session.start()
+        self._count("proxied")
+
+    async def _hand_off(self, client: socket.socket, handoff: Handoff) -> None:
+        """Give the client to qemu; relay it ourselves only if qemu surely has not."""
+        try:
+            taken = await handoff(client.fileno())
+        except asyncio.CancelledError:
+            client.close()  # the listener closed under us
+            raise
+        except Exception as err:
+            # qemu may or may not hold the client now: serving it twice
+            # would garble both sessions, so it is dropped.
+            log.warning("vm %s: VNC handoff failed, client dropped: %s", self.uuid, err)
+            client.close()
+            self._count("dropped")
+            return
+        if taken:
+            client.close()  # qemu has its own copy
+            self._count("handed_off")
+        elif self._sock is None:
+            client.close()  # closed meanwhile
+        else:
+            self._proxy(client)
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.vnc_clients.labels(outcome).inc()
 
     async def close(self) -> None:
-        """Stop listening and end every open session."""
+        """Stop listening and end every session the daemon relays.
+
+        Sessions handed to qemu are qemu's: they end when their client
+        leaves or qemu exits (as an established session did in SmartOS when
+        vmadmd closed a VM's VNC server).
+        """
         if self._sock is not None:
             asyncio.get_running_loop().remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None
+        # Handoffs under way are left to finish: cancelling one after qemu
+        # got the fd would leave qemu holding a client nobody serves.
         for session in list(self.sessions):
             session.close()
 
