@@ -16,7 +16,11 @@ Paths, interleaved over ROUNDS rounds (medians reported):
               used when a qemu cannot take a client).
 
 Each moves SIZE bytes client->server ("up") and server->client ("down"),
-then runs a 64-byte ping-pong.  Run:
+then runs a 64-byte ping-pong.  Then the same three console paths (unix,
+handoff, proxy) against a real qemu (TCG, SeaBIOS screen): time from
+connect() to the RFB ServerInit (four round trips with qemu's VNC server;
+qemu paces framebuffer updates by its refresh timer, so update rates would
+time the timer, not the path).  Run:
 ``.venv/bin/python -m bench.bench_vnc [MiB] [rounds]``
 """
 
@@ -34,6 +38,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from tests import rfb
 from vmadmd.client import Client
 from vmadmd.sockets import connect_unix
 
@@ -115,9 +120,44 @@ def vnc_port(w: World, uuid: str) -> int:
     raise RuntimeError("no VNC listener")
 
 
+HANDSHAKES = 300
+
+
+def run_qemu(connect: Connect) -> dict[str, float]:
+    """connect() to ServerInit with a real qemu's VNC server, one after another."""
+    times = []
+    for _ in range(HANDSHAKES):
+        t0 = time.perf_counter()
+        with connect() as s:
+            s.settimeout(30)
+            rfb.handshake(s, first_update=False)
+            times.append(time.perf_counter() - t0)
+    return {"p50": statistics.median(times) * 1e3, "p99": pct(times, 99) * 1e3}
+
+
+def real_qemu(rounds: int) -> dict[str, dict[str, float]]:
+    results: dict[str, list[dict[str, float]]] = {}
+    with world() as w:
+        uuid = w.create()
+        w.vmadm("start", uuid)
+        rundir = os.path.join(w.zones, uuid, "root", "tmp")
+        for _ in range(rounds):
+            results.setdefault("unix", []).append(run_qemu(lambda: connect_unix(rundir, "vm.vnc")))
+            for relay in ("handoff", "proxy"):
+                w.start_daemon("--vnc-relay", relay)
+                w.wait_qmp(uuid)
+                results.setdefault(relay, []).append(run_qemu(tcp(vnc_port(w, uuid))))
+                w.stop_daemon()
+    return {
+        name: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        for name, runs in results.items()
+    }
+
+
 def main() -> None:
     size = (int(sys.argv[1]) if len(sys.argv) > 1 else 1024) << 20
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    qemu = real_qemu(rounds)
     os.environ.update(VMADM_QEMU=str(REPO / "bench" / "qemu-standin"), VMADMD_STANDIN_VNC="wire")
     results: dict[str, list[dict[str, float]]] = {}
     with world() as w:
@@ -181,6 +221,12 @@ def main() -> None:
                 f"down {res['down'] / med[base]['down']:.2f}x  "
                 f"RTT p50 {res['rtt50'] - med[base]['rtt50']:+.1f} us"
             )
+    print(f"\nreal qemu (TCG), connect -> ServerInit, {HANDSHAKES} times, median of {rounds}")
+    for name, res in qemu.items():
+        print(
+            f"{name:8s} p50 {res['p50']:.3f} ms  p99 {res['p99']:.3f} ms  "
+            f"(p50 {res['p50'] - qemu['unix']['p50']:+.3f} ms vs unix)"
+        )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,10 @@ def banner(sock: socket.socket) -> bytes:
     return recv_exact(sock, 12)
 
 
-def handshake(sock: socket.socket, password: str | None = None) -> ServerInit:
-    """Full RFB 3.8 handshake and one framebuffer update."""
+def handshake(
+    sock: socket.socket, password: str | None = None, *, first_update: bool = True
+) -> ServerInit:
+    """Full RFB 3.8 handshake and (unless told not to) one framebuffer update."""
     version = banner(sock)
     if version != b"RFB 003.008\n":
         raise RfbError(f"unexpected banner {version!r}")
@@ -84,7 +86,8 @@ def handshake(sock: socket.socket, password: str | None = None) -> ServerInit:
     (name_len,) = struct.unpack(">I", recv_exact(sock, 4))
     name = recv_exact(sock, name_len).decode(errors="replace")
     init = ServerInit(width, height, name, (0, 0, 0, 0, 0), pixel_format[0] // 8)
-    init.first_rect = update(sock, init)[0]
+    if first_update:
+        init.first_rect = update(sock, init)[0]
     return init
 
 
