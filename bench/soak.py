@@ -2,7 +2,8 @@
 
 8 real qemu VMs (BIOS only) and 1,000 stand-in VMs (bench.standin hub) under
 one daemon. 32 concurrent clients send a mix of info (all types), NMI,
-screenshots and resets to random VMs, while a chaos loop stops a real VM
+screenshots, resets and VNC console connections (handed to the VM over QMP:
+the RFB banner must arrive) to random VMs, while a chaos loop stops a real VM
 (graceful with a 1 s deadline, which forces it) and boots it again with the
 VM layer. At the end: requests served, errors (a 5xx, or a 4xx other than
 the 409s a VM caught stopped gives), p99 per route, and the daemon's RSS and
@@ -24,6 +25,7 @@ from collections import defaultdict
 
 import aiohttp
 
+from vmadmd.client import Client
 from vmadmd.config import VmSettings
 from vmadmd.errors import WrongState
 from vmadmd.vms import VmLayer
@@ -64,13 +66,48 @@ async def soak(seconds: float, socket_path: str, real: list[str], standins: list
                 if len(samples[key]) < 3:
                     samples[key].append(body.decode(errors="replace")[:200])
 
+        async def vnc(uuid: str) -> None:
+            """Find the VM's console port, connect, and read the RFB banner."""
+            nonlocal served
+            t0 = time.monotonic()
+            port = None
+            give_up = t0 + 5  # a VM just booted opens its listener a moment later
+            while port is None and time.monotonic() < give_up:
+                async with session.get(f"http://x/vm/{uuid}?type=vnc") as resp:
+                    body = await resp.json() if resp.status == 200 else {}
+                port = body.get("vnc", {}).get("port")
+                if port is None:
+                    if uuid in stopped:
+                        return
+                    await asyncio.sleep(0.1)
+            why = "no listener"
+            if port is not None:
+                writer = None
+                try:
+                    reader, writer = await asyncio.wait_for(
+                        asyncio.open_connection("127.0.0.1", port), 10
+                    )
+                    banner = await asyncio.wait_for(reader.readexactly(12), 10)
+                    why = "" if banner == b"RFB 003.008\n" else f"banner {banner!r}"
+                except (OSError, TimeoutError, asyncio.IncompleteReadError) as err:
+                    why = type(err).__name__
+                finally:
+                    if writer is not None:
+                        writer.close()
+            latencies["vnc banner"].append(time.monotonic() - t0)
+            served += 1
+            if why and uuid not in stopped:
+                errors[f"vnc {why}"] += 1
+
         async def client() -> None:
             while time.monotonic() < deadline:
                 uuid = random.choice(real if random.random() < 0.5 else standins)
                 kind = random.choices(
-                    ["info", "nmi", "screenshot", "reset"], weights=[70, 10, 10, 10]
+                    ["info", "nmi", "screenshot", "reset", "vnc"], weights=[60, 10, 10, 10, 10]
                 )[0]
-                if kind == "info":
+                if kind == "vnc":
+                    await vnc(uuid)
+                elif kind == "info":
                     await call("GET /vm/{uuid}", "GET", f"/vm/{uuid}", uuid)
                 elif kind == "nmi":
                     await call("nmi", "POST", f"/vm/{uuid}?action=sysrq&request=nmi", uuid)
@@ -135,6 +172,12 @@ def main() -> None:
             latencies, errors, served = asyncio.run(soak(seconds, w.socket, real, standins, layer))
             time.sleep(2)
             rss1, fds1 = rss_kib(pid), fds(pid)
+            _, metrics = Client(w.socket).request("GET", "/metrics")
+            vnc_outcomes = [
+                line.split("vmadmd_vnc_clients_total", 1)[1]
+                for line in metrics["raw"].splitlines()
+                if line.startswith("vmadmd_vnc_clients_total")
+            ]
         finally:
             w.stop_daemon()
             hub.send_signal(signal.SIGTERM)
@@ -145,6 +188,7 @@ def main() -> None:
         print(f"  {route:18s} n={len(values):7d}  p50 {pct(values, 50) * 1000:7.2f} ms  "
               f"p99 {pct(values, 99) * 1000:7.2f} ms")  # fmt: skip
     print(f"daemon RSS {rss0 / 1024:.1f} -> {rss1 / 1024:.1f} MiB; open fds {fds0} -> {fds1}")
+    print(f"VNC clients by outcome: {', '.join(vnc_outcomes) or 'none'}")
 
 
 if __name__ == "__main__":
