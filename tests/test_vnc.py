@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from . import rfb
 from .conftest import STANDIN, Env, bios_payload
-from .test_service import metric, raw_request
+from .test_service import metric, raw_request, rss_kib
 
 OUTCOME = {"handoff": "handed_off", "proxy": "proxied"}
 
@@ -291,3 +291,31 @@ def test_handoff_refused_or_unanswered(env: Env, mode: str, outcome: str) -> Non
         assert 0.9 < time.monotonic() - t0 < 3
     sock.close()
     env.wait_for(lambda: served(env).get(outcome) == 1, timeout=5, what=outcome)
+
+
+def test_client_that_does_not_read_costs_bounded_memory(env: Env, relay: str) -> None:
+    """A VM sending faster than its console client reads: the relay holds at
+    most its one buffer, then stops reading the VM (a handed-off client costs
+    the daemon nothing at all).  Real qemu throttles its own VNC output, so the
+    stand-in's wire mode plays a VM that sends 1 GiB as fast as it can."""
+    daemon = env.start_daemon("--vnc-relay", relay)
+    env.extra_env.update(VMADM_QEMU=STANDIN, VMADMD_STANDIN_VNC="wire")
+    uuid = start_vm(env)
+    port = wait_listener(env, uuid)["port"]
+    before = rss_kib(daemon.pid)
+    with rfb.connect("127.0.0.1", port) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.sendall(b"D" + (1 << 30).to_bytes(8, "big"))  # send me 1 GiB
+        time.sleep(2)  # ... and do not read
+        grown = rss_kib(daemon.pid) - before
+        t0 = time.monotonic()
+        assert env.api("GET", "/ping")[0] == 200
+        assert time.monotonic() - t0 < 0.5
+        # The session is intact: the VM's bytes still come.
+        got = 0
+        while got < 64 << 20:
+            chunk = sock.recv(1 << 20)
+            assert chunk
+            got += len(chunk)
+    assert grown < 4 * 1024, f"daemon grew {grown} KiB"
+    assert_served_by(env, relay, 1)
