@@ -10,7 +10,10 @@ Two uses, one protocol implementation:
   behaviour can be made faulty with ``VMADMD_STANDIN_QMP``: ``normal``,
   ``garbage`` (unparseable replies), ``half`` (half a greeting, then
   silence), ``error`` (an error reply to every command), ``stall`` (a
-  greeting, then no reply ever), ``ignore_acpi`` (powerdown does nothing).
+  greeting, then no reply ever), ``ignore_acpi`` (powerdown does nothing),
+  ``yes`` (an empty success to every command, even queries), ``nofds`` (fds
+  passed over QMP are lost, so ``getfd`` fails), ``stallfds`` (``getfd`` and
+  ``add_client`` are never answered).
   Like qemu, it takes client sockets passed over QMP (SCM_RIGHTS, ``getfd``,
   ``add_client``) and serves them as VNC clients.  ``VMADMD_STANDIN_VNC=wire``
   replaces its VNC (a banner, then echo) with the bench's wire protocol (see
@@ -59,6 +62,11 @@ CANNED: dict[str, Any] = {
     "set_password": {},
     "send-key": {},
 }
+CANNED["query-commands"] = [
+    {"name": name}
+    for name in [*CANNED, "screendump", "system_reset", "system_powerdown", "quit", "getfd",
+                 "add_client", "closefd"]
+]  # fmt: skip
 
 # A 2x2 black PPM and a matching PNG are enough for the screenshot paths.
 PPM = b"P6\n2 2\n255\n" + b"\0" * 12
@@ -88,6 +96,10 @@ class FakeVm:
         """As qemu does: new fds replace those not yet claimed by getfd."""
         for fd in self.received_fds:
             os.close(fd)
+        if self.mode == "nofds":  # as if the fds were lost on the way
+            for fd in fds:
+                os.close(fd)
+            fds = []
         self.received_fds = fds
 
     async def qmp_conn(self, sock: socket.socket) -> None:
@@ -166,8 +178,12 @@ class FakeVm:
                 continue
             if self.mode == "stall" and negotiated:
                 continue
+            if self.mode == "stallfds" and cmd in ("getfd", "add_client"):
+                continue
             if self.mode == "error" and negotiated:
                 reply = {"error": {"class": "GenericError", "desc": "stand-in says no"}}
+            elif self.mode == "yes" and negotiated:
+                reply = {"return": {}}
             elif cmd in CANNED:
                 reply = {"return": CANNED[cmd]}
             elif cmd in ("getfd", "add_client", "closefd"):

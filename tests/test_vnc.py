@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from vmadmd.sockets import bind_unix
+
 from . import rfb
 from .conftest import STANDIN, Env, bios_payload
 from .test_service import metric, raw_request, rss_kib
@@ -271,12 +273,21 @@ def test_client_is_relayed_while_qemu_cannot_take_it(env: Env) -> None:
     assert served(env)["handed_off"] == 0
 
 
-@pytest.mark.parametrize(("mode", "outcome"), [("error", "proxied"), ("stall", "dropped")])
+@pytest.mark.parametrize(
+    ("mode", "outcome"),
+    [
+        ("error", "proxied"),  # errors to everything: cannot say it takes clients
+        ("yes", "proxied"),  # an empty success to everything, query-commands too
+        ("stall", "proxied"),  # never answers: nothing was passed yet
+        ("nofds", "proxied"),  # lists getfd/add_client, but the fd never arrives
+        ("stallfds", "dropped"),  # getfd never answered: qemu may hold the client
+    ],
+)
 def test_handoff_refused_or_unanswered(env: Env, mode: str, outcome: str) -> None:
-    """A qemu that refuses the handoff (stand-in answering errors) gets the
-    client relayed; one that never answers may or may not hold the client, so
-    the daemon drops it rather than serve it twice.  Real qemu cannot be made
-    to do either on demand; the relay itself is tested above on real qemu."""
+    """The client is relayed whenever qemu surely did not take it, and closed
+    when that is unknown (serving it twice would garble both sessions).  Real
+    qemu cannot be made to misbehave so on demand: these are the stand-in's
+    faulty QMP modes; the relay itself is tested above on real qemu."""
     env.start_daemon("--qmp-timeout", "1")
     env.extra_env.update(VMADM_QEMU=STANDIN, VMADMD_STANDIN_QMP=mode)
     uuid = start_vm(env)
@@ -291,6 +302,26 @@ def test_handoff_refused_or_unanswered(env: Env, mode: str, outcome: str) -> Non
         assert 0.9 < time.monotonic() - t0 < 3
     sock.close()
     env.wait_for(lambda: served(env).get(outcome) == 1, timeout=5, what=outcome)
+
+
+def test_a_replaced_vnc_socket_is_what_clients_reach(env: Env) -> None:
+    """Clients reach whatever listens at vm.vnc: once another socket is put
+    there, they are relayed to it rather than handed to qemu's VNC server."""
+    env.start_daemon()
+    uuid = start_vm(env)
+    port = wait_listener(env, uuid)["port"]
+    with rfb.connect("127.0.0.1", port) as sock:
+        assert rfb.banner(sock) == b"RFB 003.008\n"
+    path = str(env.runtime(uuid) / "vm.vnc")
+    os.unlink(path)
+    with bind_unix(path) as server, rfb.connect("127.0.0.1", port) as sock:
+        conn, _ = server.accept()
+        with conn:
+            conn.sendall(b"not qemu\n")
+            assert rfb.recv_exact(sock, 9) == b"not qemu\n"
+            sock.sendall(b"ping")
+            assert rfb.recv_exact(conn, 4) == b"ping"
+    assert served(env) == {"handed_off": 1, "proxied": 1, "dropped": 0}
 
 
 def test_client_that_does_not_read_costs_bounded_memory(env: Env, relay: str) -> None:

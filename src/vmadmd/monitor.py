@@ -45,6 +45,13 @@ class _CallbackListener(EventListener):
         self._callback(event)
 
 
+def _command_names(reply: object) -> set[str]:
+    """The names in a ``query-commands`` reply (nothing from a malformed one)."""
+    if not isinstance(reply, list):
+        return set()
+    return {str(c["name"]) for c in reply if isinstance(c, dict) and "name" in c}
+
+
 class Monitor:
     """The daemon's QMP connection to one VM's qemu."""
 
@@ -79,6 +86,7 @@ class Monitor:
         # carried any, until a getfd takes them: one handoff at a time.
         self._fd_lock = asyncio.Lock()
         self._fd_names = itertools.count(1)
+        self._can_add_client: bool | None = None  # from query-commands, once
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -264,6 +272,23 @@ class Monitor:
         client = self._client
         if client is None or self._closed:
             return False  # not waiting: the caller has a way that works now
+        if self._can_add_client is None:
+            # As libvirt does, ask qemu what it can do rather than trust its
+            # version; a peer that cannot say is not handed clients.
+            try:
+                commands = await self.execute("query-commands", timeout=timeout)
+            except QmpTimeout:
+                return False  # nothing was passed yet: ask again next time
+            except QmpFailed as err:
+                if not isinstance(err.__cause__, ExecuteError):
+                    return False
+                commands = []
+            self._can_add_client = {"getfd", "add_client"} <= _command_names(commands)
+            if not self._can_add_client:
+                log.info("vm %s: qemu cannot take VNC clients over QMP: relaying them",
+                         self.uuid, extra={"vm": self.uuid})  # fmt: skip
+        if not self._can_add_client:
+            return False
         async with self._fd_lock:
             if client is not self._client:
                 return False

@@ -261,6 +261,8 @@ class VncListener:
         self.uuid = uuid
         self.metrics = metrics
         self.handoff = handoff
+        # The socket file qemu bound, as found when the listener opened.
+        self._qemu_inode: int | None = None
         self.directory = directory
         self.name = name
         self.host = host
@@ -290,6 +292,7 @@ class VncListener:
                 self.metrics.vnc_listener_errors.inc()
             return False
         self._sock = sock
+        self._qemu_inode = self._vnc_inode()
         self.port = int(sock.getsockname()[1])
         asyncio.get_running_loop().add_reader(sock.fileno(), self._accept)
         return True
@@ -320,10 +323,26 @@ class VncListener:
         session.start()
         self._count("proxied")
 
+    def _vnc_inode(self) -> int | None:
+        try:
+            return os.stat(os.path.join(self.directory, self.name)).st_ino
+        except OSError:
+            return None
+
+    def _upstream_is_qemu(self) -> bool:
+        """Whether ``vm.vnc`` is still the socket file qemu bound.
+
+        A handed-off client reaches qemu's VNC server, not whatever is at
+        ``vm.vnc``; the two are the same while nobody has put another socket
+        there (a stat per client: microseconds, no connection).
+        """
+        inode = self._vnc_inode()
+        return inode is not None and inode == self._qemu_inode
+
     async def _hand_off(self, client: socket.socket, handoff: Handoff) -> None:
         """Give the client to qemu; relay it ourselves only if qemu surely has not."""
         try:
-            taken = await handoff(client.fileno())
+            taken = self._upstream_is_qemu() and await handoff(client.fileno())
         except asyncio.CancelledError:
             client.close()  # the listener closed under us
             raise
