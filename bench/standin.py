@@ -13,7 +13,8 @@ Two uses, one protocol implementation:
   greeting, then no reply ever), ``ignore_acpi`` (powerdown does nothing),
   ``yes`` (an empty success to every command, even queries), ``nofds`` (fds
   passed over QMP are lost, so ``getfd`` fails), ``stallfds`` (``getfd`` and
-  ``add_client`` are never answered).
+  ``add_client`` are never answered), ``stalladd`` (``add_client`` is never
+  answered, and the fd stays registered, as in qemu, across connections).
   Like qemu, it takes client sockets passed over QMP (SCM_RIGHTS, ``getfd``,
   ``add_client``) and serves them as VNC clients.  ``VMADMD_STANDIN_VNC=wire``
   replaces its VNC (a banner, then echo) with the bench's wire protocol (see
@@ -179,6 +180,8 @@ class FakeVm:
             if self.mode == "stall" and negotiated:
                 continue
             if self.mode == "stallfds" and cmd in ("getfd", "add_client"):
+                continue
+            if self.mode == "stalladd" and cmd == "add_client":
                 continue
             if self.mode == "error" and negotiated:
                 reply = {"error": {"class": "GenericError", "desc": "stand-in says no"}}

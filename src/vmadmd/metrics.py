@@ -59,7 +59,8 @@ class Metrics:
         self.vnc_bytes = Counter("vmadmd_vnc_bytes", "Bytes proxied for VNC clients", registry=r)
         self.vnc_clients = Counter(
             "vmadmd_vnc_clients",
-            "VNC clients accepted, by how they were served (handed_off to qemu, proxied, dropped)",
+            "VNC clients accepted, by how they were served: handed_off (to qemu), proxied, or "
+            "unknown (a handoff cut short: qemu has the client, or it was closed)",
             ["outcome"], registry=r,
         )  # fmt: skip
         self.vnc_listener_errors = Counter(

@@ -87,6 +87,9 @@ class Monitor:
         self._fd_lock = asyncio.Lock()
         self._fd_names = itertools.count(1)
         self._can_add_client: bool | None = None  # from query-commands, once
+        # Names of fds a cut-short handoff may have left registered in qemu.
+        self._orphans: set[str] = set()
+        self._cleanup: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -135,6 +138,8 @@ class Monitor:
             self.last_error = None
             self._ready.set()
             log.debug("vm %s: QMP connected", self.uuid)
+            if self._orphans:
+                self._cleanup = asyncio.create_task(self._close_orphans())
             return
 
     async def _open_socket(self) -> Any:
@@ -254,6 +259,23 @@ class Monitor:
 
     # -- handing a console client to qemu ------------------------------------
 
+    async def _close_orphans(self) -> None:
+        """Close the fds that handoffs cut short may have left in qemu.
+
+        qemu keeps an fd taken by ``getfd`` under its name across QMP
+        connections; if ``add_client`` never ran, qemu would hold the
+        client's connection open with nobody serving it.  Run on a new
+        connection, when the old one's commands are all done or dropped;
+        ``closefd`` of a name qemu does not have fails harmlessly.
+        """
+        for name in sorted(self._orphans):
+            try:
+                await self.execute("closefd", {"fdname": name})
+            except (QmpFailed, QmpTimeout) as err:
+                if not isinstance(err.__cause__, ExecuteError):
+                    return  # connection trouble: the next connection tries again
+            self._orphans.discard(name)
+
     async def add_vnc_client(self, fd: int, *, timeout: float) -> bool:
         """Give a connected client socket to qemu's own VNC server.
 
@@ -306,9 +328,10 @@ class Monitor:
                 return False
             try:
                 await self.execute("getfd", {"fdname": name}, timeout=timeout)
-            except QmpFailed as err:
+            except (QmpFailed, QmpTimeout) as err:
                 if isinstance(err.__cause__, ExecuteError):
-                    return False
+                    return False  # qemu got no fd
+                self._orphans.add(name)
                 raise
         try:
             await self.execute(
@@ -316,8 +339,9 @@ class Monitor:
                 {"protocol": "vnc", "fdname": name, "skipauth": False, "tls": False},
                 timeout=timeout,
             )
-        except QmpFailed as err:
+        except (QmpFailed, QmpTimeout) as err:
             if not isinstance(err.__cause__, ExecuteError):
+                self._orphans.add(name)
                 raise
             # qemu said no (it closes what it was given); do not leave the
             # name behind if it was never looked up.

@@ -348,10 +348,11 @@ class VncListener:
             raise
         except Exception as err:
             # qemu may or may not hold the client now: serving it twice
-            # would garble both sessions, so it is dropped.
-            log.warning("vm %s: VNC handoff failed, client dropped: %s", self.uuid, err)
+            # would garble both sessions, so the daemon lets go of it (qemu
+            # serves it, or it sees its connection close).
+            log.warning("vm %s: VNC handoff cut short, client left to qemu: %s", self.uuid, err)
             client.close()
-            self._count("dropped")
+            self._count("unknown")
             return
         if taken:
             client.close()  # qemu has its own copy
