@@ -32,7 +32,7 @@ from .metrics import Metrics
 from .monitor import Monitor
 from .store import VmPaths, VmRecord
 from .vms import VmLayer, iso_now, now_ms
-from .vnc import VncListener
+from .vnc import VncListener, file_inode
 
 log = logging.getLogger("vmadmd.manager")
 
@@ -97,6 +97,9 @@ class VmRuntime:
     timer: asyncio.Task[None] | None = None
     exit_stage: ExitStage | None = None
     vnc_task: asyncio.Task[None] | None = None
+    # The inode of the vm.vnc socket file when this qemu was first seen: while
+    # the file is still that one, qemu's VNC server is what listens there.
+    vnc_inode: int | None = None
     # How this qemu's VNC server was started: None (no -vnc), or whether it
     # requires password auth.  Only a new qemu can change either.
     qemu_vnc_auth: bool | None = None
@@ -233,6 +236,7 @@ class Manager:
             pidfd=pidfd,
             monitor=monitor,
             qemu_vnc_auth=qemu_vnc_mode(proc.cmdline(pid)),
+            vnc_inode=file_inode(paths.runtime_dir, paths.VNC_NAME),
         )
         self.vms[uuid] = rt
         asyncio.get_running_loop().add_reader(pidfd, self._on_pidfd, rt)
@@ -359,7 +363,7 @@ class Manager:
 
         listener = VncListener(
             rt.uuid, rt.paths.runtime_dir, rt.paths.VNC_NAME, self.settings.vnc_bind, port,
-            self.metrics, handoff,
+            self.metrics, handoff, rt.vnc_inode,
         )  # fmt: skip
         mismatch = vnc_mismatch(rt.qemu_vnc_auth, bool(password))
         if mismatch is not None:

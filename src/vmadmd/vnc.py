@@ -68,6 +68,14 @@ async def open_upstream(
         raise
 
 
+def file_inode(directory: str, name: str) -> int | None:
+    """The inode of ``directory/name``, None if there is nothing there."""
+    try:
+        return os.stat(os.path.join(directory, name)).st_ino
+    except OSError:
+        return None
+
+
 class _Pump:
     """Moves bytes one way, ``src`` -> ``dst``, through a pipe with splice(2).
 
@@ -257,12 +265,13 @@ class VncListener:
         port: int,
         metrics: Metrics | None = None,
         handoff: Handoff | None = None,
+        qemu_inode: int | None = None,
     ) -> None:
         self.uuid = uuid
         self.metrics = metrics
         self.handoff = handoff
-        # The socket file qemu bound, as found when the listener opened.
-        self._qemu_inode: int | None = None
+        # The inode of the socket file qemu bound (see _upstream_is_qemu).
+        self.qemu_inode = qemu_inode
         self.directory = directory
         self.name = name
         self.host = host
@@ -292,7 +301,6 @@ class VncListener:
                 self.metrics.vnc_listener_errors.inc()
             return False
         self._sock = sock
-        self._qemu_inode = self._vnc_inode()
         self.port = int(sock.getsockname()[1])
         asyncio.get_running_loop().add_reader(sock.fileno(), self._accept)
         return True
@@ -323,12 +331,6 @@ class VncListener:
         session.start()
         self._count("proxied")
 
-    def _vnc_inode(self) -> int | None:
-        try:
-            return os.stat(os.path.join(self.directory, self.name)).st_ino
-        except OSError:
-            return None
-
     def _upstream_is_qemu(self) -> bool:
         """Whether ``vm.vnc`` is still the socket file qemu bound.
 
@@ -336,8 +338,8 @@ class VncListener:
         ``vm.vnc``; the two are the same while nobody has put another socket
         there (a stat per client: microseconds, no connection).
         """
-        inode = self._vnc_inode()
-        return inode is not None and inode == self._qemu_inode
+        inode = file_inode(self.directory, self.name)
+        return inode is not None and inode == self.qemu_inode
 
     async def _hand_off(self, client: socket.socket, handoff: Handoff) -> None:
         """Give the client to qemu; relay it ourselves only if qemu surely has not."""
