@@ -67,8 +67,12 @@ def vnc_info(env: Env, uuid: str) -> dict[str, Any]:
     return info
 
 
-def wait_listener(env: Env, uuid: str) -> dict[str, Any]:
+def wait_listener(env: Env, uuid: str, *, qmp: bool = True) -> dict[str, Any]:
+    """The VM's listener once open (and, by default, its QMP up: a client
+    that comes earlier is relayed, since qemu cannot be handed it yet)."""
     env.wait_for(lambda: vnc_info(env, uuid) != {}, timeout=10, what="VNC listener")
+    if qmp:
+        env.wait_qmp(uuid)
     return vnc_info(env, uuid)
 
 
@@ -262,7 +266,6 @@ def test_client_is_relayed_while_qemu_cannot_take_it(env: Env) -> None:
     env.start_daemon("--qmp-timeout", "1")
     uuid = start_vm(env)
     port = wait_listener(env, uuid)["port"]
-    env.wait_qmp(uuid)
     pid = env.pid(uuid)
     assert pid is not None
     os.kill(pid, signal.SIGSTOP)
@@ -297,7 +300,7 @@ def test_handoff_refused_or_unanswered(env: Env, mode: str, outcome: str) -> Non
     env.start_daemon("--qmp-timeout", "1")
     env.extra_env.update(VMADM_QEMU=STANDIN, VMADMD_STANDIN_QMP=mode)
     uuid = start_vm(env)
-    port = wait_listener(env, uuid)["port"]
+    port = wait_listener(env, uuid, qmp=False)["port"]
     env.wait_for(lambda: env.api("GET", "/ping")[1].get("qmp_ready") == 1, what="QMP")
     sock = rfb.connect("127.0.0.1", port, timeout=5)
     t0 = time.monotonic()

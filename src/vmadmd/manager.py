@@ -97,8 +97,7 @@ class VmRuntime:
     timer: asyncio.Task[None] | None = None
     exit_stage: ExitStage | None = None
     vnc_task: asyncio.Task[None] | None = None
-    # The inode of the vm.vnc socket file when this qemu was first seen: while
-    # the file is still that one, qemu's VNC server is what listens there.
+    # The inode of the vm.vnc socket file qemu bound (see qemu_vnc_inode).
     vnc_inode: int | None = None
     # How this qemu's VNC server was started: None (no -vnc), or whether it
     # requires password auth.  Only a new qemu can change either.
@@ -236,7 +235,6 @@ class Manager:
             pidfd=pidfd,
             monitor=monitor,
             qemu_vnc_auth=qemu_vnc_mode(proc.cmdline(pid)),
-            vnc_inode=file_inode(paths.runtime_dir, paths.VNC_NAME),
         )
         self.vms[uuid] = rt
         asyncio.get_running_loop().add_reader(pidfd, self._on_pidfd, rt)
@@ -363,7 +361,7 @@ class Manager:
 
         listener = VncListener(
             rt.uuid, rt.paths.runtime_dir, rt.paths.VNC_NAME, self.settings.vnc_bind, port,
-            self.metrics, handoff, rt.vnc_inode,
+            self.metrics, handoff, lambda: self.qemu_vnc_inode(rt),
         )  # fmt: skip
         mismatch = vnc_mismatch(rt.qemu_vnc_auth, bool(password))
         if mismatch is not None:
@@ -427,6 +425,20 @@ class Manager:
                 self.bus.emit("vnc_down", uuid)
             await self._open_vnc(rt, record)
             return self.vnc_info(rt)
+
+    @staticmethod
+    def qemu_vnc_inode(rt: VmRuntime) -> int | None:
+        """The inode of the vm.vnc socket file this qemu bound, once known.
+
+        Taken the first time it is asked for with QMP connected: qemu
+        answers QMP only from its main loop, after its VNC socket is bound
+        (its pidfile, which the daemon may see first, comes earlier).  While
+        the file there is still that one, qemu's VNC server is what listens
+        at vm.vnc.
+        """
+        if rt.vnc_inode is None and rt.monitor.ready:
+            rt.vnc_inode = file_inode(rt.paths.runtime_dir, rt.paths.VNC_NAME)
+        return rt.vnc_inode
 
     @staticmethod
     def vnc_info(rt: VmRuntime) -> dict[str, Any]:

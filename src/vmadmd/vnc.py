@@ -265,12 +265,13 @@ class VncListener:
         port: int,
         metrics: Metrics | None = None,
         handoff: Handoff | None = None,
-        qemu_inode: int | None = None,
+        qemu_inode: Callable[[], int | None] | None = None,
     ) -> None:
         self.uuid = uuid
         self.metrics = metrics
         self.handoff = handoff
-        # The inode of the socket file qemu bound (see _upstream_is_qemu).
+        # The inode of the socket file qemu bound, when known (see
+        # _upstream_is_qemu).
         self.qemu_inode = qemu_inode
         self.directory = directory
         self.name = name
@@ -338,8 +339,8 @@ class VncListener:
         ``vm.vnc``; the two are the same while nobody has put another socket
         there (a stat per client: microseconds, no connection).
         """
-        inode = file_inode(self.directory, self.name)
-        return inode is not None and inode == self.qemu_inode
+        qemus = self.qemu_inode() if self.qemu_inode is not None else None
+        return qemus is not None and file_inode(self.directory, self.name) == qemus
 
     async def _hand_off(self, client: socket.socket, handoff: Handoff) -> None:
         """Give the client to qemu; relay it ourselves only if qemu surely has not."""
