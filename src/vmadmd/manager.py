@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import itertools
 import logging
@@ -32,7 +33,7 @@ from .metrics import Metrics
 from .monitor import Monitor
 from .store import VmPaths, VmRecord
 from .vms import VmLayer, iso_now, now_ms
-from .vnc import VncListener, file_inode
+from .vnc import Handoff, VncListener, file_inode
 
 log = logging.getLogger("vmadmd.manager")
 
@@ -352,13 +353,10 @@ class Manager:
         rt.vnc_key = (port, password)
         if port == -1:
             return
-        handoff = None
+        handoff: Handoff | None = None
         if self.settings.vnc_relay == "handoff":
-            monitor, timeout = rt.monitor, self.settings.qmp_timeout
-
-            async def handoff(fd: int) -> bool:
-                return await monitor.add_vnc_client(fd, timeout=timeout)
-
+            timeout = self.settings.qmp_timeout
+            handoff = functools.partial(rt.monitor.add_vnc_client, timeout=timeout)
         listener = VncListener(
             rt.uuid, rt.paths.runtime_dir, rt.paths.VNC_NAME, self.settings.vnc_bind, port,
             self.metrics, handoff, lambda: self.qemu_vnc_inode(rt),

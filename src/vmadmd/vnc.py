@@ -6,9 +6,10 @@ the daemon passes the connected socket over QMP (``getfd`` +
 client directly.  The session then runs at the speed of a plain TCP
 connection, costs the daemon nothing, and survives a daemon restart.
 
-When qemu cannot take the client right now (its QMP connection is down or
-wedged, or it refuses), or with ``--vnc-relay proxy``, the daemon relays
-instead: a fresh connection to qemu's VNC unix socket, bytes moved
+When qemu surely has not taken the client (its QMP connection is down or
+wedged, it refuses, or it does not have the commands), when ``vm.vnc`` is
+no longer the socket qemu bound, or with ``--vnc-relay proxy``, the daemon
+relays instead: a fresh connection to qemu's VNC unix socket, bytes moved
 client -> qemu with splice(2) through a pipe and qemu -> client through one
 fixed buffer, driven by the daemon's one event loop (no process or thread
 per connection).  Back-pressure is end to end: a side that cannot take more
@@ -347,7 +348,7 @@ class VncListener:
         try:
             taken = self._upstream_is_qemu() and await handoff(client.fileno())
         except asyncio.CancelledError:
-            client.close()  # the listener closed under us
+            client.close()  # the daemon is shutting down
             raise
         except Exception as err:
             # qemu may or may not hold the client now: serving it twice
