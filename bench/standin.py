@@ -304,9 +304,7 @@ async def _serve_unix(name: str, handler: Callable[[socket.socket], Any]) -> soc
         while True:
             try:
                 conn, _ = sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
+            except OSError:  # EAGAIN: drained; anything else: wait for the next wake-up
                 return
             result = handler(conn)
             if asyncio.iscoroutine(result):

@@ -323,6 +323,7 @@ def test_a_replaced_vnc_socket_is_what_clients_reach(env: Env) -> None:
     port = wait_listener(env, uuid)["port"]
     with rfb.connect("127.0.0.1", port) as sock:
         assert rfb.banner(sock) == b"RFB 003.008\n"
+    assert_served_by(env, "handoff", 1)
     path = str(env.runtime(uuid) / "vm.vnc")
     os.unlink(path)
     with bind_unix(path) as server, rfb.connect("127.0.0.1", port) as sock:
