@@ -135,23 +135,38 @@ def run_qemu(connect: Connect) -> dict[str, float]:
     return {"p50": statistics.median(times) * 1e3, "p99": pct(times, 99) * 1e3}
 
 
+Results = dict[str, list[dict[str, float]]]
+
+
+def medians(results: Results) -> dict[str, dict[str, float]]:
+    """Per path, the median of each figure over the rounds."""
+    return {
+        name: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        for name, runs in results.items()
+    }
+
+
+def via_daemon(
+    w: World, uuid: str, run: Callable[[Connect], dict[str, float]], results: Results
+) -> None:
+    """One round of ``run`` through the daemon's listener, in each relay mode."""
+    for relay in ("handoff", "proxy"):
+        w.start_daemon("--vnc-relay", relay)
+        w.wait_qmp(uuid)
+        results.setdefault(relay, []).append(run(tcp(vnc_port(w, uuid))))
+        w.stop_daemon()
+
+
 def real_qemu(rounds: int) -> dict[str, dict[str, float]]:
-    results: dict[str, list[dict[str, float]]] = {}
+    results: Results = {}
     with world() as w:
         uuid = w.create()
         w.vmadm("start", uuid)
         rundir = os.path.join(w.zones, uuid, "root", "tmp")
         for _ in range(rounds):
             results.setdefault("unix", []).append(run_qemu(lambda: connect_unix(rundir, "vm.vnc")))
-            for relay in ("handoff", "proxy"):
-                w.start_daemon("--vnc-relay", relay)
-                w.wait_qmp(uuid)
-                results.setdefault(relay, []).append(run_qemu(tcp(vnc_port(w, uuid))))
-                w.stop_daemon()
-    return {
-        name: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-        for name, runs in results.items()
-    }
+            via_daemon(w, uuid, run_qemu, results)
+    return medians(results)
 
 
 def main() -> None:
@@ -159,7 +174,7 @@ def main() -> None:
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
     qemu = real_qemu(rounds)
     os.environ.update(VMADM_QEMU=str(REPO / "bench" / "qemu-standin"), VMADMD_STANDIN_VNC="wire")
-    results: dict[str, list[dict[str, float]]] = {}
+    results: Results = {}
     with world() as w:
         uuid = w.create()
         w.vmadm("start", uuid)
@@ -190,21 +205,13 @@ def main() -> None:
                     paths.append(("socat", tcp(socat_port)))
                 for name, connect in paths:
                     results.setdefault(name, []).append(run_path(connect, size))
-                for relay in ("handoff", "proxy"):
-                    w.start_daemon("--vnc-relay", relay)
-                    w.wait_qmp(uuid)
-                    port = vnc_port(w, uuid)
-                    results.setdefault(relay, []).append(run_path(tcp(port), size))
-                    w.stop_daemon()
+                via_daemon(w, uuid, lambda connect: run_path(connect, size), results)
         finally:
             if socat is not None:
                 socat.terminate()
             tcp_server.terminate()
 
-    med = {
-        name: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-        for name, runs in results.items()
-    }
+    med = medians(results)
     print(f"{size >> 20} MiB each way, {PINGS} pings, median of {rounds} rounds")
     for name, res in med.items():
         print(
