@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from vmadmd.manager import INFO_QUERIES
+from vmadmd.daemon.manager import INFO_QUERIES
 
 from .common import BIN, KeepAliveHttp, RawQmp, summary_ms, world
 

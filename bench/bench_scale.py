@@ -25,10 +25,10 @@ from typing import Any
 
 import aiohttp
 
-from vmadmd.client import Client
-from vmadmd.config import VmSettings
-from vmadmd.sockets import connect_unix
-from vmadmd.vms import VmLayer
+from vmadmd.cli.client import Client
+from vmadmd.vm.config import VmSettings
+from vmadmd.vm.layer import VmLayer
+from vmadmd.vm.sockets import connect_unix
 
 from .common import BIN, World, pct, world
 

@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 
-from vmadmd.client import Client
+from vmadmd.cli.client import Client
 
 from .common import REPO, summary_ms, world
 

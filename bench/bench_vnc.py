@@ -39,8 +39,8 @@ import time
 from collections.abc import Callable
 
 from tests import rfb
-from vmadmd.client import Client
-from vmadmd.sockets import connect_unix
+from vmadmd.cli.client import Client
+from vmadmd.vm.sockets import connect_unix
 
 from .common import REPO, World, pct, world
 from .standin import wire_session

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vmadmd.client import Client
-from vmadmd.proc import find_vm_pid
+from vmadmd.cli.client import Client
+from vmadmd.vm.proc import find_vm_pid
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -140,7 +140,7 @@ class RawQmp:
     """A minimal raw QMP client (the floor: qemu's own answer time)."""
 
     def __init__(self, path: str) -> None:
-        from vmadmd.sockets import connect_unix
+        from vmadmd.vm.sockets import connect_unix
 
         self.sock = connect_unix(os.path.dirname(path), os.path.basename(path))
         self.buf = b""
@@ -172,7 +172,7 @@ class KeepAliveHttp:
     """One persistent HTTP/1.1 connection over the API socket."""
 
     def __init__(self, path: str) -> None:
-        from vmadmd.sockets import connect_unix
+        from vmadmd.vm.sockets import connect_unix
 
         self.sock: socket.socket = connect_unix(os.path.dirname(path), os.path.basename(path))
         self.buf = b""

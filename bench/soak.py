@@ -25,10 +25,10 @@ from collections import defaultdict
 
 import aiohttp
 
-from vmadmd.client import Client
-from vmadmd.config import VmSettings
+from vmadmd.cli.client import Client
 from vmadmd.errors import WrongState
-from vmadmd.vms import VmLayer
+from vmadmd.vm.config import VmSettings
+from vmadmd.vm.layer import VmLayer
 
 from .bench_scale import ping, rss_kib, start_hub
 from .common import pct, world

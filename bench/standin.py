@@ -451,7 +451,7 @@ def run_as_qemu(argv: list[str]) -> int:
 
 async def hub(zones_root: str, uuids: list[str]) -> None:
     """Serve every listed VM's sockets; each VM's liveness is a holder process."""
-    from vmadmd.store import Store
+    from vmadmd.vm.store import Store
 
     store = Store(zones_root)
     holders: dict[str, asyncio.subprocess.Process] = {}

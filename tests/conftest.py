@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from vmadmd.client import ApiError, Client
+from vmadmd.cli.client import ApiError, Client
 
 REPO = Path(__file__).resolve().parent.parent
 GUEST_DIR = REPO / ".cache" / "guest"
@@ -178,7 +178,7 @@ class Env:
         )
 
     def pid(self, uuid: str) -> int | None:
-        from vmadmd import proc
+        from vmadmd.vm import proc
 
         return proc.find_vm_pid(str(self.runtime(uuid) / "vm.pid"), uuid)
 

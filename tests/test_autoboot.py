@@ -6,7 +6,7 @@ import os
 import signal
 from typing import Any
 
-from vmadmd.autoboot import plan
+from vmadmd.daemon.autoboot import plan
 
 from .conftest import Env, bios_payload
 

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from vmadmd.console import TokenStore
+from vmadmd.daemon.console import TokenStore
 
 from .conftest import Env, bios_payload, guest_payload
 

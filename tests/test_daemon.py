@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from vmadmd.manager import INFO_TYPES
-from vmadmd.sockets import connect_unix
+from vmadmd.daemon.manager import INFO_TYPES
+from vmadmd.vm.sockets import connect_unix
 
 from .conftest import Env, bios_payload, guest_payload
 
@@ -314,8 +314,8 @@ def test_openapi_documents_every_route(env: Env) -> None:
     env.start_daemon()
     status, doc = env.api("GET", "/openapi.json")
     assert status == 200 and doc["openapi"].startswith("3.")
-    from vmadmd.api import Api
-    from vmadmd.metrics import Metrics
+    from vmadmd.daemon.api import Api
+    from vmadmd.daemon.metrics import Metrics
 
     class _Stub:
         vms: dict[str, Any]
@@ -350,8 +350,8 @@ def test_vm_restarted_while_its_exit_is_settled_is_picked_up(env: Env) -> None:
     exit left the new qemu unwatched.)  Made deterministic by holding the
     VM's lock, so the daemon's settling waits while the new qemu starts.
     """
-    from vmadmd.config import VmSettings
-    from vmadmd.vms import VmLayer
+    from vmadmd.vm.config import VmSettings
+    from vmadmd.vm.layer import VmLayer
 
     env.start_daemon()
     uuid = env.create(bios_payload())

@@ -36,7 +36,7 @@ def test_schemathesis_finds_no_server_error(env: Env) -> None:
     env.vmadm("start", running, check=True)
     env.wait_qmp(running)
 
-    doc = json.loads((REPO / "src" / "vmadmd" / "openapi.json").read_text())
+    doc = json.loads((REPO / "src" / "vmadmd" / "daemon" / "openapi.json").read_text())
     fuzz_doc = copy.deepcopy(doc)
     for ops in fuzz_doc["paths"].values():
         for op in ops.values():

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from vmadmd.errors import DaemonUnavailable
-from vmadmd.sockets import connect_unix
+from vmadmd.vm.sockets import connect_unix
 
 from .conftest import STANDIN, Env, bios_payload
 

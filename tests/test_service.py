@@ -12,7 +12,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from vmadmd.sockets import connect_unix
+from vmadmd.vm.sockets import connect_unix
 
 from .conftest import Env, bios_payload
 from .conftest import _bin as env_bin

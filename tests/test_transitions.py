@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from vmadmd.daemon.manager import merge_transition
 from vmadmd.errors import DaemonUnavailable
-from vmadmd.manager import merge_transition
 
 from .conftest import Env, bios_payload, guest_payload
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from vmadmd import props, store
 from vmadmd.errors import InvalidParameter, InvalidUuid, VmBroken
-from vmadmd.qemu import build_argv
-from vmadmd.store import Store, VmPaths
+from vmadmd.vm import props, store
+from vmadmd.vm.qemu import build_argv
+from vmadmd.vm.store import Store, VmPaths
 
 from .conftest import Env, bios_payload, guest_payload
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from vmadmd.sockets import bind_unix
+from vmadmd.vm.sockets import bind_unix
 
 from . import rfb
 from .conftest import STANDIN, Env, bios_payload

@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .errors import InvalidUuid, VmBroken, VmNotFound
+from vmadmd.errors import InvalidUuid, VmBroken, VmNotFound
 
 FORMAT_VERSION = 1
 FORMAT_KEY = "format_version"

@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .errors import InvalidParameter
+from vmadmd.errors import InvalidParameter
 
 DISK_MODELS = ("virtio", "ide", "scsi")
 NIC_MODELS = ("virtio", "e1000", "rtl8139")

@@ -17,7 +17,7 @@ from typing import Any
 
 from asyncinotify import Inotify, Mask, Watch
 
-from .store import is_uuid
+from vmadmd.vm.store import is_uuid
 
 log = logging.getLogger("vmadmd.watch")
 

@@ -22,9 +22,14 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from . import autoboot, logs
-from .api import Api
-from .config import (
+from vmadmd.daemon import autoboot, logs
+from vmadmd.daemon.api import Api
+from vmadmd.daemon.console import ConsoleServer
+from vmadmd.daemon.events import EventBus
+from vmadmd.daemon.manager import DaemonSettings, Manager
+from vmadmd.daemon.metrics import Metrics
+from vmadmd.daemon.watch import ZonesWatcher
+from vmadmd.vm.config import (
     DEFAULT_ACCEL,
     DEFAULT_AUTOBOOT_MARKER,
     DEFAULT_QEMU,
@@ -35,12 +40,7 @@ from .config import (
     env_or,
     parse_accel,
 )
-from .console import ConsoleServer
-from .events import EventBus
-from .manager import DaemonSettings, Manager
-from .metrics import Metrics
-from .sockets import bind_unix, connect_unix
-from .watch import ZonesWatcher
+from vmadmd.vm.sockets import bind_unix, connect_unix
 
 log = logging.getLogger("vmadmd")
 
@@ -99,7 +99,7 @@ def default_novnc_dir() -> str:
     """Where tools/setup.sh installs noVNC, beside a source checkout."""
     here = os.path.dirname(os.path.abspath(__file__))
     return os.path.normpath(
-        os.path.join(here, "..", "..", ".cache", "novnc", "node_modules", "@novnc", "novnc")
+        os.path.join(here, "..", "..", "..", ".cache", "novnc", "node_modules", "@novnc", "novnc")
     )
 
 

@@ -28,8 +28,8 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .metrics import Metrics
-from .sockets import connect_unix
+from vmadmd.daemon.metrics import Metrics
+from vmadmd.vm.sockets import connect_unix
 
 log = logging.getLogger("vmadmd.vnc")
 

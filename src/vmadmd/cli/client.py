@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
-from .errors import DaemonUnavailable, VmadmError
-from .sockets import connect_unix
+from vmadmd.errors import DaemonUnavailable, VmadmError
+from vmadmd.vm.sockets import connect_unix
 
 MAX_HEADER = 64 * 1024
 MAX_BODY = 64 * 1024 * 1024

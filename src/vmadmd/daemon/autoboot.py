@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import VmadmError, WrongState
+from vmadmd.errors import VmadmError, WrongState
 
 log = logging.getLogger("vmadmd.autoboot")
 

@@ -14,13 +14,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from .config import DEFAULT_SOCKET, VmSettings, env_or
-from .errors import InvalidParameter, VmadmError, WrongState
-from .store import validate_uuid
+from vmadmd.errors import InvalidParameter, VmadmError, WrongState
+from vmadmd.vm.config import DEFAULT_SOCKET, VmSettings, env_or
+from vmadmd.vm.store import validate_uuid
 
 if TYPE_CHECKING:
-    from .client import Client
-    from .vms import VmLayer
+    from vmadmd.cli.client import Client
+    from vmadmd.vm.layer import VmLayer
 
 # The VM layer, the HTTP client and their imports load only when a command
 # needs them: every vmadm call pays for what it imports (goal: < 50 ms).
@@ -38,7 +38,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _client() -> Client:
-    from .client import Client
+    from vmadmd.cli.client import Client
 
     return Client(env_or("VMADMD_SOCKET", DEFAULT_SOCKET))
 
@@ -52,7 +52,7 @@ class Context:
     @property
     def layer(self) -> VmLayer:
         if self._layer is None:
-            from .vms import VmLayer
+            from vmadmd.vm.layer import VmLayer
 
             self._layer = VmLayer(VmSettings.from_env())
         return self._layer
@@ -133,7 +133,7 @@ def cmd_start(ctx: Context, args: argparse.Namespace) -> None:
 
 def _wait_gone(layer: VmLayer, uuid: str, expire_ms: int | None, limit: float) -> bool:
     """Wait until the VM's current qemu exits; shows the countdown on a tty."""
-    from . import proc
+    from vmadmd.vm import proc
 
     found = proc.open_vm_pidfd(layer.store.paths(uuid).pid, uuid)
     if found is None:
@@ -236,7 +236,7 @@ def cmd_update(ctx: Context, args: argparse.Namespace) -> None:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise InvalidParameter(f"expected key=value, not {pair!r}")
-        from .props import parse_cli_value
+        from vmadmd.vm.props import parse_cli_value
 
         changes[key] = parse_cli_value(key, value)
     _, changed = layer.update(uuid, changes)

@@ -17,11 +17,11 @@ import os
 import time
 from typing import Any
 
-from . import proc, props
-from .config import VmSettings, resolve_accel
-from .errors import InvalidParameter, StartFailed, VmBroken, WrongState
-from .qemu import build_argv
-from .store import Store, VmPaths, VmRecord, validate_uuid
+from vmadmd.errors import InvalidParameter, StartFailed, VmBroken, WrongState
+from vmadmd.vm import proc, props
+from vmadmd.vm.config import VmSettings, resolve_accel
+from vmadmd.vm.qemu import build_argv
+from vmadmd.vm.store import Store, VmPaths, VmRecord, validate_uuid
 
 # subprocess and uuid are imported where used: `vmadm get/list/info` never
 # need them, and every millisecond of import is paid by every vmadm call.

@@ -25,15 +25,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from . import proc
-from .config import VmSettings
-from .errors import InvalidParameter, QmpFailed, QmpTimeout, VmadmError, WrongState
-from .events import EventBus
-from .metrics import Metrics
-from .monitor import Monitor
-from .store import VmPaths, VmRecord
-from .vms import VmLayer, iso_now, now_ms
-from .vnc import Handoff, VncListener, file_inode
+from vmadmd.daemon.events import EventBus
+from vmadmd.daemon.metrics import Metrics
+from vmadmd.daemon.monitor import Monitor
+from vmadmd.daemon.vnc import Handoff, VncListener, file_inode
+from vmadmd.errors import InvalidParameter, QmpFailed, QmpTimeout, VmadmError, WrongState
+from vmadmd.vm import proc
+from vmadmd.vm.config import VmSettings
+from vmadmd.vm.layer import VmLayer, iso_now, now_ms
+from vmadmd.vm.store import VmPaths, VmRecord
 
 log = logging.getLogger("vmadmd.manager")
 

@@ -22,9 +22,13 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import __version__
-from .console import ConsoleServer
-from .errors import (
+from vmadmd import __version__
+from vmadmd.daemon.console import ConsoleServer
+from vmadmd.daemon.events import Event, EventBus, Subscriber
+from vmadmd.daemon.logs import req_id_var
+from vmadmd.daemon.manager import Manager, TransitionTo, parse_types
+from vmadmd.daemon.metrics import Metrics
+from vmadmd.errors import (
     InvalidParameter,
     InvalidUuid,
     PayloadTooLarge,
@@ -36,11 +40,7 @@ from .errors import (
     VmNotFound,
     WrongState,
 )
-from .events import Event, EventBus, Subscriber
-from .logs import req_id_var
-from .manager import Manager, TransitionTo, parse_types
-from .metrics import Metrics
-from .store import validate_uuid
+from vmadmd.vm.store import validate_uuid
 
 log = logging.getLogger("vmadmd.api")
 
@@ -224,7 +224,7 @@ class Api:
         )
 
     async def openapi(self, request: web.Request) -> web.Response:
-        text = importlib.resources.files("vmadmd").joinpath("openapi.json").read_text()
+        text = importlib.resources.files("vmadmd.daemon").joinpath("openapi.json").read_text()
         return web.Response(text=text, content_type="application/json")
 
     async def info(self, request: web.Request) -> web.Response:

@@ -21,9 +21,9 @@ from typing import Any
 from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, Message, QMPClient
 from qemu.qmp.error import QMPError
 
-from .errors import QmpFailed, QmpTimeout
-from .metrics import Metrics
-from .sockets import connect_unix
+from vmadmd.daemon.metrics import Metrics
+from vmadmd.errors import QmpFailed, QmpTimeout
+from vmadmd.vm.sockets import connect_unix
 
 log = logging.getLogger("vmadmd.qmp")
 

@@ -27,8 +27,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from .manager import Manager
-from .vnc import open_upstream
+from vmadmd.daemon.manager import Manager
+from vmadmd.daemon.vnc import open_upstream
 
 log = logging.getLogger("vmadmd.console")
 
@@ -169,7 +169,7 @@ class ConsoleServer:
             "name": record.get("alias") or uuid,
             "password": bool(record.get("vnc_password")),
         }
-        template = importlib.resources.files("vmadmd").joinpath("console.html").read_text()
+        template = importlib.resources.files("vmadmd.daemon").joinpath("console.html").read_text()
         # Inside a <script> element: keep "</" out of the JSON.
         blob = json.dumps(config).replace("</", "<\\/")
         body = template.replace("{{title}}", html.escape(str(config["name"]))).replace(
