@@ -1,7 +1,7 @@
 """vmadmd's HTTP API (aiohttp, on a unix socket).
 
 Handlers parse and validate, call the Manager, and shape JSON.  Every error
-leaves as ``{"error": {"code", "message"}}`` with the status from ``STATUS``;
+leaves as ``{"error": {"code", "message"}}`` with the status the error carries;
 anything else that escapes a handler is a bug: 500, logged with traceback.
 """
 
@@ -16,7 +16,7 @@ import math
 import os
 import time
 import uuid as uuidlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -28,34 +28,16 @@ from vmadmd.daemon.events import Event, EventBus, Subscriber
 from vmadmd.daemon.logs import req_id_var
 from vmadmd.daemon.manager import Manager, TransitionTo, parse_types
 from vmadmd.daemon.metrics import Metrics
+from vmadmd.daemon.responses import Handler, answer, error_response
 from vmadmd.errors import (
     InvalidParameter,
-    InvalidUuid,
     PayloadTooLarge,
-    QmpFailed,
-    QmpTimeout,
-    StartFailed,
     VmadmError,
-    VmBroken,
-    VmNotFound,
     WrongState,
 )
 from vmadmd.vm.store import validate_uuid
 
 log = logging.getLogger("vmadmd.api")
-
-# The one table from domain errors to HTTP statuses; most specific first.
-STATUS: tuple[tuple[type[VmadmError], int], ...] = (
-    (InvalidUuid, 404),  # a malformed uuid names no VM
-    (PayloadTooLarge, 413),
-    (InvalidParameter, 400),
-    (VmNotFound, 404),
-    (VmBroken, 409),
-    (WrongState, 409),
-    (StartFailed, 409),
-    (QmpFailed, 409),
-    (QmpTimeout, 504),
-)
 
 METRICS_KEY = web.AppKey("metrics", Metrics)
 MAX_BODY = 64 * 1024
@@ -63,29 +45,8 @@ MAX_QUERY = 8 * 1024
 MAX_TIMEOUT = 86400.0
 KEEPALIVE = 15.0
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def status_of(err: VmadmError) -> int:
-    for cls, status in STATUS:
-        if isinstance(err, cls):
-            return status
-    return 500
-
-
-def error_response(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status)
-
 
 _METHODS = frozenset({"GET", "POST", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS"})
-
-_HTTP_CODES = {
-    400: "BadRequest",
-    404: "NotFound",
-    405: "MethodNotAllowed",
-    413: "PayloadTooLarge",
-    414: "UriTooLong",
-}
 
 
 @web.middleware
@@ -94,22 +55,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     request["req_id"] = req_id
     req_id_var.set(req_id)  # each request runs in its own task: its own context
     t0 = time.monotonic()
-    try:
-        if len(request.rel_url.raw_query_string) > MAX_QUERY:
-            raise web.HTTPRequestURITooLong()
-        resp = await handler(request)
-    except VmadmError as err:
-        resp = error_response(status_of(err), err.code, err.message)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = _HTTP_CODES.get(exc.status, "HttpError")
-        resp = error_response(exc.status, code, exc.reason)
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        log.exception("bug while serving %s %s", request.method, request.path_qs)
-        resp = error_response(500, "InternalError", "internal error (logged by vmadmd)")
+    if len(request.rel_url.raw_query_string) > MAX_QUERY:
+        resp: web.StreamResponse = error_response(414, "UriTooLong", "query string too long")
+    else:
+        resp = await answer(request, handler)
     if not resp.prepared:
         resp.headers["X-Request-Id"] = req_id
     took = time.monotonic() - t0

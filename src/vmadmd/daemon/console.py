@@ -28,7 +28,9 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from vmadmd.daemon.manager import Manager
+from vmadmd.daemon.responses import json_errors
 from vmadmd.daemon.vnc import open_upstream
+from vmadmd.errors import Forbidden, Unreachable, WrongState
 
 log = logging.getLogger("vmadmd.console")
 
@@ -132,7 +134,7 @@ class ConsoleServer:
     # -- HTTP --------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[json_errors])
         app.router.add_get("/console/{token}", self.page)
         app.router.add_get("/console/{token}/ws", self.websocket)
         app.router.add_get("/console/{token}/state", self.state)
@@ -161,7 +163,7 @@ class ConsoleServer:
         token = request.match_info["token"]
         uuid = self.tokens.peek(token)
         if uuid is None:
-            return _refused(403, "This console link is invalid, used or expired.")
+            raise Forbidden("This console link is invalid, used or expired.")
         record = self.manager.load(uuid)
         config = {
             "token": token,
@@ -192,16 +194,16 @@ class ConsoleServer:
         uuid = self.tokens.spend(token)
         if uuid is None:
             log.warning("console token %s refused", shown(token))
-            return _refused(403, "invalid, used or expired console token")
+            raise Forbidden("invalid, used or expired console token")
         rt = self.manager.vms.get(uuid)
         if rt is None:
-            return _refused(409, "the VM is not running")
+            raise WrongState(f"VM {uuid} is not running")
         # Connect to qemu before accepting the WebSocket: a refused session
         # gets a plain HTTP error, and no byte reaches qemu without a token.
         try:
             reader, writer = await open_upstream(rt.paths.runtime_dir, rt.paths.VNC_NAME)
         except OSError as err:
-            return _refused(502, f"cannot reach the VM's console: {err}")
+            raise Unreachable(f"cannot reach the VM's console: {err}") from err
         ws = web.WebSocketResponse(protocols=("binary",), max_msg_size=1 << 20)
         await ws.prepare(request)
         self.sessions.add(ws)
@@ -258,9 +260,3 @@ class ConsoleServer:
                     await task
         if not ws.closed:
             await ws.close(code=1000, message=reason.encode()[:120])
-
-
-def _refused(status: int, message: str) -> web.Response:
-    return web.json_response(
-        {"error": {"code": "ConsoleRefused", "message": message}}, status=status
-    )

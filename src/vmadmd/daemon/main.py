@@ -29,6 +29,7 @@ from vmadmd.daemon.events import EventBus
 from vmadmd.daemon.manager import DaemonSettings, Manager
 from vmadmd.daemon.metrics import Metrics
 from vmadmd.daemon.watch import ZonesWatcher
+from vmadmd.errors import ConfigError
 from vmadmd.vm.config import (
     DEFAULT_ACCEL,
     DEFAULT_AUTOBOOT_MARKER,
@@ -106,7 +107,7 @@ def default_novnc_dir() -> str:
 def parse_listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise SystemExit(f"vmadmd: --console-listen wants ADDR:PORT, not {value!r}")
+        raise ConfigError(f"--console-listen wants ADDR:PORT, not {value!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
@@ -154,7 +155,7 @@ def raise_fd_limit() -> None:
 def claim_socket(path: str) -> socket.socket:
     """Bind the API socket with mode 0600, replacing a stale one safely.
 
-    Refuses (SystemExit) when another vmadmd answers on it.
+    Refuses (ConfigError) when another vmadmd answers on it.
     """
     directory, name = os.path.dirname(path) or ".", os.path.basename(path)
     if os.path.lexists(path):
@@ -163,10 +164,10 @@ def claim_socket(path: str) -> socket.socket:
         except (ConnectionRefusedError, FileNotFoundError):
             os.unlink(path)  # nobody listens: stale
         except OSError as err:
-            raise SystemExit(f"vmadmd: cannot check the existing socket {path}: {err}") from err
+            raise ConfigError(f"cannot check the existing socket {path}: {err}") from err
         else:
             probe.close()
-            raise SystemExit(f"vmadmd: another vmadmd is already answering on {path}")
+            raise ConfigError(f"another vmadmd is already answering on {path}")
     old_umask = os.umask(0o177)
     try:
         return bind_unix(path)
@@ -301,11 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("aiohttp.server").addFilter(_MalformedRequestFilter())
     try:
         return asyncio.run(Daemon(args).run())
-    except SystemExit as exc:
-        if isinstance(exc.code, str):
-            sys.stderr.write(exc.code + "\n")
-            return 1
-        raise
+    except ConfigError as err:
+        sys.stderr.write(f"vmadmd: {err}\n")
+        return 1
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from vmadmd.errors import InvalidUuid, VmBroken, VmNotFound
+from vmadmd.errors import InvalidUuid, VmBroken, VmExists, VmNotFound
 
 FORMAT_VERSION = 1
 FORMAT_KEY = "format_version"
@@ -213,7 +213,7 @@ class Store:
         try:
             os.mkdir(paths.zonepath, 0o700)
         except FileExistsError:
-            raise VmBroken(f"VM {uuid} already exists") from None
+            raise VmExists(f"a VM with uuid {uuid} already exists") from None
         os.makedirs(paths.runtime_dir, 0o700, exist_ok=True)
         with self.lock(uuid):
             self.save(uuid, record)

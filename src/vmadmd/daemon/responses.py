@@ -1,0 +1,57 @@
+"""How every HTTP listener of the daemon answers errors: one JSON shape.
+
+``{"error": {"code", "message"}}`` with the status the error carries
+(``VmadmError.status``); aiohttp's own 4xx (bad method, URI too long) get
+the same shape; anything else that escapes a handler is a bug: 500, logged
+with its traceback.  Used by the API on the unix socket and by the browser
+console listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from vmadmd.errors import VmadmError
+
+log = logging.getLogger("vmadmd.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_HTTP_CODES = {
+    400: "BadRequest",
+    403: "Forbidden",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    413: "PayloadTooLarge",
+    414: "UriTooLong",
+}
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+async def answer(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The handler's response, or the JSON error it stands for."""
+    try:
+        return await handler(request)
+    except VmadmError as err:
+        return error_response(err.status, err.code, err.message)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(exc.status, _HTTP_CODES.get(exc.status, "HttpError"), exc.reason)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("bug while serving %s %s", request.method, request.path_qs)
+        return error_response(500, "InternalError", "internal error (logged by vmadmd)")
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    return await answer(request, handler)
