@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 
-from .common import World, world
+from .common import World, bios_payload, world
 
 
 def one_run(w: World, uuids: list[str], *extra: str) -> float:
@@ -36,7 +36,7 @@ def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 8
     default = 2 * (os.cpu_count() or 1)
     with world() as w:
-        uuids = [w.create(autoboot=True) for _ in range(n)]
+        uuids = [w.create(bios_payload(alias="bench", autoboot=True)) for _ in range(n)]
         serial = [one_run(w, uuids, "--autoboot-concurrency", "1") for _ in range(3)]
         parallel = [one_run(w, uuids) for _ in range(3)]
     print(f"autoboot of {n} VMs, concurrency 1:            best {min(serial):.3f} s  "

@@ -48,7 +48,7 @@ def ping(w: World) -> dict[str, Any]:
 
 def start_hub(w: World) -> subprocess.Popen[str]:
     hub = subprocess.Popen(
-        [sys.executable, "-m", "bench.standin", "hub", w.zones],
+        [sys.executable, "-m", "harness.standin", "hub", w.zones],
         stdout=subprocess.PIPE,
         text=True,
         env=w.environ,
@@ -128,7 +128,8 @@ def one_size(n: int) -> dict[str, Any]:
         uuids = [layer.create({"alias": f"s{i}", "ram": 64, "autoboot": False}) for i in range(n)]
         hub = start_hub(w)
         try:
-            t_api = w.start_daemon()
+            w.start_daemon()
+            t_api = w.started_in or 0.0
             t0 = time.monotonic() - t_api
             while True:
                 p = ping(w)

@@ -20,7 +20,7 @@ import time
 
 from vmadmd.cli.client import Client
 
-from .common import REPO, summary_ms, world
+from .common import REPO, bios_payload, summary_ms, world
 
 TIMEOUT = 2.0
 
@@ -29,7 +29,7 @@ def stop_once(w: object, uuid: str, restart: bool) -> float:
     from .common import World
 
     assert isinstance(w, World)
-    w.vmadm("start", uuid)
+    w.vmadm("start", uuid, check=True)
     w.wait_qmp(uuid)
     pid = w.pid(uuid)
     assert pid is not None
@@ -39,7 +39,7 @@ def stop_once(w: object, uuid: str, restart: bool) -> float:
     )
     expire = float(body["transition"]["expire"]) / 1000
     if restart:
-        w.stop_daemon(signal.SIGKILL)
+        w.stop_daemon(sig=signal.SIGKILL)
         w.start_daemon()
     ready, _, _ = select.select([fd], [], [], TIMEOUT + 30)
     gone = time.time()
@@ -52,22 +52,25 @@ def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 20
     with world() as w:
         w.start_daemon()
-        uuid = w.create()
+        uuid = w.create(bios_payload(alias="bench"))
         plain = [stop_once(w, uuid, restart=False) for _ in range(n)]
         restarted = [stop_once(w, uuid, restart=True) for _ in range(n)]
 
         # A cooperating guest: qemu exit -> vm.json settled.
         guest = REPO / ".cache" / "guest"
         g = w.create(
-            ram=128,
-            qemu_extra_opts=f"-kernel {guest}/vmlinuz -initrd {guest}/initrd.img "
-            "-append 'console=ttyS0 quiet'",
+            bios_payload(
+                alias="bench",
+                ram=128,
+                qemu_extra_opts=f"-kernel {guest}/vmlinuz -initrd {guest}/initrd.img "
+                "-append 'console=ttyS0 quiet'",
+            )
         )
         settle = []
         vm_json = os.path.join(w.zones, g, "vm.json")
         log = os.path.join(w.zones, g, "root/tmp/vm.console.log")
         for _ in range(5):
-            w.vmadm("start", g)
+            w.vmadm("start", g, check=True)
             while "VMTEST-READY" not in open(log, errors="replace").read():  # noqa: SIM115
                 time.sleep(0.05)
             w.wait_qmp(g)

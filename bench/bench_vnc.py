@@ -1,6 +1,6 @@
 """VNC console throughput and round trips, each path against the same server.
 
-The VM is the qemu stand-in (``bench/standin.py``) with its VNC replaced by
+The VM is the qemu stand-in (``harness/standin.py``) with its VNC replaced by
 the bench's wire protocol (``VMADMD_STANDIN_VNC=wire``): qemu's own VNC
 server cannot sink or source a GiB, the stand-in serves the same protocol
 on its unix socket and on client sockets handed over QMP, as qemu does.
@@ -38,12 +38,12 @@ import threading
 import time
 from collections.abc import Callable
 
+from harness.standin import wire_session
 from tests import rfb
 from vmadmd.cli.client import Client
 from vmadmd.vm.sockets import connect_unix
 
-from .common import REPO, World, pct, world
-from .standin import wire_session
+from .common import REPO, World, bios_payload, pct, world
 
 CHUNK = 1 << 20
 PINGS = 3000
@@ -160,8 +160,8 @@ def via_daemon(
 def real_qemu(rounds: int) -> dict[str, dict[str, float]]:
     results: Results = {}
     with world() as w:
-        uuid = w.create()
-        w.vmadm("start", uuid)
+        uuid = w.create(bios_payload(alias="bench"))
+        w.vmadm("start", uuid, check=True)
         rundir = os.path.join(w.zones, uuid, "root", "tmp")
         for _ in range(rounds):
             results.setdefault("unix", []).append(run_qemu(lambda: connect_unix(rundir, "vm.vnc")))
@@ -173,11 +173,11 @@ def main() -> None:
     size = (int(sys.argv[1]) if len(sys.argv) > 1 else 1024) << 20
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
     qemu = real_qemu(rounds)
-    os.environ.update(VMADM_QEMU=str(REPO / "bench" / "qemu-standin"), VMADMD_STANDIN_VNC="wire")
+    os.environ.update(VMADM_QEMU=str(REPO / "harness" / "qemu-standin"), VMADMD_STANDIN_VNC="wire")
     results: Results = {}
     with world() as w:
-        uuid = w.create()
-        w.vmadm("start", uuid)
+        uuid = w.create(bios_payload(alias="bench"))
+        w.vmadm("start", uuid, check=True)
         rundir = os.path.join(w.zones, uuid, "root", "tmp")
         vnc = os.path.join(rundir, "vm.vnc")
 

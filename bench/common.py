@@ -1,4 +1,4 @@
-"""Shared bench tooling: a private world (zones root, socket, marker), VMs, a daemon."""
+"""Shared bench tooling: the harness's private world, percentiles, raw floors (QMP, HTTP)."""
 
 from __future__ import annotations
 
@@ -6,21 +6,21 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vmadmd.cli.client import Client
-from vmadmd.vm.proc import find_vm_pid
+from harness.world import REPO, World, bios_payload
 
-REPO = Path(__file__).resolve().parent.parent
+__all__ = [
+    "BIN", "REPO", "KeepAliveHttp", "RawQmp", "World", "bios_payload", "pct", "summary_ms",
+    "world",
+]  # fmt: skip
+
 BIN = Path(sys.executable).parent
 
 
@@ -39,100 +39,15 @@ def summary_ms(values: list[float]) -> str:
     )
 
 
-class World:
-    def __init__(self, root: str) -> None:
-        self.root = root
-        self.zones = os.path.join(root, "zones")
-        self.socket = os.path.join(root, "vmadmd.sock")
-        self.marker = os.path.join(root, "autoboot.marker")
-        os.makedirs(self.zones, exist_ok=True)
-        self.daemon: subprocess.Popen[bytes] | None = None
-
-    @property
-    def environ(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(
-            VMADM_ZONES_ROOT=self.zones,
-            VMADMD_SOCKET=self.socket,
-            VMADMD_AUTOBOOT_MARKER=self.marker,
-            VMADM_ACCEL="tcg",
-        )
-        return env
-
-    def vmadm(self, *args: str, input: str | None = None) -> str:
-        res = subprocess.run(
-            [str(BIN / "vmadm"), *args],
-            input=input,
-            capture_output=True,
-            text=True,
-            env=self.environ,
-            check=False,
-        )
-        if res.returncode != 0:
-            raise RuntimeError(f"vmadm {args}: {res.stderr}")
-        return res.stdout
-
-    def create(self, **props: Any) -> str:
-        payload = {"alias": "bench", "ram": 64, "autoboot": False, **props}
-        out = self.vmadm("create", input=json.dumps(payload))
-        return out.strip().rsplit(" ", 1)[1]
-
-    def pid(self, uuid: str) -> int | None:
-        return find_vm_pid(os.path.join(self.zones, uuid, "root/tmp/vm.pid"), uuid)
-
-    def start_daemon(self, *extra: str) -> float:
-        """Start vmadmd; returns seconds from exec to the API answering."""
-        t0 = time.monotonic()
-        self.daemon = subprocess.Popen(
-            [str(BIN / "vmadmd"), "--log-level", "warning", *extra],
-            env=self.environ,
-            stdout=subprocess.DEVNULL,
-            stderr=open(os.path.join(self.root, "vmadmd.log"), "ab"),  # noqa: SIM115
-            start_new_session=True,
-        )
-        client = Client(self.socket, timeout=5)
-        while True:
-            with contextlib.suppress(Exception):
-                if client.request("GET", "/ping")[0] == 200:
-                    return time.monotonic() - t0
-            if self.daemon.poll() is not None:
-                raise RuntimeError("vmadmd exited")
-            time.sleep(0.001)
-
-    def stop_daemon(self, sig: int = signal.SIGTERM) -> None:
-        if self.daemon is not None and self.daemon.poll() is None:
-            self.daemon.send_signal(sig)
-            self.daemon.wait(timeout=20)
-        self.daemon = None
-
-    def wait_qmp(self, uuid: str, timeout: float = 20) -> None:
-        client = Client(self.socket, timeout=5)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(Exception):
-                if client.request("GET", f"/vm/{uuid}", {"type": "version"})[0] == 200:
-                    return
-            time.sleep(0.01)
-        raise RuntimeError(f"no QMP for {uuid}")
-
-    def kill_all(self) -> None:
-        self.stop_daemon(signal.SIGKILL)
-        for uuid in os.listdir(self.zones):
-            pid = self.pid(uuid)
-            if pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-
-
 @contextlib.contextmanager
 def world() -> Iterator[World]:
+    """A private world in a temp dir, torn down (every daemon and VM killed) after."""
     root = tempfile.mkdtemp(prefix="vmadmd-bench-")
-    w = World(root)
+    w = World(Path(root), deep=False, log_level="warning")
     try:
         yield w
     finally:
-        w.kill_all()
-        time.sleep(0.2)
+        w.cleanup()
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -1,6 +1,6 @@
 """A bounded soak: mixed traffic for a fixed time against real qemu and stand-ins.
 
-8 real qemu VMs (BIOS only) and 1,000 stand-in VMs (bench.standin hub) under
+8 real qemu VMs (BIOS only) and 1,000 stand-in VMs (harness.standin hub) under
 one daemon. 32 concurrent clients send a mix of info (all types), NMI,
 screenshots, resets and VNC console connections (handed to the VM over QMP:
 the RFB banner must arrive) to random VMs, while a chaos loop stops a real VM

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from vmadmd.daemon.manager import INFO_TYPES
+from vmadmd.daemon.supervisor import INFO_TYPES
 from vmadmd.vm.sockets import connect_unix
 
 from .conftest import Env, bios_payload, guest_payload
@@ -231,7 +231,9 @@ def test_vm_events_seen_within_a_second(env: Env) -> None:
     types = [e["type"] for e in events]
     assert types.index("started") < types.index("exited")
     exited = next(e for e in events if e["type"] == "exited")
-    assert exited["stage"] == "guest"
+    # SIGKILL: qemu went away without a shutdown.
+    assert exited["reason"] == "crash"
+    assert env.get(uuid)["last_exit"]["reason"] == "crash"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])

@@ -131,7 +131,7 @@ def test_metrics_count_real_requests_and_qmp(env: Env) -> None:
     def stops() -> float:
         _, body = raw_request(env, "/metrics")
         families = {f.name: f for f in text_string_to_metric_families(body.decode())}
-        return metric(families, "vmadmd_stops", stage="guest")
+        return metric(families, "vmadmd_vm_exits", reason="crash", stage="")
 
     env.wait_for(lambda: stops() == 1, timeout=5, what="the exit counted")
 

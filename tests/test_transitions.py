@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from vmadmd.daemon.manager import merge_transition
 from vmadmd.errors import DaemonUnavailable
+from vmadmd.vm.transition import Transition, request
 
 from .conftest import Env, bios_payload, guest_payload
 
@@ -20,15 +20,26 @@ LATE_MAX = 0.25  # forced within 250 ms after the deadline
 
 
 def test_merge_transition_never_extends_a_deadline() -> None:
-    first = merge_transition(None, "stopped", 10_000)
-    assert first == {"state": "stopping", "to": "stopped", "expire": 10_000}
-    assert merge_transition(first, "stopped", 20_000)["expire"] == 10_000
-    assert merge_transition(first, "stopped", 5_000)["expire"] == 5_000
-    assert merge_transition(first, "start", 20_000) == {
+    first = request(None, "stopped", 10_000)
+    assert first.to_json() == {"state": "stopping", "to": "stopped", "expire": 10_000}
+    assert request(first, "stopped", 20_000).expire_ms == 10_000
+    assert request(first, "stopped", 5_000).expire_ms == 5_000
+    assert request(first, "start", 20_000).to_json() == {
         "state": "stopping",
         "to": "start",
         "expire": 10_000,
     }
+
+
+def test_transition_reads_back_what_it_writes_and_nothing_malformed() -> None:
+    t = Transition("start", 1234)
+    assert Transition.from_json(t.to_json()) == t
+    assert Transition.of({"transition": t.to_json()}) == t
+    assert Transition.of({}) is None
+    bad: object
+    for bad in (None, [], {"to": "stopped"}, {"to": "x", "expire": 1},
+                {"to": "stopped", "expire": "1"}, {"to": "stopped", "expire": True}):  # fmt: skip
+        assert Transition.from_json(bad) is None, bad
 
 
 class ExitWatch:
@@ -78,7 +89,7 @@ def test_cooperating_guest_stops_at_once(env: Env, guest: dict[str, str]) -> Non
     assert settled < 0.5, settled  # the precise figure is measured in bench/
     vm = env.get(uuid)
     assert vm["state"] == "stopped" and "transition_to" not in vm
-    assert vm["last_exit"]["stage"] == "guest"
+    assert vm["last_exit"]["reason"] == "stop" and vm["last_exit"]["stage"] == "acpi"
     assert "vmtest: powering off" in env.console(uuid)
 
 
@@ -105,7 +116,8 @@ def test_non_cooperating_guest_forced_at_deadline(
         assert "vmtest: ignoring the power button" in env.console(uuid)
     env.wait_for(lambda: env.get(uuid)["state"] == "stopped", timeout=2, what="stopped")
     vm = env.get(uuid)
-    assert vm["last_exit"]["stage"] == "quit" and "transition_to" not in vm
+    assert vm["last_exit"]["reason"] == "stop" and vm["last_exit"]["stage"] == "quit"
+    assert "transition_to" not in vm
 
 
 @pytest.mark.parametrize("kind", ["guest", "ignore_acpi"])
@@ -118,7 +130,8 @@ def test_reboot_ends_running_again(env: Env, guest: dict[str, str], kind: str) -
     old_pid = env.pid(uuid)
     res = env.vmadm("reboot", uuid, "-t", "3")
     assert res.returncode == 0, res.stderr
-    assert res.stderr == ""  # not a terminal: no progress output
+    # Not a terminal: no progress output, SmartOS's line alone.
+    assert res.stderr == f"Successfully completed reboot for VM {uuid}\n"
     vm = env.get(uuid)
     assert vm["state"] == "running" and vm["pid"] != old_pid and "transition_to" not in vm
     assert vm["autoboot"] is True  # as `vmadm start` left it: a reboot does not flip it
@@ -193,11 +206,11 @@ def test_guest_poweroff_clears_transition_and_reboot_boots_again(
     env.wait_for(lambda: env.get(uuid)["state"] == "running", timeout=10, what="booted again")
     env.wait_console(uuid)
     assert "transition_to" not in env.get(uuid)
-    # And with no request at all, a self power-off just records the stage.
+    # And with no request at all, a self power-off is the guest's own.
     watch = ExitWatch(env, uuid)
     watch.wait(20)
     env.wait_for(lambda: env.get(uuid)["state"] == "stopped", timeout=2, what="stopped")
-    assert env.get(uuid)["last_exit"]["stage"] == "guest"
+    assert env.get(uuid)["last_exit"]["reason"] == "poweroff"
 
 
 def test_forced_stop_preempts_graceful(env: Env) -> None:

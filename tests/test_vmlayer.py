@@ -164,6 +164,7 @@ def test_lifecycle_with_real_guest(env: Env, guest: dict[str, str]) -> None:
     assert res.returncode == 0, res.stderr
     vm = env.get(uuid)
     assert vm["state"] == "stopped" and vm["autoboot"] is False
+    assert vm["last_exit"]["reason"] == "stop"
     assert vm["last_exit"]["stage"] in ("sigterm", "sigkill")
     assert env.pid(uuid) is None
 

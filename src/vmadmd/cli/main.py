@@ -73,6 +73,11 @@ def _read_json(path: str | None) -> Any:
         raise InvalidParameter(f"invalid JSON: {err}") from err
 
 
+def _done(message: str) -> None:
+    """SmartOS's success line: on stderr, first and alone (automation matches it there)."""
+    sys.stderr.write(message + "\n")
+
+
 def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
@@ -99,7 +104,7 @@ def cmd_create(ctx: Context, args: argparse.Namespace) -> None:
             layer.start(uuid)
         except VmadmError as err:
             raise VmadmError(f"created VM {uuid} but it failed to boot: {err}") from err
-    print(f"Successfully created VM {uuid}")
+    _done(f"Successfully created VM {uuid}")
 
 
 def cmd_list(ctx: Context, args: argparse.Namespace) -> None:
@@ -128,7 +133,7 @@ def cmd_start(ctx: Context, args: argparse.Namespace) -> None:
     layer = ctx.layer
     uuid = validate_uuid(args.uuid)
     layer.start(uuid)
-    print(f"Successfully started VM {uuid}")
+    _done(f"Successfully started VM {uuid}")
 
 
 def _wait_gone(layer: VmLayer, uuid: str, expire_ms: int | None, limit: float) -> bool:
@@ -179,12 +184,14 @@ def cmd_stop(ctx: Context, args: argparse.Namespace) -> None:
     layer.store.load(uuid)  # an unknown VM: one clear line before anything else
     if not layer.is_running(uuid):
         raise WrongState(f"VM {uuid} is not running")
+    # SmartOS's order: the flag is off before the stop is asked for, so an
+    # interrupted `vmadm stop` never leaves a VM that boots with the host.
+    layer.store.update(uuid, lambda vm: vm.update(autoboot=False))
     if args.F:
         layer.halt(uuid, set_autoboot=False)
     else:
         _graceful(layer, uuid, args, "stop")
-        layer.store.update(uuid, lambda vm: vm.update(autoboot=False))
-    print(f"Successfully completed stop for VM {uuid}")
+    _done(f"Successfully completed stop for VM {uuid}")
 
 
 def cmd_reboot(ctx: Context, args: argparse.Namespace) -> None:
@@ -202,7 +209,7 @@ def cmd_reboot(ctx: Context, args: argparse.Namespace) -> None:
             if time.monotonic() > deadline:
                 raise VmadmError(f"VM {uuid} did not come back after the reboot")
             time.sleep(0.1)
-    print(f"Successfully completed reboot for VM {uuid}")
+    _done(f"Successfully completed reboot for VM {uuid}")
 
 
 def cmd_info(ctx: Context, args: argparse.Namespace) -> None:
@@ -245,14 +252,14 @@ def cmd_update(ctx: Context, args: argparse.Namespace) -> None:
             _client().request("POST", f"/vm/{uuid}", {"action": "reload_vnc"})
         except VmadmError as err:
             sys.stderr.write(f"vmadm: warning: VNC settings saved but not applied: {err}\n")
-    print(f"Successfully updated VM {uuid}")
+    _done(f"Successfully updated VM {uuid}")
 
 
 def cmd_delete(ctx: Context, args: argparse.Namespace) -> None:
     layer = ctx.layer
     uuid = validate_uuid(args.uuid)
     layer.delete(uuid)
-    print(f"Successfully deleted VM {uuid}")
+    _done(f"Successfully deleted VM {uuid}")
 
 
 def cmd_events(ctx: Context, args: argparse.Namespace) -> None:

@@ -13,7 +13,6 @@ import importlib.resources
 import json
 import logging
 import math
-import os
 import time
 import uuid as uuidlib
 from collections.abc import Callable
@@ -26,13 +25,13 @@ from vmadmd import __version__
 from vmadmd.daemon.console import ConsoleServer
 from vmadmd.daemon.events import Event, EventBus, Subscriber
 from vmadmd.daemon.logs import req_id_var
-from vmadmd.daemon.manager import Manager, TransitionTo, parse_types
+from vmadmd.daemon.manager import Manager
 from vmadmd.daemon.metrics import Metrics
 from vmadmd.daemon.responses import Handler, answer, error_response
+from vmadmd.daemon.supervisor import parse_types
 from vmadmd.errors import (
     InvalidParameter,
     PayloadTooLarge,
-    VmadmError,
     WrongState,
 )
 from vmadmd.vm.store import validate_uuid
@@ -155,17 +154,7 @@ class Api:
         return web.json_response(body)
 
     async def list_vms(self, request: web.Request) -> web.Response:
-        out: list[dict[str, Any]] = []
-        for uuid in self.manager.store.list_uuids():
-            try:
-                record = self.manager.load(uuid)
-            except VmadmError as err:
-                out.append({"uuid": uuid, "state": "broken", "error": err.message})
-                continue
-            rt = self.manager.vms.get(uuid)
-            state = "stopped" if rt is None else ("stopping" if rt.transition else "running")
-            out.append({"uuid": uuid, "state": state, "alias": record.get("alias")})
-        return web.json_response(out)
+        return web.json_response(self.manager.listing())
 
     async def metrics_page(self, request: web.Request) -> web.Response:
         return web.Response(
@@ -185,8 +174,7 @@ class Api:
 
     async def screenshot_png(self, request: web.Request) -> web.Response:
         uuid = validate_uuid(request.match_info["uuid"])
-        path = await self.manager.screenshot(uuid, "png")
-        data = await asyncio.to_thread(_read_and_remove, path)
+        data = await self.manager.screenshot_png(uuid)
         return web.Response(body=data, content_type="image/png")
 
     async def action(self, request: web.Request) -> web.Response:
@@ -196,10 +184,10 @@ class Api:
         m = self.manager
         if action == "stop" or action == "reboot":
             timeout = parse_timeout(params.get("timeout"))
-            m.load(uuid)
-            to: TransitionTo = "start" if action == "reboot" else "stopped"
-            transition = await m.request_stop(uuid, timeout, to)
-            return web.json_response({"uuid": uuid, "transition": transition}, status=202)
+            transition = await m.request_stop(
+                uuid, timeout, "start" if action == "reboot" else "stopped"
+            )
+            return web.json_response({"uuid": uuid, "transition": transition.to_json()}, status=202)
         if action == "reset":
             await m.reset(uuid)
             return web.json_response({"uuid": uuid, "action": "reset"})
@@ -274,11 +262,3 @@ async def _next(sub: Subscriber) -> Event | None:
 
 def _sse(event_id: int, type_: str, data: dict[str, Any]) -> bytes:
     return f"id: {event_id}\nevent: {type_}\ndata: {json.dumps(data)}\n\n".encode()
-
-
-def _read_and_remove(path: str) -> bytes:
-    with open(path, "rb") as f:
-        data = f.read()
-    with contextlib.suppress(OSError):
-        os.unlink(path)
-    return data

@@ -30,7 +30,7 @@ from aiohttp import WSMsgType, web
 from vmadmd.daemon.manager import Manager
 from vmadmd.daemon.responses import json_errors
 from vmadmd.daemon.vnc import open_upstream
-from vmadmd.errors import Forbidden, Unreachable, WrongState
+from vmadmd.errors import Forbidden, Unreachable
 
 log = logging.getLogger("vmadmd.console")
 
@@ -148,9 +148,7 @@ class ConsoleServer:
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         if self.port == 0:
-            server = site._server
-            assert isinstance(server, asyncio.base_events.Server)
-            self.port = int(server.sockets[0].getsockname()[1])
+            self.port = int(self._runner.addresses[0][1])
         log.info("browser consoles on http://%s:%d/console/", self.host, self.port)
 
     async def close(self) -> None:
@@ -164,12 +162,11 @@ class ConsoleServer:
         uuid = self.tokens.peek(token)
         if uuid is None:
             raise Forbidden("This console link is invalid, used or expired.")
-        record = self.manager.load(uuid)
         config = {
             "token": token,
             "uuid": uuid,
-            "name": record.get("alias") or uuid,
-            "password": bool(record.get("vnc_password")),
+            "name": self.manager.alias(uuid),
+            "password": self.manager.has_password(uuid),
         }
         template = importlib.resources.files("vmadmd.daemon").joinpath("console.html").read_text()
         # Inside a <script> element: keep "</" out of the JSON.
@@ -187,7 +184,8 @@ class ConsoleServer:
         uuid = self.tokens.owner(request.match_info["token"])
         if uuid is None:
             return web.json_response({"state": "unknown"}, status=403)
-        return web.json_response({"state": "running" if uuid in self.manager.vms else "stopped"})
+        state = "running" if self.manager.is_running(uuid) else "stopped"
+        return web.json_response({"state": state})
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
@@ -195,13 +193,11 @@ class ConsoleServer:
         if uuid is None:
             log.warning("console token %s refused", shown(token))
             raise Forbidden("invalid, used or expired console token")
-        rt = self.manager.vms.get(uuid)
-        if rt is None:
-            raise WrongState(f"VM {uuid} is not running")
+        directory, name = self.manager.vnc_socket(uuid)  # 409 when not running
         # Connect to qemu before accepting the WebSocket: a refused session
         # gets a plain HTTP error, and no byte reaches qemu without a token.
         try:
-            reader, writer = await open_upstream(rt.paths.runtime_dir, rt.paths.VNC_NAME)
+            reader, writer = await open_upstream(directory, name)
         except OSError as err:
             raise Unreachable(f"cannot reach the VM's console: {err}") from err
         ws = web.WebSocketResponse(protocols=("binary",), max_msg_size=1 << 20)

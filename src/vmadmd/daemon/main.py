@@ -26,8 +26,9 @@ from vmadmd.daemon import autoboot, logs
 from vmadmd.daemon.api import Api
 from vmadmd.daemon.console import ConsoleServer
 from vmadmd.daemon.events import EventBus
-from vmadmd.daemon.manager import DaemonSettings, Manager
+from vmadmd.daemon.manager import Manager
 from vmadmd.daemon.metrics import Metrics
+from vmadmd.daemon.supervisor import DaemonSettings
 from vmadmd.daemon.watch import ZonesWatcher
 from vmadmd.errors import ConfigError
 from vmadmd.vm.config import (

@@ -1,116 +1,35 @@
-"""The one owner of cross-VM state in the daemon.
+"""The registry of running VMs: uuid -> ``VmSupervisor``, and the cross-VM work.
 
-For every running VM it holds a ``VmRuntime``: the qemu pid and a pidfd that
-tells the event loop the moment qemu exits, the QMP ``Monitor``, the VNC
-listener, a per-VM operation lock and the transition timer.  It learns about
-VMs from inotify (see ``watch``) and from the pidfds, never by polling.
-
-Policy lives in small functions (``merge_transition``); mechanism (QMP,
-signals, files) at the edges.  Disk writes and flock waits run in worker
-threads so the loop never blocks on them.
+It learns about VMs from inotify (see ``watch``) and from each supervisor's
+pidfd, never by polling: ``refresh`` brings the view of one VM in line with
+what is on disk and in ``/proc`` (attach a qemu it does not hold yet, settle
+a transition whose qemu went away while no daemon watched).  Everything
+done to one VM is its supervisor's; what spans VMs (the start-up sweep,
+booting, what the API lists) is here.  Disk writes and flock waits run in
+worker threads so the loop never blocks on them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import ipaddress
-import itertools
 import logging
-import os
-import signal
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Coroutine, Iterable
 from typing import Any, Literal
 
 from vmadmd.daemon.events import EventBus
 from vmadmd.daemon.metrics import Metrics
-from vmadmd.daemon.monitor import Monitor
-from vmadmd.daemon.vnc import Handoff, VncListener, file_inode
-from vmadmd.errors import InvalidParameter, QmpFailed, QmpTimeout, VmadmError, WrongState
+from vmadmd.daemon.supervisor import DaemonSettings, Shared, VmSupervisor, settle_record
+from vmadmd.errors import VmadmError, VmBroken, WrongState
 from vmadmd.vm import proc
-from vmadmd.vm.config import VmSettings
-from vmadmd.vm.layer import VmLayer, iso_now, now_ms
-from vmadmd.vm.store import VmPaths, VmRecord
+from vmadmd.vm.layer import VmLayer, state_of
+from vmadmd.vm.store import VmRecord
+from vmadmd.vm.transition import Transition, TransitionTo
 
 log = logging.getLogger("vmadmd.manager")
 
-INFO_QUERIES: dict[str, str] = {
-    "block": "query-block",
-    "blockstats": "query-blockstats",
-    "chardev": "query-chardev",
-    "cpus": "query-cpus-fast",  # qemu 7.2 has no query-cpus
-    "kvm": "query-kvm",
-    "pci": "query-pci",
-    "version": "query-version",
-    "status": "query-status",
-}
-INFO_TYPES = (*INFO_QUERIES, "vnc")
-
-TransitionTo = Literal["stopped", "start"]
-ExitStage = Literal["guest", "quit", "sigterm", "sigkill"]
-
 CONNECT_CONCURRENCY = 64  # QMP connects in flight at once (start-up with many VMs)
-POWERDOWN_RESEND = 2.0  # a guest still booting can miss one ACPI press
-QUIT_WAIT = 2.0
-SIGTERM_WAIT = 3.0
-SIGKILL_WAIT = 10.0
-
-
-@dataclass
-class DaemonSettings:
-    vm: VmSettings
-    vnc_bind: str = "127.0.0.1"
-    qmp_timeout: float = 5.0
-    # "handoff": give console clients to qemu's VNC server over QMP, relaying
-    # only when qemu cannot take one; "proxy": always relay.
-    vnc_relay: str = "handoff"
-
-
-def merge_transition(
-    current: dict[str, Any] | None, to: TransitionTo, expire: int
-) -> dict[str, Any]:
-    """The transition after a new stop/reboot request.
-
-    A pending deadline is never extended (a second, later stop does not buy
-    the guest more time); an earlier one pre-empts it.  The latest request
-    decides where the VM goes afterwards.
-    """
-    if current and isinstance(current.get("expire"), int):
-        expire = min(expire, current["expire"])
-    return {"state": "stopping", "to": to, "expire": expire}
-
-
-@dataclass(eq=False)
-class VmRuntime:
-    uuid: str
-    paths: VmPaths
-    pid: int
-    pidfd: int
-    monitor: Monitor
-    vnc: VncListener | None = None
-    vnc_key: tuple[int, str | None] | None = None
-    op_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    exited: asyncio.Event = field(default_factory=asyncio.Event)
-    transition: dict[str, Any] | None = None
-    timer: asyncio.Task[None] | None = None
-    exit_stage: ExitStage | None = None
-    vnc_task: asyncio.Task[None] | None = None
-    # The inode of the vm.vnc socket file qemu bound (see qemu_vnc_inode).
-    vnc_inode: int | None = None
-    # How this qemu's VNC server was started: None (no -vnc), or whether it
-    # requires password auth.  Only a new qemu can change either.
-    qemu_vnc_auth: bool | None = None
-
-
-def qemu_vnc_mode(argv: list[str]) -> bool | None:
-    """From qemu's argv: None without -vnc, else whether password auth is on."""
-    for flag, value in itertools.pairwise(argv):
-        if flag == "-vnc":
-            return "password=on" in value.split(",")
-    return None
 
 
 class Manager:
@@ -120,18 +39,27 @@ class Manager:
         self.metrics = metrics
         self.layer = VmLayer(settings.vm)
         self.store = self.layer.store
-        self.vms: dict[str, VmRuntime] = {}
+        self.vms: dict[str, VmSupervisor] = {}
         # VMs whose qemu exited and whose exit is being settled: a refresh
         # must not settle it a second time.
         self._exiting: set[str] = set()
+        # VMs whose vm.json could not be read the last time it was looked at.
+        self._broken: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
-        self._connect_slots = asyncio.Semaphore(CONNECT_CONCURRENCY)
+        self._shared = Shared(
+            settings=settings,
+            store=self.store,
+            bus=bus,
+            metrics=metrics,
+            connect_slots=asyncio.Semaphore(CONNECT_CONCURRENCY),
+            spawn=self._spawn,
+        )
         metrics.watch_state(self._state_snapshot)
 
     # -- helpers -----------------------------------------------------------
 
-    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -146,32 +74,65 @@ class Manager:
         """The VM's record; VmNotFound / VmBroken / InvalidUuid as appropriate."""
         return self.store.load(uuid)
 
-    def running(self, uuid: str) -> VmRuntime:
-        """The runtime of a running VM, else WrongState (after a 404 check)."""
-        rt = self.vms.get(uuid)
-        if rt is None:
+    def running(self, uuid: str) -> VmSupervisor:
+        """The supervisor of a running VM, else WrongState (after a 404 check)."""
+        sup = self.vms.get(uuid)
+        if sup is None:
             self.load(uuid)
             raise WrongState(f"VM {uuid} is not running")
-        return rt
+        return sup
+
+    def state(self, uuid: str) -> str:
+        """The VM's state as the daemon knows it (the one rule: ``state_of``)."""
+        sup = self.vms.get(uuid)
+        return state_of(sup is not None, sup.transition if sup is not None else None)
+
+    def listing(self) -> list[dict[str, Any]]:
+        """Every VM with its state and alias (broken ones with why)."""
+        out: list[dict[str, Any]] = []
+        for uuid in self.store.list_uuids():
+            try:
+                record = self.load(uuid)
+            except VmadmError as err:
+                out.append({"uuid": uuid, "state": "broken", "error": err.message})
+                continue
+            out.append({"uuid": uuid, "state": self.state(uuid),
+                        "alias": record.get("alias")})  # fmt: skip
+        return out
+
+    def alias(self, uuid: str) -> str:
+        """What a page may call the VM: its alias, else its uuid."""
+        return str(self.load(uuid).get("alias") or uuid)
+
+    def has_password(self, uuid: str) -> bool:
+        return bool(self.load(uuid).get("vnc_password"))
 
     def connection_counts(self) -> dict[str, int]:
         """How far the daemon is in picking up its running VMs."""
         return {
             "running_vms": len(self.vms),
-            "qmp_ready": sum(1 for rt in self.vms.values() if rt.monitor.ready),
+            "qmp_ready": sum(1 for sup in self.vms.values() if sup.monitor.ready),
             "vnc_listeners": sum(
-                1 for rt in self.vms.values() if rt.vnc is not None and rt.vnc.port is not None
+                1
+                for sup in self.vms.values()
+                if sup.console.listener is not None and sup.console.listener.port is not None
             ),
         }
 
     def _state_snapshot(self) -> dict[str, float]:
-        running = sum(1 for rt in self.vms.values() if not rt.transition)
+        stopping = sum(1 for sup in self.vms.values() if sup.transition is not None)
         total = len(self.store.list_uuids())
+        broken = len(self._broken)
         return {
-            "vms_running": running,
-            "vms_stopping": len(self.vms) - running,
-            "vms_stopped": max(0, total - len(self.vms)),
-            "vnc_sessions": sum(len(rt.vnc.sessions) for rt in self.vms.values() if rt.vnc),
+            "vms_running": len(self.vms) - stopping,
+            "vms_stopping": stopping,
+            "vms_stopped": max(0, total - len(self.vms) - broken),
+            "vms_broken": broken,
+            "vnc_sessions": sum(
+                len(sup.console.listener.sessions)
+                for sup in self.vms.values()
+                if sup.console.listener is not None
+            ),
             "vnc_listeners": self.connection_counts()["vnc_listeners"],
         }
 
@@ -203,129 +164,51 @@ class Manager:
             return  # its pidfd tells us when it exits, or has told us
         try:
             record = self.load(uuid)
-        except VmadmError:
+        except VmBroken:
+            self._broken.add(uuid)
             return
+        except VmadmError:
+            self._broken.discard(uuid)
+            return
+        self._broken.discard(uuid)
         found = proc.open_vm_pidfd(self.store.paths(uuid).pid, uuid)
         if found is not None:
-            if uuid in self.vms:  # attached meanwhile
-                os.close(found[1])
-                return
             self._attach(uuid, record, *found)
         elif record.get("transition"):
             # qemu went away while no daemon watched: finish the transition.
-            cleared = await self._settle_exit(uuid, None)
-            if cleared.get("to") == "start":
-                with contextlib.suppress(VmadmError):
-                    await self.boot(uuid, reason="reboot")
+            cleared = await settle_record(self._shared, uuid, None)
+            await self._after_exit(uuid, cleared)
 
     def _attach(self, uuid: str, record: VmRecord, pid: int, pidfd: int) -> None:
-        paths = self.store.paths(uuid)
-        monitor = Monitor(
-            uuid,
-            paths.runtime_dir,
-            paths.QMP_NAME,
-            timeout=self.settings.qmp_timeout,
-            on_event=lambda name, data: self._on_qmp_event(uuid, name, data),
-            metrics=self.metrics,
-            connect_slots=self._connect_slots,
-        )
-        rt = VmRuntime(
-            uuid=uuid,
-            paths=paths,
-            pid=pid,
-            pidfd=pidfd,
-            monitor=monitor,
-            qemu_vnc_auth=qemu_vnc_mode(proc.cmdline(pid)),
-        )
-        self.vms[uuid] = rt
-        asyncio.get_running_loop().add_reader(pidfd, self._on_pidfd, rt)
-        monitor.start()
-        log.info("vm %s: running (pid %d)", uuid, pid)
-        self.bus.emit("started", uuid, pid=pid)
-        rt.vnc_task = self._spawn(self._open_vnc(rt, record), f"vnc-{uuid}")
-        transition = record.get("transition")
-        if isinstance(transition, dict) and isinstance(transition.get("expire"), int):
-            rt.transition = transition
-            self._arm(rt)
+        sup = VmSupervisor(uuid, pid, pidfd, self._shared, self._on_exit)
+        self.vms[uuid] = sup
+        sup.start(record)
 
-    def _on_qmp_event(self, uuid: str, name: str, data: dict[str, Any]) -> None:
-        if name in ("SHUTDOWN", "POWERDOWN", "RESET", "STOP", "RESUME"):
-            log.debug("vm %s: QMP event %s", uuid, name)
-            self.bus.emit("qmp_event", uuid, event=name, data=data)
+    def _on_exit(self, sup: VmSupervisor) -> None:
+        if self.vms.get(sup.uuid) is sup:
+            del self.vms[sup.uuid]
+        self._exiting.add(sup.uuid)
+        self._spawn(self._handle_exit(sup), f"exit-{sup.uuid}")
 
-    # -- exit --------------------------------------------------------------
-
-    def _on_pidfd(self, rt: VmRuntime) -> None:
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(rt.pidfd)
-        os.close(rt.pidfd)
-        rt.pidfd = -1
-        rt.exited.set()
-        if self.vms.get(rt.uuid) is rt:
-            del self.vms[rt.uuid]
-        self._exiting.add(rt.uuid)
-        self._spawn(self._handle_exit(rt), f"exit-{rt.uuid}")
-
-    async def _handle_exit(self, rt: VmRuntime) -> None:
+    async def _handle_exit(self, sup: VmSupervisor) -> None:
         try:
-            if rt.timer is not None and rt.timer is not asyncio.current_task():
-                rt.timer.cancel()
-            if rt.vnc_task is not None:
-                rt.vnc_task.cancel()
-            # The record first: that is what `vmadm get/stop` wait for.
-            cleared = await self._settle_exit(rt.uuid, rt.exit_stage or "guest")
-            if rt.vnc is not None:
-                await rt.vnc.close()
-                self.bus.emit("vnc_down", rt.uuid)
-            await rt.monitor.close()
+            cleared = await sup.settle()
         finally:
-            self._exiting.discard(rt.uuid)
+            self._exiting.discard(sup.uuid)
         if self._closing:
             return
-        if cleared.get("to") == "start":
-            with contextlib.suppress(VmadmError):  # logged and emitted by boot()
-                await self.boot(rt.uuid, reason="reboot")
-        else:
+        if cleared is None or cleared.to != "start":
             # `vmadm start` may have booted a new qemu while this exit was
             # being settled; its vm.json event was ignored meanwhile.
-            await self.refresh_safely(rt.uuid)
+            await self.refresh_safely(sup.uuid)
+            return
+        await self._after_exit(sup.uuid, cleared)
 
-    async def _settle_exit(self, uuid: str, stage: ExitStage | None) -> dict[str, Any]:
-        """qemu is gone: clear the transition and record how it ended.
-
-        Returns the transition it cleared (empty if none).
-        """
-        cleared: dict[str, Any] = {}
-        ended_by = stage  # or what the VM layer recorded (e.g. `vmadm stop -F`)
-
-        def change(vm: VmRecord) -> None:
-            nonlocal ended_by
-            transition = vm.pop("transition", None)
-            if transition:
-                cleared.update(transition)
-            last = vm.get("last_exit")
-            boot = vm.get("boot_timestamp", "")
-            already = isinstance(last, dict) and str(last.get("time", "")) >= str(boot)
-            if stage is not None and not already:
-                vm["last_exit"] = {"stage": stage, "time": iso_now()}
-            recorded = vm.get("last_exit")
-            if stage is not None and isinstance(recorded, dict):
-                ended_by = recorded.get("stage", stage)
-
-        try:
-            await asyncio.to_thread(self.store.update, uuid, change)
-        except VmadmError as err:
-            # Deleted meanwhile, or unreadable: nothing to settle.
-            log.info("vm %s: exited; record not updated: %s", uuid, err)
-            self.bus.emit("exited", uuid, stage=stage)
-            return {}
-        log.info("vm %s: exited (stage %s)", uuid, ended_by or "unknown", extra={"vm": uuid})
-        self.bus.emit("exited", uuid, stage=ended_by)
-        if ended_by:
-            self.metrics.stops.labels(ended_by).inc()
-        if cleared:
-            self.bus.emit("transition_cleared", uuid, to=cleared.get("to"))
-        return cleared
+    async def _after_exit(self, uuid: str, cleared: Transition | None) -> None:
+        """A reboot's second half: boot the VM again."""
+        if cleared is not None and cleared.to == "start":
+            with contextlib.suppress(VmadmError):  # logged and emitted by boot()
+                await self.boot(uuid, reason="reboot")
 
     async def boot(self, uuid: str, *, reason: str) -> float:
         """Start the VM through the VM layer; returns how long qemu took to come up."""
@@ -333,302 +216,62 @@ class Manager:
         try:
             await asyncio.to_thread(self.layer.start, uuid, set_autoboot=False)
         except WrongState:
-            log.info("vm %s: %s: already running", uuid, reason)
+            log.info("vm %s: %s: already running", uuid, reason, extra={"vm": uuid})
             await self.refresh(uuid)  # someone else booted it: make sure we hold it
             raise
         except VmadmError as err:
-            log.error("vm %s: %s failed: %s", uuid, reason, err)
+            log.error("vm %s: %s failed: %s", uuid, reason, err, extra={"vm": uuid})
             self.bus.emit("boot_failed", uuid, reason=reason, error=str(err))
             raise
         took = time.monotonic() - t0
-        log.info("vm %s: booted (%s) in %.3f s", uuid, reason, took)
+        log.info("vm %s: booted (%s) in %.3f s", uuid, reason, took, extra={"vm": uuid})
         await self.refresh(uuid)
         return took
 
-    # -- VNC ---------------------------------------------------------------
+    # -- what the API asks of one VM -------------------------------------------
 
-    async def _open_vnc(self, rt: VmRuntime, record: VmRecord) -> None:
-        port = record.get("vnc_port", 0)
-        password = record.get("vnc_password") or None
-        rt.vnc_key = (port, password)
-        if port == -1:
-            return
-        handoff: Handoff | None = None
-        if self.settings.vnc_relay == "handoff":
-            timeout = self.settings.qmp_timeout
-            handoff = functools.partial(rt.monitor.add_vnc_client, timeout=timeout)
-        listener = VncListener(
-            rt.uuid, rt.paths.runtime_dir, rt.paths.VNC_NAME, self.settings.vnc_bind, port,
-            self.metrics, handoff, lambda: self.qemu_vnc_inode(rt),
-        )  # fmt: skip
-        mismatch = vnc_mismatch(rt.qemu_vnc_auth, bool(password))
-        if mismatch is not None:
-            # Never serve a console with weaker protection than asked for.
-            listener.error = mismatch
-            self.metrics.vnc_listener_errors.inc()
-            rt.vnc = listener
-            log.warning("vm %s: %s", rt.uuid, mismatch)
-            return
-        if password:
-            try:
-                await rt.monitor.execute("set_password", {"protocol": "vnc", "password": password})
-            except VmadmError as err:
-                listener.error = f"cannot set the VNC password: {err}"
-                rt.vnc = listener
-                log.error("vm %s: %s", rt.uuid, listener.error)
-                return
-        if await listener.open():
-            self.bus.emit("vnc_up", rt.uuid, port=listener.port)
-            log.info("vm %s: VNC on %s:%s", rt.uuid, listener.host, listener.port)
-            if not password and not is_loopback(listener.host):
-                log.warning(
-                    "vm %s: VNC console on %s:%s without a vnc_password: "
-                    "whoever reaches that address has the console",
-                    rt.uuid, listener.host, listener.port, extra={"vm": rt.uuid},
-                )  # fmt: skip
-        if rt.exited.is_set():
-            await listener.close()
-            return
-        rt.vnc = listener
+    async def info(self, uuid: str, types: list[str]) -> dict[str, Any]:
+        return await self.running(uuid).info(types)
+
+    async def reset(self, uuid: str) -> None:
+        await self.running(uuid).reset()
+
+    async def nmi(self, uuid: str) -> None:
+        await self.running(uuid).nmi()
+
+    async def screenshot(self, uuid: str, fmt: Literal["ppm", "png"] = "ppm") -> str:
+        return await self.running(uuid).screenshot(fmt)
+
+    async def screenshot_png(self, uuid: str) -> bytes:
+        return await self.running(uuid).screenshot_png()
 
     async def reload_vnc(self, uuid: str) -> dict[str, Any]:
         record = self.load(uuid)
-        rt = self.vms.get(uuid)
-        if rt is None:
+        sup = self.vms.get(uuid)
+        if sup is None:
             return {}
-        async with rt.op_lock:
-            if rt.vnc_task is not None and not rt.vnc_task.done():
-                await rt.vnc_task
-            key = (record.get("vnc_port", 0), record.get("vnc_password") or None)
-            if key == rt.vnc_key:
-                return self.vnc_info(rt)
-            port, password = key
-            listener = rt.vnc
-            if (
-                rt.vnc_key is not None
-                and port == rt.vnc_key[0]
-                and password
-                and rt.qemu_vnc_auth
-                and listener is not None
-                and listener.error is None
-            ):
-                # Only the password changed: qemu takes a new one in place;
-                # the listener (and its port) stay.
-                await rt.monitor.execute("set_password", {"protocol": "vnc", "password": password})
-                rt.vnc_key = key
-                return self.vnc_info(rt)
-            if rt.vnc is not None:
-                await rt.vnc.close()
-                rt.vnc = None
-                self.bus.emit("vnc_down", uuid)
-            await self._open_vnc(rt, record)
-            return self.vnc_info(rt)
+        return await sup.reload_vnc(record)
 
-    @staticmethod
-    def qemu_vnc_inode(rt: VmRuntime) -> int | None:
-        """The inode of the vm.vnc socket file this qemu bound, once known.
+    async def request_stop(self, uuid: str, timeout: float, to: TransitionTo) -> Transition:
+        self.load(uuid)
+        return await self.running(uuid).request_stop(timeout, to)
 
-        Taken the first time it is asked for with QMP connected: qemu
-        answers QMP only from its main loop, after its VNC socket is bound
-        (its pidfile, which the daemon may see first, comes earlier).  While
-        the file there is still that one, qemu's VNC server is what listens
-        at vm.vnc.
-        """
-        if rt.vnc_inode is None and rt.monitor.ready:
-            rt.vnc_inode = file_inode(rt.paths.runtime_dir, rt.paths.VNC_NAME)
-        return rt.vnc_inode
+    def vnc_socket(self, uuid: str) -> tuple[str, str]:
+        """Where a running VM's qemu serves VNC: (directory, name)."""
+        paths = self.running(uuid).paths
+        return paths.runtime_dir, paths.VNC_NAME
 
-    @staticmethod
-    def vnc_info(rt: VmRuntime) -> dict[str, Any]:
-        """The listener as it is, with the password qemu was given (if any)."""
-        if rt.vnc is None:
-            return {}
-        return rt.vnc.info(rt.vnc_key[1] if rt.vnc_key else None)
-
-    # -- QMP operations ----------------------------------------------------
-
-    async def info(self, uuid: str, types: list[str]) -> dict[str, Any]:
-        rt = self.running(uuid)  # vm.json is read only when the VM is not running
-        queries = [t for t in types if t in INFO_QUERIES]
-        results = await asyncio.gather(
-            *(rt.monitor.execute(INFO_QUERIES[t]) for t in queries), return_exceptions=True
-        )
-        # A timeout outranks other failures: it is what the caller must see
-        # (504) when qemu is wedged.
-        failures = [r for r in results if isinstance(r, BaseException)]
-        for failure in sorted(failures, key=lambda e: not isinstance(e, QmpTimeout)):
-            raise failure
-        out: dict[str, Any] = dict(zip(queries, results, strict=True))
-        if "vnc" in types:
-            out["vnc"] = self.vnc_info(rt)
-        return {t: out[t] for t in types if t in out}
-
-    async def reset(self, uuid: str) -> None:
-        rt = self.running(uuid)
-        async with rt.op_lock:
-            await rt.monitor.execute("system_reset")
-        self.bus.emit("reset", uuid)
-
-    async def nmi(self, uuid: str) -> None:
-        rt = self.running(uuid)
-        async with rt.op_lock:
-            await rt.monitor.execute("inject-nmi")
-
-    async def screenshot(self, uuid: str, fmt: Literal["ppm", "png"] = "ppm") -> str:
-        """Write a screenshot; returns its path."""
-        rt = self.running(uuid)
-        path = rt.paths.screenshot if fmt == "ppm" else rt.paths.screenshot[:-4] + ".png"
-        async with rt.op_lock:
-            # Wake a blanked console first, as a user would with a key press.
-            with contextlib.suppress(QmpFailed):
-                await rt.monitor.execute("send-key", {"keys": [{"type": "qcode", "data": "shift"}]})
-            args: dict[str, Any] = {"filename": path}
-            if fmt == "png":
-                args["format"] = "png"  # qemu >= 7.1
-            await rt.monitor.execute("screendump", args)
-        return path
-
-    # -- stop / reboot -----------------------------------------------------
-
-    async def request_stop(self, uuid: str, timeout: float, to: TransitionTo) -> dict[str, Any]:
-        """Persist the deadline, then press the power button; forced at the deadline."""
-        rt = self.running(uuid)
-        async with rt.op_lock:
-            if rt.exited.is_set():
-                raise WrongState(f"VM {uuid} is not running")
-            expire = now_ms() + int(timeout * 1000)
-            result: dict[str, Any] = {}
-
-            def change(vm: VmRecord) -> None:
-                transition = merge_transition(vm.get("transition"), to, expire)
-                vm["transition"] = transition
-                result.update(transition)
-
-            # The deadline is on disk before the guest hears anything: a
-            # daemon killed from here on still forces the stop in time.
-            await asyncio.to_thread(self.store.update, uuid, change)
-            rt.transition = dict(result)
-            self.bus.emit("transition_set", uuid, **result)
-            log.info(
-                "vm %s: %s requested, forced at %d",
-                uuid, "reboot" if to == "start" else "stop", result["expire"],
-            )  # fmt: skip
-            await self._powerdown(rt)
-            self._arm(rt)
-            return result
-
-    async def _powerdown(self, rt: VmRuntime) -> None:
-        try:
-            await rt.monitor.execute("system_powerdown")
-        except VmadmError as err:
-            # The deadline still holds; the timer re-sends and then forces.
-            log.warning("vm %s: system_powerdown failed: %s", rt.uuid, err)
-
-    def _arm(self, rt: VmRuntime) -> None:
-        if rt.timer is not None and not rt.timer.done():
-            rt.timer.cancel()
-        rt.timer = self._spawn(self._transition_timer(rt), f"transition-{rt.uuid}")
-
-    async def _transition_timer(self, rt: VmRuntime) -> None:
-        while not rt.exited.is_set():
-            assert rt.transition is not None
-            left = rt.transition["expire"] / 1000 - time.time()
-            if left <= 0:
-                break
-            try:
-                await asyncio.wait_for(rt.exited.wait(), min(left, POWERDOWN_RESEND))
-                return
-            except TimeoutError:
-                pass
-            if rt.transition["expire"] / 1000 - time.time() > 0.5:
-                await self._powerdown(rt)
-        if not rt.exited.is_set():
-            await self.force_stop(rt)
-
-    async def force_stop(self, rt: VmRuntime) -> ExitStage | None:
-        """quit over QMP, then SIGTERM, then SIGKILL, each bounded."""
-        log.info("vm %s: deadline reached; forcing the stop", rt.uuid)
-        self.bus.emit("transition_forced", rt.uuid)
-        stage: ExitStage
-        rt.exit_stage = "quit"
-        with contextlib.suppress(VmadmError):
-            await rt.monitor.execute("quit", timeout=QUIT_WAIT)
-        if await self._wait_exit(rt, QUIT_WAIT):
-            return "quit"
-        for stage, sig, wait in (
-            ("sigterm", signal.SIGTERM, SIGTERM_WAIT),
-            ("sigkill", signal.SIGKILL, SIGKILL_WAIT),
-        ):
-            rt.exit_stage = stage
-            if rt.pidfd < 0 or not proc.pidfd_signal(rt.pidfd, sig):
-                return stage  # already gone
-            if await self._wait_exit(rt, wait):
-                return stage
-        log.error("vm %s: qemu survived SIGKILL", rt.uuid)
-        return None
-
-    @staticmethod
-    async def _wait_exit(rt: VmRuntime, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(rt.exited.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+    def is_running(self, uuid: str) -> bool:
+        return uuid in self.vms
 
     # -- shutdown ----------------------------------------------------------
 
     async def close(self) -> None:
         """Let go of every VM (they keep running)."""
         self._closing = True
-        loop = asyncio.get_running_loop()
         for task in list(self._tasks):
             task.cancel()
-        for rt in list(self.vms.values()):
-            if rt.pidfd >= 0:
-                loop.remove_reader(rt.pidfd)
-                os.close(rt.pidfd)
-                rt.pidfd = -1
-        await asyncio.gather(
-            *(rt.monitor.close() for rt in self.vms.values()),
-            *(rt.vnc.close() for rt in self.vms.values() if rt.vnc is not None),
-            return_exceptions=True,
-        )
+        await asyncio.gather(*(sup.detach() for sup in self.vms.values()), return_exceptions=True)
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=2.0)
         self.vms.clear()
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def vnc_mismatch(qemu_auth: bool | None, want_password: bool) -> str | None:
-    """Why this qemu cannot serve the console as configured, or None."""
-    if qemu_auth is None:
-        return "this qemu was started without a VNC server; the console comes with the next boot"
-    if want_password and not qemu_auth:
-        return (
-            "vnc_password was set after this qemu started without password auth; "
-            "the console stays closed until the next boot"
-        )
-    if not want_password and qemu_auth:
-        return (
-            "vnc_password was removed, but this qemu requires one until the next boot; "
-            "the console stays closed until then"
-        )
-    return None
-
-
-def parse_types(raw: str | None) -> list[str]:
-    if raw is None or raw == "" or raw == "all":
-        return list(INFO_TYPES)
-    types = [t.strip() for t in raw.split(",") if t.strip()]
-    for t in types:
-        if t not in INFO_TYPES:
-            raise InvalidParameter(f"unknown info type {t!r}; known: {', '.join(INFO_TYPES)}")
-    return list(dict.fromkeys(types))

@@ -66,9 +66,12 @@ class Metrics:
         self.vnc_listener_errors = Counter(
             "vmadmd_vnc_listener_errors", "VNC listeners that could not open", registry=r
         )
-        self.stops = Counter(
-            "vmadmd_stops", "VM exits by the stage that ended them", ["stage"], registry=r
-        )
+        self.vm_exits = Counter(
+            "vmadmd_vm_exits",
+            "VM exits by reason (poweroff, stop, panic, crash) and, for a stop, the stage "
+            "that ended it (acpi, quit, sigterm, sigkill)",
+            ["reason", "stage"], registry=r,
+        )  # fmt: skip
         self.console_sessions = Gauge(
             "vmadmd_console_sessions", "Open browser console sessions", registry=r
         )

@@ -7,6 +7,13 @@ connection wedged: it is dropped and re-established in the background (a
 qemu stopped with SIGSTOP answers again after SIGCONT), and until then
 commands wait for the connection up to their own timeout.  Nothing here
 touches another VM.
+
+This module is the only one that speaks QMP: the rest of the daemon calls
+one typed method per operation (``powerdown()``, ``query("block")``,
+``add_vnc_client(fd)``...), as libvirt's ``qemu_monitor.c`` keeps JSON away
+from its driver.  Failures come back typed: ``QmpRefused`` (qemu answered
+with an error, so it surely did not act), ``QmpConnectionLost`` (whether it
+acted is unknown) and ``QmpTimeout``.
 """
 
 from __future__ import annotations
@@ -16,18 +23,30 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
-from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, Message, QMPClient
+from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, Message, QMPClient, Runstate
 from qemu.qmp.error import QMPError
 
 from vmadmd.daemon.metrics import Metrics
-from vmadmd.errors import QmpFailed, QmpTimeout
+from vmadmd.errors import QmpConnectionLost, QmpFailed, QmpRefused, QmpTimeout
 from vmadmd.vm.sockets import connect_unix
 
 log = logging.getLogger("vmadmd.qmp")
 
 EventCallback = Callable[[str, dict[str, Any]], None]
+
+# What ``query()`` can ask, by the names the API uses.
+QUERIES: dict[str, str] = {
+    "block": "query-block",
+    "blockstats": "query-blockstats",
+    "chardev": "query-chardev",
+    "cpus": "query-cpus-fast",  # qemu 7.2 has no query-cpus
+    "kvm": "query-kvm",
+    "pci": "query-pci",
+    "version": "query-version",
+    "status": "query-status",
+}
 
 
 class _CallbackListener(EventListener):
@@ -64,7 +83,7 @@ class Monitor:
         timeout: float,
         on_event: EventCallback,
         connect_timeout: float = 5.0,
-        metrics: Metrics | None = None,
+        metrics: Metrics,
         connect_slots: asyncio.Semaphore | None = None,
     ) -> None:
         self._metrics = metrics
@@ -85,6 +104,17 @@ class Monitor:
         # qemu keeps only the file descriptors of the last message that
         # carried any, until a getfd takes them: one handoff at a time.
         self._fd_lock = asyncio.Lock()
+        # Commands sent and not yet answered.  An fd rides on one byte
+        # written straight to the socket, so it may only be sent while no
+        # command's bytes can still sit in the transport's buffer: when
+        # every command sent has been answered (qemu read it whole).  The
+        # gate holds new commands back for that moment.
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._gate = asyncio.Event()
+        self._gate.set()
+        self.ever_connected = False
         self._fd_names = itertools.count(1)
         self._can_add_client: bool | None = None  # from query-commands, once
         # Names of fds a cut-short handoff may have left registered in qemu.
@@ -136,6 +166,7 @@ class Monitor:
                 continue
             self._client = client
             self.last_error = None
+            self.ever_connected = True
             self._ready.set()
             log.debug("vm %s: QMP connected", self.uuid)
             if self._orphans:
@@ -180,12 +211,28 @@ class Monitor:
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(reconnect(), name=f"qmp-{self.uuid}")
 
-    def _closed_error(self) -> QmpFailed:
-        return QmpFailed(f"VM {self.uuid}: QMP connection is closed (the VM stopped)")
+    def _closed_error(self) -> QmpConnectionLost:
+        return QmpConnectionLost(f"VM {self.uuid}: QMP connection is closed (the VM stopped)")
 
     @property
     def ready(self) -> bool:
         return self._client is not None
+
+    async def drain(self, timeout: float) -> None:
+        """Once qemu has exited: wait until every event it sent is dispatched.
+
+        The pidfd can report the exit before the loop has read the last
+        events (``SHUTDOWN`` says how the VM ended); qemu closed the socket
+        after them, so the connection leaves RUNNING only once they are
+        handed on.  Bounded: a connection that never was up has nothing.
+        """
+        client = self._client
+        if client is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while client.runstate == Runstate.RUNNING:
+                    await client.runstate_changed()
 
     def _dispatch(self, msg: Message) -> None:
         name = str(msg.get("event", ""))
@@ -197,14 +244,15 @@ class Monitor:
 
     # -- commands ----------------------------------------------------------
 
-    async def execute(
+    async def _execute(
         self,
         cmd: str,
         arguments: Mapping[str, object] | None = None,
         *,
         timeout: float | None = None,
+        through_gate: bool = False,
     ) -> Any:
-        """Run one command; raises QmpTimeout or QmpFailed."""
+        """Run one command; raises QmpTimeout, QmpRefused or QmpConnectionLost."""
         limit = self.timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limit
@@ -212,6 +260,8 @@ class Monitor:
             raise self._closed_error()
         try:
             await asyncio.wait_for(self._ready.wait(), limit)
+            if not through_gate and not self._gate.is_set():
+                await asyncio.wait_for(self._gate.wait(), max(deadline - loop.time(), 0.001))
         except TimeoutError:
             raise QmpTimeout(
                 f"VM {self.uuid}: no QMP connection within {limit:g} s"
@@ -221,10 +271,12 @@ class Monitor:
             raise self._closed_error()
         client = self._client
         if client is None:
-            raise QmpFailed(f"VM {self.uuid}: QMP connection lost")
+            raise QmpConnectionLost(f"VM {self.uuid}: QMP connection lost")
         outcome = "error"
         t0 = loop.time()
         log.debug("vm %s: qmp --> %s", self.uuid, cmd, extra={"vm": self.uuid})
+        self._in_flight += 1
+        self._idle.clear()
         try:
             result = await asyncio.wait_for(
                 client.execute(cmd, arguments), max(deadline - loop.time(), 0.001)
@@ -238,24 +290,66 @@ class Monitor:
                 f"VM {self.uuid}: qemu did not answer {cmd} within {limit:g} s"
             ) from None
         except ExecuteError as err:
-            raise QmpFailed(f"VM {self.uuid}: {cmd}: {err}") from err
+            raise QmpRefused(
+                f"VM {self.uuid}: {cmd}: {err}", error_class=err.error_class, desc=str(err)
+            ) from err
         except (ExecInterruptedError, QMPError, OSError, EOFError) as err:
             # The connection broke under the command (qemu exited, or the
             # peer sent something qemu.qmp could not parse).
             if client is self._client:
                 self._wedged(f"{cmd}: {type(err).__name__}")
-            raise QmpFailed(f"VM {self.uuid}: {cmd} failed: connection lost") from err
+            raise QmpConnectionLost(f"VM {self.uuid}: {cmd} failed: connection lost") from err
         finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
             took = loop.time() - t0
             log.debug(
                 "vm %s: qmp <-- %s %s in %.3f ms", self.uuid, cmd, outcome, took * 1000,
                 extra={"vm": self.uuid},
             )  # fmt: skip
-            if self._metrics is not None:
-                self._metrics.qmp_commands.labels(cmd, outcome).inc()
-                self._metrics.qmp_latency.labels(cmd).observe(took)
-                if outcome == "timeout":
-                    self._metrics.qmp_timeouts.inc()
+            self._metrics.qmp_commands.labels(cmd, outcome).inc()
+            self._metrics.qmp_latency.labels(cmd).observe(took)
+            if outcome == "timeout":
+                self._metrics.qmp_timeouts.inc()
+
+    # -- operations ----------------------------------------------------------
+
+    async def query(self, what: str) -> Any:
+        """One of ``QUERIES`` (the API's info types), as qemu returns it."""
+        return await self._execute(QUERIES[what])
+
+    async def query_commands(self, *, timeout: float | None = None) -> set[str]:
+        """The names of the commands this qemu has (empty from a malformed reply)."""
+        return _command_names(await self._execute("query-commands", timeout=timeout))
+
+    async def powerdown(self) -> None:
+        """Press the ACPI power button."""
+        await self._execute("system_powerdown")
+
+    async def quit(self, *, timeout: float) -> None:
+        """Ask qemu to exit at once (the guest is not asked)."""
+        await self._execute("quit", timeout=timeout)
+
+    async def reset(self) -> None:
+        await self._execute("system_reset")
+
+    async def inject_nmi(self) -> None:
+        await self._execute("inject-nmi")
+
+    async def wake_display(self) -> None:
+        """Press shift, as a user would to wake a blanked console."""
+        await self._execute("send-key", {"keys": [{"type": "qcode", "data": "shift"}]})
+
+    async def screendump(self, filename: str, fmt: Literal["ppm", "png"]) -> None:
+        """Write the display to ``filename`` (a path qemu opens)."""
+        args: dict[str, Any] = {"filename": filename}
+        if fmt == "png":
+            args["format"] = "png"  # qemu >= 7.1
+        await self._execute("screendump", args)
+
+    async def set_vnc_password(self, password: str) -> None:
+        await self._execute("set_password", {"protocol": "vnc", "password": password})
 
     # -- handing a console client to qemu ------------------------------------
 
@@ -270,10 +364,11 @@ class Monitor:
         """
         for name in sorted(self._orphans):
             try:
-                await self.execute("closefd", {"fdname": name})
-            except (QmpFailed, QmpTimeout) as err:
-                if not isinstance(err.__cause__, ExecuteError):
-                    return  # connection trouble: the next connection tries again
+                await self._execute("closefd", {"fdname": name})
+            except QmpRefused:
+                pass  # qemu has no such name: nothing to close
+            except (QmpFailed, QmpTimeout):
+                return  # connection trouble: the next connection tries again
             self._orphans.discard(name)
 
     async def add_vnc_client(self, fd: int, *, timeout: float) -> bool:
@@ -298,54 +393,64 @@ class Monitor:
             # As libvirt does, ask qemu what it can do rather than trust its
             # version; a peer that cannot say is not handed clients.
             try:
-                commands = await self.execute("query-commands", timeout=timeout)
-            except QmpTimeout:
+                commands = await self.query_commands(timeout=timeout)
+            except QmpRefused:
+                commands = set()
+            except (QmpTimeout, QmpConnectionLost):
                 return False  # nothing was passed yet: ask again next time
-            except QmpFailed as err:
-                if not isinstance(err.__cause__, ExecuteError):
-                    return False
-                commands = []
-            self._can_add_client = {"getfd", "add_client"} <= _command_names(commands)
+            self._can_add_client = {"getfd", "add_client"} <= commands
             if not self._can_add_client:
                 log.info("vm %s: qemu cannot take VNC clients over QMP: relaying them",
                          self.uuid, extra={"vm": self.uuid})  # fmt: skip
         if not self._can_add_client:
             return False
         async with self._fd_lock:
-            if client is not self._client:
-                return False
-            # The fd rides on one space byte written straight to the socket
-            # (qemu.qmp's send_fd_scm), so nothing else may be half-written
-            # in the transport's buffer, or the byte would land inside it.
-            writer = getattr(client, "_writer", None)
-            if writer is None or writer.transport.get_write_buffer_size():
-                return False
-            name = f"vnc-client-{next(self._fd_names)}"
+            self._gate.clear()
             try:
-                client.send_fd_scm(fd)
-            except (OSError, QMPError) as err:
-                log.debug("vm %s: cannot pass a VNC client: %s", self.uuid, err)
-                return False
-            try:
-                await self.execute("getfd", {"fdname": name}, timeout=timeout)
-            except (QmpFailed, QmpTimeout) as err:
-                if isinstance(err.__cause__, ExecuteError):
-                    return False  # qemu got no fd
-                self._orphans.add(name)
-                raise
+                name = await self._pass_fd(client, fd, timeout)
+            finally:
+                self._gate.set()
+        if name is None:
+            return False
         try:
-            await self.execute(
+            await self._execute(
                 "add_client",
                 {"protocol": "vnc", "fdname": name, "skipauth": False, "tls": False},
                 timeout=timeout,
             )
-        except (QmpFailed, QmpTimeout) as err:
-            if not isinstance(err.__cause__, ExecuteError):
-                self._orphans.add(name)
-                raise
+        except QmpRefused:
             # qemu said no (it closes what it was given); do not leave the
             # name behind if it was never looked up.
             with contextlib.suppress(QmpFailed, QmpTimeout):
-                await self.execute("closefd", {"fdname": name}, timeout=timeout)
+                await self._execute("closefd", {"fdname": name}, timeout=timeout)
             return False
+        except (QmpConnectionLost, QmpTimeout):
+            self._orphans.add(name)
+            raise
         return True
+
+    async def _pass_fd(self, client: QMPClient, fd: int, timeout: float) -> str | None:
+        """Send ``fd`` and register it in qemu under a new name (gate closed).
+
+        None when qemu surely did not get it; raises when that is unknown.
+        """
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return None  # commands still unanswered: the byte could land inside one
+        if client is not self._client:
+            return None
+        name = f"vnc-client-{next(self._fd_names)}"
+        try:
+            client.send_fd_scm(fd)
+        except (OSError, QMPError) as err:
+            log.debug("vm %s: cannot pass a VNC client: %s", self.uuid, err)
+            return None
+        try:
+            await self._execute("getfd", {"fdname": name}, timeout=timeout, through_gate=True)
+        except QmpRefused:
+            return None  # qemu got no fd
+        except (QmpConnectionLost, QmpTimeout):
+            self._orphans.add(name)
+            raise
+        return name

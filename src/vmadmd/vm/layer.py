@@ -18,10 +18,11 @@ import time
 from typing import Any
 
 from vmadmd.errors import InvalidParameter, StartFailed, VmBroken, WrongState
-from vmadmd.vm import proc, props
+from vmadmd.vm import proc, props, transition
 from vmadmd.vm.config import VmSettings, resolve_accel
 from vmadmd.vm.qemu import build_argv
 from vmadmd.vm.store import Store, VmPaths, VmRecord, validate_uuid
+from vmadmd.vm.transition import Transition
 
 # subprocess and uuid are imported where used: `vmadm get/list/info` never
 # need them, and every millisecond of import is paid by every vmadm call.
@@ -34,10 +35,9 @@ def now_ms() -> int:
 
 
 def iso_now() -> str:
-    return (
-        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
-        + f".{int(time.time() * 1000) % 1000:03d}Z"
-    )
+    """Now in UTC as ISO 8601 with milliseconds; such strings sort as times."""
+    ms = now_ms()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
 
 
 class VmLayer:
@@ -168,9 +168,9 @@ class VmLayer:
         with self.store.lock(uuid):
             vm = self.store.load(uuid)
             stage = proc.kill_vm(paths.pid, uuid)
-            vm.pop("transition", None)
+            vm.pop(transition.KEY, None)
             if stage is not None:
-                vm["last_exit"] = {"stage": stage, "time": iso_now()}
+                vm["last_exit"] = {"reason": "stop", "stage": stage, "time": iso_now()}
             if set_autoboot is not None:
                 vm["autoboot"] = set_autoboot
             self.store.save(uuid, vm)
@@ -211,25 +211,25 @@ class VmLayer:
         return record, changed
 
 
-def state_of(record: VmRecord, pid: int | None) -> str:
-    if pid is None:
+def state_of(running: bool, pending: Transition | None) -> str:
+    """A VM's state: the one rule, for ``vmadm get``, the API and the metrics."""
+    if not running:
         return "stopped"
-    if record.get("transition"):
-        return "stopping"
-    return "running"
+    return "stopping" if pending is not None else "running"
 
 
 def with_computed(record: VmRecord, paths: VmPaths, pid: int | None) -> dict[str, Any]:
     out = dict(record)
-    transition = out.pop("transition", None)
-    out["state"] = state_of(record, pid)
+    out.pop(transition.KEY, None)
+    pending = Transition.of(record) if pid is not None else None
+    out["state"] = state_of(pid is not None, pending)
     out["zone_state"] = "running" if pid is not None else "installed"
     out["zonepath"] = paths.zonepath
     if pid is not None:
         out["pid"] = pid
-    if transition and pid is not None:
-        out["transition_to"] = transition.get("to")
-        out["transition_expire"] = transition.get("expire")
+    if pending is not None:
+        out["transition_to"] = pending.to
+        out["transition_expire"] = pending.expire_ms
     return out
 
 

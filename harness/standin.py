@@ -20,7 +20,7 @@ Two uses, one protocol implementation:
   replaces its VNC (a banner, then echo) with the bench's wire protocol (see
   ``wire_session``), so a console path can be timed at full speed.
 
-* **As a hub for scale runs** (``python -m bench.standin hub ...``): one
+* **As a hub for scale runs** (``python -m harness.standin hub ...``): one
   process serves many VMs' sockets; each VM's liveness is a tiny
   ``busybox sh`` holder process whose command line carries ``-uuid <uuid>``
   and whose pid is in ``vm.pid``, so the daemon's pidfd sees it exit.

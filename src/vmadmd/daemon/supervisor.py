@@ -1,0 +1,408 @@
+"""One running VM, owned: its qemu's pidfd, QMP monitor, VNC console, lock and deadline.
+
+A ``VmSupervisor`` exists from the moment the daemon sees a VM's qemu until
+that qemu has exited and its exit is settled in ``vm.json``.  Everything
+done to one VM goes through its supervisor, serialised by its operation
+lock; nothing here touches another VM.
+
+Stops and reboots: the deadline is written to ``vm.json`` before the guest
+hears anything, so a daemon killed at any point still forces the stop in
+time when it comes back (``start`` re-arms a transition found on disk).
+Until the deadline the power button is pressed again every couple of
+seconds (a guest still booting can miss one); at the deadline the stop is
+forced: ``quit`` over QMP, then SIGTERM, then SIGKILL through the pidfd,
+each step bounded.
+
+How the VM ended is recorded as ``last_exit`` (see ``Ending``): the daemon
+learns it from qemu's ``SHUTDOWN`` event (``guest: true`` for the guest's
+own power-off, ``reason: guest-panic`` after a pvpanic report) and from
+which forcing step, if any, it took; a qemu that goes away with no
+shutdown at all crashed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from vmadmd.daemon.events import EventBus
+from vmadmd.daemon.metrics import Metrics
+from vmadmd.daemon.monitor import QUERIES, Monitor
+from vmadmd.daemon.vncconsole import VncConsole, qemu_vnc_mode
+from vmadmd.errors import InvalidParameter, QmpRefused, QmpTimeout, VmadmError, WrongState
+from vmadmd.vm import proc, transition, zonefs
+from vmadmd.vm.config import VmSettings
+from vmadmd.vm.layer import iso_now, now_ms
+from vmadmd.vm.store import Store, VmRecord
+from vmadmd.vm.transition import Transition, TransitionTo
+
+log = logging.getLogger("vmadmd.supervisor")
+
+INFO_TYPES = (*QUERIES, "vnc")
+
+ForceStage = Literal["quit", "sigterm", "sigkill"]
+
+POWERDOWN_RESEND = 2.0  # a guest still booting can miss one ACPI press
+QUIT_WAIT = 2.0
+SIGTERM_WAIT = 3.0
+SIGKILL_WAIT = 10.0
+DRAIN_WAIT = 0.5  # for qemu's last events once its exit is seen
+MAX_SCREENSHOT = 64 << 20
+
+
+@dataclass
+class DaemonSettings:
+    vm: VmSettings
+    vnc_bind: str = "127.0.0.1"
+    qmp_timeout: float = 5.0
+    # "handoff": give console clients to qemu's VNC server over QMP, relaying
+    # only when qemu cannot take one; "proxy": always relay.
+    vnc_relay: str = "handoff"
+
+
+@dataclass
+class Shared:
+    """What every supervisor is given by the manager."""
+
+    settings: DaemonSettings
+    store: Store
+    bus: EventBus
+    metrics: Metrics
+    connect_slots: asyncio.Semaphore
+    spawn: Callable[[Coroutine[Any, Any, Any], str], asyncio.Task[Any]]
+
+
+# How a VM last ended, as kept in vm.json's "last_exit" (without "time").
+Ending = dict[str, Any]
+
+
+def parse_types(raw: str | None) -> list[str]:
+    """The info types asked for (all of them when none)."""
+    if raw is None or raw == "" or raw == "all":
+        return list(INFO_TYPES)
+    types = [t.strip() for t in raw.split(",") if t.strip()]
+    for t in types:
+        if t not in INFO_TYPES:
+            raise InvalidParameter(f"unknown info type {t!r}; known: {', '.join(INFO_TYPES)}")
+    return list(dict.fromkeys(types))
+
+
+def ending_of(shutdown: dict[str, Any] | None, forced: ForceStage | None, pending: bool) -> Ending:
+    """How a VM ended, from what the daemon saw of it.
+
+    ``shutdown`` is the data of qemu's SHUTDOWN event (None when none came),
+    ``forced`` the forcing step the daemon last took, ``pending`` whether a
+    stop or reboot was asked for.
+    """
+    reason = str(shutdown.get("reason", "")) if shutdown is not None else ""
+    if reason == "guest-panic":
+        return {"reason": "panic"}
+    if forced is not None:
+        return {"reason": "stop", "stage": forced}
+    if shutdown is None:
+        return {"reason": "crash", "detail": "qemu exited without shutting down (signal or abort)"}
+    if shutdown.get("guest") is True:
+        return {"reason": "stop", "stage": "acpi"} if pending else {"reason": "poweroff"}
+    # qemu was told to go by someone else: a `quit` on its monitor, a signal.
+    stage = {"host-qmp-quit": "quit", "host-signal": "sigterm"}.get(reason, reason or "host")
+    return {"reason": "stop", "stage": stage, "by": "host"}
+
+
+async def settle_record(shared: Shared, uuid: str, ending: Ending | None) -> Transition | None:
+    """qemu is gone: clear the transition and record how it ended.
+
+    ``ending`` None: not known (qemu went away while no daemon watched).  An
+    ending already recorded for this boot (``vmadm stop -F`` writes its own)
+    is kept.  Returns the transition it cleared, if any.
+    """
+    cleared: Transition | None = None
+    recorded: Ending | None = None
+
+    def change(vm: VmRecord) -> None:
+        nonlocal cleared, recorded
+        cleared = Transition.from_json(vm.pop(transition.KEY, None))
+        last = vm.get("last_exit")
+        boot = vm.get("boot_timestamp", "")
+        if isinstance(last, dict) and str(last.get("time", "")) >= str(boot):
+            recorded = {k: v for k, v in last.items() if k != "time"}
+        elif ending is not None:
+            vm["last_exit"] = {**ending, "time": iso_now()}
+            recorded = ending
+
+    try:
+        await asyncio.to_thread(shared.store.update, uuid, change)
+    except VmadmError as err:
+        # Deleted meanwhile, or unreadable: nothing to settle.
+        log.info("vm %s: exited; record not updated: %s", uuid, err, extra={"vm": uuid})
+        shared.bus.emit("exited", uuid, **(ending or {}))
+        return None
+    how = recorded or {}
+    reason = str(how.get("reason", "unknown"))
+    level = logging.WARNING if reason in ("panic", "crash") else logging.INFO
+    log.log(level, "vm %s: exited (%s)", uuid,
+            " ".join(f"{k}={v}" for k, v in how.items()) or "unknown",
+            extra={"vm": uuid, "reason": reason})  # fmt: skip
+    shared.bus.emit("exited", uuid, **how)
+    if recorded is not None:
+        shared.metrics.vm_exits.labels(reason, str(how.get("stage", ""))).inc()
+    if cleared is not None:
+        shared.bus.emit("transition_cleared", uuid, to=cleared.to)
+    return cleared
+
+
+class VmSupervisor:
+    def __init__(
+        self,
+        uuid: str,
+        pid: int,
+        pidfd: int,
+        shared: Shared,
+        on_exit: Callable[[VmSupervisor], None],
+    ) -> None:
+        self.uuid = uuid
+        self.pid = pid
+        self.paths = shared.store.paths(uuid)
+        self._pidfd = pidfd
+        self._shared = shared
+        self._on_exit = on_exit
+        settings = shared.settings
+        self.monitor = Monitor(
+            uuid,
+            self.paths.runtime_dir,
+            self.paths.QMP_NAME,
+            timeout=settings.qmp_timeout,
+            on_event=self._on_qmp_event,
+            metrics=shared.metrics,
+            connect_slots=shared.connect_slots,
+        )
+        self.exited = asyncio.Event()
+        self.console = VncConsole(
+            uuid, self.paths, self.monitor,
+            bind=settings.vnc_bind, relay=settings.vnc_relay,
+            qmp_timeout=settings.qmp_timeout, qemu_auth=qemu_vnc_mode(proc.cmdline(pid)),
+            bus=shared.bus, metrics=shared.metrics, gone=self.exited.is_set,
+        )  # fmt: skip
+        self.lock = asyncio.Lock()  # one operation at a time on this VM
+        self.transition: Transition | None = None
+        self._timer: asyncio.Task[None] | None = None
+        self._console_task: asyncio.Task[None] | None = None
+        self._forced: ForceStage | None = None
+        self._shutdown: dict[str, Any] | None = None
+
+    @property
+    def state(self) -> str:
+        return "stopping" if self.transition is not None else "running"
+
+    def start(self, record: VmRecord) -> None:
+        """Watch the qemu, connect QMP, open the console, re-arm a pending stop."""
+        asyncio.get_running_loop().add_reader(self._pidfd, self._on_pidfd)
+        self.monitor.start()
+        log.info("vm %s: running (pid %d)", self.uuid, self.pid, extra={"vm": self.uuid})
+        self._shared.bus.emit("started", self.uuid, pid=self.pid)
+        self._console_task = self._shared.spawn(self.console.open(record), f"vnc-{self.uuid}")
+        self.transition = Transition.of(record)
+        if self.transition is not None:
+            self._arm()
+
+    def _on_qmp_event(self, name: str, data: dict[str, Any]) -> None:
+        if name == "SHUTDOWN":
+            self._shutdown = data
+        if name in ("SHUTDOWN", "POWERDOWN", "RESET", "STOP", "RESUME", "GUEST_PANICKED"):
+            log.debug("vm %s: QMP event %s", self.uuid, name, extra={"vm": self.uuid})
+            self._shared.bus.emit("qmp_event", self.uuid, event=name, data=data)
+
+    # -- exit ----------------------------------------------------------------
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd >= 0:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+    def _on_pidfd(self) -> None:
+        self._close_pidfd()
+        self.exited.set()
+        self._on_exit(self)
+
+    def ending(self) -> Ending:
+        """How this qemu ended, from what was seen of it."""
+        return ending_of(self._shutdown, self._forced, self.transition is not None)
+
+    async def settle(self) -> Transition | None:
+        """After qemu's exit: record it, close the console and the monitor.
+
+        Returns the transition that was pending (the caller boots the VM
+        again when it went ``to: start``).
+        """
+        if self._timer is not None and self._timer is not asyncio.current_task():
+            self._timer.cancel()
+        if self._console_task is not None:
+            self._console_task.cancel()
+        await self.monitor.drain(DRAIN_WAIT)
+        # The record first: that is what `vmadm get/stop` wait for.
+        cleared = await settle_record(self._shared, self.uuid, self.ending())
+        await self.console.close()
+        await self.monitor.close()
+        return cleared
+
+    async def detach(self) -> None:
+        """Let go of the VM (daemon shutdown): it keeps running."""
+        self._close_pidfd()
+        await asyncio.gather(self.monitor.close(), self.console.close(), return_exceptions=True)
+
+    def _alive(self) -> None:
+        if self.exited.is_set():
+            raise WrongState(f"VM {self.uuid} is not running")
+
+    # -- QMP operations --------------------------------------------------------
+
+    async def info(self, types: list[str]) -> dict[str, Any]:
+        queries = [t for t in types if t in QUERIES]
+        results = await asyncio.gather(
+            *(self.monitor.query(t) for t in queries), return_exceptions=True
+        )
+        # A timeout outranks other failures: it is what the caller must see
+        # (504) when qemu is wedged.
+        failures = [r for r in results if isinstance(r, BaseException)]
+        for failure in sorted(failures, key=lambda e: not isinstance(e, QmpTimeout)):
+            raise failure
+        out: dict[str, Any] = dict(zip(queries, results, strict=True))
+        if "vnc" in types:
+            out["vnc"] = self.console.info()
+        return {t: out[t] for t in types if t in out}
+
+    async def reset(self) -> None:
+        async with self.lock:
+            await self.monitor.reset()
+        self._shared.bus.emit("reset", self.uuid)
+
+    async def nmi(self) -> None:
+        async with self.lock:
+            await self.monitor.inject_nmi()
+
+    async def screenshot(self, fmt: Literal["ppm", "png"]) -> str:
+        """Write a screenshot into the VM's root/tmp; returns its path."""
+        async with self.lock:
+            return await self._screendump(fmt)
+
+    async def screenshot_png(self) -> bytes:
+        """A PNG screenshot, read back (and removed) under the VM's lock."""
+        async with self.lock:
+            path = await self._screendump("png")
+            return await asyncio.to_thread(
+                zonefs.take_runtime_file,
+                self.paths.zonepath,
+                os.path.basename(path),
+                MAX_SCREENSHOT,
+            )
+
+    async def _screendump(self, fmt: Literal["ppm", "png"]) -> str:
+        path = self.paths.screenshot if fmt == "ppm" else self.paths.screenshot[:-4] + ".png"
+        # Whatever lies at that name goes first: qemu opens the path itself.
+        await asyncio.to_thread(zonefs.remove_runtime_file, self.paths.zonepath,
+                                os.path.basename(path))  # fmt: skip
+        # Wake a blanked console first, as a user would with a key press.
+        with contextlib.suppress(QmpRefused):
+            await self.monitor.wake_display()
+        await self.monitor.screendump(path, fmt)
+        return path
+
+    async def reload_vnc(self, record: VmRecord) -> dict[str, Any]:
+        async with self.lock:
+            if self._console_task is not None and not self._console_task.done():
+                await self._console_task
+            return await self.console.reload(record)
+
+    # -- stop / reboot -----------------------------------------------------------
+
+    async def request_stop(self, timeout: float, to: TransitionTo) -> Transition:
+        """Persist the deadline, then press the power button; forced at the deadline."""
+        async with self.lock:
+            self._alive()
+            expire = now_ms() + int(timeout * 1000)
+            merged: Transition | None = None
+
+            def change(vm: VmRecord) -> None:
+                nonlocal merged
+                merged = transition.request(Transition.of(vm), to, expire)
+                vm[transition.KEY] = merged.to_json()
+
+            # The deadline is on disk before the guest hears anything: a
+            # daemon killed from here on still forces the stop in time.
+            await asyncio.to_thread(self._shared.store.update, self.uuid, change)
+            assert merged is not None
+            self.transition = merged
+            self._shared.bus.emit("transition_set", self.uuid, **merged.to_json())
+            log.info(
+                "vm %s: %s requested, forced at %d",
+                self.uuid, "reboot" if to == "start" else "stop", merged.expire_ms,
+                extra={"vm": self.uuid},
+            )  # fmt: skip
+            await self._powerdown()
+            self._arm()
+            return merged
+
+    async def _powerdown(self) -> None:
+        try:
+            await self.monitor.powerdown()
+        except VmadmError as err:
+            # The deadline still holds; the timer re-sends and then forces.
+            log.warning("vm %s: system_powerdown failed: %s", self.uuid, err,
+                        extra={"vm": self.uuid})  # fmt: skip
+
+    def _arm(self) -> None:
+        if self._timer is not None and not self._timer.done():
+            self._timer.cancel()
+        self._timer = self._shared.spawn(self._run_transition(), f"transition-{self.uuid}")
+
+    async def _run_transition(self) -> None:
+        while not self.exited.is_set():
+            assert self.transition is not None
+            left = self.transition.seconds_left(time.time())
+            if left <= 0:
+                break
+            if await self._wait_exit(min(left, POWERDOWN_RESEND)):
+                return
+            if self.transition.seconds_left(time.time()) > 0.5:
+                await self._powerdown()
+        if not self.exited.is_set():
+            await self.force_stop()
+
+    async def force_stop(self) -> ForceStage | None:
+        """quit over QMP, then SIGTERM, then SIGKILL, each bounded.
+
+        Returns the step that ended qemu (None if it survived SIGKILL).
+        """
+        log.info("vm %s: deadline reached; forcing the stop", self.uuid, extra={"vm": self.uuid})
+        self._shared.bus.emit("transition_forced", self.uuid)
+        self._forced = "quit"
+        with contextlib.suppress(VmadmError):
+            await self.monitor.quit(timeout=QUIT_WAIT)
+        if await self._wait_exit(QUIT_WAIT):
+            return "quit"
+        stage: ForceStage
+        for stage, sig, wait in (
+            ("sigterm", signal.SIGTERM, SIGTERM_WAIT),
+            ("sigkill", signal.SIGKILL, SIGKILL_WAIT),
+        ):
+            self._forced = stage
+            if self._pidfd < 0 or not proc.pidfd_signal(self._pidfd, sig):
+                return stage  # already gone
+            if await self._wait_exit(wait):
+                return stage
+        log.error("vm %s: qemu survived SIGKILL", self.uuid, extra={"vm": self.uuid})
+        return None
+
+    async def _wait_exit(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self.exited.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True

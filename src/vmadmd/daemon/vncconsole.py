@@ -1,0 +1,190 @@
+"""One VM's VNC console policy: which listener it gets, with which password.
+
+The mechanism (accepting clients, handing them to qemu or relaying them) is
+``vnc.VncListener``; this decides when a listener opens, that it never serves
+a console weaker than configured, and how a change of ``vnc_port`` or
+``vnc_password`` is applied to a running qemu.  Owned by the VM's supervisor.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import itertools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from vmadmd.daemon.events import EventBus
+from vmadmd.daemon.metrics import Metrics
+from vmadmd.daemon.monitor import Monitor
+from vmadmd.daemon.vnc import Handoff, VncListener, file_inode
+from vmadmd.errors import VmadmError
+from vmadmd.vm.store import VmPaths, VmRecord
+
+log = logging.getLogger("vmadmd.vnc")
+
+VncKey = tuple[int, str | None]  # (vnc_port, vnc_password) as last applied
+
+
+def qemu_vnc_mode(argv: list[str]) -> bool | None:
+    """From qemu's argv: None without -vnc, else whether password auth is on."""
+    for flag, value in itertools.pairwise(argv):
+        if flag == "-vnc":
+            return "password=on" in value.split(",")
+    return None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def vnc_mismatch(qemu_auth: bool | None, want_password: bool) -> str | None:
+    """Why this qemu cannot serve the console as configured, or None."""
+    if qemu_auth is None:
+        return "this qemu was started without a VNC server; the console comes with the next boot"
+    if want_password and not qemu_auth:
+        return (
+            "vnc_password was set after this qemu started without password auth; "
+            "the console stays closed until the next boot"
+        )
+    if not want_password and qemu_auth:
+        return (
+            "vnc_password was removed, but this qemu requires one until the next boot; "
+            "the console stays closed until then"
+        )
+    return None
+
+
+def key_of(record: VmRecord) -> VncKey:
+    return record.get("vnc_port", 0), record.get("vnc_password") or None
+
+
+class VncConsole:
+    def __init__(
+        self,
+        uuid: str,
+        paths: VmPaths,
+        monitor: Monitor,
+        *,
+        bind: str,
+        relay: str,
+        qmp_timeout: float,
+        qemu_auth: bool | None,
+        bus: EventBus,
+        metrics: Metrics,
+        gone: Callable[[], bool],
+    ) -> None:
+        self.uuid = uuid
+        self._paths = paths
+        self._monitor = monitor
+        self._bind = bind
+        self._relay = relay
+        self._qmp_timeout = qmp_timeout
+        # How this qemu's VNC server was started: None (no -vnc), or whether
+        # it requires password auth.  Only a new qemu can change either.
+        self._qemu_auth = qemu_auth
+        self._bus = bus
+        self._metrics = metrics
+        self._gone = gone
+        self.listener: VncListener | None = None
+        self.key: VncKey | None = None
+        # The inode of the vm.vnc socket file qemu bound (see qemu_inode).
+        self._inode: int | None = None
+
+    def qemu_inode(self) -> int | None:
+        """The inode of the vm.vnc socket file this qemu bound, once known.
+
+        Taken the first time it is asked for with QMP connected: qemu
+        answers QMP only from its main loop, after its VNC socket is bound
+        (its pidfile, which the daemon may see first, comes earlier).  While
+        the file there is still that one, qemu's VNC server is what listens
+        at vm.vnc.
+        """
+        if self._inode is None and self._monitor.ready:
+            self._inode = file_inode(self._paths.runtime_dir, self._paths.VNC_NAME)
+        return self._inode
+
+    def info(self) -> dict[str, Any]:
+        """The listener as it is, with the password qemu was given (if any)."""
+        if self.listener is None:
+            return {}
+        return self.listener.info(self.key[1] if self.key else None)
+
+    async def open(self, record: VmRecord) -> None:
+        """Open the listener the record asks for (or record why it cannot)."""
+        port, password = self.key = key_of(record)
+        if port == -1:
+            return
+        handoff: Handoff | None = None
+        if self._relay == "handoff":
+            handoff = functools.partial(self._monitor.add_vnc_client, timeout=self._qmp_timeout)
+        listener = VncListener(
+            self.uuid, self._paths.runtime_dir, self._paths.VNC_NAME, self._bind, port,
+            self._metrics, handoff, self.qemu_inode,
+        )  # fmt: skip
+        mismatch = vnc_mismatch(self._qemu_auth, bool(password))
+        if mismatch is not None:
+            # Never serve a console with weaker protection than asked for.
+            listener.error = mismatch
+            self._metrics.vnc_listener_errors.inc()
+            self.listener = listener
+            log.warning("vm %s: %s", self.uuid, mismatch, extra={"vm": self.uuid})
+            return
+        if password:
+            try:
+                await self._monitor.set_vnc_password(password)
+            except VmadmError as err:
+                listener.error = f"cannot set the VNC password: {err}"
+                self.listener = listener
+                log.error("vm %s: %s", self.uuid, listener.error, extra={"vm": self.uuid})
+                return
+        if await listener.open():
+            self._bus.emit("vnc_up", self.uuid, port=listener.port)
+            log.info("vm %s: VNC on %s:%s", self.uuid, listener.host, listener.port,
+                     extra={"vm": self.uuid})  # fmt: skip
+            if not password and not is_loopback(listener.host):
+                log.warning(
+                    "vm %s: VNC console on %s:%s without a vnc_password: "
+                    "whoever reaches that address has the console",
+                    self.uuid, listener.host, listener.port, extra={"vm": self.uuid},
+                )  # fmt: skip
+        if self._gone():
+            await listener.close()
+            return
+        self.listener = listener
+
+    async def reload(self, record: VmRecord) -> dict[str, Any]:
+        """Apply the record's VNC settings; a no-op when unchanged."""
+        key = key_of(record)
+        if key == self.key:
+            return self.info()
+        port, password = key
+        listener = self.listener
+        if (
+            self.key is not None
+            and port == self.key[0]
+            and password
+            and self._qemu_auth
+            and listener is not None
+            and listener.error is None
+        ):
+            # Only the password changed: qemu takes a new one in place; the
+            # listener (and its port) stay.
+            await self._monitor.set_vnc_password(password)
+            self.key = key
+            return self.info()
+        await self.close()
+        await self.open(record)
+        return self.info()
+
+    async def close(self) -> None:
+        if self.listener is not None:
+            listener, self.listener = self.listener, None
+            await listener.close()
+            self._bus.emit("vnc_down", self.uuid)
