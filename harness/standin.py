@@ -1,31 +1,34 @@
 """A stand-in for qemu: serves a VM's QMP and VNC sockets from Python.
 
-Two uses, one protocol implementation:
+Three uses, one protocol implementation:
 
-* **As the qemu binary** (``VMADM_QEMU=bench/standin`` wrapper): ``vmadm start``
-  runs it with qemu's own command line; it binds ``-qmp``/``-vnc`` sockets in
-  its working directory, honours ``-daemonize`` and ``-pidfile``, and keeps
-  ``-uuid`` on its command line, so the daemon's real code paths (inotify,
-  pidfd, identity check, QMP, VNC proxy) cannot tell it from qemu.  The QMP
-  behaviour can be made faulty with ``VMADMD_STANDIN_QMP``: ``normal``,
-  ``garbage`` (unparseable replies), ``half`` (half a greeting, then
-  silence), ``error`` (an error reply to every command), ``stall`` (a
-  greeting, then no reply ever), ``ignore_acpi`` (powerdown does nothing),
-  ``yes`` (an empty success to every command, even queries), ``nofds`` (fds
-  passed over QMP are lost, so ``getfd`` fails), ``stallfds`` (``getfd`` and
-  ``add_client`` are never answered), ``stalladd`` (``add_client`` is never
-  answered, and the fd stays registered, as in qemu, across connections).
-  Like qemu, it takes client sockets passed over QMP (SCM_RIGHTS, ``getfd``,
-  ``add_client``) and serves them as VNC clients.  ``VMADMD_STANDIN_VNC=wire``
-  replaces its VNC (a banner, then echo) with the bench's wire protocol (see
-  ``wire_session``), so a console path can be timed at full speed.
-
+* **As the qemu binary** (``VMADM_QEMU=harness/qemu-standin``): ``vmadm
+  start`` runs it with qemu's own command line; it binds ``-qmp``/``-vnc``
+  sockets in its working directory, honours ``-daemonize`` and ``-pidfile``,
+  and keeps ``-uuid`` on its command line, so the daemon's real code paths
+  (inotify, pidfd, identity check, QMP, VNC proxy) cannot tell it from qemu.
+* **In process** (``ServedVm``): the same VM served from a test's own event
+  loop, for the in-process tests of the monitor, the supervisor and the
+  console (no daemon process, deterministic).
 * **As a hub for scale runs** (``python -m harness.standin hub ...``): one
-  process serves many VMs' sockets; each VM's liveness is a tiny
-  ``busybox sh`` holder process whose command line carries ``-uuid <uuid>``
-  and whose pid is in ``vm.pid``, so the daemon's pidfd sees it exit.
+  process serves many VMs (``ServedVm`` each).
 
-This is test and bench tooling: it depends on the standard library only.
+The QMP behaviour can be made faulty (``VMADMD_STANDIN_QMP``, or ``mode``):
+``normal``; ``garbage`` (unparseable replies); ``half`` (half a greeting,
+then silence); ``error`` (an error reply to every command); ``stall`` (a
+greeting, then no reply ever); ``ignore_acpi`` (powerdown does nothing);
+``yes`` (an empty success to every command, even queries); ``panic_on_nmi``
+(an NMI panics the guest: GUEST_PANICKED, then SHUTDOWN with reason
+guest-panic); ``nofds`` (fds passed over QMP are lost, so ``getfd`` fails);
+``stallfds`` (``getfd`` and ``add_client`` are never answered); ``stalladd``
+(``add_client`` is never answered, and the fd stays registered, as in qemu,
+across connections).  Like qemu, it takes client sockets passed over QMP
+(SCM_RIGHTS, ``getfd``, ``add_client``) and serves them as VNC clients.
+``VMADMD_STANDIN_VNC=wire`` replaces its VNC (a banner, then echo) with the
+bench's wire protocol (see ``wire_session``), so a console path can be timed
+at full speed.
+
+Test and bench tooling: the standard library and vmadmd's own socket helpers.
 """
 
 from __future__ import annotations
@@ -73,13 +76,19 @@ CANNED["query-commands"] = [
 PPM = b"P6\n2 2\n255\n" + b"\0" * 12
 
 
-def _event(name: str) -> bytes:
+def _event(name: str, **data: Any) -> bytes:
     return (
         json.dumps(
-            {"event": name, "data": {}, "timestamp": {"seconds": 0, "microseconds": 0}}
+            {"event": name, "data": data, "timestamp": {"seconds": 0, "microseconds": 0}}
         ).encode()
         + b"\n"
     )
+
+
+# qemu 7.2's SHUTDOWN data for the ways a stand-in VM ends.
+GUEST_SHUTDOWN = {"guest": True, "reason": "guest-shutdown"}
+QMP_QUIT = {"guest": False, "reason": "host-qmp-quit"}
+GUEST_PANIC = {"guest": True, "reason": "guest-panic"}
 
 
 class FakeVm:
@@ -187,6 +196,15 @@ class FakeVm:
                 reply = {"error": {"class": "GenericError", "desc": "stand-in says no"}}
             elif self.mode == "yes" and negotiated:
                 reply = {"return": {}}
+            elif cmd == "inject-nmi" and self.mode == "panic_on_nmi":
+                # As a guest booted with unknown_nmi_panic, with pvpanic and
+                # qemu's -action panic=shutdown.
+                writer.write(json.dumps({"return": {}, **_id(msg)}).encode() + b"\n")
+                writer.write(_event("GUEST_PANICKED", action="pause"))
+                writer.write(_event("SHUTDOWN", **GUEST_PANIC))
+                await writer.drain()
+                self.on_quit()
+                return
             elif cmd in CANNED:
                 reply = {"return": CANNED[cmd]}
             elif cmd in ("getfd", "add_client", "closefd"):
@@ -204,13 +222,13 @@ class FakeVm:
                 reply = {"return": {}}
                 if self.mode != "ignore_acpi":
                     writer.write(json.dumps({**reply, **_id(msg)}).encode() + b"\n")
-                    writer.write(_event("SHUTDOWN"))
+                    writer.write(_event("SHUTDOWN", **GUEST_SHUTDOWN))
                     await writer.drain()
                     self.on_quit()
                     return
             elif cmd == "quit":
                 writer.write(json.dumps({"return": {}, **_id(msg)}).encode() + b"\n")
-                writer.write(_event("SHUTDOWN"))
+                writer.write(_event("SHUTDOWN", **QMP_QUIT))
                 await writer.drain()
                 self.on_quit()
                 return
@@ -255,14 +273,15 @@ class _FdConn:
     async def pump(self) -> None:
         loop = asyncio.get_running_loop()
         space = socket.CMSG_SPACE(16 * 4)
+        fd = self.sock.fileno()
         try:
             while True:
                 ready = loop.create_future()
-                loop.add_reader(self.sock.fileno(), ready.set_result, None)
+                loop.add_reader(fd, ready.set_result, None)
                 try:
                     await ready
                 finally:
-                    loop.remove_reader(self.sock.fileno())
+                    loop.remove_reader(fd)
                 try:
                     data, ancillary, _, _ = self.sock.recvmsg(65536, space)
                 except BlockingIOError:
@@ -291,12 +310,12 @@ class _FdConn:
 
 
 async def _serve_unix(name: str, handler: Callable[[socket.socket], Any]) -> socket.socket:
-    """Accept on a unix socket named relative to the cwd, as qemu binds."""
+    """Accept on a unix socket at ``name`` (relative to the cwd, as qemu binds, or absolute)."""
+    from vmadmd.vm.sockets import bind_unix
+
     if os.path.exists(name):
         os.unlink(name)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(name)
-    sock.listen(64)
+    sock = bind_unix(name, backlog=64)
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
 
@@ -449,59 +468,73 @@ def run_as_qemu(argv: list[str]) -> int:
 # -- hub mode: many VMs from one process ---------------------------------------
 
 
+class ServedVm:
+    """One stand-in VM served from the caller's event loop.
+
+    Its "qemu" is a holder process (``busybox sh``) whose command line
+    carries ``-uuid <uuid>`` and whose pid is written to ``vm.pid``, so the
+    daemon's identity check and pidfd see it as they see qemu; the VM
+    "exits" when the holder does (a quit or a powerdown kills it).  Used by
+    the hub and by the in-process tests.
+    """
+
+    def __init__(self, vm: FakeVm, holder: asyncio.subprocess.Process,
+                 servers: list[socket.socket]) -> None:  # fmt: skip
+        self.vm = vm
+        self.holder = holder
+        self.servers = servers
+
+    @classmethod
+    async def start(
+        cls, runtime_dir: str, uuid: str, mode: str = "normal", *, vnc: bool = True
+    ) -> ServedVm:
+        os.makedirs(runtime_dir, exist_ok=True)
+        holder: list[asyncio.subprocess.Process] = []
+
+        def quit_vm() -> None:
+            if holder and holder[0].returncode is None:
+                holder[0].kill()
+
+        vm = FakeVm(mode, quit_vm)
+        servers = [await _serve_unix(os.path.join(runtime_dir, "vm.qmp"), vm.qmp_conn)]
+        if vnc:
+            servers.append(await _serve_unix(os.path.join(runtime_dir, "vm.vnc"), vm.vnc_client))
+        # qemu's identity and VNC mode are read off the command line.
+        argv = ["-uuid", uuid, *(["-vnc", "unix:vm.vnc"] if vnc else [])]
+        proc = await asyncio.create_subprocess_exec(
+            "busybox", "sh", "-c", "read x", *argv, stdin=asyncio.subprocess.PIPE
+        )
+        holder.append(proc)
+        with open(os.path.join(runtime_dir, "vm.pid"), "w") as f:
+            f.write(f"{proc.pid}\n")
+        return cls(vm, proc, servers)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """End the "qemu" at once, as a crash or a signal would: no QMP event."""
+        if self.holder.returncode is None:
+            self.holder.send_signal(sig)
+
+    async def close(self) -> None:
+        self.kill()
+        await self.holder.wait()
+        loop = asyncio.get_running_loop()
+        for server in self.servers:
+            loop.remove_reader(server.fileno())
+            server.close()
+
+
 async def hub(zones_root: str, uuids: list[str]) -> None:
     """Serve every listed VM's sockets; each VM's liveness is a holder process."""
     from vmadmd.vm.store import Store
 
     store = Store(zones_root)
-    holders: dict[str, asyncio.subprocess.Process] = {}
-    servers: list[socket.socket] = []
-
-    async def start(uuid: str) -> None:
-        paths = store.paths(uuid)
-        os.makedirs(paths.runtime_dir, exist_ok=True)
-
-        def quit_vm() -> None:
-            proc = holders.get(uuid)
-            if proc is not None and proc.returncode is None:
-                proc.kill()
-
-        vm = FakeVm("normal", quit_vm)
-        cwd = os.getcwd()
-        os.chdir(paths.runtime_dir)  # short socket names, as qemu does
-        try:
-            for name, handler in (("vm.qmp", vm.qmp_conn), ("vm.vnc", vm.vnc_client)):
-                servers.append(await _serve_unix(name, handler))
-        finally:
-            os.chdir(cwd)
-        proc = await asyncio.create_subprocess_exec(
-            # qemu's identity and VNC mode are read off the command line.
-            "busybox",
-            "sh",
-            "-c",
-            "read x",
-            "-uuid",
-            uuid,
-            "-vnc",
-            "unix:vm.vnc",
-            stdin=asyncio.subprocess.PIPE,
-        )
-        holders[uuid] = proc
-        with open(paths.pid, "w") as f:
-            f.write(f"{proc.pid}\n")
-
-    for uuid in uuids:
-        await start(uuid)
+    served = [await ServedVm.start(store.paths(u).runtime_dir, u) for u in uuids]
     print(f"standin hub: {len(uuids)} VMs up", flush=True)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
-    for proc in holders.values():
-        if proc.returncode is None:
-            proc.kill()
-    for server in servers:
-        asyncio.get_running_loop().remove_reader(server.fileno())
-        server.close()
+    for vm in served:
+        await vm.close()
 
 
 def main() -> int:
