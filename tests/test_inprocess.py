@@ -50,7 +50,7 @@ class Rig:
         self.shared = Shared(
             settings=DaemonSettings(
                 vm=VmSettings(zones_root=self.store.zones_root), qmp_timeout=1.0
-            ),  # fmt: skip
+            ),
             store=self.store,
             bus=self.bus,
             metrics=self.metrics,
