@@ -22,6 +22,7 @@ from typing import Any
 
 from vmadmd.cli.client import ApiError, Client
 from vmadmd.vm import proc
+from vmadmd.vm.sockets import connect_unix
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -180,6 +181,27 @@ class World:
             return self.client().request(method, path, params or None)
         except ApiError as err:
             return err.status, {"error": {"code": err.code, "message": err.message}}
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of a metric's samples with these labels, scraped from /metrics now."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        sock = connect_unix(os.path.dirname(self.socket), os.path.basename(self.socket))
+        sock.settimeout(10)
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        sock.close()
+        body = data.partition(b"\r\n\r\n")[2].decode()
+        total = 0.0
+        for family in text_string_to_metric_families(body):
+            for sample in family.samples:
+                if sample.name in (name, name + "_total") and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
+                    total += sample.value
+        return total
 
     @property
     def daemon(self) -> subprocess.Popen[bytes] | None:

@@ -14,7 +14,6 @@ import json
 import re
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 from .conftest import REPO, Env, _bin, bios_payload
@@ -27,6 +26,14 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def test_schemathesis_finds_no_server_error(env: Env) -> None:
@@ -54,7 +61,7 @@ def test_schemathesis_finds_no_server_error(env: Env) -> None:
         ["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork", f"UNIX-CONNECT:{env.socket}"]
     )
     try:
-        time.sleep(0.3)
+        env.wait_for(lambda: accepts(port), what="socat listening")
         res = subprocess.run(
             [
                 _bin("schemathesis"), "run", str(schema_path),

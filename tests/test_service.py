@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -68,7 +67,7 @@ def test_json_logs_carry_fields_and_request_ids(env: Env) -> None:
     assert head.startswith("HTTP/1.1 200") and "X-Request-Id: trace-me-42" in head
     head, _ = raw_request(env, "/ping")
     assert "X-Request-Id: " in head
-    time.sleep(0.2)
+    env.wait_for(lambda: "trace-me-42" in env.daemon_log(tail=None), what="the request logged")
     lines = env.daemon_log(tail=None).splitlines()
     records = [json.loads(line) for line in lines if line.strip()]
     assert records
@@ -89,7 +88,9 @@ def test_password_never_logged(env: Env) -> None:
     env.wait_for(lambda: env.api("GET", f"/vm/{uuid}", type="vnc")[1]["vnc"] != {}, what="vnc")
     assert env.api("GET", f"/vm/{uuid}", type="vnc")[1]["vnc"]["password"] == secret
     env.vmadm("update", uuid, "vnc_password=Other12", check=True)
-    time.sleep(0.3)
+    env.wait_for(
+        lambda: env.daemon_log(tail=None).count("set_password ok") >= 2, what="the change applied"
+    )
     log = env.daemon_log(tail=None)
     assert "set_password" in log, "the QMP wire is logged at debug"
     assert secret not in log and "Other12" not in log
@@ -159,7 +160,7 @@ def test_event_stream_resumes_with_last_event_id(env: Env) -> None:
         [env_bin("vmadm"), "events", uuid], stdout=subprocess.PIPE, text=True, env=env.environ
     )
     try:
-        time.sleep(0.5)
+        env.wait_for(lambda: env.metric("vmadmd_event_subscribers") == 1, what="following")
         assert env.api("POST", f"/vm/{uuid}", action="reset")[0] == 200
         assert follower.stdout is not None
         first = json.loads(follower.stdout.readline())
@@ -186,7 +187,7 @@ def test_consumer_that_never_reads_is_dropped(env: Env) -> None:
     lazy = connect_unix(os.path.dirname(env.socket), os.path.basename(env.socket))
     lazy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     lazy.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
-    time.sleep(0.3)
+    env.wait_for(lambda: env.metric("vmadmd_event_subscribers") == 1, what="subscribed")
     before = rss_kib(daemon.pid)
     for _ in range(1500):
         assert env.api("POST", f"/vm/{uuid}", action="reset")[0] == 200

@@ -60,6 +60,13 @@ class ExitWatch:
             os.close(self.fd)
 
 
+def past_deadline(transition: dict[str, Any], margin: float = 0.5) -> None:
+    """Wait until the transition's deadline is ``margin`` seconds in the past."""
+    left = transition["expire"] / 1000 + margin - time.time()
+    if left > 0:
+        time.sleep(left)
+
+
 def stop(env: Env, uuid: str, timeout: float, action: str = "stop") -> dict[str, Any]:
     status, body = env.api("POST", f"/vm/{uuid}", action=action, timeout=str(timeout))
     assert status == 202, body
@@ -148,7 +155,7 @@ def test_daemon_killed_after_202_forces_at_original_deadline(env: Env) -> None:
     watch = ExitWatch(env, uuid)
     transition = stop(env, uuid, 4)
     env.stop_daemon(daemon, signal.SIGKILL)
-    time.sleep(1)
+    time.sleep(1)  # no daemon for a second of the four: downtime, not a wait
     env.start_daemon()
     gone = watch.wait(15)
     late = gone - transition["expire"] / 1000
@@ -164,7 +171,7 @@ def test_daemon_back_after_deadline_forces_at_once(env: Env) -> None:
     watch = ExitWatch(env, uuid)
     transition = stop(env, uuid, 1)
     env.stop_daemon(daemon, signal.SIGKILL)
-    time.sleep(2)
+    past_deadline(transition)
     assert env.get(uuid)["state"] == "stopping", "nobody forced it while the daemon was dead"
     t0 = time.time()
     env.start_daemon()
@@ -179,9 +186,9 @@ def test_reboot_survives_daemon_kill(env: Env) -> None:
     env.vmadm("start", uuid, check=True)
     env.wait_qmp(uuid)
     old = env.pid(uuid)
-    stop(env, uuid, 1, action="reboot")
+    transition = stop(env, uuid, 1, action="reboot")
     env.stop_daemon(daemon, signal.SIGKILL)
-    time.sleep(1.5)
+    past_deadline(transition)
     env.start_daemon()
     env.wait_for(
         lambda: env.get(uuid)["state"] == "running" and env.pid(uuid) != old,
@@ -223,7 +230,7 @@ def test_forced_stop_preempts_graceful(env: Env) -> None:
     res = env.vmadm("stop", uuid, "-F")
     assert res.returncode == 0, res.stderr
     assert time.monotonic() - t0 < 10
-    time.sleep(1)
+    env.wait_for(lambda: env.get(uuid)["state"] == "stopped", what="stopped")
     vm = env.get(uuid)
     assert vm["state"] == "stopped" and "transition_to" not in vm
     assert vm["autoboot"] is False
@@ -307,7 +314,8 @@ def test_daemon_killed_around_the_202_loses_nothing(env: Env) -> None:
         if on_disk or answer == [202]:
             env.wait_for(lambda: env.pid(uuid) is None, timeout=10, what="the stop honoured")
         else:
-            time.sleep(1.5)
+            # Picked up by the new daemon, with no stop to force: it keeps running.
+            env.wait_qmp(uuid)
             assert env.pid(uuid) is not None, "no transition was written: the VM keeps running"
         vm = env.get(uuid)
         assert "transition_to" not in vm

@@ -54,22 +54,25 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     request["req_id"] = req_id
     req_id_var.set(req_id)  # each request runs in its own task: its own context
     t0 = time.monotonic()
-    if len(request.rel_url.raw_query_string) > MAX_QUERY:
-        resp: web.StreamResponse = error_response(414, "UriTooLong", "query string too long")
-    else:
-        resp = await answer(request, handler)
+    metrics = request.app[METRICS_KEY]
+    metrics.api_in_flight.inc()
+    try:
+        if len(request.rel_url.raw_query_string) > MAX_QUERY:
+            resp: web.StreamResponse = error_response(414, "UriTooLong", "query string too long")
+        else:
+            resp = await answer(request, handler)
+    finally:
+        metrics.api_in_flight.dec()
     if not resp.prepared:
         resp.headers["X-Request-Id"] = req_id
     took = time.monotonic() - t0
     log.debug("%s %s -> %d in %.1f ms", request.method, request.path, resp.status, took * 1000)
-    metrics: Metrics | None = request.app.get(METRICS_KEY)
-    if metrics is not None:
-        info = request.match_info.route.resource
-        route = info.canonical if info is not None else "unmatched"
-        # Bounded label values: a client must not be able to mint new series.
-        method = request.method if request.method in _METHODS else "other"
-        metrics.api_requests.labels(route, method, str(resp.status)).inc()
-        metrics.api_latency.labels(route).observe(took)
+    info = request.match_info.route.resource
+    route = info.canonical if info is not None else "unmatched"
+    # Bounded label values: a client must not be able to mint new series.
+    method = request.method if request.method in _METHODS else "other"
+    metrics.api_requests.labels(route, method, str(resp.status)).inc()
+    metrics.api_latency.labels(route).observe(took)
     return resp
 
 

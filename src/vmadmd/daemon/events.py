@@ -71,6 +71,10 @@ class EventBus:
         self._subscribers.add(sub)
         return sub
 
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
     def unsubscribe(self, sub: Subscriber) -> None:
         self._subscribers.discard(sub)
 

@@ -134,6 +134,7 @@ class Manager:
                 if sup.console.listener is not None
             ),
             "vnc_listeners": self.connection_counts()["vnc_listeners"],
+            "event_subscribers": self.bus.subscribers,
         }
 
     # -- discovery ---------------------------------------------------------

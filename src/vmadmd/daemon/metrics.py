@@ -34,6 +34,11 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily(
             "vmadmd_vnc_listeners", "Open VNC listeners", value=values.get("vnc_listeners", 0)
         )
+        yield GaugeMetricFamily(
+            "vmadmd_event_subscribers",
+            "Clients following GET /events",
+            value=values.get("event_subscribers", 0),
+        )
 
 
 class Metrics:
@@ -72,6 +77,9 @@ class Metrics:
             "that ended it (acpi, quit, sigterm, sigkill)",
             ["reason", "stage"], registry=r,
         )  # fmt: skip
+        self.api_in_flight = Gauge(
+            "vmadmd_api_requests_in_flight", "API requests being served", registry=r
+        )
         self.console_sessions = Gauge(
             "vmadmd_console_sessions", "Open browser console sessions", registry=r
         )
