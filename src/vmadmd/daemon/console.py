@@ -27,6 +27,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.manager import Manager
 from vmadmd.daemon.responses import json_errors
 from vmadmd.daemon.vnc import open_upstream
@@ -127,7 +128,7 @@ class ConsoleServer:
         """A one-time console URL for a running VM."""
         self.manager.running(uuid)
         token, expires = self.tokens.issue(uuid)
-        log.info("vm %s: console token %s issued", uuid, shown(token), extra={"vm": uuid})
+        vm_log(log, uuid).info("console token %s issued", shown(token))
         wall_expires = time.time() + (expires - time.monotonic())
         return {"uuid": uuid, "url": self.url_for(token), "expires": int(wall_expires * 1000)}
 
@@ -204,14 +205,14 @@ class ConsoleServer:
         await ws.prepare(request)
         self.sessions.add(ws)
         self.manager.metrics.console_sessions.inc()
-        log.info("vm %s: console session opened (token %s)", uuid, shown(token), extra={"vm": uuid})
+        vm_log(log, uuid).info("console session opened (token %s)", shown(token))
         try:
             await self._relay(ws, reader, writer)
         finally:
             self.sessions.discard(ws)
             self.manager.metrics.console_sessions.dec()
             writer.close()
-            log.info("vm %s: console session closed", uuid, extra={"vm": uuid})
+            vm_log(log, uuid).info("console session closed")
         return ws
 
     async def _relay(

@@ -16,7 +16,7 @@ import re
 import socket
 import sys
 import time
-from typing import Literal
+from typing import Any, Literal
 
 # The API request being served, carried into every log line it causes
 # (QMP commands included) through the task's context.
@@ -91,3 +91,22 @@ def setup(level: str = "info", fmt: LogFormat = "json") -> None:
     logging.getLogger("qemu.qmp").setLevel(
         logging.DEBUG if level.lower() == "debug" else logging.CRITICAL
     )
+
+
+class VmLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Log lines about one VM: ``vm <uuid>: ...``, with the uuid as the ``vm`` field.
+
+    Every per-VM line goes through one of these, so none can carry the uuid
+    in its text and miss it as a field (or the other way round).
+    """
+
+    def process(self, msg: object, kwargs: Any) -> tuple[str, Any]:
+        uuid = self.extra["vm"] if self.extra else "?"
+        extra = dict(kwargs.get("extra") or {})
+        extra.setdefault("vm", uuid)
+        kwargs["extra"] = extra
+        return f"vm {uuid}: {msg}", kwargs
+
+
+def vm_log(logger: logging.Logger, uuid: str) -> VmLog:
+    return VmLog(logger, {"vm": uuid})

@@ -19,6 +19,7 @@ from collections.abc import Coroutine, Iterable
 from typing import Any, Literal
 
 from vmadmd.daemon.events import EventBus
+from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.metrics import Metrics
 from vmadmd.daemon.supervisor import DaemonSettings, Shared, VmSupervisor, settle_record
 from vmadmd.errors import VmadmError, VmBroken, WrongState
@@ -155,7 +156,7 @@ class Manager:
         try:
             await self.refresh(uuid)
         except Exception:
-            log.exception("vm %s: cannot pick up this VM", uuid, extra={"vm": uuid})
+            vm_log(log, uuid).exception("cannot pick up this VM")
 
     async def refresh(self, uuid: str) -> None:
         """Bring our view of one VM in line with reality.  Idempotent."""
@@ -217,15 +218,15 @@ class Manager:
         try:
             await asyncio.to_thread(self.layer.start, uuid, set_autoboot=False)
         except WrongState:
-            log.info("vm %s: %s: already running", uuid, reason, extra={"vm": uuid})
+            vm_log(log, uuid).info("%s: already running", reason)
             await self.refresh(uuid)  # someone else booted it: make sure we hold it
             raise
         except VmadmError as err:
-            log.error("vm %s: %s failed: %s", uuid, reason, err, extra={"vm": uuid})
+            vm_log(log, uuid).error("%s failed: %s", reason, err)
             self.bus.emit("boot_failed", uuid, reason=reason, error=str(err))
             raise
         took = time.monotonic() - t0
-        log.info("vm %s: booted (%s) in %.3f s", uuid, reason, took, extra={"vm": uuid})
+        vm_log(log, uuid).info("booted (%s) in %.3f s", reason, took)
         await self.refresh(uuid)
         return took
 

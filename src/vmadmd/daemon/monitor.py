@@ -28,9 +28,10 @@ from typing import Any, Literal
 from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, Message, QMPClient, Runstate
 from qemu.qmp.error import QMPError
 
+from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.metrics import Metrics
 from vmadmd.errors import QmpConnectionLost, QmpFailed, QmpRefused, QmpTimeout
-from vmadmd.vm.sockets import connect_unix
+from vmadmd.vm.sockets import connect_unix_retrying
 
 log = logging.getLogger("vmadmd.qmp")
 
@@ -91,6 +92,7 @@ class Monitor:
         # connects a bounded number at a time.
         self._connect_slots = connect_slots or asyncio.Semaphore(1)
         self.uuid = uuid
+        self._log = vm_log(log, uuid)
         self._directory = directory
         self._name = name
         self.timeout = timeout
@@ -151,14 +153,14 @@ class Monitor:
             client.remove_listener(default)
             try:
                 async with self._connect_slots:
-                    sock = await self._open_socket()
+                    sock = await connect_unix_retrying(self._directory, self._name)
                     await asyncio.wait_for(client.connect(sock), self._connect_timeout)
             except (OSError, QMPError, TimeoutError, EOFError) as err:
                 # OSError: socket missing or refused (qemu still starting or
                 # gone); QMPError: no or bad greeting; TimeoutError: qemu
                 # accepted but does not speak (stopped with SIGSTOP).
                 self.last_error = f"QMP connect failed: {err or type(err).__name__}"
-                log.debug("vm %s: %s", self.uuid, self.last_error)
+                self._log.debug("%s", self.last_error)
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(client.disconnect(), 1.0)
                 await asyncio.sleep(delay)
@@ -168,19 +170,10 @@ class Monitor:
             self.last_error = None
             self.ever_connected = True
             self._ready.set()
-            log.debug("vm %s: QMP connected", self.uuid)
+            self._log.debug("QMP connected")
             if self._orphans:
                 self._cleanup = asyncio.create_task(self._close_orphans())
             return
-
-    async def _open_socket(self) -> Any:
-        """A connected non-blocking socket; EAGAIN (full backlog) is retried."""
-        for _ in range(50):
-            try:
-                return connect_unix(self._directory, self._name, blocking=False)
-            except BlockingIOError:
-                await asyncio.sleep(0.01)
-        raise OSError("QMP socket backlog stays full")
 
     async def _drop(self) -> None:
         client, self._client = self._client, None
@@ -197,7 +190,7 @@ class Monitor:
         if self._closed:
             return
         self.last_error = why
-        log.warning("vm %s: QMP connection wedged (%s); reconnecting", self.uuid, why)
+        self._log.warning("QMP connection wedged (%s); reconnecting", why)
         old = self._client
         self._client = None
         self._ready.clear()
@@ -240,7 +233,7 @@ class Monitor:
         try:
             self._on_event(name, data if isinstance(data, dict) else {})
         except Exception:
-            log.exception("vm %s: QMP event handler failed", self.uuid)
+            self._log.exception("QMP event handler failed")
 
     # -- commands ----------------------------------------------------------
 
@@ -274,7 +267,7 @@ class Monitor:
             raise QmpConnectionLost(f"VM {self.uuid}: QMP connection lost")
         outcome = "error"
         t0 = loop.time()
-        log.debug("vm %s: qmp --> %s", self.uuid, cmd, extra={"vm": self.uuid})
+        self._log.debug("qmp --> %s", cmd)
         self._in_flight += 1
         self._idle.clear()
         try:
@@ -304,10 +297,7 @@ class Monitor:
             if self._in_flight == 0:
                 self._idle.set()
             took = loop.time() - t0
-            log.debug(
-                "vm %s: qmp <-- %s %s in %.3f ms", self.uuid, cmd, outcome, took * 1000,
-                extra={"vm": self.uuid},
-            )  # fmt: skip
+            self._log.debug("qmp <-- %s %s in %.3f ms", cmd, outcome, took * 1000)
             self._metrics.qmp_commands.labels(cmd, outcome).inc()
             self._metrics.qmp_latency.labels(cmd).observe(took)
             if outcome == "timeout":
@@ -400,8 +390,7 @@ class Monitor:
                 return False  # nothing was passed yet: ask again next time
             self._can_add_client = {"getfd", "add_client"} <= commands
             if not self._can_add_client:
-                log.info("vm %s: qemu cannot take VNC clients over QMP: relaying them",
-                         self.uuid, extra={"vm": self.uuid})  # fmt: skip
+                self._log.info("qemu cannot take VNC clients over QMP: relaying them")
         if not self._can_add_client:
             return False
         async with self._fd_lock:
@@ -444,7 +433,7 @@ class Monitor:
         try:
             client.send_fd_scm(fd)
         except (OSError, QMPError) as err:
-            log.debug("vm %s: cannot pass a VNC client: %s", self.uuid, err)
+            self._log.debug("cannot pass a VNC client: %s", err)
             return None
         try:
             await self._execute("getfd", {"fdname": name}, timeout=timeout, through_gate=True)

@@ -26,13 +26,13 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from vmadmd.daemon.events import EventBus
+from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.metrics import Metrics
 from vmadmd.daemon.monitor import QUERIES, Monitor
 from vmadmd.daemon.vncconsole import VncConsole, qemu_vnc_mode
@@ -51,8 +51,6 @@ ForceStage = Literal["quit", "sigterm", "sigkill"]
 
 POWERDOWN_RESEND = 2.0  # a guest still booting can miss one ACPI press
 QUIT_WAIT = 2.0
-SIGTERM_WAIT = 3.0
-SIGKILL_WAIT = 10.0
 DRAIN_WAIT = 0.5  # for qemu's last events once its exit is seen
 MAX_SCREENSHOT = 64 << 20
 
@@ -140,15 +138,14 @@ async def settle_record(shared: Shared, uuid: str, ending: Ending | None) -> Tra
         await asyncio.to_thread(shared.store.update, uuid, change)
     except VmadmError as err:
         # Deleted meanwhile, or unreadable: nothing to settle.
-        log.info("vm %s: exited; record not updated: %s", uuid, err, extra={"vm": uuid})
+        vm_log(log, uuid).info("exited; record not updated: %s", err)
         shared.bus.emit("exited", uuid, **(ending or {}))
         return None
     how = recorded or {}
     reason = str(how.get("reason", "unknown"))
     level = logging.WARNING if reason in ("panic", "crash") else logging.INFO
-    log.log(level, "vm %s: exited (%s)", uuid,
-            " ".join(f"{k}={v}" for k, v in how.items()) or "unknown",
-            extra={"vm": uuid, "reason": reason})  # fmt: skip
+    told = " ".join(f"{k}={v}" for k, v in how.items()) or "unknown"
+    vm_log(log, uuid).log(level, "exited (%s)", told, extra={"reason": reason})
     shared.bus.emit("exited", uuid, **how)
     if recorded is not None:
         shared.metrics.vm_exits.labels(reason, str(how.get("stage", ""))).inc()
@@ -168,6 +165,7 @@ class VmSupervisor:
     ) -> None:
         self.uuid = uuid
         self.pid = pid
+        self._log = vm_log(log, uuid)
         self.paths = shared.store.paths(uuid)
         self._pidfd = pidfd
         self._shared = shared
@@ -204,7 +202,7 @@ class VmSupervisor:
         """Watch the qemu, connect QMP, open the console, re-arm a pending stop."""
         asyncio.get_running_loop().add_reader(self._pidfd, self._on_pidfd)
         self.monitor.start()
-        log.info("vm %s: running (pid %d)", self.uuid, self.pid, extra={"vm": self.uuid})
+        self._log.info("running (pid %d)", self.pid)
         self._shared.bus.emit("started", self.uuid, pid=self.pid)
         self._console_task = self._shared.spawn(self.console.open(record), f"vnc-{self.uuid}")
         self.transition = Transition.of(record)
@@ -215,7 +213,7 @@ class VmSupervisor:
         if name == "SHUTDOWN":
             self._shutdown = data
         if name in ("SHUTDOWN", "POWERDOWN", "RESET", "STOP", "RESUME", "GUEST_PANICKED"):
-            log.debug("vm %s: QMP event %s", self.uuid, name, extra={"vm": self.uuid})
+            self._log.debug("QMP event %s", name)
             self._shared.bus.emit("qmp_event", self.uuid, event=name, data=data)
 
     # -- exit ----------------------------------------------------------------
@@ -340,11 +338,8 @@ class VmSupervisor:
             assert merged is not None
             self.transition = merged
             self._shared.bus.emit("transition_set", self.uuid, **merged.to_json())
-            log.info(
-                "vm %s: %s requested, forced at %d",
-                self.uuid, "reboot" if to == "start" else "stop", merged.expire_ms,
-                extra={"vm": self.uuid},
-            )  # fmt: skip
+            what = "reboot" if to == "start" else "stop"
+            self._log.info("%s requested, forced at %d", what, merged.expire_ms)
             await self._powerdown()
             self._arm()
             return merged
@@ -354,8 +349,7 @@ class VmSupervisor:
             await self.monitor.powerdown()
         except VmadmError as err:
             # The deadline still holds; the timer re-sends and then forces.
-            log.warning("vm %s: system_powerdown failed: %s", self.uuid, err,
-                        extra={"vm": self.uuid})  # fmt: skip
+            self._log.warning("system_powerdown failed: %s", err)
 
     def _arm(self) -> None:
         if self._timer is not None and not self._timer.done():
@@ -380,24 +374,20 @@ class VmSupervisor:
 
         Returns the step that ended qemu (None if it survived SIGKILL).
         """
-        log.info("vm %s: deadline reached; forcing the stop", self.uuid, extra={"vm": self.uuid})
+        self._log.info("deadline reached; forcing the stop")
         self._shared.bus.emit("transition_forced", self.uuid)
         self._forced = "quit"
         with contextlib.suppress(VmadmError):
             await self.monitor.quit(timeout=QUIT_WAIT)
         if await self._wait_exit(QUIT_WAIT):
             return "quit"
-        stage: ForceStage
-        for stage, sig, wait in (
-            ("sigterm", signal.SIGTERM, SIGTERM_WAIT),
-            ("sigkill", signal.SIGKILL, SIGKILL_WAIT),
-        ):
-            self._forced = stage
+        for stage, sig, wait in proc.SIGNAL_LADDER:
+            self._forced = cast(ForceStage, stage)
             if self._pidfd < 0 or not proc.pidfd_signal(self._pidfd, sig):
-                return stage  # already gone
+                return self._forced  # already gone
             if await self._wait_exit(wait):
-                return stage
-        log.error("vm %s: qemu survived SIGKILL", self.uuid, extra={"vm": self.uuid})
+                return self._forced
+        self._log.error("qemu survived SIGKILL")
         return None
 
     async def _wait_exit(self, timeout: float) -> bool:

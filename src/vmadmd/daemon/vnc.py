@@ -28,33 +28,21 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.metrics import Metrics
-from vmadmd.vm.sockets import connect_unix
+from vmadmd.vm.sockets import connect_unix_retrying
 
 log = logging.getLogger("vmadmd.vnc")
 
 PIPE_SIZE = 1 << 20  # per direction: the session's whole buffer
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-CONNECT_RETRIES = 200  # qemu's VNC socket has a tiny backlog: EAGAIN is retried
 
 # Gives a client's socket fd to qemu: True if qemu took it, False if it
 # certainly did not; raises when that is unknown.
 Handoff = Callable[[int], Awaitable[bool]]
 
 
-async def connect_upstream(directory: str, name: str) -> socket.socket:
-    """A fresh connection to qemu's VNC socket.
-
-    qemu's VNC unix socket has a tiny listen backlog: under a burst of
-    clients a non-blocking connect fails with EAGAIN, which is retried here
-    rather than mistaken for a connection.
-    """
-    for _ in range(CONNECT_RETRIES):
-        try:
-            return connect_unix(directory, name, blocking=False)
-        except BlockingIOError:
-            await asyncio.sleep(0.005)
-    raise OSError("the VNC socket's backlog stayed full")
+connect_upstream = connect_unix_retrying  # a fresh connection to qemu's VNC socket
 
 
 async def open_upstream(
@@ -140,9 +128,7 @@ class _Pump:
             self.session.close()
             return
         self.buffered = n
-        metrics = self.session.listener.metrics
-        if metrics is not None:
-            metrics.vnc_bytes.inc(n)
+        self.session.listener.metrics.vnc_bytes.inc(n)
         self._flush()
 
     def _flush(self) -> None:
@@ -225,7 +211,7 @@ class _Session:
         try:
             upstream = await connect_upstream(self.listener.directory, self.listener.name)
         except OSError as err:
-            log.warning("vm %s: VNC upstream connect failed: %s", self.listener.uuid, err)
+            vm_log(log, self.listener.uuid).warning("VNC upstream connect failed: %s", err)
             self.close()
             return
         if self.closed:
@@ -264,7 +250,7 @@ class VncListener:
         name: str,
         host: str,
         port: int,
-        metrics: Metrics | None = None,
+        metrics: Metrics,
         handoff: Handoff | None = None,
         qemu_inode: Callable[[], int | None] | None = None,
     ) -> None:
@@ -298,9 +284,8 @@ class VncListener:
         except OSError as err:
             sock.close()
             self.error = f"cannot listen on {self.host}:{self.wanted_port}: {err.strerror or err}"
-            log.error("vm %s: %s", self.uuid, self.error, extra={"vm": self.uuid})
-            if self.metrics is not None:
-                self.metrics.vnc_listener_errors.inc()
+            vm_log(log, self.uuid).error("%s", self.error)
+            self.metrics.vnc_listener_errors.inc()
             return False
         self._sock = sock
         self.port = int(sock.getsockname()[1])
@@ -315,7 +300,7 @@ class VncListener:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:  # EMFILE and the like: this client only
-                log.warning("vm %s: VNC accept failed: %s", self.uuid, err)
+                vm_log(log, self.uuid).warning("VNC accept failed: %s", err)
                 return
             client.setblocking(False)
             with contextlib.suppress(OSError):
@@ -354,7 +339,7 @@ class VncListener:
             # qemu may or may not hold the client now: serving it twice
             # would garble both sessions, so the daemon lets go of it (qemu
             # serves it, or it sees its connection close).
-            log.warning("vm %s: VNC handoff cut short, client left to qemu: %s", self.uuid, err)
+            vm_log(log, self.uuid).warning("VNC handoff cut short, client left to qemu: %s", err)
             client.close()
             self._count("unknown")
             return
@@ -367,8 +352,7 @@ class VncListener:
             self._proxy(client)
 
     def _count(self, outcome: str) -> None:
-        if self.metrics is not None:
-            self.metrics.vnc_clients.labels(outcome).inc()
+        self.metrics.vnc_clients.labels(outcome).inc()
 
     async def close(self) -> None:
         """Stop listening and end every session the daemon relays.

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vmadmd.daemon.events import EventBus
+from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.metrics import Metrics
 from vmadmd.daemon.monitor import Monitor
 from vmadmd.daemon.vnc import Handoff, VncListener, file_inode
@@ -82,6 +83,7 @@ class VncConsole:
     ) -> None:
         self.uuid = uuid
         self._paths = paths
+        self._log = vm_log(log, uuid)
         self._monitor = monitor
         self._bind = bind
         self._relay = relay
@@ -134,7 +136,7 @@ class VncConsole:
             listener.error = mismatch
             self._metrics.vnc_listener_errors.inc()
             self.listener = listener
-            log.warning("vm %s: %s", self.uuid, mismatch, extra={"vm": self.uuid})
+            self._log.warning("%s", mismatch)
             return
         if password:
             try:
@@ -142,17 +144,15 @@ class VncConsole:
             except VmadmError as err:
                 listener.error = f"cannot set the VNC password: {err}"
                 self.listener = listener
-                log.error("vm %s: %s", self.uuid, listener.error, extra={"vm": self.uuid})
+                self._log.error("%s", listener.error)
                 return
         if await listener.open():
             self._bus.emit("vnc_up", self.uuid, port=listener.port)
-            log.info("vm %s: VNC on %s:%s", self.uuid, listener.host, listener.port,
-                     extra={"vm": self.uuid})  # fmt: skip
+            self._log.info("VNC on %s:%s", listener.host, listener.port)
             if not password and not is_loopback(listener.host):
-                log.warning(
-                    "vm %s: VNC console on %s:%s without a vnc_password: "
-                    "whoever reaches that address has the console",
-                    self.uuid, listener.host, listener.port, extra={"vm": self.uuid},
+                self._log.warning(
+                    "VNC console on %s:%s without a vnc_password: "
+                    "whoever reaches that address has the console",listener.host, listener.port,
                 )  # fmt: skip
         if self._gone():
             await listener.close()

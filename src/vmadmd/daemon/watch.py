@@ -17,6 +17,7 @@ from typing import Any
 
 from asyncinotify import Inotify, Mask, Watch
 
+from vmadmd.daemon.logs import vm_log
 from vmadmd.vm.store import is_uuid
 
 log = logging.getLogger("vmadmd.watch")
@@ -115,7 +116,7 @@ class ZonesWatcher:
                 try:
                     await self._on_change(uuid)
                 except Exception:
-                    log.exception("vm %s: refresh failed", uuid)
+                    vm_log(log, uuid).exception("refresh failed")
                 if uuid not in self._dirty:
                     return
         finally:

@@ -15,7 +15,6 @@ import itertools
 import os
 import select
 import signal
-import time
 
 
 def read_pid(pid_path: str) -> int | None:
@@ -113,8 +112,18 @@ def pidfd_signal(fd: int, sig: signal.Signals) -> bool:
     return True
 
 
-def kill_vm(pid_path: str, uuid: str, term_timeout: float = 5.0) -> str | None:
-    """Force the VM's qemu to exit: SIGTERM, then SIGKILL; wait until gone.
+# The forced end of a qemu, whoever forces it (``vmadm stop -F`` here, the
+# daemon at a stop's deadline after its ``quit``): each signal, then how long
+# to wait for the exit.  SIGKILL cannot be ignored, but a process in
+# uninterruptible sleep can take a moment.
+SIGNAL_LADDER: tuple[tuple[str, signal.Signals, float], ...] = (
+    ("sigterm", signal.SIGTERM, 3.0),
+    ("sigkill", signal.SIGKILL, 10.0),
+)
+
+
+def kill_vm(pid_path: str, uuid: str) -> str | None:
+    """Force the VM's qemu to exit through ``SIGNAL_LADDER``; wait until gone.
 
     Returns the stage that ended it (``"sigterm"``/``"sigkill"``), or None when
     it was not running.  "Already gone" is success.
@@ -124,16 +133,10 @@ def kill_vm(pid_path: str, uuid: str, term_timeout: float = 5.0) -> str | None:
         return None
     _, fd = found
     try:
-        if not pidfd_signal(fd, signal.SIGTERM) or pidfd_wait(fd, term_timeout):
-            return "sigterm"
-        pidfd_signal(fd, signal.SIGKILL)
-        # SIGKILL cannot be ignored; a process in uninterruptible sleep can
-        # still take a moment.  Bound the wait anyway.
-        deadline = time.monotonic() + 30.0
-        while not pidfd_wait(fd, 0.5):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"qemu of VM {uuid} survived SIGKILL for 30 s")
-        return "sigkill"
+        for stage, sig, wait in SIGNAL_LADDER:
+            if not pidfd_signal(fd, sig) or pidfd_wait(fd, wait):
+                return stage
+        raise TimeoutError(f"qemu of VM {uuid} survived SIGKILL")
     finally:
         with contextlib.suppress(OSError):
             os.close(fd)

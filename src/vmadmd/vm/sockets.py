@@ -9,7 +9,6 @@ the zones root is.  Standard library only.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 
@@ -60,12 +59,22 @@ def bind_unix(path: str, backlog: int = 128) -> socket.socket:
     return sock
 
 
-def probe_unix(directory: str, name: str) -> bool:
-    """True when something accepts connections at ``directory/name``."""
-    try:
-        sock = connect_unix(directory, name)
-    except OSError:
-        return False
-    with contextlib.suppress(OSError):
-        sock.close()
-    return True
+EAGAIN_TRIES = 200
+EAGAIN_DELAY = 0.005
+
+
+async def connect_unix_retrying(directory: str, name: str) -> socket.socket:
+    """A non-blocking ``connect_unix``, retrying EAGAIN for up to a second.
+
+    qemu's unix sockets have tiny listen backlogs: under a burst of
+    connections a non-blocking connect fails with EAGAIN, which means "try
+    again", not "refused".  Other errors are raised at once.
+    """
+    import asyncio  # not at the top: the CLI imports this module
+
+    for _ in range(EAGAIN_TRIES):
+        try:
+            return connect_unix(directory, name, blocking=False)
+        except BlockingIOError:
+            await asyncio.sleep(EAGAIN_DELAY)
+    raise OSError(f"the listen backlog of {name} stayed full")
