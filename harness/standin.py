@@ -505,6 +505,14 @@ class ServedVm:
             "busybox", "sh", "-c", "read x", *argv, stdin=asyncio.subprocess.PIPE
         )
         holder.append(proc)
+        # Until the child has exec'd, /proc shows the parent's command line:
+        # publish the pid only once it is the holder's, as qemu writes its
+        # pidfile only once it is up.
+        for _ in range(500):
+            with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+                if uuid.encode() in f.read():
+                    break
+            await asyncio.sleep(0.002)
         with open(os.path.join(runtime_dir, "vm.pid"), "w") as f:
             f.write(f"{proc.pid}\n")
         return cls(vm, proc, servers)

@@ -40,8 +40,7 @@ class ServerInit:
 
 
 def connect(host: str, port: int, timeout: float = 10) -> socket.socket:
-    sock = socket.create_connection((host, port), timeout=timeout)
-    return sock
+    return socket.create_connection((host, port), timeout=timeout)
 
 
 def banner(sock: socket.socket) -> bytes:

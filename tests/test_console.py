@@ -33,16 +33,19 @@ def test_token_store_once_and_expiry() -> None:
     clock = FakeClock()
     store = TokenStore(ttl=30, clock=clock)
     token, _ = store.issue(U1)
-    assert store.peek(token) == U1 and store.peek(token) == U1  # peeking spends nothing
+    assert store.peek(token) == U1
+    assert store.peek(token) == U1
     assert store.spend(token) == U1
-    assert store.spend(token) is None and store.peek(token) is None  # once
+    assert store.spend(token) is None
+    assert store.peek(token) is None
     assert store.owner(token) == U1  # may still ask for its VM's state
     late, _ = store.issue(U1)
     clock.now += 30.5
     assert store.spend(late) is None  # expired
     assert store.spend("no-such-token") is None
     other, _ = store.issue(U1)
-    assert other != token and len(other) >= 32
+    assert other != token
+    assert len(other) >= 32
 
 
 def console_url(env: Env, uuid: str) -> str:
@@ -115,10 +118,12 @@ def test_tokens_refused_and_bound_to_their_vm(env: Env) -> None:
     assert env.api("POST", f"/vm/{b}", action="console")[0] == 409
     # The CLI prints the URL.
     res = env.vmadm("console", a)
-    assert res.returncode == 0 and res.stdout.startswith("http://127.0.0.1:")
+    assert res.returncode == 0
+    assert res.stdout.startswith("http://127.0.0.1:")
     token = res.stdout.strip().rsplit("/", 1)[1]
     log = env.daemon_log(tail=None)
-    assert token[:6] in log and token not in log, "tokens are never logged whole"
+    assert token[:6] in log
+    assert token not in log, "tokens are never logged whole"
     assert url_a.rsplit("/", 1)[1] not in log
 
 
@@ -187,9 +192,12 @@ def test_novnc_console_in_chromium(env: Env, guest: dict[str, str], browser: Any
         if stats and stats[2] > 2000:
             break
         time.sleep(0.2)
-    assert stats is not None and stats[0] >= 640 and stats[2] > 2000, stats
+    assert stats is not None
+    assert stats[0] >= 640, stats
+    assert stats[2] > 2000, stats
     shot = env.tmp / "console.png"
-    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 5000
+    assert browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 5000
     assert browser.find_element("id", "cad").is_enabled()
     metrics = env.client().request("GET", "/metrics")[1]["raw"]
     assert "vmadmd_console_sessions 1.0" in metrics

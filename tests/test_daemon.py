@@ -63,7 +63,8 @@ def read_events(
 def png_size(data: bytes) -> tuple[int, int]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     length, kind = struct.unpack(">I4s", data[8:16])
-    assert kind == b"IHDR" and length == 13
+    assert kind == b"IHDR"
+    assert length == 13
     crc = struct.unpack(">I", data[29:33])[0]
     assert zlib.crc32(data[12:29]) == crc
     w, h = struct.unpack(">II", data[16:24])
@@ -72,7 +73,8 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 def ppm_size(data: bytes) -> tuple[int, int]:
     parts = data.split(maxsplit=4)
-    assert parts[0] == b"P6" and parts[3] == b"255"
+    assert parts[0] == b"P6"
+    assert parts[3] == b"255"
     w, h = int(parts[1]), int(parts[2])
     assert len(parts[4]) == w * h * 3
     return w, h
@@ -86,7 +88,8 @@ def test_info_screenshot_reset_nmi_on_real_guest(env: Env, guest: dict[str, str]
     env.wait_qmp(uuid)
 
     status, info = env.api("GET", f"/vm/{uuid}")
-    assert status == 200 and sorted(info) == sorted(INFO_TYPES)
+    assert status == 200
+    assert sorted(info) == sorted(INFO_TYPES)
     assert info["version"]["qemu"]["major"] >= 7
     assert info["status"]["status"] == "running"
     assert [c["cpu-index"] for c in info["cpus"]] == [0]
@@ -95,15 +98,19 @@ def test_info_screenshot_reset_nmi_on_real_guest(env: Env, guest: dict[str, str]
     assert any(c["label"] == "serial0" for c in info["chardev"])
     assert info["pci"][0]["devices"]
     assert isinstance(info["blockstats"], list)
-    assert info["vnc"]["host"] == "127.0.0.1" and info["vnc"]["port"] > 0
+    assert info["vnc"]["host"] == "127.0.0.1"
+    assert info["vnc"]["port"] > 0
     for t in INFO_TYPES:
         status, one = env.api("GET", f"/vm/{uuid}", type=t)
-        assert status == 200 and list(one) == [t]
+        assert status == 200
+        assert list(one) == [t]
     # SmartOS spellings.
     status, two = env.api("GET", f"/vm/{uuid}/info", types="version,status")
-    assert status == 200 and sorted(two) == ["status", "version"]
+    assert status == 200
+    assert sorted(two) == ["status", "version"]
     res = env.vmadm("info", uuid, "version,vnc")
-    assert res.returncode == 0 and sorted(json.loads(res.stdout)) == ["version", "vnc"]
+    assert res.returncode == 0
+    assert sorted(json.loads(res.stdout)) == ["version", "vnc"]
 
     # Screenshot: a valid PPM of the guest's real (VGA text mode) screen.
     res = env.vmadm("sysrq", uuid, "screenshot")
@@ -142,7 +149,8 @@ def _get_png(env: Env, uuid: str) -> bytes:
         data += chunk
     sock.close()
     head, _, body = data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200") and b"image/png" in head
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"image/png" in head
     return body
 
 
@@ -175,7 +183,8 @@ def test_error_statuses(env: Env) -> None:
     for method, path, params, want in cases:
         status, body = env.api(method, path, **params)
         assert status == want, (method, path, params, status, body)
-        assert set(body["error"]) == {"code", "message"} and body["error"]["message"]
+        assert set(body["error"]) == {"code", "message"}
+        assert body["error"]["message"]
 
     # A form-encoded body, as SmartOS clients send it.
     sock = connect_unix(os.path.dirname(env.socket), os.path.basename(env.socket))
@@ -192,9 +201,11 @@ def test_error_statuses(env: Env) -> None:
 
     # The CLI: one line, exit 1.
     res = env.vmadm("info", U)
-    assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1
+    assert res.returncode == 1
+    assert len(res.stderr.strip().splitlines()) == 1
     res = env.vmadm("info", stopped)
-    assert res.returncode == 1 and "not running" in res.stderr
+    assert res.returncode == 1
+    assert "not running" in res.stderr
 
 
 def test_cli_without_daemon(env: Env) -> None:
@@ -299,7 +310,8 @@ def test_wedged_qemu_gives_504_and_others_keep_answering(env: Env) -> None:
             latencies.append(time.monotonic() - t0)
         t.join()
         status, took = results["frozen"]
-        assert status == 504 and took < 2.5
+        assert status == 504
+        assert took < 2.5
         assert max(latencies) < 0.5, latencies
         # Still wedged: a reset answers 504 too, the daemon stays up.
         assert env.api("POST", f"/vm/{frozen}", action="reset")[0] == 504
@@ -315,7 +327,8 @@ def test_wedged_qemu_gives_504_and_others_keep_answering(env: Env) -> None:
 def test_openapi_documents_every_route(env: Env) -> None:
     env.start_daemon()
     status, doc = env.api("GET", "/openapi.json")
-    assert status == 200 and doc["openapi"].startswith("3.")
+    assert status == 200
+    assert doc["openapi"].startswith("3.")
     from vmadmd.daemon.api import Api
     from vmadmd.daemon.metrics import Metrics
 
@@ -402,4 +415,5 @@ def test_requests_waiting_on_a_wedged_qemu_fail_fast_when_it_dies(env: Env) -> N
     os.kill(pid, signal.SIGKILL)
     t.join(timeout=10)
     status, took = results[0]
-    assert status == 409 and took < 2.5, (status, took)
+    assert status == 409, status
+    assert took < 2.5, took

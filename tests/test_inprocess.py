@@ -164,7 +164,8 @@ async def test_monitor_stalled_peer_times_out_and_is_dropped(rig: Rig) -> None:
         with pytest.raises(QmpTimeout):
             await mon.query("version")
         assert time.monotonic() - t0 < 1.0
-        assert mon.last_error is not None and "timed out" in mon.last_error
+        assert mon.last_error is not None
+        assert "timed out" in mon.last_error
         # Reconnected in the background (the stall only starts after the
         # first command), and the next command is bounded again.
         with pytest.raises(QmpTimeout):
@@ -192,7 +193,8 @@ async def test_monitor_half_greeting_never_connects(rig: Rig) -> None:
     try:
         with pytest.raises(QmpTimeout, match="no QMP connection"):
             await mon.query("version")
-        assert not mon.ready and not mon.ever_connected
+        assert not mon.ready
+        assert not mon.ever_connected
     finally:
         await mon.close()
 
@@ -259,8 +261,10 @@ async def test_stop_obeyed_by_the_guest(rig: Rig) -> None:
     assert abs(pending.expire_ms / 1000 - (t0 + 30)) < 1
     assert sup.state == "stopping"
     cleared = await asyncio.wait_for(settled, 5)
-    assert cleared is not None and cleared.to == "stopped"
-    assert rig.last_exit()["reason"] == "stop" and rig.last_exit()["stage"] == "acpi"
+    assert cleared is not None
+    assert cleared.to == "stopped"
+    assert rig.last_exit()["reason"] == "stop"
+    assert rig.last_exit()["stage"] == "acpi"
     assert "transition" not in rig.store.load(UUID)
 
 
@@ -357,7 +361,8 @@ async def test_console_serves_clients_and_closes(rig: Rig, relay: str) -> None:
         await until(lambda: mon.ready)
         await console.open(rig.store.load(UUID))
         info = console.info()
-        assert info["host"] == "127.0.0.1" and info["port"] > 0
+        assert info["host"] == "127.0.0.1"
+        assert info["port"] > 0
         reader, writer = await asyncio.open_connection("127.0.0.1", info["port"])
         assert await asyncio.wait_for(reader.readexactly(12), 2) == b"RFB 003.008\n"
         writer.write(b"hello")
@@ -373,7 +378,8 @@ async def test_console_serves_clients_and_closes(rig: Rig, relay: str) -> None:
         await mon.close()
     assert console.info() == {}
     events = [json.dumps(e.as_dict()) for e in rig.bus.since(0)]
-    assert any('"vnc_up"' in e for e in events) and any('"vnc_down"' in e for e in events)
+    assert any('"vnc_up"' in e for e in events)
+    assert any('"vnc_down"' in e for e in events)
 
 
 def test_pid_of_a_stand_in_is_identity_checked(tmp_path: Path) -> None:

@@ -67,7 +67,8 @@ def test_hostile_uuids_and_paths(env: Env) -> None:
             reply = raw(env, request.encode() + b"\r\n")
             status, body = status_and_json(reply)
             assert 400 <= status < 500, (bad, status)
-            assert body["error"]["code"] and body["error"]["message"], body
+            assert body["error"]["code"], body
+            assert body["error"]["message"], body
     # The events filter validates too.
     assert get(env, "/events?vm=..")[0] == 404
     assert get(env, "/ping")[0] == 200
@@ -82,9 +83,11 @@ def test_huge_bodies_and_query_strings(env: Env) -> None:
         f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode() + body)  # fmt: skip
     status, err = status_and_json(reply)
-    assert status == 413 and err["error"]["code"] == "PayloadTooLarge"
+    assert status == 413
+    assert err["error"]["code"] == "PayloadTooLarge"
     status, err = get(env, f"/vm/{uuid}?type={'version,' * 1500}")
-    assert status == 414 and err["error"]["code"] == "UriTooLong"
+    assert status == 414
+    assert err["error"]["code"] == "UriTooLong"
     # Past the request-line limit aiohttp itself refuses, still with a 4xx.
     reply = raw(env, f"GET /vm/{uuid}?x={'y' * 40000} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     assert reply.split(b" ", 2)[1].startswith(b"4"), reply[:100]
@@ -122,7 +125,8 @@ def test_slow_client_is_cut_off_and_others_unaffected(env: Env) -> None:
         if time.monotonic() - t0 > 8:
             break
     slow.close()
-    assert closed_after is not None and closed_after < 5, closed_after
+    assert closed_after is not None
+    assert closed_after < 5, closed_after
 
 
 def test_thousands_of_idle_connections(env: Env) -> None:
@@ -130,10 +134,10 @@ def test_thousands_of_idle_connections(env: Env) -> None:
     if soft < 4096 <= hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (4096, hard))
     daemon = env.start_daemon("--client-timeout", "2")
-    socks = []
+    socks: list[socket.socket] = []
     try:
-        for _ in range(2000):
-            socks.append(connect_unix(os.path.dirname(env.socket), os.path.basename(env.socket)))
+        directory, name = os.path.dirname(env.socket), os.path.basename(env.socket)
+        socks.extend(connect_unix(directory, name) for _ in range(2000))
         t0 = time.monotonic()
         assert env.api("GET", "/ping")[0] == 200
         assert time.monotonic() - t0 < 2
@@ -173,11 +177,14 @@ def test_corrupt_truncated_and_future_vm_json(env: Env) -> None:
     assert status == 200
     states = {v["uuid"]: v for v in vms}
     for uuid in broken:
-        assert states[uuid]["state"] == "broken" and states[uuid]["error"]
+        assert states[uuid]["state"] == "broken"
+        assert states[uuid]["error"]
         status, body = env.api("GET", f"/vm/{uuid}")
-        assert status == 409 and body["error"]["code"] == "VmBroken"
+        assert status == 409
+        assert body["error"]["code"] == "VmBroken"
         res = env.vmadm("get", uuid)
-        assert res.returncode == 1 and "vm.json" in res.stderr
+        assert res.returncode == 1
+        assert "vm.json" in res.stderr
         res = env.vmadm("update", uuid, "ram=128")
         assert res.returncode == 1
     listing = env.vmadm("list", "-p", "-o", "uuid,state", check=True).stdout
@@ -190,7 +197,8 @@ def test_corrupt_truncated_and_future_vm_json(env: Env) -> None:
 def test_security_defaults(env: Env) -> None:
     env.start_daemon()
     st = os.stat(env.socket)
-    assert st.st_mode & 0o777 == 0o600 and st.st_uid == os.getuid()
+    assert st.st_mode & 0o777 == 0o600
+    assert st.st_uid == os.getuid()
     uuid = env.create(bios_payload())
     env.vmadm("start", uuid, check=True)
     env.wait_for(lambda: env.api("GET", f"/vm/{uuid}", type="vnc")[1]["vnc"] != {}, what="vnc")
@@ -271,7 +279,8 @@ def test_daemon_killed_during_concurrent_requests(env: Env) -> None:
         assert env.pid(u) == pids[u]
         env.wait_qmp(u)
     vm = env.get(target)
-    assert vm["state"] == "stopped" and "transition_to" not in vm
+    assert vm["state"] == "stopped"
+    assert "transition_to" not in vm
     # No stale listener: every running VM has exactly one, on a port that answers.
     for u in uuids[1:]:
         port = env.api("GET", f"/vm/{u}", type="vnc")[1]["vnc"]["port"]

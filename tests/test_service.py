@@ -45,7 +45,8 @@ def test_sd_notify_ready_watchdog_stopping(env: Env) -> None:
         assert "READY=1" in ready
         # READY comes once the API answers and the start-up sweep is done.
         status, vms = env.api("GET", "/vms")
-        assert status == 200 and vms[0]["state"] == "running"
+        assert status == 200
+        assert vms[0]["state"] == "running"
         pings = [notify.recv(4096).decode() for _ in range(3)]
         assert all(p == "WATCHDOG=1" for p in pings)
         daemon.send_signal(signal.SIGTERM)
@@ -64,7 +65,8 @@ def test_json_logs_carry_fields_and_request_ids(env: Env) -> None:
     env.vmadm("start", uuid, check=True)
     env.wait_qmp(uuid)
     head, _ = raw_request(env, f"/vm/{uuid}?type=version", "X-Request-Id: trace-me-42\r\n")
-    assert head.startswith("HTTP/1.1 200") and "X-Request-Id: trace-me-42" in head
+    assert head.startswith("HTTP/1.1 200")
+    assert "X-Request-Id: trace-me-42" in head
     head, _ = raw_request(env, "/ping")
     assert "X-Request-Id: " in head
     env.wait_for(lambda: "trace-me-42" in env.daemon_log(tail=None), what="the request logged")
@@ -93,7 +95,8 @@ def test_password_never_logged(env: Env) -> None:
     )
     log = env.daemon_log(tail=None)
     assert "set_password" in log, "the QMP wire is logged at debug"
-    assert secret not in log and "Other12" not in log
+    assert secret not in log
+    assert "Other12" not in log
 
 
 def metric(families: dict[str, Any], name: str, **labels: str) -> float:
@@ -116,7 +119,8 @@ def test_metrics_count_real_requests_and_qmp(env: Env) -> None:
         assert env.api("GET", f"/vm/{uuid}", type="version")[0] == 200
     assert env.api("GET", f"/vm/{uuid}", type="frobs")[0] == 400
     head, body = raw_request(env, "/metrics")
-    assert head.startswith("HTTP/1.1 200") and "text/plain" in head
+    assert head.startswith("HTTP/1.1 200")
+    assert "text/plain" in head
     families = {f.name: f for f in text_string_to_metric_families(body.decode())}
     assert metric(families, "vmadmd_api_requests", route="/vm/{uuid}", status="200") >= 3
     assert metric(families, "vmadmd_api_requests", route="/vm/{uuid}", status="400") == 1
@@ -124,7 +128,8 @@ def test_metrics_count_real_requests_and_qmp(env: Env) -> None:
     assert metric(families, "vmadmd_vms", state="running") == 1
     assert metric(families, "vmadmd_vms", state="stopped") == 1
     assert metric(families, "vmadmd_vnc_listeners") == 1
-    assert "vmadmd_api_request_seconds" in families and "vmadmd_qmp_command_seconds" in families
+    assert "vmadmd_api_request_seconds" in families
+    assert "vmadmd_qmp_command_seconds" in families
     pid = env.pid(uuid)
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
@@ -145,7 +150,8 @@ def test_event_stream_resumes_with_last_event_id(env: Env) -> None:
     assert env.api("POST", f"/vm/{uuid}", action="reset")[0] == 200
     events = read_events(env, lambda evs: any(e["type"] == "reset" for e in evs), vm=uuid)
     ids = [e["id"] for e in events]
-    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
     assert events[0]["type"] == "started"
     later = read_events(
         env,
@@ -164,7 +170,8 @@ def test_event_stream_resumes_with_last_event_id(env: Env) -> None:
         assert env.api("POST", f"/vm/{uuid}", action="reset")[0] == 200
         assert follower.stdout is not None
         first = json.loads(follower.stdout.readline())
-        assert first["vm"] == uuid and first["id"] > later[-1]["id"]
+        assert first["vm"] == uuid
+        assert first["id"] > later[-1]["id"]
         assert first["type"] in ("reset", "qmp_event")
     finally:
         follower.terminate()

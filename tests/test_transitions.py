@@ -83,7 +83,8 @@ def test_cooperating_guest_stops_at_once(env: Env, guest: dict[str, str]) -> Non
     watch = ExitWatch(env, uuid)
     t0 = time.time()
     transition = stop(env, uuid, 30)
-    assert transition["to"] == "stopped" and transition["state"] == "stopping"
+    assert transition["to"] == "stopped"
+    assert transition["state"] == "stopping"
     assert abs(transition["expire"] / 1000 - (t0 + 30)) < 1
     gone = watch.wait(10)
     assert gone - t0 < 3, "the guest powered off well before the deadline"
@@ -95,8 +96,10 @@ def test_cooperating_guest_stops_at_once(env: Env, guest: dict[str, str]) -> Non
     settled = time.time() - gone
     assert settled < 0.5, settled  # the precise figure is measured in bench/
     vm = env.get(uuid)
-    assert vm["state"] == "stopped" and "transition_to" not in vm
-    assert vm["last_exit"]["reason"] == "stop" and vm["last_exit"]["stage"] == "acpi"
+    assert vm["state"] == "stopped"
+    assert "transition_to" not in vm
+    assert vm["last_exit"]["reason"] == "stop"
+    assert vm["last_exit"]["stage"] == "acpi"
     assert "vmtest: powering off" in env.console(uuid)
 
 
@@ -114,7 +117,8 @@ def test_non_cooperating_guest_forced_at_deadline(
     watch = ExitWatch(env, uuid)
     transition = stop(env, uuid, 3)
     vm = env.get(uuid)
-    assert vm["state"] == "stopping" and vm["transition_to"] == "stopped"
+    assert vm["state"] == "stopping"
+    assert vm["transition_to"] == "stopped"
     assert vm["transition_expire"] == transition["expire"]
     gone = watch.wait(15)
     late = gone - transition["expire"] / 1000
@@ -123,7 +127,8 @@ def test_non_cooperating_guest_forced_at_deadline(
         assert "vmtest: ignoring the power button" in env.console(uuid)
     env.wait_for(lambda: env.get(uuid)["state"] == "stopped", timeout=2, what="stopped")
     vm = env.get(uuid)
-    assert vm["last_exit"]["reason"] == "stop" and vm["last_exit"]["stage"] == "quit"
+    assert vm["last_exit"]["reason"] == "stop"
+    assert vm["last_exit"]["stage"] == "quit"
     assert "transition_to" not in vm
 
 
@@ -140,7 +145,9 @@ def test_reboot_ends_running_again(env: Env, guest: dict[str, str], kind: str) -
     # Not a terminal: no progress output, SmartOS's line alone.
     assert res.stderr == f"Successfully completed reboot for VM {uuid}\n"
     vm = env.get(uuid)
-    assert vm["state"] == "running" and vm["pid"] != old_pid and "transition_to" not in vm
+    assert vm["state"] == "running"
+    assert vm["pid"] != old_pid
+    assert "transition_to" not in vm
     assert vm["autoboot"] is True  # as `vmadm start` left it: a reboot does not flip it
     # The console log restarts with each qemu: the new boot reaches ready too.
     env.wait_console(uuid, count=1)
@@ -232,7 +239,8 @@ def test_forced_stop_preempts_graceful(env: Env) -> None:
     assert time.monotonic() - t0 < 10
     env.wait_for(lambda: env.get(uuid)["state"] == "stopped", what="stopped")
     vm = env.get(uuid)
-    assert vm["state"] == "stopped" and "transition_to" not in vm
+    assert vm["state"] == "stopped"
+    assert "transition_to" not in vm
     assert vm["autoboot"] is False
     # A second, later graceful stop does not extend the first; a shorter one pre-empts.
     env.vmadm("start", uuid, check=True)
@@ -263,7 +271,8 @@ def test_bad_timeouts_and_wrong_state(env: Env) -> None:
     assert status == 400
     assert vm_json.read_bytes() == before
     res = env.vmadm("stop", uuid, "-t", "0")
-    assert res.returncode == 1 and "positive" in res.stderr
+    assert res.returncode == 1
+    assert "positive" in res.stderr
 
 
 def test_vmadm_stop_waits_and_clears_autoboot(env: Env, guest: dict[str, str]) -> None:
@@ -276,9 +285,11 @@ def test_vmadm_stop_waits_and_clears_autoboot(env: Env, guest: dict[str, str]) -
     res = env.vmadm("stop", uuid, "-t", "20")
     assert res.returncode == 0, res.stderr
     vm = env.get(uuid)
-    assert vm["state"] == "stopped" and vm["autoboot"] is False
+    assert vm["state"] == "stopped"
+    assert vm["autoboot"] is False
     res = env.vmadm("stop", uuid)
-    assert res.returncode == 1 and "not running" in res.stderr
+    assert res.returncode == 1
+    assert "not running" in res.stderr
 
 
 def test_daemon_killed_around_the_202_loses_nothing(env: Env) -> None:

@@ -49,7 +49,9 @@ def test_uuid_validation_rejects(bad: str) -> None:
 
 def test_props_validation() -> None:
     vm = props.for_create({"alias": "a", "disks": [{"size": 10}], "nics": [{}]})
-    assert vm["ram"] == 256 and vm["vcpus"] == 1 and vm["vnc_port"] == 0
+    assert vm["ram"] == 256
+    assert vm["vcpus"] == 1
+    assert vm["vnc_port"] == 0
     assert vm["disks"][0] == {"size": 10, "model": "virtio", "boot": False}
     assert vm["nics"][0]["mac"].startswith("02:08:20:")
     for bad in (
@@ -92,20 +94,22 @@ def test_build_argv() -> None:
     argv = build_argv(vm, paths, "qemu-system-x86_64", "tcg")
     joined = " ".join(argv)
     assert argv[argv.index("-uuid") + 1] == U
-    assert "-machine pc,accel=tcg" in joined and "-m 512" in joined and "-smp 2" in joined
+    assert "-machine pc,accel=tcg" in joined
+    assert "-m 512" in joined
+    assert "-smp 2" in joined
     assert "-vnc unix:vm.vnc,password=on" in joined
     assert "-qmp unix:vm.qmp,server=on,wait=off" in joined
-    assert f"-pidfile {paths.pid}" in joined and "-daemonize" in argv
-    assert (
-        "virtio-scsi-pci,id=scsi0" in joined
-        and "scsi-hd,drive=disk0,bus=scsi0.0,bootindex=0" in joined
-    )
+    assert f"-pidfile {paths.pid}" in joined
+    assert "-daemonize" in argv
+    assert "virtio-scsi-pci,id=scsi0" in joined
+    assert "scsi-hd,drive=disk0,bus=scsi0.0,bootindex=0" in joined
     assert "file=/d/a.img,if=none,id=disk0,format=raw" in joined
     assert "tap,id=net0,ifname=tap0,script=no,downscript=no" in joined
     assert "e1000,netdev=net0,mac=02:08:20:00:00:01" in joined
     assert argv[-4:] == ["-kernel", "/k", "-append", "console=ttyS0 quiet"]
     no_vnc = build_argv({**vm, "vnc_port": -1}, paths, "q", "kvm")
-    assert "-vnc" not in no_vnc and "accel=kvm" in " ".join(no_vnc)
+    assert "-vnc" not in no_vnc
+    assert "accel=kvm" in " ".join(no_vnc)
 
 
 def test_atomic_write_keeps_old_file_on_disk_full(
@@ -119,7 +123,7 @@ def test_atomic_write_keeps_old_file_on_disk_full(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "write", full)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="No space left"):
         s.update(U, lambda r: r.update(alias="new"))
     monkeypatch.undo()
     assert Path(s.paths(U).vm_json).read_bytes() == before
@@ -144,18 +148,24 @@ def test_corrupt_and_unknown_version_are_reported(tmp_path: Path) -> None:
 def test_lifecycle_with_real_guest(env: Env, guest: dict[str, str]) -> None:
     uuid = env.create(guest_payload(guest, disks=[{"size": 16}], nics=[{}]))
     vm = env.get(uuid)
-    assert vm["state"] == "stopped" and vm["zone_state"] == "installed"
+    assert vm["state"] == "stopped"
+    assert vm["zone_state"] == "installed"
     assert vm["zonepath"] == os.path.join(env.zones, uuid)
-    assert os.path.exists(vm["disks"][0]["path"]) and vm["disks"][0]["image_format"] == "qcow2"
-    assert "create_timestamp" in vm and "pid" not in vm
+    assert os.path.exists(vm["disks"][0]["path"])
+    assert vm["disks"][0]["image_format"] == "qcow2"
+    assert "create_timestamp" in vm
+    assert "pid" not in vm
     # The zonepath is deeper than a unix socket address can be.
     assert len(os.path.join(env.zones, uuid, "root/tmp/vm.qmp")) > 108
 
     assert env.vmadm("start", uuid).returncode == 0
     env.wait_console(uuid)
     vm = env.get(uuid)
-    assert vm["state"] == "running" and vm["zone_state"] == "running"
-    assert vm["pid"] == env.pid(uuid) and "boot_timestamp" in vm and vm["autoboot"] is True
+    assert vm["state"] == "running"
+    assert vm["zone_state"] == "running"
+    assert vm["pid"] == env.pid(uuid)
+    assert "boot_timestamp" in vm
+    assert vm["autoboot"] is True
 
     listing = env.vmadm("list", "-p", "-o", "uuid,state,alias", check=True).stdout.strip()
     assert listing == f"{uuid}:running:guest"
@@ -163,7 +173,8 @@ def test_lifecycle_with_real_guest(env: Env, guest: dict[str, str]) -> None:
     res = env.vmadm("stop", uuid, "-F")
     assert res.returncode == 0, res.stderr
     vm = env.get(uuid)
-    assert vm["state"] == "stopped" and vm["autoboot"] is False
+    assert vm["state"] == "stopped"
+    assert vm["autoboot"] is False
     assert vm["last_exit"]["reason"] == "stop"
     assert vm["last_exit"]["stage"] in ("sigterm", "sigkill")
     assert env.pid(uuid) is None
@@ -185,7 +196,8 @@ def test_qemu_outlives_vmadm(env: Env) -> None:
     # -daemonize: a session of its own (so a closing terminal or a killed
     # process group of the caller never reaches it), no controlling terminal,
     # and re-parented away from the vmadm process, which has exited.
-    assert sid != os.getsid(0) and pgrp != os.getpgrp()
+    assert sid != os.getsid(0)
+    assert pgrp != os.getpgrp()
     assert tty_nr == 0
     assert ppid != os.getpid()
     os.killpg(os.getpgrp(), 0)  # our group is alive and qemu is not in it
@@ -204,7 +216,8 @@ def test_stale_pid_reused_pid_and_zombie_never_look_running(env: Env) -> None:
         pidfile.write_text(f"{other.pid}\n")
         assert env.get(uuid)["state"] == "stopped"
         res = env.vmadm("stop", uuid, "-F")
-        assert res.returncode == 1 and "not running" in res.stderr
+        assert res.returncode == 1
+        assert "not running" in res.stderr
         assert other.poll() is None, "vmadm must never signal a pid that is not its qemu"
     finally:
         other.kill()
@@ -257,13 +270,15 @@ def test_bad_input_one_line_exit_1_nothing_changed(env: Env) -> None:
         res = env.vmadm(*args, input=stdin)
         assert res.returncode == 1, (args, res.stdout, res.stderr)
         lines = res.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("vmadm: "), (args, res.stderr)
+        assert len(lines) == 1, (args, res.stderr)
+        assert lines[0].startswith("vmadm: "), (args, res.stderr)
         assert res.stdout == "", (args, res.stdout)
     assert _snapshot(env.zones) == before
     # Starting a running VM is refused too.
     assert env.vmadm("start", uuid).returncode == 0
     res = env.vmadm("start", uuid)
-    assert res.returncode == 1 and "already running" in res.stderr
+    assert res.returncode == 1
+    assert "already running" in res.stderr
 
 
 def test_concurrent_updates_lose_no_write(env: Env) -> None:
@@ -300,9 +315,11 @@ def test_start_failure_reports_qemu_reason(env: Env, tmp_path: Path) -> None:
     uuid = env.create(bios_payload(disks=[{"path": str(disk)}]))
     disk.unlink()
     res = env.vmadm("start", uuid)
-    assert res.returncode == 1 and "missing" in res.stderr
+    assert res.returncode == 1
+    assert "missing" in res.stderr
     env.vmadm("update", uuid, "qemu_extra_opts=-no-such-option", check=True)
     disk.write_bytes(b"\0" * 1024 * 1024)
     res = env.vmadm("start", uuid)
-    assert res.returncode == 1 and "no-such-option" in res.stderr
+    assert res.returncode == 1
+    assert "no-such-option" in res.stderr
     assert env.get(uuid)["state"] == "stopped"

@@ -101,12 +101,14 @@ def test_full_handshake_through_tcp_and_listener_lifecycle(env: Env, relay: str)
     env.start_daemon("--vnc-relay", relay)
     uuid = start_vm(env)
     info = wait_listener(env, uuid)
-    assert info["host"] == "127.0.0.1" and info["display"] == info["port"] - 5900
+    assert info["host"] == "127.0.0.1"
+    assert info["display"] == info["port"] - 5900
     assert "password" not in info
     with rfb.connect("127.0.0.1", info["port"]) as sock:
         init = rfb.handshake(sock)
     assert (init.width, init.height) == (720, 400) or init.width >= 640
-    assert init.first_rect[2] > 0 and init.first_rect[3] > 0
+    assert init.first_rect[2] > 0
+    assert init.first_rect[3] > 0
     session = rfb.connect("127.0.0.1", info["port"])
     rfb.handshake(session)
     assert_served_by(env, relay, 2)
@@ -165,7 +167,8 @@ def test_reload_vnc_noop_keeps_session_and_port_change_moves(env: Env, relay: st
     with rfb.connect("127.0.0.1", info["port"]) as sock:
         init = rfb.handshake(sock)
         status, body = env.api("POST", f"/vm/{uuid}", action="reload_vnc")
-        assert status == 200 and body["vnc"]["port"] == info["port"]
+        assert status == 200
+        assert body["vnc"]["port"] == info["port"]
         # The open session still works: a whole new screen comes through.
         assert rfb.update(sock, init)
     new_port = free_port()
@@ -179,7 +182,8 @@ def test_reload_vnc_noop_keeps_session_and_port_change_moves(env: Env, relay: st
     # until the next boot: the console closes rather than stay open.
     env.vmadm("update", uuid, "vnc_password=abc", check=True)
     status, body = env.api("POST", f"/vm/{uuid}", action="reload_display")
-    assert status == 200 and "next boot" in body["vnc"]["error"]
+    assert status == 200
+    assert "next boot" in body["vnc"]["error"]
     assert refused(new_port)
 
 
@@ -189,7 +193,8 @@ def test_password_change_on_running_vm(env: Env) -> None:
     port = wait_listener(env, uuid)["port"]
     env.vmadm("update", uuid, "vnc_password=second", check=True)
     info = vnc_info(env, uuid)
-    assert info["password"] == "second" and info["port"] == port
+    assert info["password"] == "second"
+    assert info["port"] == port
     with rfb.connect("127.0.0.1", port) as sock, pytest.raises(rfb.RfbError):
         rfb.handshake(sock, password="first")
     with rfb.connect("127.0.0.1", port) as sock:

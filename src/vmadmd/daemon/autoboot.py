@@ -69,7 +69,7 @@ async def run(
     group_delay: float,
     progress: Progress,
 ) -> None:
-    if os.path.exists(marker):
+    if await asyncio.to_thread(os.path.exists, marker):
         progress.state = "skipped"
         log.info("autoboot marker %s exists: not the first start since boot", marker)
         return
