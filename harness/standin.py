@@ -509,8 +509,8 @@ class ServedVm:
         # publish the pid only once it is the holder's, as qemu writes its
         # pidfile only once it is up.
         for _ in range(500):
-            with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
-                if uuid.encode() in f.read():
+            with open(f"/proc/{proc.pid}/cmdline", "rb") as cmdline:
+                if uuid.encode() in cmdline.read():
                     break
             await asyncio.sleep(0.002)
         with open(os.path.join(runtime_dir, "vm.pid"), "w") as f:

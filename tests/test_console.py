@@ -175,10 +175,7 @@ def test_novnc_console_in_chromium(env: Env, guest: dict[str, str], browser: Any
     payload["qemu_extra_opts"] = payload["qemu_extra_opts"].replace(
         "console=ttyS0", "console=tty0 console=ttyS0"
     )
-    uuid = env.create(payload)
-    env.vmadm("start", uuid, check=True)
-    env.wait_console(uuid)
-    env.wait_qmp(uuid)
+    uuid = env.run_vm(payload, ready=True)
 
     browser.get(console_url(env, uuid))
     assert browser.title == "Console: web-guest"

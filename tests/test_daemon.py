@@ -17,7 +17,7 @@ import pytest
 from vmadmd.daemon.supervisor import INFO_TYPES
 from vmadmd.vm.sockets import connect_unix
 
-from .conftest import Env, bios_payload, guest_payload
+from .conftest import Env, RunVm, bios_payload, guest_payload
 
 U = "0b3f1c2e-9a4d-4f5e-8b6a-1c2d3e4f5a6b"
 
@@ -80,12 +80,10 @@ def ppm_size(data: bytes) -> tuple[int, int]:
     return w, h
 
 
-def test_info_screenshot_reset_nmi_on_real_guest(env: Env, guest: dict[str, str]) -> None:
-    env.start_daemon()
-    uuid = env.create(guest_payload(guest, disks=[{"size": 8}], nics=[{}]))
-    env.vmadm("start", uuid, check=True)
-    env.wait_console(uuid)
-    env.wait_qmp(uuid)
+def test_info_screenshot_reset_nmi_on_real_guest(
+    env: Env, running_vm: RunVm, guest: dict[str, str]
+) -> None:
+    uuid = running_vm(guest_payload(guest, disks=[{"size": 8}], nics=[{}]), ready=True)
 
     status, info = env.api("GET", f"/vm/{uuid}")
     assert status == 200
@@ -157,9 +155,7 @@ def _get_png(env: Env, uuid: str) -> bytes:
 def test_error_statuses(env: Env) -> None:
     env.start_daemon("--qmp-timeout", "2")
     stopped = env.create(bios_payload())
-    running = env.create(bios_payload())
-    env.vmadm("start", running, check=True)
-    env.wait_qmp(running)
+    running = env.run_vm(bios_payload())
 
     cases = [
         ("GET", f"/vm/{running}", {"type": "frobs"}, 400),
@@ -283,11 +279,7 @@ def test_socket_is_private_stale_replaced_and_second_daemon_refused(env: Env) ->
 
 def test_wedged_qemu_gives_504_and_others_keep_answering(env: Env) -> None:
     env.start_daemon("--qmp-timeout", "1")
-    frozen = env.create(bios_payload())
-    other = env.create(bios_payload())
-    for u in (frozen, other):
-        env.vmadm("start", u, check=True)
-        env.wait_qmp(u)
+    frozen, other = env.run_vm(), env.run_vm()
     pid = env.pid(frozen)
     assert pid is not None
     os.kill(pid, signal.SIGSTOP)
@@ -360,7 +352,7 @@ def test_openapi_documents_every_route(env: Env) -> None:
     assert next(e for e in events if e["type"] == "autoboot_done")["state"] in ("done", "skipped")
 
 
-def test_vm_restarted_while_its_exit_is_settled_is_picked_up(env: Env) -> None:
+def test_vm_restarted_while_its_exit_is_settled_is_picked_up(env: Env, running_vm: RunVm) -> None:
     """A qemu booted while the daemon settles the previous exit is not lost.
 
     (Found by the soak: a start racing the daemon's handling of the previous
@@ -370,10 +362,7 @@ def test_vm_restarted_while_its_exit_is_settled_is_picked_up(env: Env) -> None:
     from vmadmd.vm.config import VmSettings
     from vmadmd.vm.layer import VmLayer
 
-    env.start_daemon()
-    uuid = env.create(bios_payload())
-    env.vmadm("start", uuid, check=True)
-    env.wait_qmp(uuid)
+    uuid = running_vm(bios_payload())
     layer = VmLayer(VmSettings(zones_root=env.zones, accel="tcg"))
     with layer.store.lock(uuid):
         pid = env.pid(uuid)
@@ -395,9 +384,7 @@ def test_requests_waiting_on_a_wedged_qemu_fail_fast_when_it_dies(env: Env) -> N
     """A command waiting for a reconnect gets a 409 as soon as the VM is gone,
     not a 504 at its timeout (found by the soak)."""
     env.start_daemon("--qmp-timeout", "4")
-    uuid = env.create(bios_payload())
-    env.vmadm("start", uuid, check=True)
-    env.wait_qmp(uuid)
+    uuid = env.run_vm(bios_payload())
     pid = env.pid(uuid)
     assert pid is not None
     os.kill(pid, signal.SIGSTOP)

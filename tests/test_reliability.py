@@ -18,7 +18,7 @@ import pytest
 from vmadmd.errors import DaemonUnavailable
 from vmadmd.vm.sockets import connect_unix
 
-from .conftest import STANDIN, Env, bios_payload
+from .conftest import STANDIN, Env, RunVm, bios_payload
 
 
 def raw(env: Env, data: bytes, timeout: float = 10) -> bytes:
@@ -152,11 +152,8 @@ def test_thousands_of_idle_connections(env: Env) -> None:
             s.close()
 
 
-def test_corrupt_truncated_and_future_vm_json(env: Env) -> None:
-    env.start_daemon()
-    good = env.create(bios_payload())
-    env.vmadm("start", good, check=True)
-    env.wait_qmp(good)
+def test_corrupt_truncated_and_future_vm_json(env: Env, running_vm: RunVm) -> None:
+    good = running_vm(bios_payload())
     broken = {}
     for kind in ("corrupt", "truncated", "future"):
         uuid = env.create(bios_payload(alias=kind))
@@ -242,10 +239,7 @@ def test_faulty_qmp_peer(env: Env, mode: str, want: set[int]) -> None:
 
 def test_daemon_killed_during_concurrent_requests(env: Env) -> None:
     daemon = env.start_daemon()
-    uuids = [env.create(bios_payload()) for _ in range(3)]
-    for uuid in uuids:
-        env.vmadm("start", uuid, check=True)
-        env.wait_qmp(uuid)
+    uuids = [env.run_vm() for _ in range(3)]
     pids = {u: env.pid(u) for u in uuids}
     target = uuids[0]
 

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from vmadmd.vm.sockets import connect_unix
 
-from .conftest import Env, bios_payload
+from .conftest import Env, RunVm, bios_payload
 from .conftest import _bin as env_bin
 from .test_daemon import read_events
 
@@ -61,9 +61,7 @@ def test_sd_notify_ready_watchdog_stopping(env: Env) -> None:
 
 def test_json_logs_carry_fields_and_request_ids(env: Env) -> None:
     env.start_daemon()  # --log-level debug, default JSON format
-    uuid = env.create(bios_payload())
-    env.vmadm("start", uuid, check=True)
-    env.wait_qmp(uuid)
+    uuid = env.run_vm(bios_payload())
     head, _ = raw_request(env, f"/vm/{uuid}?type=version", "X-Request-Id: trace-me-42\r\n")
     assert head.startswith("HTTP/1.1 200")
     assert "X-Request-Id: trace-me-42" in head
@@ -81,12 +79,9 @@ def test_json_logs_carry_fields_and_request_ids(env: Env) -> None:
     assert any(r.get("vm") == uuid for r in traced)
 
 
-def test_password_never_logged(env: Env) -> None:
+def test_password_never_logged(env: Env, running_vm: RunVm) -> None:
     secret = "Zq9pw7x"
-    env.start_daemon()
-    uuid = env.create(bios_payload(vnc_password=secret))
-    env.vmadm("start", uuid, check=True)
-    env.wait_qmp(uuid)
+    uuid = running_vm(bios_payload(vnc_password=secret))
     env.wait_for(lambda: env.api("GET", f"/vm/{uuid}", type="vnc")[1]["vnc"] != {}, what="vnc")
     assert env.api("GET", f"/vm/{uuid}", type="vnc")[1]["vnc"]["password"] == secret
     env.vmadm("update", uuid, "vnc_password=Other12", check=True)
@@ -109,12 +104,9 @@ def metric(families: dict[str, Any], name: str, **labels: str) -> float:
     return total
 
 
-def test_metrics_count_real_requests_and_qmp(env: Env) -> None:
-    env.start_daemon()
-    uuid = env.create(bios_payload())
+def test_metrics_count_real_requests_and_qmp(env: Env, running_vm: RunVm) -> None:
+    uuid = running_vm()
     env.create(bios_payload())
-    env.vmadm("start", uuid, check=True)
-    env.wait_qmp(uuid)
     for _ in range(3):
         assert env.api("GET", f"/vm/{uuid}", type="version")[0] == 200
     assert env.api("GET", f"/vm/{uuid}", type="frobs")[0] == 400
@@ -142,11 +134,8 @@ def test_metrics_count_real_requests_and_qmp(env: Env) -> None:
     env.wait_for(lambda: stops() == 1, timeout=5, what="the exit counted")
 
 
-def test_event_stream_resumes_with_last_event_id(env: Env) -> None:
-    env.start_daemon()
-    uuid = env.create(bios_payload())
-    env.vmadm("start", uuid, check=True)
-    env.wait_qmp(uuid)
+def test_event_stream_resumes_with_last_event_id(env: Env, running_vm: RunVm) -> None:
+    uuid = running_vm(bios_payload())
     assert env.api("POST", f"/vm/{uuid}", action="reset")[0] == 200
     events = read_events(env, lambda evs: any(e["type"] == "reset" for e in evs), vm=uuid)
     ids = [e["id"] for e in events]
@@ -188,9 +177,7 @@ def rss_kib(pid: int) -> int:
 
 def test_consumer_that_never_reads_is_dropped(env: Env) -> None:
     daemon = env.start_daemon("--log-level", "info")
-    uuid = env.create(bios_payload())
-    env.vmadm("start", uuid, check=True)
-    env.wait_qmp(uuid)
+    uuid = env.run_vm(bios_payload())
     lazy = connect_unix(os.path.dirname(env.socket), os.path.basename(env.socket))
     lazy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     lazy.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")

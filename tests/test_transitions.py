@@ -14,7 +14,7 @@ import pytest
 from vmadmd.errors import DaemonUnavailable
 from vmadmd.vm.transition import Transition, request
 
-from .conftest import Env, bios_payload, guest_payload
+from .conftest import Env, RunVm, bios_payload, guest_payload
 
 LATE_MAX = 0.25  # forced within 250 ms after the deadline
 
@@ -74,12 +74,10 @@ def stop(env: Env, uuid: str, timeout: float, action: str = "stop") -> dict[str,
     return transition
 
 
-def test_cooperating_guest_stops_at_once(env: Env, guest: dict[str, str]) -> None:
-    env.start_daemon()
-    uuid = env.create(guest_payload(guest))
-    env.vmadm("start", uuid, check=True)
-    env.wait_console(uuid)
-    env.wait_qmp(uuid)
+def test_cooperating_guest_stops_at_once(
+    env: Env, running_vm: RunVm, guest: dict[str, str]
+) -> None:
+    uuid = running_vm(guest_payload(guest), ready=True)
     watch = ExitWatch(env, uuid)
     t0 = time.time()
     transition = stop(env, uuid, 30)
@@ -109,11 +107,7 @@ def test_non_cooperating_guest_forced_at_deadline(
 ) -> None:
     env.start_daemon()
     payload = guest_payload(guest, ignore_acpi=True) if kind == "ignore_acpi" else bios_payload()
-    uuid = env.create(payload)
-    env.vmadm("start", uuid, check=True)
-    if kind == "ignore_acpi":
-        env.wait_console(uuid)
-    env.wait_qmp(uuid)
+    uuid = env.run_vm(payload, ready=kind == "ignore_acpi")
     watch = ExitWatch(env, uuid)
     transition = stop(env, uuid, 3)
     vm = env.get(uuid)
@@ -133,12 +127,10 @@ def test_non_cooperating_guest_forced_at_deadline(
 
 
 @pytest.mark.parametrize("kind", ["guest", "ignore_acpi"])
-def test_reboot_ends_running_again(env: Env, guest: dict[str, str], kind: str) -> None:
-    env.start_daemon()
-    uuid = env.create(guest_payload(guest, ignore_acpi=kind == "ignore_acpi"))
-    env.vmadm("start", uuid, check=True)
-    env.wait_console(uuid)
-    env.wait_qmp(uuid)
+def test_reboot_ends_running_again(
+    env: Env, running_vm: RunVm, guest: dict[str, str], kind: str
+) -> None:
+    uuid = running_vm(guest_payload(guest, ignore_acpi=kind == "ignore_acpi"), ready=True)
     old_pid = env.pid(uuid)
     res = env.vmadm("reboot", uuid, "-t", "3")
     assert res.returncode == 0, res.stderr
@@ -156,9 +148,7 @@ def test_reboot_ends_running_again(env: Env, guest: dict[str, str], kind: str) -
 
 def test_daemon_killed_after_202_forces_at_original_deadline(env: Env) -> None:
     daemon = env.start_daemon()
-    uuid = env.create(bios_payload())
-    env.vmadm("start", uuid, check=True)
-    env.wait_qmp(uuid)
+    uuid = env.run_vm(bios_payload())
     watch = ExitWatch(env, uuid)
     transition = stop(env, uuid, 4)
     env.stop_daemon(daemon, signal.SIGKILL)
@@ -172,9 +162,7 @@ def test_daemon_killed_after_202_forces_at_original_deadline(env: Env) -> None:
 
 def test_daemon_back_after_deadline_forces_at_once(env: Env) -> None:
     daemon = env.start_daemon()
-    uuid = env.create(bios_payload())
-    env.vmadm("start", uuid, check=True)
-    env.wait_qmp(uuid)
+    uuid = env.run_vm(bios_payload())
     watch = ExitWatch(env, uuid)
     transition = stop(env, uuid, 1)
     env.stop_daemon(daemon, signal.SIGKILL)
@@ -189,9 +177,7 @@ def test_daemon_back_after_deadline_forces_at_once(env: Env) -> None:
 
 def test_reboot_survives_daemon_kill(env: Env) -> None:
     daemon = env.start_daemon()
-    uuid = env.create(bios_payload())
-    env.vmadm("start", uuid, check=True)
-    env.wait_qmp(uuid)
+    uuid = env.run_vm(bios_payload())
     old = env.pid(uuid)
     transition = stop(env, uuid, 1, action="reboot")
     env.stop_daemon(daemon, signal.SIGKILL)
@@ -209,10 +195,7 @@ def test_guest_poweroff_clears_transition_and_reboot_boots_again(
 ) -> None:
     env.start_daemon()
     # Ignores the power button, but powers itself off 2 s after ready.
-    uuid = env.create(guest_payload(guest, ignore_acpi=True, poweroff_after=2))
-    env.vmadm("start", uuid, check=True)
-    env.wait_console(uuid)
-    env.wait_qmp(uuid)
+    uuid = env.run_vm(guest_payload(guest, ignore_acpi=True, poweroff_after=2), ready=True)
     watch = ExitWatch(env, uuid)
     transition = stop(env, uuid, 60, action="reboot")
     gone = watch.wait(20)
@@ -227,11 +210,8 @@ def test_guest_poweroff_clears_transition_and_reboot_boots_again(
     assert env.get(uuid)["last_exit"]["reason"] == "poweroff"
 
 
-def test_forced_stop_preempts_graceful(env: Env) -> None:
-    env.start_daemon()
-    uuid = env.create(bios_payload())
-    env.vmadm("start", uuid, check=True)
-    env.wait_qmp(uuid)
+def test_forced_stop_preempts_graceful(env: Env, running_vm: RunVm) -> None:
+    uuid = running_vm(bios_payload())
     stop(env, uuid, 60, action="reboot")
     t0 = time.monotonic()
     res = env.vmadm("stop", uuid, "-F")
