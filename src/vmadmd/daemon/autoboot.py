@@ -90,6 +90,11 @@ async def run(
                 progress.failures[uuid] = err.message
                 log.error("autoboot of VM %s failed: %s", uuid, err.message, extra={"vm": uuid})
                 return
+            except Exception as err:  # a bug, but one VM's: the others still boot
+                progress.failed += 1
+                progress.failures[uuid] = f"internal error: {type(err).__name__}"
+                log.exception("autoboot of VM %s failed", uuid, extra={"vm": uuid})
+                return
             finally:
                 progress.pending -= 1
             progress.done += 1

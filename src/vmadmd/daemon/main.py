@@ -203,7 +203,7 @@ class Daemon:
         return {"autoboot": self.autoboot.as_dict()}
 
     async def _rescan(self) -> None:
-        await self.manager.scan(self.manager.store.list_uuids())
+        await self.manager.scan_all()
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -233,9 +233,9 @@ class Daemon:
         if self.console is not None:
             await self.console.start()
         # Sweep every VM: attach running ones, settle or re-arm transitions.
-        uuids = self.manager.store.list_uuids()
-        await self.manager.scan(uuids)
-        log.info("start-up sweep done: %d VMs, %d running", len(uuids), len(self.manager.vms))
+        uuids = await self.manager.scan_all()
+        running = self.manager.running_uuids()
+        log.info("start-up sweep done: %d VMs, %d running", len(uuids), len(running))
         sd_notify("READY=1\nSTATUS=serving")
         autoboot_task = asyncio.create_task(self._autoboot(uuids), name="autoboot")
         watchdog = self._start_watchdog()
@@ -285,7 +285,7 @@ class Daemon:
         await autoboot.run(
             self.args.autoboot_marker,
             records,
-            set(self.manager.vms),
+            self.manager.running_uuids(),
             lambda u: self.manager.boot(u, reason="autoboot"),
             concurrency=self.args.autoboot_concurrency,
             group_delay=self.args.autoboot_delay,

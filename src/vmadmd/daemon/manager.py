@@ -140,6 +140,15 @@ class Manager:
 
     # -- discovery ---------------------------------------------------------
 
+    async def scan_all(self) -> list[str]:
+        """``scan`` every VM in the zones root; returns their uuids."""
+        uuids = self.store.list_uuids()
+        await self.scan(uuids)
+        return uuids
+
+    def running_uuids(self) -> set[str]:
+        return set(self.vms)
+
     async def scan(self, uuids: Iterable[str], batch: int = 32) -> None:
         """Pick up every VM: attach running ones, settle stale transitions.
 

@@ -115,9 +115,12 @@ class VmLayer:
             vm = self.store.load(uuid)
             if self.pid(uuid) is not None:
                 raise WrongState(f"VM {uuid} is already running")
-            for disk in vm.get("disks", []):
-                if not os.path.exists(disk["path"]):
-                    raise StartFailed(f"VM {uuid}: disk image {disk['path']} is missing")
+            for i, disk in enumerate(vm.get("disks", [])):
+                path = disk.get("path") if isinstance(disk, dict) else None
+                if not isinstance(path, str):
+                    raise StartFailed(f"VM {uuid}: disks[{i}] has no image path")
+                if not os.path.exists(path):
+                    raise StartFailed(f"VM {uuid}: disk image {path} is missing")
             pid = self._spawn(vm, paths)
             vm["boot_timestamp"] = iso_now()
             if set_autoboot:
