@@ -7,6 +7,7 @@ import signal
 from typing import Any
 
 from vmadmd.daemon.autoboot import plan
+from vmadmd.vm.store import Store
 
 from .conftest import Env, bios_payload
 
@@ -41,13 +42,20 @@ def test_first_start_boots_flagged_vms_and_writes_marker(env: Env, tmp_path: Any
     broken = env.create(bios_payload(alias="broken", disks=[{"path": str(disk)}]))
     env.vmadm("update", broken, "autoboot=true", check=True)
     disk.unlink()
+    # A record with a disk entry that names no image at all (as an update
+    # could once store): one VM's bad data, never the whole autoboot's.
+    pathless = env.create(bios_payload(alias="pathless", autoboot=False))
+    Store(env.zones).update(
+        pathless, lambda vm: vm.update(autoboot=True, disks=[{"size": 8, "model": "virtio"}])
+    )
     assert not os.path.exists(env.marker)
 
     env.start_daemon()
     env.wait_for(lambda: ping(env)["state"] == "done", timeout=30, what="autoboot done")
     progress = ping(env)
-    assert (progress["done"], progress["failed"], progress["pending"]) == (3, 1, 0)
+    assert (progress["done"], progress["failed"], progress["pending"]) == (3, 2, 0)
     assert "missing" in progress["failures"][broken]
+    assert "has no image path" in progress["failures"][pathless]
     for uuid in flagged:
         assert env.get(uuid)["state"] == "running"
     assert env.get(unflagged)["state"] == "stopped"
