@@ -260,9 +260,10 @@ async def test_stop_obeyed_by_the_guest(rig: Rig) -> None:
     pending = await sup.request_stop(30, "stopped")
     assert abs(pending.expire_ms / 1000 - (t0 + 30)) < 1
     assert sup.state == "stopping"
-    cleared = await asyncio.wait_for(settled, 5)
+    cleared, ending = await asyncio.wait_for(settled, 5)
     assert cleared is not None
     assert cleared.to == "stopped"
+    assert ending == {"reason": "stop", "stage": "acpi"}
     assert rig.last_exit()["reason"] == "stop"
     assert rig.last_exit()["stage"] == "acpi"
     assert "transition" not in rig.store.load(UUID)
@@ -296,7 +297,7 @@ async def test_guest_poweroff_with_no_stop_pending(rig: Rig) -> None:
     sup, settled = rig.supervisor()
     await until(lambda: sup.monitor.ready)
     await sup.monitor.powerdown()  # as if the guest powered itself off
-    assert await asyncio.wait_for(settled, 5) is None
+    assert (await asyncio.wait_for(settled, 5)).cleared is None
     assert rig.last_exit()["reason"] == "poweroff"
 
 

@@ -39,7 +39,8 @@ moddir="$work/k/lib/modules/$kver/kernel"
 root="$work/root"
 mkdir -p "$root"/{bin,sbin,etc/acpi/PWRF,proc,sys,dev,tmp,lib/modules}
 cp /bin/busybox "$root/bin/busybox"
-for m in drivers/acpi/button.ko drivers/input/evdev.ko; do
+for m in drivers/acpi/button.ko drivers/input/evdev.ko \
+         drivers/misc/pvpanic/pvpanic.ko drivers/misc/pvpanic/pvpanic-mmio.ko; do
     cp "$moddir/$m" "$root/lib/modules/"
 done
 
@@ -64,6 +65,8 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 insmod /lib/modules/evdev.ko
 insmod /lib/modules/button.ko
+insmod /lib/modules/pvpanic.ko
+insmod /lib/modules/pvpanic-mmio.ko
 # Wait for the input devices to appear, then for acpid to hold them all.
 i=0
 while [ -z "$(ls /dev/input/ 2>/dev/null | grep event)" ] && [ $i -lt 100 ]; do

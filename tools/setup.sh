@@ -52,6 +52,8 @@ fi
 
 # Where systemd runs, install (not enable) the unit, pointing at this checkout.
 if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null; then
-    sed "s|/opt/vmadmd|$PWD|g" contrib/vmadmd.service >/etc/systemd/system/vmadmd.service
+    for unit in vmadmd.service vmadmd-guests.service; do
+        sed "s|/opt/vmadmd|$PWD|g" "contrib/$unit" >"/etc/systemd/system/$unit"
+    done
     systemctl daemon-reload || true
 fi

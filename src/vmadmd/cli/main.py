@@ -178,8 +178,76 @@ def _graceful(layer: VmLayer, uuid: str, args: argparse.Namespace, action: str) 
         ) from None
 
 
+def _ended(vm: dict[str, Any]) -> str:
+    """How a VM stopped, in words, from its last_exit."""
+    last = vm.get("last_exit")
+    if not isinstance(last, dict):
+        return "stopped"
+    reason, stage = last.get("reason"), last.get("stage")
+    if reason == "stop" and stage == "acpi":
+        return "stopped by the guest (ACPI power button)"
+    if reason == "stop":
+        return f"forced at the deadline ({stage})"
+    return {"poweroff": "powered off by the guest", "panic": "guest kernel panic",
+            "crash": "qemu crashed"}.get(str(reason), str(reason))  # fmt: skip
+
+
+def _stop_all(layer: VmLayer, args: argparse.Namespace) -> None:
+    """Host shutdown: every running VM gets its power button and one deadline."""
+    from vmadmd.vm import proc
+
+    if args.t <= 0:
+        raise InvalidParameter("-t must be a positive number of seconds")
+    _, body = _client().request("POST", "/vms", {"action": "stop", "timeout": str(args.t)})
+    uuids = [u for u in body.get("stopping", []) if isinstance(u, str)]
+    fds: dict[str, int] = {}
+    for uuid in uuids:
+        found = proc.open_vm_pidfd(layer.store.paths(validate_uuid(uuid)).pid, uuid)
+        if found is not None:
+            fds[uuid] = found[1]
+    tty = sys.stderr.isatty()
+    start = time.monotonic()
+    deadline = start + args.t + 60  # the deadline, then the forcing steps
+    try:
+        while fds and time.monotonic() < deadline:
+            for uuid in [u for u, fd in fds.items() if proc.pidfd_wait(fd, 0)]:
+                os.close(fds.pop(uuid))
+            if tty:
+                left = max(0.0, args.t - (time.monotonic() - start))
+                sys.stderr.write(f"\rstopping: {len(fds)} of {len(uuids)} still running, "
+                                 f"forced in {left:4.0f} s")  # fmt: skip
+                sys.stderr.flush()
+            if fds:
+                time.sleep(0.1)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+        if tty:
+            sys.stderr.write("\r\033[K")
+    for uuid in uuids:
+        if uuid in fds:
+            print(f"{uuid}  still running")
+            continue
+        # The daemon settles vm.json a moment after qemu is gone.
+        settle_by = time.monotonic() + 5
+        vm = layer.get(uuid)
+        while vm.get("state") != "stopped" and time.monotonic() < settle_by:
+            time.sleep(0.05)
+            vm = layer.get(uuid)
+        print(f"{uuid}  {_ended(vm)}")
+    if fds:
+        raise VmadmError(f"{len(fds)} of {len(uuids)} VMs still running after the deadline")
+
+
 def cmd_stop(ctx: Context, args: argparse.Namespace) -> None:
     layer = ctx.layer
+    if args.all:
+        if args.uuid is not None or args.F:
+            raise InvalidParameter("--all takes no uuid and no -F")
+        _stop_all(layer, args)
+        return
+    if args.uuid is None:
+        raise InvalidParameter("stop needs a uuid, or --all")
     uuid = validate_uuid(args.uuid)
     layer.store.load(uuid)  # an unknown VM: one clear line before anything else
     if not layer.is_running(uuid):
@@ -278,6 +346,14 @@ def cmd_console(ctx: Context, args: argparse.Namespace) -> None:
     print(body["url"] if isinstance(body, dict) and "url" in body else json.dumps(body))
 
 
+def _stop_args(c: argparse.ArgumentParser) -> None:
+    c.add_argument("uuid", nargs="?")
+    c.add_argument("-F", action="store_true", help="force")
+    c.add_argument("-t", type=float, default=DEFAULT_TIMEOUT, metavar="SECS")
+    c.add_argument("--all", action="store_true",
+                   help="host shutdown: stop every running VM, autoboot left as it is")  # fmt: skip
+
+
 def _with_uuid(c: argparse.ArgumentParser) -> None:
     c.add_argument("uuid")
 
@@ -325,8 +401,8 @@ COMMANDS: tuple[Command, ...] = (
     ("list", "list VMs", cmd_list, _list_args),
     ("get", "print a VM's JSON", cmd_get, _with_uuid),
     ("start", "boot a VM", cmd_start, _with_uuid),
-    ("stop", "stop a VM: ACPI powerdown, forced at the deadline (-F: at once)", cmd_stop,
-     _force_timeout),
+    ("stop", "stop a VM: ACPI powerdown, forced at the deadline (-F: at once; --all: every VM)",
+     cmd_stop, _stop_args),
     ("reboot", "reboot a VM: stop then start (-F: reset)", cmd_reboot, _force_timeout),
     ("info", "QMP information through vmadmd", cmd_info, _info_args),
     ("sysrq", "send nmi or take a screenshot through vmadmd", cmd_sysrq, _sysrq_args),

@@ -142,6 +142,7 @@ class Api:
         app.router.add_get("/vm/{uuid}/info", self.info)
         app.router.add_get("/vm/{uuid}/screenshot.png", self.screenshot_png)
         app.router.add_post("/vm/{uuid}", self.action)
+        app.router.add_post("/vms", self.vms_action)
         return app
 
     # -- routes ------------------------------------------------------------
@@ -158,6 +159,14 @@ class Api:
 
     async def list_vms(self, request: web.Request) -> web.Response:
         return web.json_response(self.manager.listing())
+
+    async def vms_action(self, request: web.Request) -> web.Response:
+        params = await params_of(request)
+        action = params.get("action")
+        if action != "stop":
+            raise InvalidParameter("action must be stop")
+        stopping = await self.manager.stop_all(parse_timeout(params.get("timeout")))
+        return web.json_response({"stopping": stopping}, status=202)
 
     async def metrics_page(self, request: web.Request) -> web.Response:
         return web.Response(

@@ -28,7 +28,7 @@ from vmadmd.daemon.console import ConsoleServer
 from vmadmd.daemon.events import EventBus
 from vmadmd.daemon.manager import Manager
 from vmadmd.daemon.metrics import Metrics
-from vmadmd.daemon.supervisor import DaemonSettings
+from vmadmd.daemon.supervisor import CrashRestart, DaemonSettings
 from vmadmd.daemon.watch import ZonesWatcher
 from vmadmd.errors import ConfigError
 from vmadmd.vm.config import (
@@ -85,6 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--autoboot-delay", type=float, default=0.0, metavar="SECS",
                    help="pause after each autoboot_order group")  # fmt: skip
+    p.add_argument(
+        "--crash-restart-delay",
+        type=float,
+        default=1.0,
+        metavar="SECS",
+        help="restart_on_crash: first delay, doubled per crash (at most 60 s)",
+    )
+    p.add_argument(
+        "--crash-restart-limit",
+        type=int,
+        default=5,
+        metavar="N",
+        help="restart_on_crash: no restart past N crashes within the window",
+    )
+    p.add_argument("--crash-restart-window", type=float, default=600.0, metavar="SECS")
     p.add_argument("--console-listen", metavar="ADDR:PORT", default=None,
                    help="serve browser (noVNC) consoles here; off by default")  # fmt: skip
     p.add_argument("--console-token-ttl", type=float, default=30.0, metavar="SECS")
@@ -185,6 +200,11 @@ class Daemon:
             vnc_bind=args.vnc_bind,
             qmp_timeout=args.qmp_timeout,
             vnc_relay=args.vnc_relay,
+            crash_restart=CrashRestart(
+                delay=args.crash_restart_delay,
+                limit=args.crash_restart_limit,
+                window=args.crash_restart_window,
+            ),
         )
         self.metrics = Metrics()
         self.manager = Manager(settings, self.bus, self.metrics)

@@ -21,7 +21,13 @@ from typing import Any, Literal
 from vmadmd.daemon.events import EventBus
 from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.metrics import Metrics
-from vmadmd.daemon.supervisor import DaemonSettings, Shared, VmSupervisor, settle_record
+from vmadmd.daemon.supervisor import (
+    DaemonSettings,
+    Settled,
+    Shared,
+    VmSupervisor,
+    settle_record,
+)
 from vmadmd.errors import VmadmError, VmBroken, WrongState
 from vmadmd.vm import proc
 from vmadmd.vm.layer import VmLayer, state_of
@@ -44,6 +50,8 @@ class Manager:
         # VMs whose qemu exited and whose exit is being settled: a refresh
         # must not settle it a second time.
         self._exiting: set[str] = set()
+        # When each VM crashed lately (for restart_on_crash's back-off).
+        self._crashes: dict[str, list[float]] = {}
         # VMs whose vm.json could not be read the last time it was looked at.
         self._broken: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -187,8 +195,8 @@ class Manager:
             self._attach(uuid, record, *found)
         elif record.get("transition"):
             # qemu went away while no daemon watched: finish the transition.
-            cleared = await settle_record(self._shared, uuid, None)
-            await self._after_exit(uuid, cleared)
+            settled = await settle_record(self._shared, uuid, None)
+            await self._after_exit(uuid, settled)
 
     def _attach(self, uuid: str, record: VmRecord, pid: int, pidfd: int) -> None:
         sup = VmSupervisor(uuid, pid, pidfd, self._shared, self._on_exit)
@@ -203,23 +211,64 @@ class Manager:
 
     async def _handle_exit(self, sup: VmSupervisor) -> None:
         try:
-            cleared = await sup.settle()
+            settled = await sup.settle()
         finally:
             self._exiting.discard(sup.uuid)
         if self._closing:
             return
-        if cleared is None or cleared.to != "start":
-            # `vmadm start` may have booted a new qemu while this exit was
-            # being settled; its vm.json event was ignored meanwhile.
-            await self.refresh_safely(sup.uuid)
-            return
-        await self._after_exit(sup.uuid, cleared)
+        # `vmadm start` may have booted a new qemu while this exit was being
+        # settled; its vm.json event was ignored meanwhile.
+        await self.refresh_safely(sup.uuid)
+        await self._after_exit(sup.uuid, settled)
 
-    async def _after_exit(self, uuid: str, cleared: Transition | None) -> None:
-        """A reboot's second half: boot the VM again."""
-        if cleared is not None and cleared.to == "start":
+    async def _after_exit(self, uuid: str, settled: Settled) -> None:
+        """A reboot's second half (boot again), or a restart after a crash."""
+        if uuid in self.vms:
+            return  # already running again
+        if settled.cleared is not None and settled.cleared.to == "start":
             with contextlib.suppress(VmadmError):  # logged and emitted by boot()
                 await self.boot(uuid, reason="reboot")
+        elif settled.ending is not None and settled.ending.get("reason") in ("panic", "crash"):
+            self._spawn(self._restart_after_crash(uuid), f"restart-{uuid}")
+
+    async def _restart_after_crash(self, uuid: str) -> None:
+        """Boot a VM that asks for it (``restart_on_crash``) again, with back-off.
+
+        Crashes are counted over a sliding window: past the limit the VM
+        stays down (a crash loop must not burn the host).  The count lives in
+        this daemon's memory: a restarted daemon starts it afresh.
+        """
+        try:
+            if not self.load(uuid).get("restart_on_crash"):
+                return
+        except VmadmError:
+            return
+        policy = self.settings.crash_restart
+        now = time.monotonic()
+        history = [t for t in self._crashes.get(uuid, []) if now - t < policy.window]
+        history.append(now)
+        self._crashes[uuid] = history
+        if len(history) > policy.limit:
+            vm_log(log, uuid).error(
+                "crashed %d times within %.0f s: not restarted again", len(history), policy.window
+            )
+            self.metrics.crash_restarts.labels("given_up").inc()
+            self.bus.emit("restart_given_up", uuid, crashes=len(history))
+            return
+        delay = min(policy.delay * 2 ** (len(history) - 1), policy.max_delay)
+        vm_log(log, uuid).warning("restarting after a crash in %.1f s (crash %d of at most %d)",
+                                  delay, len(history), policy.limit)  # fmt: skip
+        self.bus.emit("restart_scheduled", uuid, delay=delay, crashes=len(history))
+        await asyncio.sleep(delay)
+        try:
+            wanted = self.load(uuid).get("restart_on_crash")
+        except VmadmError:
+            return
+        if self._closing or uuid in self.vms or not wanted:
+            return
+        with contextlib.suppress(VmadmError):  # logged and emitted by boot()
+            await self.boot(uuid, reason="restart after a crash")
+            self.metrics.crash_restarts.labels("restarted").inc()
 
     async def boot(self, uuid: str, *, reason: str) -> float:
         """Start the VM through the VM layer; returns how long qemu took to come up."""
@@ -266,6 +315,28 @@ class Manager:
     async def request_stop(self, uuid: str, timeout: float, to: TransitionTo) -> Transition:
         self.load(uuid)
         return await self.running(uuid).request_stop(timeout, to)
+
+    async def stop_all(self, timeout: float) -> list[str]:
+        """Host shutdown: a graceful stop of every running VM at once.
+
+        Each VM gets its own persisted transition (a daemon killed meanwhile
+        still forces each at its deadline) with the same deadline; ``autoboot``
+        is left alone, so the next host boot brings them back.  Returns the
+        uuids whose stop was accepted.
+        """
+        sups = list(self.vms.values())
+        results = await asyncio.gather(
+            *(sup.request_stop(timeout, "stopped") for sup in sups), return_exceptions=True
+        )
+        accepted = []
+        for sup, result in zip(sups, results, strict=True):
+            if isinstance(result, BaseException):
+                vm_log(log, sup.uuid).warning("not stopped with the others: %s", result)
+            else:
+                accepted.append(sup.uuid)
+        log.info("stopping every VM (%d) within %.0f s", len(accepted), timeout)
+        self.bus.emit("stop_all", None, uuids=accepted, timeout=timeout)
+        return sorted(accepted)
 
     def vnc_socket(self, uuid: str) -> tuple[str, str]:
         """Where a running VM's qemu serves VNC: (directory, name)."""

@@ -77,6 +77,11 @@ class Metrics:
             "that ended it (acpi, quit, sigterm, sigkill)",
             ["reason", "stage"], registry=r,
         )  # fmt: skip
+        self.crash_restarts = Counter(
+            "vmadmd_crash_restarts",
+            "restart_on_crash decisions: restarted, or given_up (too many crashes)",
+            ["outcome"], registry=r,
+        )  # fmt: skip
         self.api_in_flight = Gauge(
             "vmadmd_api_requests_in_flight", "API requests being served", registry=r
         )

@@ -28,8 +28,8 @@ import logging
 import os
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
-from typing import Any, Literal, cast
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple, cast
 
 from vmadmd.daemon.events import EventBus
 from vmadmd.daemon.logs import vm_log
@@ -56,6 +56,17 @@ MAX_SCREENSHOT = 64 << 20
 
 
 @dataclass
+class CrashRestart:
+    """restart_on_crash's back-off: ``delay`` doubling per crash up to
+    ``max_delay``; more than ``limit`` crashes within ``window`` s: no more."""
+
+    delay: float = 1.0
+    max_delay: float = 60.0
+    limit: int = 5
+    window: float = 600.0
+
+
+@dataclass
 class DaemonSettings:
     vm: VmSettings
     vnc_bind: str = "127.0.0.1"
@@ -63,6 +74,7 @@ class DaemonSettings:
     # "handoff": give console clients to qemu's VNC server over QMP, relaying
     # only when qemu cannot take one; "proxy": always relay.
     vnc_relay: str = "handoff"
+    crash_restart: CrashRestart = field(default_factory=CrashRestart)
 
 
 @dataclass
@@ -113,12 +125,19 @@ def ending_of(shutdown: dict[str, Any] | None, forced: ForceStage | None, pendin
     return {"reason": "stop", "stage": stage, "by": "host"}
 
 
-async def settle_record(shared: Shared, uuid: str, ending: Ending | None) -> Transition | None:
+class Settled(NamedTuple):
+    """What settling an exit found: the transition it cleared, how the VM ended."""
+
+    cleared: Transition | None
+    ending: Ending | None
+
+
+async def settle_record(shared: Shared, uuid: str, ending: Ending | None) -> Settled:
     """qemu is gone: clear the transition and record how it ended.
 
     ``ending`` None: not known (qemu went away while no daemon watched).  An
     ending already recorded for this boot (``vmadm stop -F`` writes its own)
-    is kept.  Returns the transition it cleared, if any.
+    is kept.
     """
     cleared: Transition | None = None
     recorded: Ending | None = None
@@ -140,7 +159,7 @@ async def settle_record(shared: Shared, uuid: str, ending: Ending | None) -> Tra
         # Deleted meanwhile, or unreadable: nothing to settle.
         vm_log(log, uuid).info("exited; record not updated: %s", err)
         shared.bus.emit("exited", uuid, **(ending or {}))
-        return None
+        return Settled(None, None)
     how = recorded or {}
     reason = str(how.get("reason", "unknown"))
     level = logging.WARNING if reason in ("panic", "crash") else logging.INFO
@@ -151,7 +170,7 @@ async def settle_record(shared: Shared, uuid: str, ending: Ending | None) -> Tra
         shared.metrics.vm_exits.labels(reason, str(how.get("stage", ""))).inc()
     if cleared is not None:
         shared.bus.emit("transition_cleared", uuid, to=cleared.to)
-    return cleared
+    return Settled(cleared, recorded)
 
 
 class VmSupervisor:
@@ -233,11 +252,11 @@ class VmSupervisor:
         """How this qemu ended, from what was seen of it."""
         return ending_of(self._shutdown, self._forced, self.transition is not None)
 
-    async def settle(self) -> Transition | None:
+    async def settle(self) -> Settled:
         """After qemu's exit: record it, close the console and the monitor.
 
-        Returns the transition that was pending (the caller boots the VM
-        again when it went ``to: start``).
+        The caller boots the VM again when the transition it cleared went
+        ``to: start`` (or after a crash, when the VM asks for that).
         """
         if self._timer is not None and self._timer is not asyncio.current_task():
             self._timer.cancel()
@@ -245,10 +264,10 @@ class VmSupervisor:
             self._console_task.cancel()
         await self.monitor.drain(DRAIN_WAIT)
         # The record first: that is what `vmadm get/stop` wait for.
-        cleared = await settle_record(self._shared, self.uuid, self.ending())
+        settled = await settle_record(self._shared, self.uuid, self.ending())
         await self.console.close()
         await self.monitor.close()
-        return cleared
+        return settled
 
     async def detach(self) -> None:
         """Let go of the VM (daemon shutdown): it keeps running."""

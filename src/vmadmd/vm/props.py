@@ -187,6 +187,9 @@ VALIDATORS: dict[str, Callable[[object], Any]] = {
     "cpu_type": _cpu_type,
     "qemu_extra_opts": _str("qemu_extra_opts", 65536),
     "customer_metadata": _metadata,
+    # Beyond SmartOS (and libvirt's on_crash=restart): boot the VM again
+    # after a guest panic or a qemu crash, with back-off and a limit.
+    "restart_on_crash": _bool("restart_on_crash"),
 }
 
 # Properties `vmadm update` may not change.
@@ -214,6 +217,7 @@ SCALAR_KINDS: dict[str, type] = {
     "vnc_password": str,
     "cpu_type": str,
     "qemu_extra_opts": str,
+    "restart_on_crash": bool,
 }
 
 

@@ -57,6 +57,11 @@ def build_argv(
         f"socket,id=serial0,path={paths.CONSOLE_NAME},server=on,wait=off,"
         f"logfile={paths.console_log},logappend=off",
         "-serial", "chardev:serial0",
+        # A guest kernel that panics says so (GUEST_PANICKED), and the VM
+        # stops (SHUTDOWN with reason guest-panic): recorded as a panic, and
+        # restarted if the VM asks for it (restart_on_crash).
+        "-device", "pvpanic",
+        "-action", "panic=shutdown",
         "-pidfile", paths.pid,
         "-daemonize",
     ]  # fmt: skip
