@@ -6,7 +6,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import time
+
+from harness.world import tool
 
 from .conftest import Env, RunVm, bios_payload, guest_payload
 from .test_daemon import read_events
@@ -147,3 +150,21 @@ def test_restart_on_crash_backs_off_and_gives_up(env: Env) -> None:
         e["type"] == "restart_scheduled"
         for e in read_events(env, lambda evs: any(e["type"] == "exited" for e in evs), vm=plain)
     )
+
+
+def test_vmadm_stop_clears_autoboot_before_asking(env: Env, running_vm: RunVm) -> None:
+    uuid = running_vm(bios_payload())  # SeaBIOS ignores the power button
+    env.vmadm("update", uuid, "autoboot=true", check=True)
+    stopper = subprocess.Popen(
+        [tool("vmadm"), "stop", uuid, "-t", "30"], env=env.environ,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        env.wait_for(lambda: env.get(uuid)["state"] == "stopping", what="stop asked")
+        # Interrupted while it waits: the flag is already off.
+        stopper.kill()
+        stopper.wait(timeout=10)
+        assert env.get(uuid)["autoboot"] is False
+    finally:
+        if stopper.poll() is None:
+            stopper.kill()

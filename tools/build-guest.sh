@@ -51,6 +51,12 @@ if grep -q vmtest.ignore_acpi /proc/cmdline; then
     echo "vmtest: ignoring the power button" >/dev/console
     exit 0
 fi
+for arg in $(cat /proc/cmdline); do
+    case $arg in
+        vmtest.shutdown_delay=*)  # a guest that takes its time (flushing, say)
+            /bin/busybox sleep "${arg#vmtest.shutdown_delay=}" ;;
+    esac
+done
 echo "vmtest: powering off" >/dev/console
 /bin/busybox poweroff -f
 ACT

@@ -210,15 +210,13 @@ def _stop_all(layer: VmLayer, args: argparse.Namespace) -> None:
     deadline = start + args.t + 60  # the deadline, then the forcing steps
     try:
         while fds and time.monotonic() < deadline:
-            for uuid in [u for u, fd in fds.items() if proc.pidfd_wait(fd, 0)]:
+            for uuid in proc.pidfds_exited(fds, 0.25):
                 os.close(fds.pop(uuid))
             if tty:
                 left = max(0.0, args.t - (time.monotonic() - start))
                 sys.stderr.write(f"\rstopping: {len(fds)} of {len(uuids)} still running, "
                                  f"forced in {left:4.0f} s")  # fmt: skip
                 sys.stderr.flush()
-            if fds:
-                time.sleep(0.1)
     finally:
         for fd in fds.values():
             os.close(fd)

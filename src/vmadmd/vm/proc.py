@@ -103,6 +103,17 @@ def pidfd_wait(fd: int, timeout: float) -> bool:
     return bool(poller.poll(max(timeout, 0.0) * 1000))
 
 
+def pidfds_exited(fds: dict[str, int], timeout: float) -> list[str]:
+    """Wait up to ``timeout`` s for any of ``fds`` (name -> pidfd) to exit;
+    returns the names of those that have."""
+    poller = select.poll()
+    names = {}
+    for name, fd in fds.items():
+        poller.register(fd, select.POLLIN)
+        names[fd] = name
+    return [names[fd] for fd, _ in poller.poll(max(timeout, 0.0) * 1000)]
+
+
 def pidfd_signal(fd: int, sig: signal.Signals) -> bool:
     """Send ``sig``; False when the process is already gone."""
     try:
