@@ -226,12 +226,13 @@ def _stop_all(layer: VmLayer, args: argparse.Namespace) -> None:
         if uuid in fds:
             print(f"{uuid}  still running")
             continue
-        # The daemon settles vm.json a moment after qemu is gone.
+        # The daemon settles vm.json (clears the transition, records how
+        # the VM ended) a moment after qemu is gone.
         settle_by = time.monotonic() + 5
-        vm = layer.get(uuid)
-        while vm.get("state") != "stopped" and time.monotonic() < settle_by:
-            time.sleep(0.05)
-            vm = layer.get(uuid)
+        vm = layer.store.load(uuid)
+        while "transition" in vm and time.monotonic() < settle_by:
+            time.sleep(0.02)
+            vm = layer.store.load(uuid)
         print(f"{uuid}  {_ended(vm)}")
     if fds:
         raise VmadmError(f"{len(fds)} of {len(uuids)} VMs still running after the deadline")
