@@ -22,6 +22,10 @@ class VmadmError(Exception):
         super().__init__(message)
         self.message = message
 
+    def details(self) -> dict[str, object]:
+        """Facts beyond the message, added to the API's error object."""
+        return {}
+
 
 class InvalidParameter(VmadmError):
     """A request, property or argument is malformed."""
@@ -112,6 +116,17 @@ class QmpRefused(QmpFailed):
         super().__init__(message)
         self.error_class = error_class
         self.desc = desc
+
+    def details(self) -> dict[str, object]:
+        return {"class": self.error_class, "desc": self.desc}
+
+
+class QmpCommandFailed(QmpRefused):
+    """A command passed through for a user was refused by qemu: the user's
+    request was well-formed for us, not for qemu."""
+
+    code = "QmpCommandFailed"
+    status = 422
 
 
 class QmpConnectionLost(QmpFailed):

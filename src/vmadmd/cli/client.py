@@ -88,7 +88,7 @@ class Client:
         self.socket_path = socket_path
         self.timeout = timeout
 
-    def _send(self, method: str, target: str, timeout: float | None) -> _Reader:
+    def _send(self, method: str, target: str, timeout: float | None, body: bytes = b"") -> _Reader:
         directory = os.path.dirname(self.socket_path) or "."
         try:
             sock = connect_unix(directory, os.path.basename(self.socket_path))
@@ -103,12 +103,13 @@ class Client:
         except OSError as err:
             raise DaemonUnavailable(f"cannot reach vmadmd on {self.socket_path}: {err}") from None
         sock.settimeout(timeout)
+        ctype = "Content-Type: application/json\r\n" if body else ""
         request = (
             f"{method} {target} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n"
-            "Connection: close\r\nContent-Length: 0\r\n\r\n"
+            f"Connection: close\r\n{ctype}Content-Length: {len(body)}\r\n\r\n"
         )
         try:
-            sock.sendall(request.encode())
+            sock.sendall(request.encode() + body)
         except OSError as err:
             sock.close()
             raise DaemonUnavailable(f"vmadmd connection failed: {err}") from None
@@ -132,9 +133,14 @@ class Client:
         path: str,
         params: dict[str, str] | None = None,
         timeout: float | None = None,
+        body: Any = None,
     ) -> tuple[int, Any]:
-        """Send one request; returns (status, decoded JSON).  Raises ApiError on 4xx/5xx."""
-        reader = self._send(method, _target(path, params), timeout or self.timeout)
+        """Send one request (``body``: sent as JSON); returns (status, decoded JSON).
+
+        Raises ApiError on 4xx/5xx.
+        """
+        payload = b"" if body is None else json.dumps(body).encode()
+        reader = self._send(method, _target(path, params), timeout or self.timeout, payload)
         try:
             status, headers = self._head(reader)
             if headers.get("transfer-encoding", "").lower() == "chunked":

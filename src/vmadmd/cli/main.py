@@ -339,6 +339,27 @@ def cmd_events(ctx: Context, args: argparse.Namespace) -> None:
         return
 
 
+def cmd_qmp(ctx: Context, args: argparse.Namespace) -> None:
+    uuid = validate_uuid(args.uuid)
+    if (args.hmp is None) == (args.json is None):
+        raise InvalidParameter("give a QMP command as JSON, or --hmp TEXT")
+    if args.hmp is not None:
+        request: Any = {"hmp": args.hmp}
+    else:
+        try:
+            request = json.loads(args.json)
+        except ValueError as err:
+            raise InvalidParameter(f"invalid JSON: {err}") from err
+        if not isinstance(request, dict):
+            raise InvalidParameter('the QMP command must be an object: {"execute": ...}')
+    _, body = _client().request("POST", f"/vm/{uuid}/qmp", body=request)
+    result = body.get("return") if isinstance(body, dict) else body
+    if isinstance(result, str):
+        sys.stdout.write(result if result.endswith("\n") or not result else result + "\n")
+    else:
+        _print_json(result)
+
+
 def cmd_console(ctx: Context, args: argparse.Namespace) -> None:
     uuid = validate_uuid(args.uuid)
     _, body = _client().request("POST", f"/vm/{uuid}", {"action": "console"})
@@ -351,6 +372,12 @@ def _stop_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("-t", type=float, default=DEFAULT_TIMEOUT, metavar="SECS")
     c.add_argument("--all", action="store_true",
                    help="host shutdown: stop every running VM, autoboot left as it is")  # fmt: skip
+
+
+def _qmp_args(c: argparse.ArgumentParser) -> None:
+    c.add_argument("uuid")
+    c.add_argument("json", nargs="?", metavar="JSON", help='e.g. \'{"execute": "query-status"}\'')
+    c.add_argument("--hmp", metavar="TEXT", help="a human monitor command, e.g. 'info status'")
 
 
 def _with_uuid(c: argparse.ArgumentParser) -> None:
@@ -409,6 +436,8 @@ COMMANDS: tuple[Command, ...] = (
     ("delete", "halt and remove a VM", cmd_delete, _with_uuid),
     ("events", "follow vmadmd's event stream", cmd_events, _events_args),
     ("console", "print a one-time browser console URL", cmd_console, _with_uuid),
+    ("qmp", "send one QMP (or --hmp human monitor) command through vmadmd", cmd_qmp,
+     _qmp_args),
 )  # fmt: skip
 
 

@@ -100,6 +100,19 @@ async def params_of(request: web.Request) -> dict[str, str]:
     return params
 
 
+async def json_body(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object body (bounded by the app's client_max_size)."""
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise PayloadTooLarge(f"request body larger than {MAX_BODY} bytes")
+    try:
+        body = await request.json()
+    except ValueError as err:
+        raise InvalidParameter(f"request body is not valid JSON: {err}") from None
+    if not isinstance(body, dict):
+        raise InvalidParameter("the body must be a JSON object")
+    return body
+
+
 def parse_timeout(raw: str | None) -> float:
     if raw is None or raw == "":
         raise InvalidParameter("timeout is required (seconds, > 0)")
@@ -143,6 +156,7 @@ class Api:
         app.router.add_get("/vm/{uuid}/screenshot.png", self.screenshot_png)
         app.router.add_post("/vm/{uuid}", self.action)
         app.router.add_post("/vms", self.vms_action)
+        app.router.add_post("/vm/{uuid}/qmp", self.qmp)
         return app
 
     # -- routes ------------------------------------------------------------
@@ -183,6 +197,22 @@ class Api:
         raw = params.get("type", params.get("types"))
         types = parse_types(raw)
         return web.json_response(await self.manager.info(uuid, types))
+
+    async def qmp(self, request: web.Request) -> web.Response:
+        uuid = validate_uuid(request.match_info["uuid"])
+        body = await json_body(request)
+        if "hmp" in body:
+            if set(body) != {"hmp"} or not isinstance(body["hmp"], str):
+                raise InvalidParameter('a human monitor request is {"hmp": "TEXT"} alone')
+        else:
+            cmd, args = body.get("execute"), body.get("arguments")
+            if not isinstance(cmd, str) or not cmd or len(cmd) > 128:
+                raise InvalidParameter('the body needs "execute": a QMP command name, or "hmp"')
+            if set(body) - {"execute", "arguments"}:
+                raise InvalidParameter('a QMP request has "execute" and "arguments" only')
+            if args is not None and not isinstance(args, dict):
+                raise InvalidParameter('"arguments" must be an object')
+        return web.json_response({"return": await self.manager.passthrough(uuid, body)})
 
     async def screenshot_png(self, request: web.Request) -> web.Response:
         uuid = validate_uuid(request.match_info["uuid"])

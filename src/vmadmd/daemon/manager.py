@@ -305,6 +305,9 @@ class Manager:
     async def screenshot_png(self, uuid: str) -> bytes:
         return await self.running(uuid).screenshot_png()
 
+    async def passthrough(self, uuid: str, request: dict[str, Any]) -> Any:
+        return await self.running(uuid).passthrough(request)
+
     async def reload_vnc(self, uuid: str) -> dict[str, Any]:
         record = self.load(uuid)
         sup = self.vms.get(uuid)

@@ -30,12 +30,30 @@ from qemu.qmp.error import QMPError
 
 from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.metrics import Metrics
-from vmadmd.errors import QmpConnectionLost, QmpFailed, QmpRefused, QmpTimeout
+from vmadmd.errors import (
+    Forbidden,
+    InvalidParameter,
+    QmpCommandFailed,
+    QmpConnectionLost,
+    QmpFailed,
+    QmpRefused,
+    QmpTimeout,
+)
 from vmadmd.vm.sockets import connect_unix_retrying
 
 log = logging.getLogger("vmadmd.qmp")
 
 EventCallback = Callable[[str, dict[str, Any]], None]
+
+# Commands the daemon owns: a user passing them through would break the
+# daemon's own use of this connection (capabilities, fd passing for console
+# hand-offs) or the VNC password the daemon keeps.  Refused (403).
+OWNED_COMMANDS = frozenset({
+    "qmp_capabilities", "getfd", "closefd", "add-fd", "remove-fd", "add_client",
+    "set_password", "expire_password",
+})  # fmt: skip
+# The same in the human monitor (by its first word).
+OWNED_HMP = frozenset({"getfd", "closefd", "set_password", "expire_password"})
 
 # What ``query()`` can ask, by the names the API uses.
 QUERIES: dict[str, str] = {
@@ -337,6 +355,35 @@ class Monitor:
         if fmt == "png":
             args["format"] = "png"  # qemu >= 7.1
         await self._execute("screendump", args)
+
+    async def passthrough(self, cmd: str, arguments: Mapping[str, object] | None) -> Any:
+        """A user's own command (``vmadm qmp``), on this connection, same timeout.
+
+        Raises Forbidden for the commands the daemon owns, QmpCommandFailed
+        (422, with qemu's class and description) when qemu refuses it.
+        """
+        if cmd == "human-monitor-command":
+            line = (arguments or {}).get("command-line")
+            return await self.hmp(line if isinstance(line, str) else "")
+        if cmd in OWNED_COMMANDS:
+            raise Forbidden(f"{cmd} belongs to vmadmd and cannot be passed through")
+        try:
+            return await self._execute(cmd, arguments)
+        except QmpRefused as err:
+            raise QmpCommandFailed(err.message, err.error_class, err.desc) from err
+
+    async def hmp(self, line: str) -> str:
+        """A human monitor command line (``human-monitor-command``); its text output."""
+        words = line.split(None, 1)
+        if not words:
+            raise InvalidParameter("the human monitor command is empty")
+        if words[0] in OWNED_HMP:
+            raise Forbidden(f"{words[0]} belongs to vmadmd and cannot be passed through")
+        try:
+            out = await self._execute("human-monitor-command", {"command-line": line})
+        except QmpRefused as err:
+            raise QmpCommandFailed(err.message, err.error_class, err.desc) from err
+        return out if isinstance(out, str) else str(out)
 
     async def set_vnc_password(self, password: str) -> None:
         await self._execute("set_password", {"protocol": "vnc", "password": password})

@@ -31,8 +31,9 @@ _HTTP_CODES = {
 }
 
 
-def error_response(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+def error_response(status: int, code: str, message: str, **details: object) -> web.Response:
+    body = {"code": code, "message": message, **details}
+    return web.json_response({"error": body}, status=status)
 
 
 async def answer(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -40,7 +41,7 @@ async def answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except VmadmError as err:
-        return error_response(err.status, err.code, err.message)
+        return error_response(err.status, err.code, err.message, **err.details())
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -331,6 +331,19 @@ class VmSupervisor:
         await self.monitor.screendump(path, fmt)
         return path
 
+    async def passthrough(self, request: dict[str, Any]) -> Any:
+        """``{"execute", "arguments"}`` or ``{"hmp"}`` from a user, serialised with
+        the daemon's own operations on this VM.  Logged by command name only:
+        arguments can hold secrets."""
+        async with self.lock:
+            if "hmp" in request:
+                line = str(request["hmp"])
+                self._log.info("human monitor pass-through: %s", line.split(None, 1)[0][:40])
+                return await self.monitor.hmp(line)
+            cmd = str(request["execute"])
+            self._log.info("QMP pass-through: %s", cmd[:80])
+            return await self.monitor.passthrough(cmd, request.get("arguments"))
+
     async def reload_vnc(self, record: VmRecord) -> dict[str, Any]:
         async with self.lock:
             if self._console_task is not None and not self._console_task.done():

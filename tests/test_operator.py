@@ -1,0 +1,112 @@
+"""The operator's daily tools against real qemu: monitor pass-through, per-VM
+statistics, the serial console (WebSocket and ``vmadm console``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from .conftest import Env, RunVm, bios_payload
+
+
+def qmp(env: Env, uuid: str, body: object) -> tuple[int, object]:
+    from vmadmd.cli.client import ApiError
+
+    try:
+        return env.client().request("POST", f"/vm/{uuid}/qmp", body=body)
+    except ApiError as err:
+        return err.status, {"code": err.code, "message": err.message}
+
+
+def test_qmp_passthrough(env: Env, running_vm: RunVm) -> None:
+    uuid = running_vm()
+    status, body = qmp(env, uuid, {"execute": "query-status"})
+    assert status == 200
+    assert isinstance(body, dict)
+    assert body["return"]["status"] == "running"
+    # qemu's refusal: 422 with qemu's class and description.
+    from vmadmd.cli.client import ApiError
+
+    with pytest.raises(ApiError) as caught:
+        env.client().request("POST", f"/vm/{uuid}/qmp", body={"execute": "no-such-command"})
+    assert caught.value.status == 422
+    assert caught.value.code == "QmpCommandFailed"
+    for owned in ("getfd", "add_client", "set_password", "qmp_capabilities", "closefd"):
+        assert qmp(env, uuid, {"execute": owned, "arguments": {"fdname": "x"}})[0] == 403, owned
+    for line in ("getfd x", "set_password vnc secret"):
+        assert qmp(env, uuid, {"hmp": line})[0] == 403, line
+        hmp_via_qmp = {"execute": "human-monitor-command", "arguments": {"command-line": line}}
+        assert qmp(env, uuid, hmp_via_qmp)[0] == 403, line
+    status, body = qmp(env, uuid, {"hmp": "info status"})
+    assert status == 200
+    assert isinstance(body, dict)
+    assert "running" in body["return"]
+    bad: object
+    for bad in ({}, {"execute": 5}, {"execute": "x", "arguments": []}, {"hmp": 1},
+                {"hmp": "info", "execute": "x"}, [], "text"):  # fmt: skip
+        assert qmp(env, uuid, bad)[0] == 400, bad
+    # Logged by command name at INFO, never with its arguments.
+    qmp(env, uuid, {"execute": "qom-list", "arguments": {"path": "/machine/secret-xyz-42"}})
+    env.wait_for(lambda: "QMP pass-through: qom-list" in env.daemon_log(tail=None), what="log")
+    assert "secret-xyz-42" not in env.daemon_log(tail=None)
+    # The CLI prints the return.
+    res = env.vmadm("qmp", uuid, '{"execute": "query-status"}', check=True)
+    assert json.loads(res.stdout)["status"] == "running"
+    res = env.vmadm("qmp", uuid, "--hmp", "info status", check=True)
+    assert "VM status: running" in res.stdout
+    res = env.vmadm("qmp", uuid, '{"execute": "no-such-command"}')
+    assert res.returncode == 1
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_qmp_passthrough_error_carries_qemus_class(env: Env, running_vm: RunVm) -> None:
+    import socket as socketlib
+
+    uuid = running_vm()
+    body = json.dumps({"execute": "no-such-command"}).encode()
+    sock = socketlib.socket(socketlib.AF_UNIX)
+    os.chdir(os.path.dirname(env.socket))
+    try:
+        sock.connect(os.path.basename(env.socket))
+    finally:
+        os.chdir(env.tmp)
+    sock.sendall(
+        f"POST /vm/{uuid}/qmp HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    sock.close()
+    head, _, payload = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 422")
+    error = json.loads(payload)["error"]
+    assert error["class"] == "CommandNotFound"
+    assert "no-such-command" in error["desc"]
+
+
+def test_qmp_passthrough_to_a_stopped_qemu_times_out_alone(env: Env) -> None:
+    env.start_daemon("--qmp-timeout", "1")
+    frozen, other = env.run_vm(), env.run_vm()
+    pid = env.pid(frozen)
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        assert qmp(env, frozen, {"execute": "query-status"})[0] == 504
+        assert time.monotonic() - t0 < 3
+        assert qmp(env, other, {"execute": "query-status"})[0] == 200
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_passthrough_to_a_stopped_vm_is_409(env: Env) -> None:
+    env.start_daemon()
+    uuid = env.create(bios_payload())
+    assert qmp(env, uuid, {"execute": "query-status"})[0] == 409
+    assert qmp(env, "0b3f1c2e-9a4d-4f5e-8b6a-1c2d3e4f5a6b", {"execute": "x"})[0] == 404
