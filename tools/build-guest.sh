@@ -2,12 +2,14 @@
 # Build the test guest from Debian packages only: a cloud kernel and an
 # initramfs made of busybox-static.  Output: $OUT/vmlinuz and $OUT/initrd.img.
 #
-# The guest's init loads the ACPI button and evdev drivers, starts busybox
-# acpid with a power-button action, waits until acpid has every input device
-# open (a powerdown sent before that would be lost), and only then prints the
-# ready marker on the serial console.  Kernel command-line switches:
-#   vmtest.ignore_acpi          the power button does nothing (forced-stop tests)
-#   vmtest.poweroff_after=SECS  the guest powers itself off after SECS seconds
+# The guest's init loads the ACPI button and evdev drivers (and pvpanic, and
+# virtio disks and nics), starts busybox acpid with a power-button action,
+# waits until acpid has every input device open (a powerdown sent before that
+# would be lost), prints the ready marker on the serial console, and runs a
+# shell there.  Kernel command-line switches:
+#   vmtest.ignore_acpi           the power button does nothing (forced-stop tests)
+#   vmtest.poweroff_after=SECS   the guest powers itself off after SECS seconds
+#   vmtest.shutdown_delay=SECS   the power button powers off only after SECS
 # Idempotent: does nothing when the output is newer than this script.
 set -euo pipefail
 
@@ -39,9 +41,17 @@ moddir="$work/k/lib/modules/$kver/kernel"
 root="$work/root"
 mkdir -p "$root"/{bin,sbin,etc/acpi/PWRF,proc,sys,dev,tmp,lib/modules}
 cp /bin/busybox "$root/bin/busybox"
-for m in drivers/acpi/button.ko drivers/input/evdev.ko \
-         drivers/misc/pvpanic/pvpanic.ko drivers/misc/pvpanic/pvpanic-mmio.ko; do
+# In load order (busybox insmod resolves no dependencies): ACPI button and
+# evdev for acpid, pvpanic (a panic is reported to qemu), virtio disks and nics.
+modules="drivers/acpi/button.ko drivers/input/evdev.ko
+  drivers/misc/pvpanic/pvpanic.ko drivers/misc/pvpanic/pvpanic-mmio.ko
+  drivers/virtio/virtio.ko drivers/virtio/virtio_ring.ko
+  drivers/virtio/virtio_pci_modern_dev.ko drivers/virtio/virtio_pci_legacy_dev.ko
+  drivers/virtio/virtio_pci.ko drivers/block/virtio_blk.ko
+  net/core/failover.ko drivers/net/net_failover.ko drivers/net/virtio_net.ko"
+for m in $modules; do
     cp "$moddir/$m" "$root/lib/modules/"
+    basename "$m" >>"$root/lib/modules/order"
 done
 
 cat >"$root/etc/acpi/PWRF/00000080" <<'ACT'
@@ -69,10 +79,9 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-insmod /lib/modules/evdev.ko
-insmod /lib/modules/button.ko
-insmod /lib/modules/pvpanic.ko
-insmod /lib/modules/pvpanic-mmio.ko
+for m in $(cat /lib/modules/order); do
+    insmod "/lib/modules/$m"
+done
 # Wait for the input devices to appear, then for acpid to hold them all.
 i=0
 while [ -z "$(ls /dev/input/ 2>/dev/null | grep event)" ] && [ $i -lt 100 ]; do

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from vmadmd.daemon.events import EventBus
 from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.metrics import Metrics
+from vmadmd.daemon.stats import VmStatsCollector
 from vmadmd.daemon.supervisor import (
     DaemonSettings,
     Settled,
@@ -65,6 +66,7 @@ class Manager:
             spawn=self._spawn,
         )
         metrics.watch_state(self._state_snapshot)
+        metrics.registry.register(VmStatsCollector(lambda: list(self.vms.values())))
 
     # -- helpers -----------------------------------------------------------
 
@@ -179,8 +181,14 @@ class Manager:
         """Bring our view of one VM in line with reality.  Idempotent."""
         if self._closing:
             return
-        if uuid in self.vms or uuid in self._exiting:
-            return  # its pidfd tells us when it exits, or has told us
+        if uuid in self._exiting:
+            return  # its pidfd has told us it exited
+        sup = self.vms.get(uuid)
+        if sup is not None:
+            # Its pidfd tells us when it exits; a changed alias is still news.
+            with contextlib.suppress(VmadmError):
+                sup.learn(self.load(uuid))
+            return
         try:
             record = self.load(uuid)
         except VmBroken:

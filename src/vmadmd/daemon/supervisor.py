@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from vmadmd.daemon.events import EventBus
 from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.metrics import Metrics
 from vmadmd.daemon.monitor import QUERIES, Monitor
+from vmadmd.daemon.stats import BLOCKSTATS_PERIOD, DiskStats, parse_blockstats, snapshot
 from vmadmd.daemon.vncconsole import VncConsole, qemu_vnc_mode
 from vmadmd.errors import InvalidParameter, QmpRefused, QmpTimeout, VmadmError, WrongState
 from vmadmd.vm import proc, transition, zonefs
@@ -45,7 +47,8 @@ from vmadmd.vm.transition import Transition, TransitionTo
 
 log = logging.getLogger("vmadmd.supervisor")
 
-INFO_TYPES = (*QUERIES, "vnc")
+INFO_TYPES = (*QUERIES, "vnc")  # the default set
+EXTRA_TYPES = ("stats",)  # only when asked for
 
 ForceStage = Literal["quit", "sigterm", "sigkill"]
 
@@ -98,9 +101,10 @@ def parse_types(raw: str | None) -> list[str]:
     if raw is None or raw == "" or raw == "all":
         return list(INFO_TYPES)
     types = [t.strip() for t in raw.split(",") if t.strip()]
+    known = (*INFO_TYPES, *EXTRA_TYPES)
     for t in types:
-        if t not in INFO_TYPES:
-            raise InvalidParameter(f"unknown info type {t!r}; known: {', '.join(INFO_TYPES)}")
+        if t not in known:
+            raise InvalidParameter(f"unknown info type {t!r}; known: {', '.join(known)}")
     return list(dict.fromkeys(types))
 
 
@@ -212,18 +216,35 @@ class VmSupervisor:
         self._console_task: asyncio.Task[None] | None = None
         self._forced: ForceStage | None = None
         self._shutdown: dict[str, Any] | None = None
+        self._stats_task: asyncio.Task[None] | None = None
+        # For the statistics (see stats.py): what to call it, its taps, the
+        # last block counters.
+        self.alias = ""
+        self.nics: list[str] = []
+        self.disk_stats: dict[str, DiskStats] = {}
 
     @property
     def state(self) -> str:
         return "stopping" if self.transition is not None else "running"
 
+    def learn(self, record: VmRecord) -> None:
+        """Take what the statistics name the VM by from its (new) record."""
+        self.alias = str(record.get("alias") or "")
+        self.nics = [
+            str(nic["ifname"])
+            for nic in record.get("nics", [])
+            if isinstance(nic, dict) and nic.get("netdev") == "tap" and nic.get("ifname")
+        ]
+
     def start(self, record: VmRecord) -> None:
         """Watch the qemu, connect QMP, open the console, re-arm a pending stop."""
+        self.learn(record)
         asyncio.get_running_loop().add_reader(self._pidfd, self._on_pidfd)
         self.monitor.start()
         self._log.info("running (pid %d)", self.pid)
         self._shared.bus.emit("started", self.uuid, pid=self.pid)
         self._console_task = self._shared.spawn(self.console.open(record), f"vnc-{self.uuid}")
+        self._stats_task = self._shared.spawn(self._poll_blockstats(), f"stats-{self.uuid}")
         self.transition = Transition.of(record)
         if self.transition is not None:
             self._arm()
@@ -260,8 +281,9 @@ class VmSupervisor:
         """
         if self._timer is not None and self._timer is not asyncio.current_task():
             self._timer.cancel()
-        if self._console_task is not None:
-            self._console_task.cancel()
+        for task in (self._console_task, self._stats_task):
+            if task is not None:
+                task.cancel()
         await self.monitor.drain(DRAIN_WAIT)
         # The record first: that is what `vmadm get/stop` wait for.
         settled = await settle_record(self._shared, self.uuid, self.ending())
@@ -272,6 +294,8 @@ class VmSupervisor:
     async def detach(self) -> None:
         """Let go of the VM (daemon shutdown): it keeps running."""
         self._close_pidfd()
+        if self._stats_task is not None:
+            self._stats_task.cancel()
         await asyncio.gather(self.monitor.close(), self.console.close(), return_exceptions=True)
 
     def _alive(self) -> None:
@@ -281,19 +305,48 @@ class VmSupervisor:
     # -- QMP operations --------------------------------------------------------
 
     async def info(self, types: list[str]) -> dict[str, Any]:
+        """Every type asked for; one that failed carries ``{"error": ...}``.
+
+        Only when no query answered at all does the failure become the
+        answer (a wedged qemu: 504), as one failing query must not hide the
+        others (SmartOS returned what it had).
+        """
         queries = [t for t in types if t in QUERIES]
         results = await asyncio.gather(
             *(self.monitor.query(t) for t in queries), return_exceptions=True
         )
-        # A timeout outranks other failures: it is what the caller must see
-        # (504) when qemu is wedged.
         failures = [r for r in results if isinstance(r, BaseException)]
-        for failure in sorted(failures, key=lambda e: not isinstance(e, QmpTimeout)):
-            raise failure
-        out: dict[str, Any] = dict(zip(queries, results, strict=True))
+        if queries and len(failures) == len(queries):
+            # A timeout outranks other failures: it is what the caller must
+            # see (504) when qemu is wedged.
+            raise sorted(failures, key=lambda e: not isinstance(e, QmpTimeout))[0]
+        out: dict[str, Any] = {}
+        for kind, result in zip(queries, results, strict=True):
+            if isinstance(result, VmadmError):
+                out[kind] = {"error": {"code": result.code, "message": result.message}}
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                out[kind] = result
         if "vnc" in types:
             out["vnc"] = self.console.info()
+        if "stats" in types:
+            out["stats"] = await self.stats()
         return {t: out[t] for t in types if t in out}
+
+    async def stats(self) -> dict[str, Any]:
+        """CPU, memory, disk and nic counters (block counters refreshed now)."""
+        with contextlib.suppress(VmadmError):
+            self.disk_stats = parse_blockstats(await self.monitor.query("blockstats"))
+        return snapshot(self, None)
+
+    async def _poll_blockstats(self) -> None:
+        """Keep the block counters fresh for /metrics, one query per period."""
+        await asyncio.sleep(random.uniform(0, BLOCKSTATS_PERIOD))  # spread the VMs out
+        while True:
+            with contextlib.suppress(VmadmError):
+                self.disk_stats = parse_blockstats(await self.monitor.query("blockstats"))
+            await asyncio.sleep(BLOCKSTATS_PERIOD)
 
     async def reset(self) -> None:
         async with self.lock:
