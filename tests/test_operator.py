@@ -3,14 +3,16 @@ statistics, the serial console (WebSocket and ``vmadm console``)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import time
 
+import aiohttp
 import pytest
 
-from .conftest import Env, RunVm, bios_payload
+from .conftest import Env, RunVm, bios_payload, guest_payload
 
 
 def qmp(env: Env, uuid: str, body: object) -> tuple[int, object]:
@@ -110,3 +112,87 @@ def test_passthrough_to_a_stopped_vm_is_409(env: Env) -> None:
     uuid = env.create(bios_payload())
     assert qmp(env, uuid, {"execute": "query-status"})[0] == 409
     assert qmp(env, "0b3f1c2e-9a4d-4f5e-8b6a-1c2d3e4f5a6b", {"execute": "x"})[0] == 404
+
+
+# -- the serial console ----------------------------------------------------------
+
+
+class SerialClient:
+    """A WebSocket viewer of GET /vm/<uuid>/serial, reading into a buffer."""
+
+    def __init__(self, env: Env, uuid: str) -> None:
+        self.env, self.uuid = env, uuid
+        self.seen = b""
+        self.closed: tuple[int | None, str] | None = None
+
+    async def __aenter__(self) -> SerialClient:
+        self.session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=self.env.socket))
+        self.ws = await self.session.ws_connect(f"http://vmadmd/vm/{self.uuid}/serial")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.ws.close()
+        await self.session.close()
+
+    async def until(self, text: bytes, timeout: float = 20) -> None:
+        async with asyncio.timeout(timeout):
+            while text not in self.seen:
+                msg = await self.ws.receive()
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    self.seen += msg.data
+                elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+                    self.closed = (self.ws.close_code, str(msg.extra or ""))
+                    raise AssertionError(f"closed ({self.closed}) before {text!r}")
+
+    async def until_closed(self, timeout: float = 10) -> tuple[int | None, str]:
+        async with asyncio.timeout(timeout):
+            while True:
+                msg = await self.ws.receive()
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    self.seen += msg.data
+                elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+                    return self.ws.close_code, str(msg.extra or "")
+
+    async def type(self, text: bytes) -> None:
+        await self.ws.send_bytes(text)
+
+
+def test_serial_console_shared_by_viewers(
+    env: Env, running_vm: RunVm, guest: dict[str, str]
+) -> None:
+    uuid = running_vm(guest_payload(guest), ready=True)
+
+    async def scenario() -> None:
+        async with SerialClient(env, uuid) as a, SerialClient(env, uuid) as b:
+            # Attaching to a quiet console still shows what came before.
+            await a.until(b"VMTEST-READY")
+            await b.until(b"VMTEST-READY")
+            await a.type(b"echo $((6*7))-marker\n")
+            await a.until(b"42-marker")
+            await b.until(b"42-marker")
+            async with SerialClient(env, uuid) as late:
+                await late.until(b"42-marker")  # the earlier output, first
+            pid = env.pid(uuid)
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            for viewer in (a, b):
+                code, reason = await viewer.until_closed()
+                assert reason == "qemu crashed", (code, reason)
+
+    asyncio.run(scenario())
+    # The log in root/tmp keeps working beside the daemon's connection.
+    assert "42-marker" in env.console(uuid)
+    # The console of a stopped VM, of an unknown one.
+    for target, want in ((uuid, 409), ("0b3f1c2e-9a4d-4f5e-8b6a-1c2d3e4f5a6b", 404)):
+
+        async def refused(target: str = target) -> int:
+            async with aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(path=env.socket)
+            ) as session:
+                try:
+                    await session.ws_connect(f"http://vmadmd/vm/{target}/serial")
+                except aiohttp.WSServerHandshakeError as err:
+                    return err.status
+            return 101
+
+        assert asyncio.run(refused()) == want

@@ -3,9 +3,9 @@ button and one deadline; a crash or a panic is told from a power-off."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
-import socket
 import subprocess
 import time
 
@@ -13,6 +13,7 @@ from harness.world import tool
 
 from .conftest import Env, RunVm, bios_payload, guest_payload
 from .test_daemon import read_events
+from .test_operator import SerialClient
 from .test_transitions import ExitWatch
 
 LATE_MAX = 0.25
@@ -87,23 +88,15 @@ def test_a_guest_panic_is_recorded_as_a_panic(
 ) -> None:
     uuid = running_vm(guest_payload(guest), ready=True)
     watch = ExitWatch(env, uuid)
-    console = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    os.chdir(env.runtime(uuid))  # the path is past the 108-byte limit
-    try:
-        console.connect("vm.console")
-    finally:
-        os.chdir(env.tmp)
-    console.sendall(b"echo c > /proc/sysrq-trigger\n")
-    # Read as the guest writes: a console client that does not read stalls
-    # the guest's serial output (qemu waits for it), and the panic prints a
-    # long trace before the kernel tells qemu.
-    console.settimeout(20)
-    seen = b""
-    while b"Kernel panic" not in seen:
-        chunk = console.recv(65536)
-        assert chunk, seen[-500:]
-        seen += chunk
-    console.close()
+
+    async def panic() -> None:
+        async with SerialClient(env, uuid) as console:
+            await console.until(b"VMTEST-READY")
+            await console.type(b"echo c > /proc/sysrq-trigger\n")
+            code, reason = await console.until_closed(timeout=30)
+            assert reason == "the guest kernel panicked", (code, reason)
+
+    asyncio.run(panic())
     watch.wait(20)
     env.wait_for(lambda: env.get(uuid)["state"] == "stopped", what="stopped")
     assert env.get(uuid)["last_exit"]["reason"] == "panic"

@@ -28,6 +28,7 @@ from vmadmd.daemon.logs import req_id_var
 from vmadmd.daemon.manager import Manager
 from vmadmd.daemon.metrics import Metrics
 from vmadmd.daemon.responses import Handler, answer, error_response
+from vmadmd.daemon.serial import relay as serial_relay
 from vmadmd.daemon.supervisor import parse_types
 from vmadmd.errors import (
     InvalidParameter,
@@ -157,6 +158,7 @@ class Api:
         app.router.add_post("/vm/{uuid}", self.action)
         app.router.add_post("/vms", self.vms_action)
         app.router.add_post("/vm/{uuid}/qmp", self.qmp)
+        app.router.add_get("/vm/{uuid}/serial", self.serial)
         return app
 
     # -- routes ------------------------------------------------------------
@@ -197,6 +199,20 @@ class Api:
         raw = params.get("type", params.get("types"))
         types = parse_types(raw)
         return web.json_response(await self.manager.info(uuid, types))
+
+    async def serial(self, request: web.Request) -> web.StreamResponse:
+        """The serial console as a WebSocket (binary frames both ways)."""
+        uuid = validate_uuid(request.match_info["uuid"])
+        console = self.manager.serial(uuid)  # 404 / 409 before any upgrade
+        viewer = console.attach()
+        ws = web.WebSocketResponse(max_msg_size=64 * 1024)
+        try:
+            await ws.prepare(request)
+        except BaseException:
+            console.detach(viewer)
+            raise
+        await serial_relay(ws, console, viewer)
+        return ws
 
     async def qmp(self, request: web.Request) -> web.Response:
         uuid = validate_uuid(request.match_info["uuid"])

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from vmadmd.daemon.events import EventBus
 from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.metrics import Metrics
+from vmadmd.daemon.serial import SerialConsole
 from vmadmd.daemon.stats import VmStatsCollector
 from vmadmd.daemon.supervisor import (
     DaemonSettings,
@@ -348,6 +349,10 @@ class Manager:
         log.info("stopping every VM (%d) within %.0f s", len(accepted), timeout)
         self.bus.emit("stop_all", None, uuids=accepted, timeout=timeout)
         return sorted(accepted)
+
+    def serial(self, uuid: str) -> SerialConsole:
+        """A running VM's serial console (409 when it is not running)."""
+        return self.running(uuid).serial
 
     def vnc_socket(self, uuid: str) -> tuple[str, str]:
         """Where a running VM's qemu serves VNC: (directory, name)."""

@@ -36,6 +36,7 @@ from vmadmd.daemon.events import EventBus
 from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.metrics import Metrics
 from vmadmd.daemon.monitor import QUERIES, Monitor
+from vmadmd.daemon.serial import SerialConsole
 from vmadmd.daemon.stats import BLOCKSTATS_PERIOD, DiskStats, parse_blockstats, snapshot
 from vmadmd.daemon.vncconsole import VncConsole, qemu_vnc_mode
 from vmadmd.errors import InvalidParameter, QmpRefused, QmpTimeout, VmadmError, WrongState
@@ -210,6 +211,7 @@ class VmSupervisor:
             qmp_timeout=settings.qmp_timeout, qemu_auth=qemu_vnc_mode(proc.cmdline(pid)),
             bus=shared.bus, metrics=shared.metrics, gone=self.exited.is_set,
         )  # fmt: skip
+        self.serial = SerialConsole(uuid, self.paths.runtime_dir, self.paths.CONSOLE_NAME)
         self.lock = asyncio.Lock()  # one operation at a time on this VM
         self.transition: Transition | None = None
         self._timer: asyncio.Task[None] | None = None
@@ -241,6 +243,7 @@ class VmSupervisor:
         self.learn(record)
         asyncio.get_running_loop().add_reader(self._pidfd, self._on_pidfd)
         self.monitor.start()
+        self.serial.start()
         self._log.info("running (pid %d)", self.pid)
         self._shared.bus.emit("started", self.uuid, pid=self.pid)
         self._console_task = self._shared.spawn(self.console.open(record), f"vnc-{self.uuid}")
@@ -287,6 +290,10 @@ class VmSupervisor:
         await self.monitor.drain(DRAIN_WAIT)
         # The record first: that is what `vmadm get/stop` wait for.
         settled = await settle_record(self._shared, self.uuid, self.ending())
+        why = {"panic": "the guest kernel panicked", "crash": "qemu crashed"}
+        await self.serial.close(
+            why.get(str((settled.ending or {}).get("reason")), "the VM stopped")
+        )
         await self.console.close()
         await self.monitor.close()
         return settled
@@ -296,7 +303,12 @@ class VmSupervisor:
         self._close_pidfd()
         if self._stats_task is not None:
             self._stats_task.cancel()
-        await asyncio.gather(self.monitor.close(), self.console.close(), return_exceptions=True)
+        await asyncio.gather(
+            self.monitor.close(),
+            self.console.close(),
+            self.serial.close("vmadmd is shutting down; the VM keeps running"),
+            return_exceptions=True,
+        )
 
     def _alive(self) -> None:
         if self.exited.is_set():

@@ -1,0 +1,187 @@
+"""One VM's serial console, held by the daemon and shared by its viewers.
+
+qemu's serial chardev is a unix socket server that serves one client at a
+time, and a client that does not read stalls the guest's serial output.  The
+daemon is that one client for as long as the VM runs: it reads everything
+(so the guest never stalls), keeps the last ``HISTORY`` bytes, and hands
+each chunk to every viewer (WebSocket clients of ``GET /vm/<uuid>/serial``,
+``vmadm console``, the browser page).  A new viewer first receives the
+history, so attaching to a quiet console still shows its last prompt.
+Whatever any viewer types goes to the guest.  qemu's own log of the port
+(``root/tmp/vm.console.log``) is untouched.
+
+A viewer that cannot keep up is dropped once ``VIEWER_BACKLOG`` bytes wait
+for it: one slow viewer costs bounded memory and never slows the others or
+the guest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from vmadmd.daemon.logs import vm_log
+from vmadmd.errors import WrongState
+from vmadmd.vm.sockets import connect_unix_retrying
+
+log = logging.getLogger("vmadmd.serial")
+
+HISTORY = 64 * 1024
+VIEWER_BACKLOG = 1 << 20
+MAX_VIEWERS = 64
+RECONNECT_DELAY = 0.2
+
+
+class Viewer:
+    """One attached viewer: a queue of chunks, ended by None, and why it ended."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.pending = 0
+        self.reason = ""
+
+    def offer(self, chunk: bytes) -> bool:
+        """Queue a chunk; False when the viewer is too far behind."""
+        if self.pending + len(chunk) > VIEWER_BACKLOG:
+            return False
+        self.pending += len(chunk)
+        self.queue.put_nowait(chunk)
+        return True
+
+    def end(self, reason: str) -> None:
+        if not self.reason:
+            self.reason = reason
+            self.queue.put_nowait(None)
+
+    async def next(self) -> bytes | None:
+        chunk = await self.queue.get()
+        if chunk is not None:
+            self.pending -= len(chunk)
+        return chunk
+
+
+class SerialConsole:
+    def __init__(self, uuid: str, directory: str, name: str) -> None:
+        self.uuid = uuid
+        self._directory = directory
+        self._name = name
+        self._log = vm_log(log, uuid)
+        self._history = bytearray()
+        self._viewers: set[Viewer] = set()
+        self._writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"serial-{self.uuid}")
+
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None
+
+    async def _run(self) -> None:
+        """Hold qemu's serial socket; reconnect if it drops while the VM runs."""
+        while not self._closed:
+            try:
+                sock = await connect_unix_retrying(self._directory, self._name)
+                reader, writer = await asyncio.open_connection(sock=sock)
+            except OSError as err:
+                # qemu not listening yet, or going away: its pidfd decides.
+                self._log.debug("serial console not reachable: %s", err)
+                await asyncio.sleep(RECONNECT_DELAY)
+                continue
+            self._writer = writer
+            try:
+                while chunk := await reader.read(65536):
+                    self._publish(chunk)
+            except OSError as err:
+                self._log.debug("serial console connection lost: %s", err)
+            finally:
+                self._writer = None
+                writer.close()
+            await asyncio.sleep(RECONNECT_DELAY)
+
+    def _publish(self, chunk: bytes) -> None:
+        self._history += chunk
+        if len(self._history) > HISTORY:
+            del self._history[: len(self._history) - HISTORY]
+        for viewer in list(self._viewers):
+            if not viewer.offer(chunk):
+                self._drop(viewer, "this viewer fell too far behind the console")
+
+    def _drop(self, viewer: Viewer, reason: str) -> None:
+        self._viewers.discard(viewer)
+        viewer.end(reason)
+
+    def attach(self) -> Viewer:
+        """A new viewer, first given the last ``HISTORY`` bytes of output."""
+        if self._closed:
+            raise WrongState(f"VM {self.uuid} is not running")
+        if len(self._viewers) >= MAX_VIEWERS:
+            raise WrongState(f"VM {self.uuid}: {MAX_VIEWERS} serial viewers already attached")
+        viewer = Viewer()
+        if self._history:
+            viewer.offer(bytes(self._history))
+        self._viewers.add(viewer)
+        return viewer
+
+    def detach(self, viewer: Viewer) -> None:
+        self._viewers.discard(viewer)
+
+    async def write(self, data: bytes) -> None:
+        """Type into the guest's serial port (dropped while not connected)."""
+        writer = self._writer
+        if writer is None or not data:
+            return
+        writer.write(data)
+        with contextlib.suppress(OSError):
+            await writer.drain()
+
+    async def close(self, reason: str) -> None:
+        """The VM stopped (or the daemon is leaving): end every viewer with ``reason``."""
+        self._closed = True
+        for viewer in list(self._viewers):
+            self._drop(viewer, reason)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+async def relay(ws: web.WebSocketResponse, console: SerialConsole, viewer: Viewer) -> None:
+    """Serve one WebSocket viewer until either side ends; closes it with the reason."""
+
+    async def to_viewer() -> str:
+        while (chunk := await viewer.next()) is not None:
+            await ws.send_bytes(chunk)
+        return viewer.reason
+
+    async def from_viewer() -> str:
+        async for msg in ws:
+            if msg.type == WSMsgType.BINARY:
+                await console.write(msg.data)
+            elif msg.type == WSMsgType.TEXT:
+                await console.write(msg.data.encode())
+            elif msg.type == WSMsgType.ERROR:
+                break
+        return ""
+
+    tasks = [asyncio.create_task(to_viewer()), asyncio.create_task(from_viewer())]
+    reason = ""
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        reason = next(iter(done)).result()
+    except (ConnectionError, OSError):
+        reason = "connection lost"
+    finally:
+        console.detach(viewer)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+    if not ws.closed:
+        await ws.close(code=WSCloseCode.OK, message=reason.encode()[:120])
