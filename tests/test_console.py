@@ -117,7 +117,7 @@ def test_tokens_refused_and_bound_to_their_vm(env: Env) -> None:
     env.vmadm("stop", b, "-F", check=True)
     assert env.api("POST", f"/vm/{b}", action="console")[0] == 409
     # The CLI prints the URL.
-    res = env.vmadm("console", a)
+    res = env.vmadm("console", "--web", a)
     assert res.returncode == 0
     assert res.stdout.startswith("http://127.0.0.1:")
     token = res.stdout.strip().rsplit("/", 1)[1]

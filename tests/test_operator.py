@@ -4,13 +4,20 @@ statistics, the serial console (WebSocket and ``vmadm console``)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import pty
+import select
 import signal
+import subprocess
+import termios
 import time
 
 import aiohttp
 import pytest
+
+from harness.world import tool
 
 from .conftest import Env, RunVm, bios_payload, guest_payload
 
@@ -196,3 +203,92 @@ def test_serial_console_shared_by_viewers(
             return 101
 
         assert asyncio.run(refused()) == want
+
+
+class PtyConsole:
+    """``vmadm console`` running in a pseudo-terminal, as a user would run it."""
+
+    def __init__(self, env: Env, uuid: str) -> None:
+        self.master, self.slave = pty.openpty()
+        # A cooked terminal, as a login shell leaves it.
+        attrs = termios.tcgetattr(self.slave)
+        attrs[3] |= termios.ECHO | termios.ICANON | termios.ISIG
+        termios.tcsetattr(self.slave, termios.TCSANOW, attrs)
+        self.before = termios.tcgetattr(self.slave)
+        self.proc = subprocess.Popen(
+            [tool("vmadm"), "console", uuid], stdin=self.slave, stdout=self.slave,
+            stderr=self.slave, env=env.environ, start_new_session=True,
+        )  # fmt: skip
+        self.seen = b""
+
+    def until(self, text: bytes, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.seen:
+            left = deadline - time.monotonic()
+            assert left > 0, f"{text!r} not seen: {self.seen[-500:]!r}"
+            ready, _, _ = select.select([self.master], [], [], left)
+            if ready:
+                self.seen += os.read(self.master, 65536)
+
+    def type(self, data: bytes) -> None:
+        os.write(self.master, data)
+
+    def finish(self, timeout: float = 10) -> int:
+        rc = self.proc.wait(timeout=timeout)
+        with contextlib.suppress(OSError):  # what it printed on the way out
+            while select.select([self.master], [], [], 0.2)[0]:
+                self.seen += os.read(self.master, 65536)
+        return rc
+
+    def restored(self) -> bool:
+        return termios.tcgetattr(self.slave) == self.before
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self.master)
+        os.close(self.slave)
+
+
+def test_vmadm_console_in_a_terminal(env: Env, running_vm: RunVm, guest: dict[str, str]) -> None:
+    uuid = running_vm(guest_payload(guest), ready=True)
+    console = PtyConsole(env, uuid)
+    try:
+        console.until(b"Ctrl-] detaches")
+        console.until(b"VMTEST-READY")  # the history first
+        assert not console.restored(), "raw mode while attached"
+        console.type(b"echo $((5*5))-pty\r")
+        console.until(b"25-pty")
+        console.type(b"\x1d")  # Ctrl-]
+        assert console.finish() == 0
+        assert b"[detached]" in console.seen
+        assert console.restored()
+    finally:
+        console.close()
+    # SIGTERM: the terminal is restored too.
+    console = PtyConsole(env, uuid)
+    try:
+        console.until(b"Ctrl-] detaches")
+        console.proc.send_signal(signal.SIGTERM)
+        assert console.finish() == 0
+        assert b"terminated by SIGTERM" in console.seen
+        assert console.restored()
+    finally:
+        console.close()
+    # The VM stops under it: it says why, and lets go of the terminal.
+    console = PtyConsole(env, uuid)
+    try:
+        console.until(b"Ctrl-] detaches")
+        pid = env.pid(uuid)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        assert console.finish() == 0
+        assert b"[qemu crashed]" in console.seen
+        assert console.restored()
+    finally:
+        console.close()
+    # Not running: one line, exit 1.
+    res = env.vmadm("console", uuid)
+    assert res.returncode == 1
+    assert res.stderr.strip() == f"vmadm: VM {uuid} is not running"

@@ -88,7 +88,8 @@ class Client:
         self.socket_path = socket_path
         self.timeout = timeout
 
-    def _send(self, method: str, target: str, timeout: float | None, body: bytes = b"") -> _Reader:
+    def connect(self) -> socket.socket:
+        """A connected (blocking) socket to the daemon, or DaemonUnavailable."""
         directory = os.path.dirname(self.socket_path) or "."
         try:
             sock = connect_unix(directory, os.path.basename(self.socket_path))
@@ -102,6 +103,10 @@ class Client:
             ) from None
         except OSError as err:
             raise DaemonUnavailable(f"cannot reach vmadmd on {self.socket_path}: {err}") from None
+        return sock
+
+    def _send(self, method: str, target: str, timeout: float | None, body: bytes = b"") -> _Reader:
+        sock = self.connect()
         sock.settimeout(timeout)
         ctype = "Content-Type: application/json\r\n" if body else ""
         request = (

@@ -362,8 +362,18 @@ def cmd_qmp(ctx: Context, args: argparse.Namespace) -> None:
 
 def cmd_console(ctx: Context, args: argparse.Namespace) -> None:
     uuid = validate_uuid(args.uuid)
-    _, body = _client().request("POST", f"/vm/{uuid}", {"action": "console"})
-    print(body["url"] if isinstance(body, dict) and "url" in body else json.dumps(body))
+    if args.web:
+        _, body = _client().request("POST", f"/vm/{uuid}", {"action": "console"})
+        print(body["url"] if isinstance(body, dict) and "url" in body else json.dumps(body))
+        return
+    from vmadmd.cli import serial
+
+    sock = _client().connect()
+    try:
+        reason = serial.run(sock, uuid)
+    finally:
+        sock.close()
+    sys.stderr.write(f"\r\n[{reason}]\n")
 
 
 def _stop_args(c: argparse.ArgumentParser) -> None:
@@ -372,6 +382,12 @@ def _stop_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("-t", type=float, default=DEFAULT_TIMEOUT, metavar="SECS")
     c.add_argument("--all", action="store_true",
                    help="host shutdown: stop every running VM, autoboot left as it is")  # fmt: skip
+
+
+def _console_args(c: argparse.ArgumentParser) -> None:
+    c.add_argument("uuid")
+    c.add_argument("--web", action="store_true",
+                   help="print a one-time browser URL instead (screen and serial)")  # fmt: skip
 
 
 def _qmp_args(c: argparse.ArgumentParser) -> None:
@@ -435,7 +451,8 @@ COMMANDS: tuple[Command, ...] = (
     ("update", "change properties (-f FILE or key=value ...)", cmd_update, _update_args),
     ("delete", "halt and remove a VM", cmd_delete, _with_uuid),
     ("events", "follow vmadmd's event stream", cmd_events, _events_args),
-    ("console", "print a one-time browser console URL", cmd_console, _with_uuid),
+    ("console", "the serial console in this terminal (Ctrl-] detaches); --web: a browser URL",
+     cmd_console, _console_args),
     ("qmp", "send one QMP (or --hmp human monitor) command through vmadmd", cmd_qmp,
      _qmp_args),
 )  # fmt: skip
