@@ -411,6 +411,32 @@ def _opt(argv: list[str], flag: str) -> str | None:
     return None
 
 
+def _chardev_path(argv: list[str]) -> str | None:
+    """The path of the ``-chardev socket,...,path=P`` qemu's serial port is on."""
+    spec = _opt(argv, "-chardev")
+    if spec is None or not spec.startswith("socket,"):
+        return None
+    for part in spec.split(","):
+        if part.startswith("path="):
+            return part[5:]
+    return None
+
+
+async def serial_echo(sock: socket.socket) -> None:
+    """A serial port whose "guest" echoes every byte at once (qemu serves one
+    client at a time: later ones wait, as with qemu)."""
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
 def _unix_name(spec: str | None) -> str | None:
     if spec is None or not spec.startswith("unix:"):
         return None
@@ -430,6 +456,9 @@ async def _serve_one(argv: list[str], ready_fd: int | None) -> None:
         name = _unix_name(_opt(argv, flag))
         if name is not None:
             servers.append(await _serve_unix(name, handler))
+    serial = _chardev_path(argv)
+    if serial is not None:
+        servers.append(await _serve_unix(serial, serial_echo))
     pidfile = _opt(argv, "-pidfile")
     if pidfile:
         with open(pidfile, "w") as f:
