@@ -35,8 +35,11 @@ def test_token_store_once_and_expiry() -> None:
     token, _ = store.issue(U1)
     assert store.peek(token) == U1
     assert store.peek(token) == U1
-    assert store.spend(token) == U1
+    assert store.spend(token) == U1  # the screen
     assert store.spend(token) is None
+    assert store.peek(token) == U1, "its serial channel is still unspent"
+    assert store.spend(token, "serial") == U1
+    assert store.spend(token, "serial") is None
     assert store.peek(token) is None
     assert store.owner(token) == U1  # may still ask for its VM's state
     late, _ = store.issue(U1)
@@ -159,6 +162,28 @@ def wait_state(driver: Any, want: str, timeout: float = 30) -> str:
     raise AssertionError(f"console state {state!r}, wanted {want!r}")
 
 
+TERMINAL_TEXT = """
+const b = window.term.buffer.active;
+const out = [];
+for (let i = 0; i < b.length; i++) {
+  const l = b.getLine(i);
+  if (l) out.push(l.translateToString(true));
+}
+return out.join("\\n");
+"""
+
+
+def wait_serial(driver: Any, text: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    seen = ""
+    while time.monotonic() < deadline:
+        seen = str(driver.execute_script(TERMINAL_TEXT))
+        if text in seen:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{text!r} not on the serial pane: {seen[-500:]!r}")
+
+
 CANVAS_STATS = """
 const c = document.querySelector('#screen canvas');
 if (!c) return null;
@@ -196,6 +221,10 @@ def test_novnc_console_in_chromium(env: Env, guest: dict[str, str], browser: Any
     assert browser.save_screenshot(str(shot))
     assert shot.stat().st_size > 5000
     assert browser.find_element("id", "cad").is_enabled()
+    # The serial console beside it (xterm.js): the history first, then a shell.
+    wait_serial(browser, "VMTEST-READY")
+    browser.find_element("css selector", ".xterm-helper-textarea").send_keys("echo $((3*4))-web\n")
+    wait_serial(browser, "12-web")
     metrics = env.client().request("GET", "/metrics")[1]["raw"]
     assert "vmadmd_console_sessions 1.0" in metrics
     browser.find_element("id", "cad").click()  # noVNC's sendCtrlAltDel, through the relay
@@ -211,3 +240,9 @@ def test_novnc_console_in_chromium(env: Env, guest: dict[str, str], browser: Any
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     assert wait_state(browser, "disconnected", timeout=10) == "disconnected: the VM has stopped"
+    serial = browser.execute_script("return document.body.dataset.serial || ''")
+    deadline = time.monotonic() + 10
+    while serial != "closed: qemu crashed" and time.monotonic() < deadline:
+        time.sleep(0.1)
+        serial = browser.execute_script("return document.body.dataset.serial || ''")
+    assert serial == "closed: qemu crashed"

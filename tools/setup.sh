@@ -43,6 +43,12 @@ if [[ ! -f .cache/novnc/node_modules/@novnc/novnc/core/rfb.js ]]; then
     mkdir -p .cache/novnc
     npm install --silent --no-audit --no-fund --prefix .cache/novnc "@novnc/novnc@$NOVNC_VERSION" >&2
 fi
+# xterm.js, for the serial console beside the screen on that page.
+XTERM_VERSION=5.5.0
+if [[ ! -f .cache/xterm/node_modules/@xterm/xterm/lib/xterm.js ]]; then
+    mkdir -p .cache/xterm
+    npm install --silent --no-audit --no-fund --prefix .cache/xterm "@xterm/xterm@$XTERM_VERSION" >&2
+fi
 
 # Byte-compile our sources even where PYTHONDONTWRITEBYTECODE is set: vmadm
 # start-up is measured in milliseconds.

@@ -22,7 +22,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -30,6 +30,7 @@ from aiohttp import WSMsgType, web
 from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.manager import Manager
 from vmadmd.daemon.responses import json_errors
+from vmadmd.daemon.serial import relay as serial_relay
 from vmadmd.daemon.vnc import open_upstream
 from vmadmd.errors import Forbidden, Unreachable
 
@@ -45,11 +46,15 @@ def shown(token: str) -> str:
     return token[:6] + "…"
 
 
+# What one token opens, once each: the screen (noVNC) and the serial console.
+CHANNELS = ("screen", "serial")
+
+
 @dataclass
 class _Token:
     uuid: str
     expires: float
-    used: bool = False
+    used: set[str] = field(default_factory=set)
 
 
 class TokenStore:
@@ -70,18 +75,20 @@ class TokenStore:
         return token, expires
 
     def peek(self, token: str) -> str | None:
-        """The VM a valid, unspent token opens, without spending it."""
+        """The VM a valid token opens while one of its channels is unspent."""
         entry = self._tokens.get(token)
-        if entry is None or entry.used or self._clock() > entry.expires:
+        if entry is None or len(entry.used) == len(CHANNELS) or self._clock() > entry.expires:
             return None
         return entry.uuid
 
-    def spend(self, token: str) -> str | None:
-        """Spend the token: its VM, once; None when missing, used or expired."""
-        uuid = self.peek(token)
-        if uuid is not None:
-            self._tokens[token].used = True
-        return uuid
+    def spend(self, token: str, channel: str = "screen") -> str | None:
+        """Spend one channel of the token: its VM, once per channel; None when
+        missing, expired, or that channel is spent."""
+        entry = self._tokens.get(token)
+        if entry is None or channel in entry.used or self._clock() > entry.expires:
+            return None
+        entry.used.add(channel)
+        return entry.uuid
 
     def owner(self, token: str) -> str | None:
         """The VM of a token, spent or not, for a while after it was issued."""
@@ -108,6 +115,7 @@ class ConsoleServer:
         port: int,
         novnc_dir: str | None,
         *,
+        xterm_dir: str | None = None,
         ttl: float = TOKEN_TTL,
         idle_timeout: float = 600.0,
     ) -> None:
@@ -115,6 +123,7 @@ class ConsoleServer:
         self.host = host
         self.port = port
         self.novnc_dir = novnc_dir
+        self.xterm_dir = xterm_dir
         self.tokens = TokenStore(ttl)
         self.idle_timeout = idle_timeout
         self.sessions: set[web.WebSocketResponse] = set()
@@ -139,8 +148,11 @@ class ConsoleServer:
         app.router.add_get("/console/{token}", self.page)
         app.router.add_get("/console/{token}/ws", self.websocket)
         app.router.add_get("/console/{token}/state", self.state)
+        app.router.add_get("/console/{token}/serial", self.serial)
         if self.novnc_dir:
             app.router.add_static("/novnc", self.novnc_dir, follow_symlinks=False)
+        if self.xterm_dir:
+            app.router.add_static("/xterm", self.xterm_dir, follow_symlinks=False)
         return app
 
     async def start(self) -> None:
@@ -187,6 +199,29 @@ class ConsoleServer:
             return web.json_response({"state": "unknown"}, status=403)
         state = "running" if self.manager.is_running(uuid) else "stopped"
         return web.json_response({"state": state})
+
+    async def serial(self, request: web.Request) -> web.StreamResponse:
+        """The serial console beside the screen: the token's serial channel."""
+        token = request.match_info["token"]
+        uuid = self.tokens.spend(token, "serial")
+        if uuid is None:
+            log.warning("console token %s refused (serial)", shown(token))
+            raise Forbidden("invalid, used or expired console token")
+        console = self.manager.serial(uuid)  # 409 when not running
+        viewer = console.attach()
+        ws = web.WebSocketResponse(protocols=("binary",), max_msg_size=64 * 1024)
+        try:
+            await ws.prepare(request)
+        except BaseException:
+            console.detach(viewer)
+            raise
+        self.sessions.add(ws)
+        vm_log(log, uuid).info("serial console session opened (token %s)", shown(token))
+        try:
+            await serial_relay(ws, console, viewer)
+        finally:
+            self.sessions.discard(ws)
+        return ws
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]

@@ -106,18 +106,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--console-idle-timeout", type=float, default=600.0, metavar="SECS")
     p.add_argument("--novnc-dir", default=env_or("VMADMD_NOVNC_DIR", default_novnc_dir()),
                    help="the @novnc/novnc package directory")  # fmt: skip
+    p.add_argument("--xterm-dir", default=env_or("VMADMD_XTERM_DIR", default_xterm_dir()),
+                   help="the @xterm/xterm package directory")  # fmt: skip
     p.add_argument("--log-level", default=env_or("VMADMD_LOG_LEVEL", "info"),
                    choices=("debug", "info", "warning", "error"))  # fmt: skip
     p.add_argument("--log-format", default="json", choices=("json", "text"))
     return p
 
 
+def _beside_checkout(*parts: str) -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    return os.path.normpath(os.path.join(here, "..", "..", "..", ".cache", *parts))
+
+
 def default_novnc_dir() -> str:
     """Where tools/setup.sh installs noVNC, beside a source checkout."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    return os.path.normpath(
-        os.path.join(here, "..", "..", "..", ".cache", "novnc", "node_modules", "@novnc", "novnc")
-    )
+    return _beside_checkout("novnc", "node_modules", "@novnc", "novnc")
+
+
+def default_xterm_dir() -> str:
+    """Where tools/setup.sh installs xterm.js, beside a source checkout."""
+    return _beside_checkout("xterm", "node_modules", "@xterm", "xterm")
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -214,7 +223,7 @@ class Daemon:
         if args.console_listen:
             host, port = parse_listen(args.console_listen)
             self.console = ConsoleServer(
-                self.manager, host, port, args.novnc_dir,
+                self.manager, host, port, args.novnc_dir, xterm_dir=args.xterm_dir,
                 ttl=args.console_token_ttl, idle_timeout=args.console_idle_timeout,
             )  # fmt: skip
         self._stop = asyncio.Event()
