@@ -115,6 +115,28 @@ async def throughput(w: World, uuids: list[str], clients: int, seconds: float) -
     return ok, errors
 
 
+def cpu_ms(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def scrape(w: World, times: int = 20) -> tuple[float, float, int]:
+    """GET /metrics: p50 wall time, the daemon's CPU per scrape, per-VM series count."""
+    assert w.daemon is not None
+    took = []
+    cpu0 = cpu_ms(w.daemon.pid)
+    body = ""
+    for _ in range(times):
+        t0 = time.monotonic()
+        _, answer = w.client().request("GET", "/metrics")
+        took.append(time.monotonic() - t0)
+        body = answer["raw"]
+    cpu = (cpu_ms(w.daemon.pid) - cpu0) / times
+    series = sum(1 for line in body.splitlines() if line.startswith("vmadmd_vm_"))
+    return statistics.median(took) * 1000, cpu, series
+
+
 def one_size(n: int) -> dict[str, Any]:
     with world() as w:
         # Baseline: the same daemon with an empty zones root.
@@ -151,6 +173,7 @@ def one_size(n: int) -> dict[str, Any]:
                 "rss0_mib": rss0 / 1024,
                 "rssn_mib": rss_n / 1024,
             }
+            result["scrape_ms"], result["scrape_cpu_ms"], result["series"] = scrape(w)
             if n >= 50:
                 ok, errors = asyncio.run(throughput(w, uuids[:50], 64, 10.0))
                 result["rps"] = ok / 10.0
@@ -193,6 +216,11 @@ def main() -> None:
             f"{r['event_p50_ms']:>9.2f} / {r['event_p99_ms']:>6.2f} ms {rps:>34}"
         )
     print(f"(daemon RSS with an empty zones root: {rows[0]['rss0_mib']:.1f} MiB)")
+    for r in rows:
+        print(
+            f"{r['n']:>6} VMs: GET /metrics p50 {r['scrape_ms']:.1f} ms, daemon CPU "
+            f"{r['scrape_cpu_ms']:.1f} ms per scrape, {r['series']} per-VM series"
+        )
 
 
 if __name__ == "__main__":

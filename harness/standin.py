@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -99,6 +100,7 @@ class FakeVm:
         self.on_quit = on_quit
         self.vnc_mode = vnc_mode
         self.qmp_busy = False
+        self.qmp_conn_open: _FdConn | None = None
         self.received_fds: list[int] = []  # with the last message that carried any
         self.named_fds: dict[str, int] = {}
 
@@ -118,13 +120,15 @@ class FakeVm:
             conn.close()
             return
         self.qmp_busy = True
+        self.qmp_conn_open = conn
         pump = asyncio.create_task(conn.pump())
         try:
             await self._qmp(conn.reader, conn)
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (ConnectionError, asyncio.IncompleteReadError, OSError):
             pass
         finally:
             self.qmp_busy = False
+            self.qmp_conn_open = None
             pump.cancel()
             conn.close()
             self._took_fds([])
@@ -512,6 +516,15 @@ class ServedVm:
         self.vm = vm
         self.holder = holder
         self.servers = servers
+        # As when qemu dies: its sockets close with it.
+        self._hang_up = asyncio.create_task(self._close_when_gone())
+
+    async def _close_when_gone(self) -> None:
+        await self.holder.wait()
+        conn = self.vm.qmp_conn_open
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
 
     @classmethod
     async def start(
