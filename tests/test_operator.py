@@ -13,6 +13,7 @@ import signal
 import subprocess
 import termios
 import time
+from typing import Any
 
 import aiohttp
 import pytest
@@ -292,3 +293,51 @@ def test_vmadm_console_in_a_terminal(env: Env, running_vm: RunVm, guest: dict[st
     res = env.vmadm("console", uuid)
     assert res.returncode == 1
     assert res.stderr.strip() == f"vmadm: VM {uuid} is not running"
+
+
+# -- per-VM statistics -------------------------------------------------------------
+
+
+def test_stats_grow_and_leave_with_the_vm(env: Env, guest: dict[str, str]) -> None:
+    env.start_daemon()
+    uuid = env.run_vm(guest_payload(guest, alias="stats", disks=[{"size": 8}]))
+
+    def stats() -> dict[str, Any]:
+        status, body = env.api("GET", f"/vm/{uuid}", type="stats")
+        assert status == 200, body
+        value: dict[str, Any] = body["stats"]
+        return value
+
+    booting = stats()
+    assert booting["cpu_seconds"] > 0
+    assert booting["memory_bytes"] > 16 << 20
+    env.wait_console(uuid)
+    ready = stats()
+    assert ready["cpu_seconds"] > booting["cpu_seconds"], "the guest booted meanwhile"
+    assert set(ready["disks"]) == {"disk0"}
+    assert "stats" not in env.api("GET", f"/vm/{uuid}")[1], "not part of the default set"
+
+    async def read_disk() -> None:
+        async with SerialClient(env, uuid) as console:
+            # The marker is computed, so the echo of the typed line cannot match.
+            cmd = b"dd if=/dev/vda of=/dev/null bs=64k count=64 && echo dd-$((40+2))\n"
+            await console.type(cmd)
+            await console.until(b"dd-42")
+
+    asyncio.run(read_disk())
+    after = stats()
+    grown = after["disks"]["disk0"]["read_bytes"] - ready["disks"]["disk0"]["read_bytes"]
+    assert grown >= 4 << 20, (ready["disks"], after["disks"])
+    assert after["disks"]["disk0"]["read_ops"] > ready["disks"]["disk0"]["read_ops"]
+    # The same in /metrics (the API refreshed the cached block counters).
+    assert env.metric("vmadmd_vm_cpu_seconds", uuid=uuid, alias="stats") > 0
+    assert env.metric("vmadmd_vm_memory_bytes", uuid=uuid) > 0
+    disk_read = env.metric("vmadmd_vm_disk_read_bytes", uuid=uuid, device="disk0")
+    assert disk_read >= after["disks"]["disk0"]["read_bytes"]
+    # And from the CLI.
+    res = env.vmadm("info", uuid, "stats", check=True)
+    assert json.loads(res.stdout)["stats"]["disks"]["disk0"]["read_bytes"] >= 4 << 20
+    env.vmadm("delete", uuid, check=True)
+    env.wait_for(lambda: env.metric("vmadmd_vm_cpu_seconds", uuid=uuid) == 0, what="gone")
+    body = env.client().request("GET", "/metrics")[1]["raw"]
+    assert uuid not in body

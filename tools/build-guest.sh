@@ -45,7 +45,7 @@ cp /bin/busybox "$root/bin/busybox"
 # evdev for acpid, pvpanic (a panic is reported to qemu), virtio disks and nics.
 modules="drivers/acpi/button.ko drivers/input/evdev.ko
   drivers/misc/pvpanic/pvpanic.ko drivers/misc/pvpanic/pvpanic-mmio.ko
-  drivers/virtio/virtio.ko drivers/virtio/virtio_ring.ko
+  drivers/virtio/virtio_ring.ko drivers/virtio/virtio.ko
   drivers/virtio/virtio_pci_modern_dev.ko drivers/virtio/virtio_pci_legacy_dev.ko
   drivers/virtio/virtio_pci.ko drivers/block/virtio_blk.ko
   net/core/failover.ko drivers/net/net_failover.ko drivers/net/virtio_net.ko"
