@@ -36,6 +36,8 @@ U = "0b3f1c2e-9a4d-4f5e-8b6a-1c2d3e4f5a6b"
         "0b3f1c2e9a4d4f5e8b6a1c2d3e4f5a6b",
         U + "\0",
         U + "/..",
+        U + "\n",  # `$` in a plain match accepts a trailing newline
+        "\n" + U,
         "%2e%2e",
         "x" * 5000,
     ],
@@ -43,6 +45,7 @@ U = "0b3f1c2e-9a4d-4f5e-8b6a-1c2d3e4f5a6b"
 def test_uuid_validation_rejects(bad: str) -> None:
     with pytest.raises(InvalidUuid):
         store.validate_uuid(bad)
+    assert not store.is_uuid(bad)
     with pytest.raises(InvalidUuid):
         Store("/nonexistent").paths(bad)
 

@@ -25,21 +25,21 @@ from vmadmd.errors import InvalidUuid, VmBroken, VmExists, VmNotFound
 FORMAT_VERSION = 1
 FORMAT_KEY = "format_version"
 
-_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 VmRecord = dict[str, Any]
 
 
 def validate_uuid(value: str) -> str:
     """Return ``value`` when it is a canonical lower-case UUID, else raise."""
-    if not isinstance(value, str) or not _UUID_RE.match(value):
+    if not isinstance(value, str) or not _UUID_RE.fullmatch(value):
         shown = repr(value) if isinstance(value, str) and len(value) <= 64 else "value"
         raise InvalidUuid(f"invalid VM uuid {shown}: expected a lower-case canonical UUID")
     return value
 
 
 def is_uuid(value: str) -> bool:
-    return bool(_UUID_RE.match(value))
+    return bool(_UUID_RE.fullmatch(value))
 
 
 class VmPaths:
