@@ -326,3 +326,33 @@ def test_start_failure_reports_qemu_reason(env: Env, tmp_path: Path) -> None:
     assert res.returncode == 1
     assert "no-such-option" in res.stderr
     assert env.get(uuid)["state"] == "stopped"
+
+
+def test_option_values_are_comma_escaped() -> None:
+    paths = VmPaths("/srv/a,b/" + U)
+    vm = props.for_create({"uuid": U, "alias": "x,process=sshd", "disks": [{"path": "/d/a,b.img"}]})
+    argv = build_argv(vm, paths, "qemu-system-x86_64", "tcg")
+    assert argv[argv.index("-name") + 1] == "x,,process=sshd,debug-threads=on"
+    assert "file=/d/a,,b.img,if=none,id=disk0" in " ".join(argv)
+    chardev = argv[argv.index("-chardev") + 1]
+    assert "logfile=/srv/a,,b/" in chardev
+
+
+def test_commas_boot_and_disguise_nothing(tmp_path: Path) -> None:
+    """A comma in an alias or in the zones root: qemu boots, its name is not replaced."""
+    env = Env(tmp_path / "with,comma")
+    try:
+        env.start_daemon()
+        uuid = env.run_vm(bios_payload(alias="web,prod"))
+        pid = env.pid(uuid)
+        assert pid is not None
+        with open(f"/proc/{pid}/comm") as f:
+            comm = f.read().strip()
+        disguised = env.run_vm(bios_payload(alias="x,process=sshd"))
+        pid2 = env.pid(disguised)
+        assert pid2 is not None
+        with open(f"/proc/{pid2}/comm") as f:
+            assert f.read().strip() != "sshd"
+        assert comm != "sshd"
+    finally:
+        env.cleanup()

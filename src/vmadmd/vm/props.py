@@ -112,8 +112,6 @@ def _disk(i: int, v: object) -> dict[str, Any]:
         path = _str(f"{where}.path")(v["path"])
         if not path.startswith("/"):
             raise InvalidParameter(f"{where}.path must be absolute")
-        if "," in path:
-            raise InvalidParameter(f"{where}.path must not contain a comma")
         disk["path"] = path
     if "size" not in disk and "path" not in disk:
         raise InvalidParameter(f"{where} needs a size (MiB) or a path")

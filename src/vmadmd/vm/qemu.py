@@ -16,10 +16,19 @@ from vmadmd.vm.store import VmPaths
 NIC_DEVICES = {"virtio": "virtio-net-pci", "e1000": "e1000", "rtl8139": "rtl8139"}
 
 
+def esc(value: str) -> str:
+    """A value inside a qemu option string: a comma is written twice.
+
+    Unescaped, ``alias: "x,process=sshd"`` would add an option (renaming the
+    process), and a comma in a path would cut it short.
+    """
+    return value.replace(",", ",,")
+
+
 def _drive_opts(index: int, disk: Mapping[str, Any]) -> list[str]:
     drive_id = f"disk{index}"
     fmt = disk.get("image_format", "qcow2")
-    args = ["-drive", f"file={disk['path']},if=none,id={drive_id},format={fmt}"]
+    args = ["-drive", f"file={esc(disk['path'])},if=none,id={drive_id},format={fmt}"]
     boot = ",bootindex=0" if disk.get("boot") else ""
     model = disk.get("model", "virtio")
     if model == "virtio":
@@ -42,7 +51,7 @@ def build_argv(
     cpu = vm.get("cpu_type") or ("host" if accel == "kvm" else "qemu64")
     argv = [
         qemu,
-        "-name", f"{vm.get('alias') or uuid},debug-threads=on",
+        "-name", f"{esc(vm.get('alias') or uuid)},debug-threads=on",
         "-uuid", uuid,
         "-machine", f"pc,accel={accel}",
         "-cpu", cpu,
@@ -55,7 +64,7 @@ def build_argv(
         "-qmp", f"unix:{paths.QMP_NAME},server=on,wait=off",
         "-chardev",
         f"socket,id=serial0,path={paths.CONSOLE_NAME},server=on,wait=off,"
-        f"logfile={paths.console_log},logappend=off",
+        f"logfile={esc(paths.console_log)},logappend=off",
         "-serial", "chardev:serial0",
         # A guest kernel that panics says so (GUEST_PANICKED), and the VM
         # stops (SHUTDOWN with reason guest-panic): recorded as a panic, and
