@@ -413,3 +413,20 @@ def test_requests_waiting_on_a_wedged_qemu_fail_fast_when_it_dies(env: Env) -> N
     status, took = results[0]
     assert status == 409, status
     assert took < 2.5, took
+
+
+def test_a_vm_started_unseen_is_looked_for_on_a_miss(env: Env) -> None:
+    """The API looks again before saying "not running" (a qemu started a moment
+    ago, or during the start-up sweep, may not have reached the daemon yet).
+    Made deterministic by starting qemu without the vm.json write the
+    daemon's inotify would see."""
+    from vmadmd.vm.config import VmSettings
+    from vmadmd.vm.layer import VmLayer
+
+    env.start_daemon()
+    uuid = env.create(bios_payload())
+    layer = VmLayer(VmSettings(zones_root=env.zones, accel="tcg"))
+    layer._spawn(layer.store.load(uuid), layer.store.paths(uuid))
+    status, body = env.api("GET", f"/vm/{uuid}", type="status")
+    assert status == 200, body
+    assert body["status"]["status"] == "running"

@@ -203,7 +203,7 @@ class Api:
     async def serial(self, request: web.Request) -> web.StreamResponse:
         """The serial console as a WebSocket (binary frames both ways)."""
         uuid = validate_uuid(request.match_info["uuid"])
-        console = self.manager.serial(uuid)  # 404 / 409 before any upgrade
+        console = await self.manager.serial(uuid)  # 404 / 409 before any upgrade
         viewer = console.attach()
         ws = web.WebSocketResponse(max_msg_size=64 * 1024)
         try:
@@ -267,7 +267,7 @@ class Api:
                 raise WrongState(
                     "this vmadmd serves no browser consoles (start it with --console-listen)"
                 )
-            return web.json_response(self.console.mint(uuid))
+            return web.json_response(await self.console.mint(uuid))
         if action is None:
             raise InvalidParameter("action is required")
         raise InvalidParameter(f"unknown action {action[:40]!r}")

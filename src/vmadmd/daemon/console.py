@@ -133,9 +133,9 @@ class ConsoleServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/console/{token}"
 
-    def mint(self, uuid: str) -> dict[str, Any]:
+    async def mint(self, uuid: str) -> dict[str, Any]:
         """A one-time console URL for a running VM."""
-        self.manager.running(uuid)
+        await self.manager.running(uuid)
         token, expires = self.tokens.issue(uuid)
         vm_log(log, uuid).info("console token %s issued", shown(token))
         wall_expires = time.time() + (expires - time.monotonic())
@@ -207,7 +207,7 @@ class ConsoleServer:
         if uuid is None:
             log.warning("console token %s refused (serial)", shown(token))
             raise Forbidden("invalid, used or expired console token")
-        console = self.manager.serial(uuid)  # 409 when not running
+        console = await self.manager.serial(uuid)  # 409 when not running
         viewer = console.attach()
         ws = web.WebSocketResponse(protocols=("binary",), max_msg_size=64 * 1024)
         try:
@@ -229,7 +229,7 @@ class ConsoleServer:
         if uuid is None:
             log.warning("console token %s refused", shown(token))
             raise Forbidden("invalid, used or expired console token")
-        directory, name = self.manager.vnc_socket(uuid)  # 409 when not running
+        directory, name = await self.manager.vnc_socket(uuid)  # 409 when not running
         # Connect to qemu before accepting the WebSocket: a refused session
         # gets a plain HTTP error, and no byte reaches qemu without a token.
         try:

@@ -86,12 +86,19 @@ class Manager:
         """The VM's record; VmNotFound / VmBroken / InvalidUuid as appropriate."""
         return self.store.load(uuid)
 
-    def running(self, uuid: str) -> VmSupervisor:
-        """The supervisor of a running VM, else WrongState (after a 404 check)."""
+    async def running(self, uuid: str) -> VmSupervisor:
+        """The supervisor of a running VM, else WrongState (after a 404 check).
+
+        On a miss, look again: a qemu started a moment ago (or while the
+        start-up sweep is still going) may not have reached us yet.
+        """
         sup = self.vms.get(uuid)
         if sup is None:
             self.load(uuid)
-            raise WrongState(f"VM {uuid} is not running")
+            await self.refresh(uuid)
+            sup = self.vms.get(uuid)
+            if sup is None:
+                raise WrongState(f"VM {uuid} is not running")
         return sup
 
     def state(self, uuid: str) -> str:
@@ -300,22 +307,22 @@ class Manager:
     # -- what the API asks of one VM -------------------------------------------
 
     async def info(self, uuid: str, types: list[str]) -> dict[str, Any]:
-        return await self.running(uuid).info(types)
+        return await (await self.running(uuid)).info(types)
 
     async def reset(self, uuid: str) -> None:
-        await self.running(uuid).reset()
+        await (await self.running(uuid)).reset()
 
     async def nmi(self, uuid: str) -> None:
-        await self.running(uuid).nmi()
+        await (await self.running(uuid)).nmi()
 
     async def screenshot(self, uuid: str, fmt: Literal["ppm", "png"] = "ppm") -> str:
-        return await self.running(uuid).screenshot(fmt)
+        return await (await self.running(uuid)).screenshot(fmt)
 
     async def screenshot_png(self, uuid: str) -> bytes:
-        return await self.running(uuid).screenshot_png()
+        return await (await self.running(uuid)).screenshot_png()
 
     async def passthrough(self, uuid: str, request: dict[str, Any]) -> Any:
-        return await self.running(uuid).passthrough(request)
+        return await (await self.running(uuid)).passthrough(request)
 
     async def reload_vnc(self, uuid: str) -> dict[str, Any]:
         record = self.load(uuid)
@@ -326,7 +333,7 @@ class Manager:
 
     async def request_stop(self, uuid: str, timeout: float, to: TransitionTo) -> Transition:
         self.load(uuid)
-        return await self.running(uuid).request_stop(timeout, to)
+        return await (await self.running(uuid)).request_stop(timeout, to)
 
     async def stop_all(self, timeout: float) -> list[str]:
         """Host shutdown: a graceful stop of every running VM at once.
@@ -350,13 +357,13 @@ class Manager:
         self.bus.emit("stop_all", None, uuids=accepted, timeout=timeout)
         return sorted(accepted)
 
-    def serial(self, uuid: str) -> SerialConsole:
+    async def serial(self, uuid: str) -> SerialConsole:
         """A running VM's serial console (409 when it is not running)."""
-        return self.running(uuid).serial
+        return (await self.running(uuid)).serial
 
-    def vnc_socket(self, uuid: str) -> tuple[str, str]:
+    async def vnc_socket(self, uuid: str) -> tuple[str, str]:
         """Where a running VM's qemu serves VNC: (directory, name)."""
-        paths = self.running(uuid).paths
+        paths = (await self.running(uuid)).paths
         return paths.runtime_dir, paths.VNC_NAME
 
     def is_running(self, uuid: str) -> bool:
