@@ -356,3 +356,21 @@ def test_commas_boot_and_disguise_nothing(tmp_path: Path) -> None:
         assert comm != "sshd"
     finally:
         env.cleanup()
+
+
+def test_metadata_and_ports_are_bounded() -> None:
+    ok = {f"k{i}": "v" * 100 for i in range(100)}
+    assert props.validate({"customer_metadata": ok})["customer_metadata"] == ok
+    for bad in (
+        {"k" * 129: "v"},  # key too long
+        {"": "v"},  # empty key
+        {f"k{i}": "v" for i in range(props.METADATA_MAX_KEYS + 1)},  # too many keys
+        {"big": "v" * (props.METADATA_MAX_BYTES + 1)},  # too large in all
+    ):
+        with pytest.raises(InvalidParameter, match="customer_metadata"):
+            props.validate({"customer_metadata": bad})
+    for port in (1, 22, 80, 1023):
+        with pytest.raises(InvalidParameter, match="vnc_port"):
+            props.validate({"vnc_port": port})
+    for port in (-1, 0, 1024, 5900, 65535):
+        assert props.validate({"vnc_port": port})["vnc_port"] == port

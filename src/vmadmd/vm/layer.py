@@ -206,6 +206,7 @@ class VmLayer:
                     meta.update(checked_meta)
                 for key in meta_remove or []:
                     meta.pop(key, None)
+                meta = props.validate({"customer_metadata": meta})["customer_metadata"]
                 if meta != vm.get("customer_metadata"):
                     changed.add("customer_metadata")
                 vm["customer_metadata"] = meta

@@ -87,15 +87,46 @@ def _cpu_type(v: object) -> str:
     return s
 
 
+# customer_metadata bounds (SmartOS documents none; these keep vm.json, which
+# every vmadm call reads, small): keys of 1-128 characters, at most 1,024 of
+# them, and 256 KiB of keys and values in all (room for a user-script).
+METADATA_KEY_MAX = 128
+METADATA_MAX_KEYS = 1024
+METADATA_MAX_BYTES = 256 * 1024
+
+
 def _metadata(v: object) -> dict[str, str]:
     if not isinstance(v, dict):
         raise InvalidParameter("customer_metadata must be an object of strings")
+    if len(v) > METADATA_MAX_KEYS:
+        raise InvalidParameter(f"customer_metadata has more than {METADATA_MAX_KEYS} keys")
     out: dict[str, str] = {}
+    total = 0
     for key, value in v.items():
+        key = str(key)
+        if not 1 <= len(key) <= METADATA_KEY_MAX:
+            raise InvalidParameter(
+                f"customer_metadata keys must be 1 to {METADATA_KEY_MAX} characters"
+            )
         if not isinstance(value, str):
-            raise InvalidParameter(f"customer_metadata.{key} must be a string")
-        out[str(key)] = value
+            raise InvalidParameter(f"customer_metadata.{key[:40]} must be a string")
+        total += len(key.encode()) + len(value.encode())
+        if total > METADATA_MAX_BYTES:
+            raise InvalidParameter(
+                f"customer_metadata is larger than {METADATA_MAX_BYTES // 1024} KiB"
+            )
+        out[key] = value
     return out
+
+
+def _vnc_port(v: object) -> int:
+    port = _int("vnc_port", -1, 65535)(v)
+    if 0 < port < 1024:
+        raise InvalidParameter(
+            "vnc_port must be 0 (any free port), -1 (no console) or 1024-65535, "
+            f"not a privileged port ({port})"
+        )
+    return port
 
 
 def _disk(i: int, v: object) -> dict[str, Any]:
@@ -180,7 +211,7 @@ VALIDATORS: dict[str, Callable[[object], Any]] = {
     "autoboot_order": _int("autoboot_order", -1000000, 1000000),
     "disks": _disks,
     "nics": _nics,
-    "vnc_port": _int("vnc_port", -1, 65535),
+    "vnc_port": _vnc_port,
     "vnc_password": _vnc_password,
     "cpu_type": _cpu_type,
     "qemu_extra_opts": _str("qemu_extra_opts", 65536),
