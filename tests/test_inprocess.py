@@ -388,3 +388,31 @@ def test_pid_of_a_stand_in_is_identity_checked(tmp_path: Path) -> None:
     pid_path = tmp_path / "vm.pid"
     pid_path.write_text(f"{os.getpid()}\n")
     assert proc.find_vm_pid(str(pid_path), UUID) is None
+
+
+# -- the event bus -----------------------------------------------------------------
+
+
+def test_event_bus_says_when_history_was_lost() -> None:
+    from vmadmd.daemon.events import EventBus
+
+    bus = EventBus(history=4)
+    for i in range(10):
+        bus.emit("tick", None, n=i)
+    assert bus.gap(last_id=2) == (3, 6)  # ids 7-10 are still held
+    assert bus.gap(last_id=6) is None
+    assert [e.id for e in bus.since(6)] == [7, 8, 9, 10]
+
+
+def test_event_bus_rate_limits_a_noisy_vm_alone() -> None:
+    from vmadmd.daemon import events
+
+    bus = events.EventBus()
+    passed = sum(bus.emit_limited("RESET", "qmp_event", "vm-a") for _ in range(100))
+    assert passed == int(events.RATE_BURST)
+    assert bus.emit_limited("RESET", "qmp_event", "vm-b"), "another VM is not held back"
+    assert bus.emit_limited("SHUTDOWN", "qmp_event", "vm-a"), "another kind is not either"
+    time.sleep(1.1 / events.RATE_PER_SECOND)
+    assert bus.emit_limited("RESET", "qmp_event", "vm-a")
+    last = [e for e in bus.since(0) if e.vm == "vm-a"][-1]
+    assert last.data["suppressed"] == 100 - int(events.RATE_BURST)

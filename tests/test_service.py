@@ -196,3 +196,19 @@ def test_consumer_that_never_reads_is_dropped(env: Env) -> None:
             break
     lazy.close()
     assert data.count(b"\nevent: ") < 1500 * 2
+
+
+def test_event_stream_tells_a_gap(env: Env) -> None:
+    """A client resuming from an id the history no longer holds is told so."""
+    from vmadmd.daemon.events import HISTORY
+
+    env.start_daemon()
+    running = env.run_vm()
+    first = read_events(env, lambda evs: bool(evs))[0]["id"]
+    # Each reset is two events (ours, and qemu's RESET while it is not held back).
+    for _ in range(HISTORY + 10):
+        assert env.api("POST", f"/vm/{running}", action="reset")[0] == 200
+    events = read_events(env, lambda evs: len(evs) >= 2, last_event_id=first)
+    assert events[0]["type"] == "gap", events[:2]
+    assert events[0]["from"] == first + 1
+    assert events[1]["id"] == events[0]["to"] + 1

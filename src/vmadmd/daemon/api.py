@@ -292,6 +292,12 @@ class Api:
         resp.force_close()  # an ended stream (e.g. a dropped slow consumer) ends the connection
         try:
             await resp.prepare(request)
+            lost = self.bus.gap(last_id) if last_raw is not None else None
+            if lost is not None:
+                # The history no longer holds what followed Last-Event-ID:
+                # say so, rather than resume as if nothing was missed.
+                gap = {"type": "gap", "from": lost[0], "to": lost[1]}
+                await resp.write(f"event: gap\ndata: {json.dumps(gap)}\n\n".encode())
             for past in self.bus.since(last_id, vm):
                 await resp.write(_sse(past.id, past.type, past.as_dict()))
             while True:

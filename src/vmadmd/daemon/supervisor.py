@@ -257,7 +257,8 @@ class VmSupervisor:
             self._shutdown = data
         if name in ("SHUTDOWN", "POWERDOWN", "RESET", "STOP", "RESUME", "GUEST_PANICKED"):
             self._log.debug("QMP event %s", name)
-            self._shared.bus.emit("qmp_event", self.uuid, event=name, data=data)
+            # Rate-limited: a guest in a reset loop must not flood the history.
+            self._shared.bus.emit_limited(name, "qmp_event", self.uuid, event=name, data=data)
 
     # -- exit ----------------------------------------------------------------
 
@@ -290,6 +291,7 @@ class VmSupervisor:
         await self.monitor.drain(DRAIN_WAIT)
         # The record first: that is what `vmadm get/stop` wait for.
         settled = await settle_record(self._shared, self.uuid, self.ending())
+        self._shared.bus.forget(self.uuid)
         why = {"panic": "the guest kernel panicked", "crash": "qemu crashed"}
         await self.serial.close(
             why.get(str((settled.ending or {}).get("reason")), "the VM stopped")
