@@ -108,14 +108,19 @@ class World:
     # -- vmadm --------------------------------------------------------------
 
     def vmadm(
-        self, *args: str, input: str | None = None, check: bool = False, timeout: float = 120
+        self,
+        *args: str,
+        input: str | None = None,
+        check: bool = False,
+        timeout: float = 120,
+        extra_env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         res = subprocess.run(
             [tool("vmadm"), *args],
             input=input,
             capture_output=True,
             text=True,
-            env=self.environ,
+            env={**self.environ, **(extra_env or {})},
             timeout=timeout,
             check=False,
         )

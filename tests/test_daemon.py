@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import struct
+import subprocess
 import threading
 import time
 import zlib
@@ -14,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from vmadmd.cli.client import ApiError
+from vmadmd.cli.client import ApiError, Client
 from vmadmd.daemon.supervisor import INFO_TYPES
+from vmadmd.errors import VmadmError
 from vmadmd.vm.sockets import connect_unix
 
 from .conftest import Env, RunVm, bios_payload, guest_payload
@@ -430,3 +432,53 @@ def test_a_vm_started_unseen_is_looked_for_on_a_miss(env: Env) -> None:
     status, body = env.api("GET", f"/vm/{uuid}", type="status")
     assert status == 200, body
     assert body["status"]["status"] == "running"
+
+
+@pytest.fixture
+def impostor(tmp_path: Any) -> Any:
+    """A socket served by an unprivileged user (nobody), in a world-writable
+    directory like /tmp; what it receives lands in a file beside it."""
+    import tempfile
+
+    shared = tempfile.mkdtemp(prefix="vmadmd-impostor-")
+    os.chmod(shared, 0o1777)
+    path = os.path.join(shared, "api.sock")
+    got = os.path.join(shared, "got")
+    server = subprocess.Popen(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+         "socat", "-u", f"UNIX-LISTEN:{path},fork,mode=777", f"OPEN:{got},creat,append"],
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, "the impostor did not bind"
+        time.sleep(0.02)
+    try:
+        yield path, got
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        import shutil
+
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_an_impostor_socket_is_never_believed_and_is_replaced(env: Env, impostor: Any) -> None:
+    path, got = impostor
+    uuid = env.create(bios_payload())
+    res = env.vmadm("info", uuid, extra_env={"VMADMD_SOCKET": path})
+    assert res.returncode == 1
+    assert res.stderr.strip() == f"vmadm: refusing {path}: it is served by uid 65534, not by root"
+    # The daemon replaces it (it is not another vmadmd), and serves there.
+    env.start_daemon("--socket", path, wait=False)
+
+    def answers() -> bool:
+        try:
+            return Client(path).request("GET", "/ping")[0] == 200
+        except VmadmError:
+            return False
+
+    env.wait_for(answers, what="the daemon on the impostor's path")
+    assert os.stat(path).st_uid == 0
+    assert "replacing it" in env.daemon_log(tail=None)
+    # Not a byte reached the impostor (vmadm checked its peer first).
+    assert not os.path.exists(got) or os.path.getsize(got) == 0

@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import quote
 
 from vmadmd.errors import DaemonUnavailable, VmadmError
-from vmadmd.vm.sockets import connect_unix
+from vmadmd.vm.sockets import connect_unix, peer_uid, trusted_uid
 
 MAX_HEADER = 64 * 1024
 MAX_BODY = 64 * 1024 * 1024
@@ -72,6 +72,8 @@ class _Reader:
             size = int(size_line.split(b";")[0].strip() or b"0", 16)
             if size == 0:
                 return
+            if size > MAX_BODY:
+                raise DaemonUnavailable("vmadmd's answer is too large")
             yield self.exact(size)
             self.exact(2)
 
@@ -103,6 +105,18 @@ class Client:
             ) from None
         except OSError as err:
             raise DaemonUnavailable(f"cannot reach vmadmd on {self.socket_path}: {err}") from None
+        # Not a byte to a server that is not root's (or ours): anyone can bind
+        # a name in /tmp first, and would then be believed.
+        try:
+            uid = peer_uid(sock)
+        except OSError as err:
+            sock.close()
+            raise DaemonUnavailable(f"cannot check who serves {self.socket_path}: {err}") from None
+        if not trusted_uid(uid):
+            sock.close()
+            raise DaemonUnavailable(
+                f"refusing {self.socket_path}: it is served by uid {uid}, not by root"
+            )
         return sock
 
     def _send(self, method: str, target: str, timeout: float | None, body: bytes = b"") -> _Reader:
@@ -149,9 +163,18 @@ class Client:
         try:
             status, headers = self._head(reader)
             if headers.get("transfer-encoding", "").lower() == "chunked":
-                body = b"".join(reader.chunks())
+                parts, total = [], 0
+                for piece in reader.chunks():
+                    total += len(piece)
+                    if total > MAX_BODY:
+                        raise DaemonUnavailable("vmadmd's answer is too large")
+                    parts.append(piece)
+                body = b"".join(parts)
             elif "content-length" in headers:
-                body = reader.exact(int(headers["content-length"]))
+                length = int(headers["content-length"])
+                if length > MAX_BODY:
+                    raise DaemonUnavailable("vmadmd's answer is too large")
+                body = reader.exact(length)
             else:
                 body = reader.rest()
         except TimeoutError:

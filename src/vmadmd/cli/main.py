@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from vmadmd.errors import InvalidParameter, VmadmError, WrongState
-from vmadmd.vm.config import DEFAULT_SOCKET, VmSettings, env_or
+from vmadmd.vm.config import VmSettings, client_socket
 from vmadmd.vm.store import validate_uuid
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ class _Parser(argparse.ArgumentParser):
 def _client() -> Client:
     from vmadmd.cli.client import Client
 
-    return Client(env_or("VMADMD_SOCKET", DEFAULT_SOCKET))
+    return Client(client_socket())
 
 
 class Context:

@@ -42,7 +42,7 @@ from vmadmd.vm.config import (
     env_or,
     parse_accel,
 )
-from vmadmd.vm.sockets import bind_unix, connect_unix
+from vmadmd.vm.sockets import bind_unix, connect_unix, peer_uid, trusted_uid
 
 log = logging.getLogger("vmadmd")
 
@@ -180,7 +180,9 @@ def raise_fd_limit() -> None:
 def claim_socket(path: str) -> socket.socket:
     """Bind the API socket with mode 0600, replacing a stale one safely.
 
-    Refuses (ConfigError) when another vmadmd answers on it.
+    Refuses (ConfigError) when another vmadmd answers on it: a server run by
+    root or by the daemon's own user.  One run by any other user is an
+    impostor (``/tmp`` is everyone's): it is replaced, and logged.
     """
     directory, name = os.path.dirname(path) or ".", os.path.basename(path)
     if os.path.lexists(path):
@@ -191,8 +193,12 @@ def claim_socket(path: str) -> socket.socket:
         except OSError as err:
             raise ConfigError(f"cannot check the existing socket {path}: {err}") from err
         else:
+            uid = peer_uid(probe)
             probe.close()
-            raise ConfigError(f"another vmadmd is already answering on {path}")
+            if trusted_uid(uid):
+                raise ConfigError(f"another vmadmd is already answering on {path}")
+            log.warning("%s was bound by uid %d, not by root: replacing it", path, uid)
+            os.unlink(path)
     old_umask = os.umask(0o177)
     try:
         return bind_unix(path)

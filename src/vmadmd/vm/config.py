@@ -12,10 +12,21 @@ Accel = Literal["kvm", "tcg", "auto"]
 
 DEFAULT_ZONES_ROOT = "/zones"
 DEFAULT_SOCKET = "/tmp/vmadmd.http"
+# Where the systemd unit puts it (its RuntimeDirectory, root's alone);
+# vmadm looks there first.
+RUN_SOCKET = "/run/vmadmd/vmadmd.http"
 DEFAULT_AUTOBOOT_MARKER = "/tmp/.autoboot_vmadmd"
 DEFAULT_VNC_BIND = "127.0.0.1"
 DEFAULT_QEMU = "qemu-system-x86_64"
 DEFAULT_ACCEL: Accel = "auto"
+
+
+def client_socket() -> str:
+    """The socket vmadm talks to: $VMADMD_SOCKET, else the unit's, else the default."""
+    chosen = os.environ.get("VMADMD_SOCKET", "")
+    if chosen:
+        return chosen
+    return RUN_SOCKET if os.path.exists(RUN_SOCKET) else DEFAULT_SOCKET
 
 
 def env_or(name: str, default: str) -> str:

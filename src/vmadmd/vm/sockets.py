@@ -40,6 +40,20 @@ def connect_unix(directory: str, name: str, *, blocking: bool = True) -> socket.
     return sock
 
 
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a connected unix socket."""
+    import struct
+
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+def trusted_uid(uid: int) -> bool:
+    """Whether a socket's server may be believed: root's, or our own user's."""
+    return uid in (0, os.getuid())
+
+
 def bind_unix(path: str, backlog: int = 128) -> socket.socket:
     """A listening stream socket at ``path`` (any length)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
