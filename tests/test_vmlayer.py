@@ -374,3 +374,13 @@ def test_metadata_and_ports_are_bounded() -> None:
             props.validate({"vnc_port": port})
     for port in (-1, 0, 1024, 5900, 65535):
         assert props.validate({"vnc_port": port})["vnc_port"] == port
+
+
+def test_vnc_password_from_stdin_not_argv(env: Env) -> None:
+    uuid = env.create(bios_payload())
+    res = env.vmadm("update", uuid, "vnc_password=-", input="s3cr3t\n", check=True)
+    assert res.stderr == f"Successfully updated VM {uuid}\n"
+    assert env.get(uuid)["vnc_password"] == "s3cr3t"
+    res = env.vmadm("update", uuid, "-f", "-", input='{"vnc_password": "0ther"}', check=True)
+    assert env.get(uuid)["vnc_password"] == "0ther"
+    assert "stdin" in env.vmadm("update", "--help").stdout

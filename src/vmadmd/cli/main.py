@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 # needs them: every vmadm call pays for what it imports (goal: < 50 ms).
 
 DEFAULT_TIMEOUT = 180
+SECRETS = ("vnc_password",)  # `key=-` reads these from stdin
 LIST_FIELDS = ("uuid", "type", "ram", "state", "alias")
 
 
@@ -312,14 +313,19 @@ def cmd_update(ctx: Context, args: argparse.Namespace) -> None:
             raise InvalidParameter(f"expected key=value, not {pair!r}")
         from vmadmd.vm.props import parse_cli_value
 
+        if key in SECRETS and value == "-":
+            # A secret stays out of argv (shell history, /proc/*/cmdline).
+            value = sys.stdin.readline().rstrip("\r\n")
         changes[key] = parse_cli_value(key, value)
     _, changed = layer.update(uuid, changes)
+    warning = ""
     if changed & {"vnc_port", "vnc_password"} and layer.is_running(uuid):
         try:
             _client().request("POST", f"/vm/{uuid}", {"action": "reload_vnc"})
         except VmadmError as err:
-            sys.stderr.write(f"vmadm: warning: VNC settings saved but not applied: {err}\n")
-    _done(f"Successfully updated VM {uuid}")
+            warning = f"vmadm: warning: VNC settings saved but not applied: {err}\n"
+    _done(f"Successfully updated VM {uuid}")  # first: automation matches it there
+    sys.stderr.write(warning)
 
 
 def cmd_delete(ctx: Context, args: argparse.Namespace) -> None:
@@ -424,8 +430,11 @@ def _sysrq_args(c: argparse.ArgumentParser) -> None:
 
 def _update_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("uuid")
-    c.add_argument("-f", dest="file", metavar="FILE")
-    c.add_argument("pairs", nargs="*", metavar="key=value")
+    c.add_argument("-f", dest="file", metavar="FILE",
+                   help="a JSON object of changes (- or none: stdin)")  # fmt: skip
+    c.add_argument("pairs", nargs="*", metavar="key=value",
+                   help="vnc_password=- reads the password from stdin: a secret given "
+                   "as an argument lands in shell history and /proc/*/cmdline")  # fmt: skip
 
 
 def _create_args(c: argparse.ArgumentParser) -> None:
