@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import signal
+import socket
+import ssl
 import struct
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -246,3 +251,117 @@ def test_novnc_console_in_chromium(env: Env, guest: dict[str, str], browser: Any
         time.sleep(0.1)
         serial = browser.execute_script("return document.body.dataset.serial || ''")
     assert serial == "closed: qemu crashed"
+
+
+# -- the listener under attack -----------------------------------------------------
+
+
+def test_page_headers_origin_and_a_hostile_alias(env: Env) -> None:
+    env.start_daemon("--console-listen", "127.0.0.1:0")
+    hostile = "</script><!--<script>alert(1)</script>&\u2028"
+    uuid = env.run_vm(bios_payload(alias=hostile))
+    url = console_url(env, uuid)
+
+    async def fetch() -> tuple[dict[str, str], str]:
+        async with aiohttp.ClientSession() as session, session.get(url) as resp:
+            assert resp.status == 200
+            return dict(resp.headers), await resp.text()
+
+    headers, body = asyncio.run(fetch())
+    assert headers["X-Frame-Options"] == "DENY"
+    csp = headers["Content-Security-Policy"]
+    assert "frame-ancestors 'none'" in csp
+    nonce = re.search(r"'nonce-([^']+)'", csp)
+    assert nonce is not None
+    assert f'nonce="{nonce.group(1)}"' in body
+    # The alias is data: it cannot close the element or open another.
+    blob = re.search(r'<script type="application/json" id="cfg">(.*?)</script>', body, re.S)
+    assert blob is not None
+    assert json.loads(blob.group(1))["name"] == hostile
+    assert body.count("<script") == 3  # the page's own, and no more
+
+    # A WebSocket from another page's origin is refused; the token stays unspent.
+    async def from_origin(origin: str) -> int:
+        async with aiohttp.ClientSession() as session:
+            try:
+                async with session.ws_connect(
+                    url.replace("http://", "ws://") + "/ws", headers={"Origin": origin}
+                ):
+                    return 101
+            except aiohttp.WSServerHandshakeError as err:
+                return err.status
+
+    assert asyncio.run(from_origin("http://evil.example")) == 403
+    own = url.split("/console/")[0]
+    assert asyncio.run(from_origin(own)) == 101
+
+
+def test_bad_tokens_are_warned_about_sparingly(env: Env) -> None:
+    env.start_daemon("--console-listen", "127.0.0.1:0")
+    uuid = env.run_vm()
+    base = console_url(env, uuid).rsplit("/", 1)[0]
+    for i in range(50):
+        assert asyncio.run(ws_status(f"{base}/bad-token-{i}")) == 403
+    warnings = [
+        line for line in env.daemon_log(tail=None).splitlines()
+        if "refused" in line and '"level": 40' in line
+    ]  # fmt: skip
+    assert 1 <= len(warnings) <= 2, warnings
+
+
+def test_connections_are_capped_per_client_and_idle_ones_let_go(env: Env) -> None:
+    env.start_daemon("--console-listen", "127.0.0.1:0", "--console-max-per-client", "4",
+                     "--console-keepalive", "1")  # fmt: skip
+    uuid = env.run_vm()
+    url = console_url(env, uuid)
+    port = int(url.split(":")[2].split("/")[0])
+    held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(4)]
+    try:
+        extra = socket.create_connection(("127.0.0.1", port), timeout=5)
+        assert extra.recv(1) == b"", "the fifth connection from one address is closed"
+        extra.close()
+        # An idle keep-alive connection is let go after --console-keepalive.
+        keep = held[0]
+        keep.sendall(b"GET /console/x/state HTTP/1.1\r\nHost: x\r\n\r\n")
+        t0 = time.monotonic()
+        data = b""
+        while chunk := keep.recv(65536):
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 403")
+        assert time.monotonic() - t0 < 4
+    finally:
+        for s in held:
+            s.close()
+    # Once they are gone, the same address is served again.
+    assert asyncio.run(ws_status(console_url(env, uuid))) == 101
+
+
+def test_tls_consoles_and_no_clear_text_on_the_network(env: Env) -> None:
+    cert, key = env.tmp / "cert.pem", env.tmp / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    env.start_daemon("--console-listen", "127.0.0.1:0", "--console-tls-cert", str(cert),
+                     "--console-tls-key", str(key))  # fmt: skip
+    uuid = env.run_vm()
+    url = console_url(env, uuid)
+    assert url.startswith("https://127.0.0.1:")
+
+    async def fetch() -> int:
+        ctx = ssl.create_default_context(cafile=str(cert))
+        ctx.check_hostname = False
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as session,
+            session.get(url) as resp,
+        ):
+            return resp.status
+
+    assert asyncio.run(fetch()) == 200
+    # Plain HTTP on a non-loopback address: refused at start, unless insisted on.
+    env.stop_daemon()
+    refused = env.start_daemon("--console-listen", "0.0.0.0:0", wait=False)
+    assert refused.wait(timeout=20) == 1
+    assert "in clear" in env.daemon_log(tail=None)
+    env.start_daemon("--console-listen", "0.0.0.0:0", "--console-insecure")

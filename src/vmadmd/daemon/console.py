@@ -19,6 +19,8 @@ import importlib.resources
 import json
 import logging
 import secrets
+import socket
+import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -107,6 +109,118 @@ class TokenStore:
             del self._tokens[token]
 
 
+class ConnectionGate:
+    """How many connections the console listener holds: in all, and per client
+    address.  Reachable from the network when enabled, it must not let one
+    peer take the daemon's file descriptors (then pidfds, QMP reconnects and
+    API accepts would fail for every VM)."""
+
+    def __init__(self, total: int, per_client: int) -> None:
+        self.total = total
+        self.per_client = per_client
+        self.open: dict[str, int] = {}
+        self.refused = 0
+
+    def admit(self, client: str) -> bool:
+        if sum(self.open.values()) >= self.total or self.open.get(client, 0) >= self.per_client:
+            self.refused += 1
+            return False
+        self.open[client] = self.open.get(client, 0) + 1
+        return True
+
+    def release(self, client: str) -> None:
+        left = self.open.get(client, 0) - 1
+        if left > 0:
+            self.open[client] = left
+        else:
+            self.open.pop(client, None)
+
+
+class _GatedProtocol(asyncio.Protocol):
+    """aiohttp's protocol for one connection, behind the gate.
+
+    Written by hand because aiohttp has no connection limits: the listening
+    server makes these, each admitting its connection (or closing it at
+    once) and then handing every call to aiohttp's own protocol.
+    """
+
+    def __init__(self, gate: ConnectionGate, make: Callable[[], asyncio.Protocol]) -> None:
+        self._gate = gate
+        self._make = make
+        self._inner: asyncio.Protocol | None = None
+        self._client = ""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        self._client = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        if not self._gate.admit(self._client):
+            if isinstance(transport, asyncio.Transport):
+                transport.abort()
+            else:
+                transport.close()
+            return
+        self._inner = self._make()
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._inner is not None:
+            self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._inner is not None else None
+
+    def pause_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._inner is not None:
+            self._gate.release(self._client)
+            self._inner.connection_lost(exc)
+
+
+class _WarnLimit:
+    """At most one warning per ``period`` seconds; the ones held back are counted."""
+
+    def __init__(self, period: float = 10.0) -> None:
+        self.period = period
+        self._last = -period
+        self._held = 0
+
+    def warn(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last < self.period:
+            self._held += 1
+            return
+        if self._held:
+            msg += " (and %d more like it)"
+            args = (*args, self._held)
+        self._last, self._held = now, 0
+        log.warning(msg, *args)
+
+
+# The page's Content-Security-Policy: everything from this listener, scripts
+# only with this response's nonce, no framing.
+CSP = (
+    "default-src 'self'; script-src 'self' 'nonce-{nonce}'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data: blob:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
+    "form-action 'none'"
+)
+
+
+def script_json(value: object) -> str:
+    """JSON safe inside an HTML <script> element, whatever strings it holds."""
+    text = json.dumps(value)
+    for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
+                          ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):  # fmt: skip
+        text = text.replace(char, escaped)
+    return text
+
+
 class ConsoleServer:
     def __init__(
         self,
@@ -118,6 +232,10 @@ class ConsoleServer:
         xterm_dir: str | None = None,
         ttl: float = TOKEN_TTL,
         idle_timeout: float = 600.0,
+        tls: ssl.SSLContext | None = None,
+        keepalive: float = 15.0,
+        max_connections: int = 256,
+        max_per_client: int = 16,
     ) -> None:
         self.manager = manager
         self.host = host
@@ -127,11 +245,17 @@ class ConsoleServer:
         self.tokens = TokenStore(ttl)
         self.idle_timeout = idle_timeout
         self.sessions: set[web.WebSocketResponse] = set()
+        self.tls = tls
+        self.keepalive = keepalive
+        self.gate = ConnectionGate(max_connections, max_per_client)
+        self._refusals = _WarnLimit()
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
 
     def url_for(self, token: str) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/console/{token}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{host}:{self.port}/console/{token}"
 
     async def mint(self, uuid: str) -> dict[str, Any]:
         """A one-time console URL for a running VM."""
@@ -156,19 +280,40 @@ class ConsoleServer:
         return app
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        # Idle keep-alive connections are let go after `keepalive` seconds
+        # (aiohttp's default holds them for an hour).
+        self._runner = web.AppRunner(
+            self.app(), access_log=None, handle_signals=False, keepalive_timeout=self.keepalive
+        )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        if self.port == 0:
-            self.port = int(self._runner.addresses[0][1])
-        log.info("browser consoles on http://%s:%d/console/", self.host, self.port)
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.create_server((self.host, self.port), family=family, backlog=128)
+        sock.setblocking(False)
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: _GatedProtocol(self.gate, server), sock=sock, ssl=self.tls
+        )
+        self.port = int(sock.getsockname()[1])
+        log.info("browser consoles on %s", self.url_for("").removesuffix("/"))
 
     async def close(self) -> None:
         for ws in list(self.sessions):
             await ws.close(code=1001, message=b"vmadmd is shutting down")
+        if self._server is not None:
+            self._server.close()
         if self._runner is not None:
             await self._runner.cleanup()
+
+    def _check_origin(self, request: web.Request) -> None:
+        """A browser's WebSocket must come from this listener's own page."""
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return  # not a browser: the token is what admits it
+        scheme = "https" if self.tls is not None else "http"
+        if origin != f"{scheme}://{request.host}":
+            self._refusals.warn("console WebSocket from a foreign origin %r refused", origin[:80])
+            raise Forbidden("this console accepts WebSockets from its own page only")
 
     async def page(self, request: web.Request) -> web.Response:
         token = request.match_info["token"]
@@ -182,15 +327,22 @@ class ConsoleServer:
             "password": self.manager.has_password(uuid),
         }
         template = importlib.resources.files("vmadmd.daemon").joinpath("console.html").read_text()
-        # Inside a <script> element: keep "</" out of the JSON.
-        blob = json.dumps(config).replace("</", "<\\/")
-        body = template.replace("{{title}}", html.escape(str(config["name"]))).replace(
-            "{{config}}", blob
+        nonce = secrets.token_urlsafe(16)
+        body = (
+            template.replace("{{title}}", html.escape(str(config["name"])))
+            .replace("{{config}}", script_json(config))
+            .replace("{{nonce}}", nonce)
         )
         return web.Response(
             text=body,
             content_type="text/html",
-            headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"},
+            headers={
+                "Cache-Control": "no-store",
+                "Referrer-Policy": "no-referrer",
+                "Content-Security-Policy": CSP.format(nonce=nonce),
+                "X-Frame-Options": "DENY",
+                "X-Content-Type-Options": "nosniff",
+            },
         )
 
     async def state(self, request: web.Request) -> web.Response:
@@ -203,9 +355,10 @@ class ConsoleServer:
     async def serial(self, request: web.Request) -> web.StreamResponse:
         """The serial console beside the screen: the token's serial channel."""
         token = request.match_info["token"]
+        self._check_origin(request)
         uuid = self.tokens.spend(token, "serial")
         if uuid is None:
-            log.warning("console token %s refused (serial)", shown(token))
+            self._refusals.warn("console token %s refused (serial)", shown(token))
             raise Forbidden("invalid, used or expired console token")
         console = await self.manager.serial(uuid)  # 409 when not running
         viewer = console.attach()
@@ -225,9 +378,10 @@ class ConsoleServer:
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
+        self._check_origin(request)
         uuid = self.tokens.spend(token)
         if uuid is None:
-            log.warning("console token %s refused", shown(token))
+            self._refusals.warn("console token %s refused", shown(token))
             raise Forbidden("invalid, used or expired console token")
         directory, name = await self.manager.vnc_socket(uuid)  # 409 when not running
         # Connect to qemu before accepting the WebSocket: a refused session

@@ -15,6 +15,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +30,7 @@ from vmadmd.daemon.events import EventBus
 from vmadmd.daemon.manager import Manager
 from vmadmd.daemon.metrics import Metrics
 from vmadmd.daemon.supervisor import CrashRestart, DaemonSettings
+from vmadmd.daemon.vncconsole import is_loopback
 from vmadmd.daemon.watch import ZonesWatcher
 from vmadmd.errors import ConfigError
 from vmadmd.vm.config import (
@@ -102,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crash-restart-window", type=float, default=600.0, metavar="SECS")
     p.add_argument("--console-listen", metavar="ADDR:PORT", default=None,
                    help="serve browser (noVNC) consoles here; off by default")  # fmt: skip
+    p.add_argument("--console-tls-cert", metavar="PEM", help="serve consoles over HTTPS/WSS")
+    p.add_argument("--console-tls-key", metavar="PEM")
+    p.add_argument("--console-insecure", action="store_true",
+                   help="allow plain HTTP consoles on a non-loopback address")  # fmt: skip
+    p.add_argument("--console-keepalive", type=float, default=15.0, metavar="SECS",
+                   help="close console connections idle between requests this long")  # fmt: skip
+    p.add_argument("--console-max-connections", type=int, default=256, metavar="N")
+    p.add_argument("--console-max-per-client", type=int, default=16, metavar="N")
     p.add_argument("--console-token-ttl", type=float, default=30.0, metavar="SECS")
     p.add_argument("--console-idle-timeout", type=float, default=600.0, metavar="SECS")
     p.add_argument("--novnc-dir", default=env_or("VMADMD_NOVNC_DIR", default_novnc_dir()),
@@ -134,6 +144,20 @@ def parse_listen(value: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"--console-listen wants ADDR:PORT, not {value!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def console_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """The console listener's TLS context, from a PEM certificate and key."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ConfigError("--console-tls-cert and --console-tls-key go together")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(f"cannot load the console certificate: {err}") from err
+    return ctx
 
 
 def sd_notify(message: str) -> None:
@@ -228,9 +252,18 @@ class Daemon:
         self.console: ConsoleServer | None = None
         if args.console_listen:
             host, port = parse_listen(args.console_listen)
+            tls = console_tls(args.console_tls_cert, args.console_tls_key)
+            if tls is None and not is_loopback(host) and not args.console_insecure:
+                raise ConfigError(
+                    f"--console-listen {args.console_listen}: consoles (keystrokes, screens, "
+                    "VNC challenges) would cross the network in clear; give "
+                    "--console-tls-cert/--console-tls-key, or --console-insecure"
+                )
             self.console = ConsoleServer(
                 self.manager, host, port, args.novnc_dir, xterm_dir=args.xterm_dir,
-                ttl=args.console_token_ttl, idle_timeout=args.console_idle_timeout,
+                ttl=args.console_token_ttl, idle_timeout=args.console_idle_timeout, tls=tls,
+                keepalive=args.console_keepalive, max_connections=args.console_max_connections,
+                max_per_client=args.console_max_per_client,
             )  # fmt: skip
         self._stop = asyncio.Event()
 
