@@ -9,6 +9,8 @@ import random
 import resource
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -280,3 +282,47 @@ def test_daemon_killed_during_concurrent_requests(env: Env) -> None:
         port = env.api("GET", f"/vm/{u}", type="vnc")[1]["vnc"]["port"]
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             assert s.recv(12) == b"RFB 003.008\n"
+
+
+def test_a_held_vm_lock_never_slows_the_other_vms(env: Env) -> None:
+    """One VM's lock held from outside (a `vmadm stop -F` suspended with Ctrl-Z,
+    say) and hammered: that VM's requests fail with a 409 after their wait,
+    every other VM's stops and exits settle on time."""
+    env.start_daemon()
+    stuck, other = env.run_vm(), env.run_vm()
+    lock_path = os.path.join(env.zones, stuck, ".vm.lock")
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, sys, time\n"
+         "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "print('held', flush=True)\n"
+         "time.sleep(600)\n",
+         lock_path],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "held"
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            hammer = [
+                pool.submit(env.api, "POST", f"/vm/{stuck}", action="stop", timeout="5")
+                for _ in range(12)
+            ]
+            env.wait_for(lambda: env.metric("vmadmd_api_requests_in_flight") >= 12, what="stuck")
+            # The other VM: stopped, forced at its deadline (SeaBIOS ignores
+            # ACPI) and settled on time, while the twelve wait.
+            t0 = time.monotonic()
+            status, body = env.api("POST", f"/vm/{other}", action="stop", timeout="1")
+            assert status == 202, body
+            assert time.monotonic() - t0 < 1.0
+            env.wait_for(lambda: env.get(other)["state"] == "stopped", timeout=6, what="other")
+            assert env.get(other)["last_exit"]["stage"] == "quit"
+            answers = [f.result(timeout=30) for f in hammer]
+        assert {status for status, _ in answers} == {409}
+        assert answers[0][1]["error"]["code"] == "VmBusy"
+    finally:
+        holder.kill()
+        holder.wait()
+    # Once the lock is free, the stuck VM is served again.
+    assert env.api("POST", f"/vm/{stuck}", action="reset")[0] == 200

@@ -79,6 +79,12 @@ class WrongState(VmadmError):
     status = 409
 
 
+class VmBusy(WrongState):
+    """The VM's lock stayed held (another vmadm, a stuck process) past the wait."""
+
+    code = "VmBusy"
+
+
 class StartFailed(VmadmError):
     """qemu refused to start; the message carries qemu's own reason."""
 

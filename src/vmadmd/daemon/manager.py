@@ -19,6 +19,7 @@ from collections.abc import Coroutine, Iterable
 from typing import Any, Literal
 
 from vmadmd.daemon.events import EventBus
+from vmadmd.daemon.locks import vm_lock
 from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.metrics import Metrics
 from vmadmd.daemon.serial import SerialConsole
@@ -290,7 +291,8 @@ class Manager:
         """Start the VM through the VM layer; returns how long qemu took to come up."""
         t0 = time.monotonic()
         try:
-            await asyncio.to_thread(self.layer.start, uuid, set_autoboot=False)
+            async with vm_lock(self.store, uuid):
+                await asyncio.to_thread(self.layer.start_locked, uuid, set_autoboot=False)
         except WrongState:
             vm_log(log, uuid).info("%s: already running", reason)
             await self.refresh(uuid)  # someone else booted it: make sure we hold it

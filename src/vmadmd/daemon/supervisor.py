@@ -28,18 +28,19 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, cast
 
 from vmadmd.daemon.events import EventBus
+from vmadmd.daemon.locks import LOCK_WAIT, vm_lock
 from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.metrics import Metrics
 from vmadmd.daemon.monitor import QUERIES, Monitor
 from vmadmd.daemon.serial import SerialConsole
 from vmadmd.daemon.stats import BLOCKSTATS_PERIOD, DiskStats, parse_blockstats, snapshot
 from vmadmd.daemon.vncconsole import VncConsole, qemu_vnc_mode
-from vmadmd.errors import InvalidParameter, QmpRefused, QmpTimeout, VmadmError, WrongState
+from vmadmd.errors import InvalidParameter, QmpRefused, QmpTimeout, VmadmError, VmBusy, WrongState
 from vmadmd.vm import proc, transition, zonefs
 from vmadmd.vm.config import VmSettings
 from vmadmd.vm.layer import iso_now, now_ms
@@ -56,6 +57,7 @@ ForceStage = Literal["quit", "sigterm", "sigkill"]
 POWERDOWN_RESEND = 2.0  # a guest still booting can miss one ACPI press
 QUIT_WAIT = 2.0
 DRAIN_WAIT = 0.5  # for qemu's last events once its exit is seen
+SETTLE_LOCK_WAIT = 3600.0  # an exit is recorded once the VM's lock is free
 MAX_SCREENSHOT = 64 << 20
 
 
@@ -159,7 +161,10 @@ async def settle_record(shared: Shared, uuid: str, ending: Ending | None) -> Set
             recorded = ending
 
     try:
-        await asyncio.to_thread(shared.store.update, uuid, change)
+        # However long another process holds the VM's lock, the exit is
+        # recorded once it lets go: waiting costs no thread.
+        async with vm_lock(shared.store, uuid, SETTLE_LOCK_WAIT):
+            await asyncio.to_thread(shared.store.update_locked, uuid, change)
     except VmadmError as err:
         # Deleted meanwhile, or unreadable: nothing to settle.
         vm_log(log, uuid).info("exited; record not updated: %s", err)
@@ -421,7 +426,7 @@ class VmSupervisor:
 
     async def request_stop(self, timeout: float, to: TransitionTo) -> Transition:
         """Persist the deadline, then press the power button; forced at the deadline."""
-        async with self.lock:
+        async with self._exclusive(LOCK_WAIT):
             self._alive()
             expire = now_ms() + int(timeout * 1000)
             merged: Transition | None = None
@@ -433,7 +438,7 @@ class VmSupervisor:
 
             # The deadline is on disk before the guest hears anything: a
             # daemon killed from here on still forces the stop in time.
-            await asyncio.to_thread(self._shared.store.update, self.uuid, change)
+            await asyncio.to_thread(self._shared.store.update_locked, self.uuid, change)
             assert merged is not None
             self.transition = merged
             self._shared.bus.emit("transition_set", self.uuid, **merged.to_json())
@@ -442,6 +447,23 @@ class VmSupervisor:
             await self._powerdown()
             self._arm()
             return merged
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, timeout: float) -> AsyncIterator[None]:
+        """This VM's operation lock, then its vm.json lock, within ``timeout``
+        in all (VmBusy past it): requests queued behind a held lock give up
+        together, not one wait after another."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            await asyncio.wait_for(self.lock.acquire(), timeout)
+        except TimeoutError:
+            raise VmBusy(f"VM {self.uuid} is busy with another operation") from None
+        try:
+            async with vm_lock(self._shared.store, self.uuid, max(deadline - loop.time(), 0.0)):
+                yield
+        finally:
+            self.lock.release()
 
     async def _powerdown(self) -> None:
         try:

@@ -110,23 +110,27 @@ class VmLayer:
 
     def start(self, uuid: str, *, set_autoboot: bool = True) -> int:
         """Boot the VM; returns qemu's pid.  Raises WrongState if it runs."""
-        paths = self.store.paths(uuid)
         with self.store.lock(uuid):
-            vm = self.store.load(uuid)
-            if self.pid(uuid) is not None:
-                raise WrongState(f"VM {uuid} is already running")
-            for i, disk in enumerate(vm.get("disks", [])):
-                path = disk.get("path") if isinstance(disk, dict) else None
-                if not isinstance(path, str):
-                    raise StartFailed(f"VM {uuid}: disks[{i}] has no image path")
-                if not os.path.exists(path):
-                    raise StartFailed(f"VM {uuid}: disk image {path} is missing")
-            pid = self._spawn(vm, paths)
-            vm["boot_timestamp"] = iso_now()
-            if set_autoboot:
-                vm["autoboot"] = True
-            self.store.save(uuid, vm)
-            return pid
+            return self.start_locked(uuid, set_autoboot=set_autoboot)
+
+    def start_locked(self, uuid: str, *, set_autoboot: bool = True) -> int:
+        """``start``, for a caller that holds the VM's lock already."""
+        paths = self.store.paths(uuid)
+        vm = self.store.load(uuid)
+        if self.pid(uuid) is not None:
+            raise WrongState(f"VM {uuid} is already running")
+        for i, disk in enumerate(vm.get("disks", [])):
+            path = disk.get("path") if isinstance(disk, dict) else None
+            if not isinstance(path, str):
+                raise StartFailed(f"VM {uuid}: disks[{i}] has no image path")
+            if not os.path.exists(path):
+                raise StartFailed(f"VM {uuid}: disk image {path} is missing")
+        pid = self._spawn(vm, paths)
+        vm["boot_timestamp"] = iso_now()
+        if set_autoboot:
+            vm["autoboot"] = True
+        self.store.save(uuid, vm)
+        return pid
 
     def _spawn(self, vm: VmRecord, paths: VmPaths) -> int:
         import subprocess

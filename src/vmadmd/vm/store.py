@@ -166,19 +166,35 @@ class Store:
             if is_uuid(n) and os.path.exists(os.path.join(self.zones_root, n, "vm.json"))
         )
 
+    def _lock_fd(self, uuid: str) -> int:
+        try:
+            return os.open(self.paths(uuid).lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            raise VmNotFound(f"no such VM: {uuid}") from None
+
     @contextlib.contextmanager
     def lock(self, uuid: str) -> Iterator[None]:
         """Hold the VM's exclusive lock (blocking) for the block's duration."""
-        paths = self.paths(uuid)
-        try:
-            fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except FileNotFoundError:
-            raise VmNotFound(f"no such VM: {uuid}") from None
+        fd = self._lock_fd(uuid)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)
+
+    def try_lock(self, uuid: str) -> int | None:
+        """Take the VM's lock if it is free, without waiting: the held fd
+        (closing it releases the lock), or None."""
+        fd = self._lock_fd(uuid)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def load(self, uuid: str) -> VmRecord:
         """Read the VM's record, without the format key."""
@@ -201,10 +217,14 @@ class Store:
     def update(self, uuid: str, change: Callable[[VmRecord], None]) -> VmRecord:
         """Load, change in place, and save the record, all under the VM's lock."""
         with self.lock(uuid):
-            record = self.load(uuid)
-            change(record)
-            self.save(uuid, record)
-            return record
+            return self.update_locked(uuid, change)
+
+    def update_locked(self, uuid: str, change: Callable[[VmRecord], None]) -> VmRecord:
+        """``update``, for a caller that holds the VM's lock already."""
+        record = self.load(uuid)
+        change(record)
+        self.save(uuid, record)
+        return record
 
     def create(self, uuid: str, record: VmRecord) -> VmPaths:
         """Make the zonepath and write the first record; fails if it exists."""
