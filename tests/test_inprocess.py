@@ -10,6 +10,7 @@ tested end to end against real qemu in the other modules.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -416,3 +417,40 @@ def test_event_bus_rate_limits_a_noisy_vm_alone() -> None:
     assert bus.emit_limited("RESET", "qmp_event", "vm-a")
     last = [e for e in bus.since(0) if e.vm == "vm-a"][-1]
     assert last.data["suppressed"] == 100 - int(events.RATE_BURST)
+
+
+async def test_console_caps_sessions_and_handoffs_and_reaps_idle_relays(rig: Rig) -> None:
+    from vmadmd.daemon.vnc import VncListener
+
+    await rig.serve("stallfds")  # hand-offs never complete: they stay pending
+    mon = rig.monitor(timeout=5.0)
+    mon.start()
+    await until(lambda: mon.ready)
+    relay = VncListener(UUID, rig.paths.runtime_dir, "vm.vnc", "127.0.0.1", 0, rig.metrics,
+                        max_sessions=2, idle_timeout=0.4)  # fmt: skip
+    handing = VncListener(UUID, rig.paths.runtime_dir, "vm.vnc", "127.0.0.1", 0, rig.metrics,
+                          functools.partial(mon.add_vnc_client, timeout=5.0),
+                          lambda: os.stat(rig.paths.vnc).st_ino, max_pending=2)  # fmt: skip
+    try:
+        assert await relay.open()
+        assert await handing.open()
+        streams = [await asyncio.open_connection("127.0.0.1", relay.port) for _ in range(3)]
+        for reader, _ in streams[:2]:
+            assert await asyncio.wait_for(reader.readexactly(12), 2) == b"RFB 003.008\n"
+        assert await asyncio.wait_for(streams[2][0].read(), 2) == b"", "the third is refused"
+        # Idle relays are let go (no byte either way for 0.4 s).
+        for reader, _ in streams[:2]:
+            assert await asyncio.wait_for(reader.read(), 3) == b""
+        assert not relay.sessions
+        # Hand-offs: two pending (qemu does not answer), the third refused at once.
+        pending = [await asyncio.open_connection("127.0.0.1", handing.port) for _ in range(2)]
+        await until(lambda: len(handing._pending) == 2)
+        reader, _ = await asyncio.open_connection("127.0.0.1", handing.port)
+        assert await asyncio.wait_for(reader.read(), 2) == b""
+        assert rig.metrics.vnc_clients.labels("refused")._value.get() == 2
+        for _, writer in [*streams, *pending]:
+            writer.close()
+    finally:
+        await relay.close()
+        await handing.close()
+        await mon.close()

@@ -65,7 +65,8 @@ class Metrics:
         self.vnc_clients = Counter(
             "vmadmd_vnc_clients",
             "VNC clients accepted, by how they were served: handed_off (to qemu), proxied, or "
-            "unknown (a handoff cut short: qemu has the client, or it was closed)",
+            "unknown (a handoff cut short: qemu has the client, or it was closed), or refused "
+            "(the listener's caps on sessions and hand-offs were reached)",
             ["outcome"], registry=r,
         )  # fmt: skip
         self.vnc_listener_errors = Counter(

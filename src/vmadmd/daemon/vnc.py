@@ -35,6 +35,9 @@ from vmadmd.vm.sockets import connect_unix_retrying
 log = logging.getLogger("vmadmd.vnc")
 
 PIPE_SIZE = 1 << 20  # per direction: the session's whole buffer
+MAX_SESSIONS = 64  # relayed sessions per listener
+MAX_PENDING = 16  # clients being handed to qemu at once, per listener
+RELAY_IDLE = 3600.0  # a relayed session with no byte either way this long is closed
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 # Gives a client's socket fd to qemu: True if qemu took it, False if it
@@ -128,6 +131,7 @@ class _Pump:
             self.session.close()
             return
         self.buffered = n
+        self.session.last_active = self.loop.time()
         self.session.listener.metrics.vnc_bytes.inc(n)
         self._flush()
 
@@ -202,6 +206,7 @@ class _Session:
         self.pumps: list[_Pump] = []
         self.closed = False
         self._task: asyncio.Task[None] | None = None
+        self.last_active = asyncio.get_running_loop().time()
 
     def start(self) -> None:
         # Nothing is read from the client until qemu is connected.
@@ -253,8 +258,16 @@ class VncListener:
         metrics: Metrics,
         handoff: Handoff | None = None,
         qemu_inode: Callable[[], int | None] | None = None,
+        *,
+        max_sessions: int = MAX_SESSIONS,
+        max_pending: int = MAX_PENDING,
+        idle_timeout: float = RELAY_IDLE,
     ) -> None:
         self.uuid = uuid
+        self.max_sessions = max_sessions
+        self.max_pending = max_pending
+        self.idle_timeout = idle_timeout
+        self._reaper: asyncio.Task[None] | None = None
         self.metrics = metrics
         self.handoff = handoff
         # The inode of the socket file qemu bound, when known (see
@@ -290,7 +303,19 @@ class VncListener:
         self._sock = sock
         self.port = int(sock.getsockname()[1])
         asyncio.get_running_loop().add_reader(sock.fileno(), self._accept)
+        self._reaper = asyncio.create_task(self._reap_idle(), name=f"vnc-idle-{self.uuid}")
         return True
+
+    async def _reap_idle(self) -> None:
+        """End relayed sessions with no byte either way for ``idle_timeout`` s."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(self.idle_timeout / 4, 30.0))
+            now = loop.time()
+            for session in list(self.sessions):
+                if now - session.last_active > self.idle_timeout:
+                    vm_log(log, self.uuid).info("relayed VNC session idle: closed")
+                    session.close()
 
     def _accept(self) -> None:
         assert self._sock is not None
@@ -302,6 +327,11 @@ class VncListener:
             except OSError as err:  # EMFILE and the like: this client only
                 vm_log(log, self.uuid).warning("VNC accept failed: %s", err)
                 return
+            if len(self.sessions) >= self.max_sessions or len(self._pending) >= self.max_pending:
+                # One console's clients must not take the daemon's fds.
+                client.close()
+                self._count("refused")
+                continue
             client.setblocking(False)
             with contextlib.suppress(OSError):
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -365,6 +395,8 @@ class VncListener:
             asyncio.get_running_loop().remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None
+        if self._reaper is not None:
+            self._reaper.cancel()
         # Handoffs under way are left to finish: cancelling one after qemu
         # got the fd would leave qemu holding a client nobody serves.
         for session in list(self.sessions):
