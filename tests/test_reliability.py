@@ -20,6 +20,7 @@ import pytest
 from vmadmd.errors import DaemonUnavailable
 from vmadmd.vm.sockets import connect_unix
 
+from . import rfb
 from .conftest import STANDIN, Env, RunVm, bios_payload
 
 
@@ -204,13 +205,40 @@ def test_security_defaults(env: Env) -> None:
     assert env.api("GET", f"/vm/{uuid}", type="vnc")[1]["vnc"]["host"] == "127.0.0.1"
 
 
-def test_non_loopback_vnc_without_password_warns(env: Env) -> None:
+def test_non_loopback_vnc_without_password_is_refused(env: Env) -> None:
     env.start_daemon("--vnc-bind", "0.0.0.0")
-    uuid = env.create(bios_payload())
-    env.vmadm("start", uuid, check=True)
+    uuid = env.run_vm(bios_payload())
     env.wait_for(lambda: env.api("GET", f"/vm/{uuid}", type="vnc")[1]["vnc"] != {}, what="vnc")
-    log = env.daemon_log(tail=None)
-    assert "without a vnc_password" in log
+    vnc = env.api("GET", f"/vm/{uuid}", type="vnc")[1]["vnc"]
+    assert "not loopback" in vnc["error"], vnc
+    # With a password it opens there.
+    env.vmadm("update", uuid, "vnc_password=-", input="pw12345\n", check=True)
+    env.vmadm("stop", uuid, "-F", check=True)
+    env.vmadm("start", uuid, check=True)
+    env.wait_for(lambda: "port" in env.api("GET", f"/vm/{uuid}", type="vnc")[1].get("vnc", {}),
+                 what="listener")  # fmt: skip
+
+
+def test_required_passwords_are_generated_and_enforced(env: Env) -> None:
+    env.extra_env["VMADM_VNC_REQUIRE_PASSWORD"] = "1"
+    env.start_daemon()
+    uuid = env.run_vm(bios_payload())
+    env.wait_for(lambda: "port" in env.api("GET", f"/vm/{uuid}", type="vnc")[1]["vnc"], what="vnc")
+    vnc = env.api("GET", f"/vm/{uuid}", type="vnc")[1]["vnc"]
+    password = vnc["password"]
+    assert len(password) == 8
+    assert "vnc_password" not in env.get(uuid), "generated, never stored"
+    sock = rfb.connect(vnc["host"], vnc["port"])
+    try:
+        with pytest.raises(rfb.RfbError, match="requires authentication"):
+            rfb.handshake(sock)
+    finally:
+        sock.close()
+    sock = rfb.connect(vnc["host"], vnc["port"])
+    try:
+        assert rfb.handshake(sock, password).width > 0
+    finally:
+        sock.close()
 
 
 @pytest.mark.parametrize(

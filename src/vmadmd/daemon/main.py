@@ -41,6 +41,7 @@ from vmadmd.vm.config import (
     DEFAULT_VNC_BIND,
     DEFAULT_ZONES_ROOT,
     VmSettings,
+    env_flag,
     env_or,
     parse_accel,
 )
@@ -69,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("handoff", "proxy"),
         help="handoff: give VNC clients to qemu itself (relay only when it cannot take "
         "one); proxy: relay every session through the daemon",
+    )
+    p.add_argument(
+        "--vnc-require-password",
+        action="store_true",
+        default=env_flag("VMADM_VNC_REQUIRE_PASSWORD"),
+        help="every console requires a password: one is generated for a VM that has none "
+        "(shown by `vmadm info UUID vnc`); vmadm needs VMADM_VNC_REQUIRE_PASSWORD=1 as well",
     )
     p.add_argument("--qemu", default=env_or("VMADM_QEMU", DEFAULT_QEMU))
     p.add_argument(
@@ -235,7 +243,12 @@ class Daemon:
         self.args = args
         self.bus = EventBus()
         settings = DaemonSettings(
-            vm=VmSettings(zones_root=args.zones_root, qemu=args.qemu, accel=args.accel),
+            vm=VmSettings(
+                zones_root=args.zones_root,
+                qemu=args.qemu,
+                accel=args.accel,
+                vnc_require_password=args.vnc_require_password,
+            ),
             vnc_bind=args.vnc_bind,
             qmp_timeout=args.qmp_timeout,
             vnc_relay=args.vnc_relay,

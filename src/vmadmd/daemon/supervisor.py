@@ -215,6 +215,7 @@ class VmSupervisor:
             bind=settings.vnc_bind, relay=settings.vnc_relay,
             qmp_timeout=settings.qmp_timeout, qemu_auth=qemu_vnc_mode(proc.cmdline(pid)),
             bus=shared.bus, metrics=shared.metrics, gone=self.exited.is_set,
+            require_password=settings.vm.vnc_require_password,
         )  # fmt: skip
         self.serial = SerialConsole(uuid, self.paths.runtime_dir, self.paths.CONSOLE_NAME)
         self.lock = asyncio.Lock()  # one operation at a time on this VM

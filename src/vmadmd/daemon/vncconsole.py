@@ -12,6 +12,8 @@ import functools
 import ipaddress
 import itertools
 import logging
+import secrets
+import string
 from collections.abc import Callable
 from typing import Any
 
@@ -62,10 +64,6 @@ def vnc_mismatch(qemu_auth: bool | None, want_password: bool) -> str | None:
     return None
 
 
-def key_of(record: VmRecord) -> VncKey:
-    return record.get("vnc_port", 0), record.get("vnc_password") or None
-
-
 class VncConsole:
     def __init__(
         self,
@@ -80,6 +78,7 @@ class VncConsole:
         bus: EventBus,
         metrics: Metrics,
         gone: Callable[[], bool],
+        require_password: bool = False,
     ) -> None:
         self.uuid = uuid
         self._paths = paths
@@ -96,6 +95,8 @@ class VncConsole:
         self._gone = gone
         self.listener: VncListener | None = None
         self.key: VncKey | None = None
+        self._require_password = require_password
+        self._generated: str | None = None  # this qemu's generated password
         # The inode of the vm.vnc socket file qemu bound (see qemu_inode).
         self._inode: int | None = None
 
@@ -118,9 +119,20 @@ class VncConsole:
             return {}
         return self.listener.info(self.key[1] if self.key else None)
 
+    def key_of(self, record: VmRecord) -> VncKey:
+        """(port, password) the console should have: the VM's own password, or
+        with ``--vnc-require-password`` one generated for this qemu."""
+        password = record.get("vnc_password") or None
+        if password is None and self._require_password:
+            if self._generated is None:
+                alphabet = string.ascii_letters + string.digits
+                self._generated = "".join(secrets.choice(alphabet) for _ in range(8))
+            password = self._generated
+        return record.get("vnc_port", 0), password
+
     async def open(self, record: VmRecord) -> None:
         """Open the listener the record asks for (or record why it cannot)."""
-        port, password = self.key = key_of(record)
+        port, password = self.key = self.key_of(record)
         if port == -1:
             return
         handoff: Handoff | None = None
@@ -138,6 +150,15 @@ class VncConsole:
             self.listener = listener
             self._log.warning("%s", mismatch)
             return
+        if not password and not is_loopback(self._bind):
+            # Whoever reaches that address would have the console.
+            listener.error = (
+                f"refused: a console on {self._bind} (not loopback) needs a vnc_password"
+            )
+            self._metrics.vnc_listener_errors.inc()
+            self.listener = listener
+            self._log.error("%s", listener.error)
+            return
         if password:
             try:
                 await self._monitor.set_vnc_password(password)
@@ -149,11 +170,6 @@ class VncConsole:
         if await listener.open():
             self._bus.emit("vnc_up", self.uuid, port=listener.port)
             self._log.info("VNC on %s:%s", listener.host, listener.port)
-            if not password and not is_loopback(listener.host):
-                self._log.warning(
-                    "VNC console on %s:%s without a vnc_password: "
-                    "whoever reaches that address has the console",listener.host, listener.port,
-                )  # fmt: skip
         if self._gone():
             await listener.close()
             return
@@ -161,7 +177,7 @@ class VncConsole:
 
     async def reload(self, record: VmRecord) -> dict[str, Any]:
         """Apply the record's VNC settings; a no-op when unchanged."""
-        key = key_of(record)
+        key = self.key_of(record)
         if key == self.key:
             return self.info()
         port, password = key

@@ -29,6 +29,10 @@ def client_socket() -> str:
     return RUN_SOCKET if os.path.exists(RUN_SOCKET) else DEFAULT_SOCKET
 
 
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
+
+
 def env_or(name: str, default: str) -> str:
     value = os.environ.get(name, "")
     return value if value else default
@@ -62,6 +66,9 @@ class VmSettings(NamedTuple):
     zones_root: str
     qemu: str = DEFAULT_QEMU
     accel: Accel = DEFAULT_ACCEL
+    # Every console requires a password (one is generated for a VM that has
+    # none): qemu must be started with VNC auth for it.
+    vnc_require_password: bool = False
 
     @classmethod
     def from_env(cls) -> VmSettings:
@@ -69,4 +76,5 @@ class VmSettings(NamedTuple):
             zones_root=env_or("VMADM_ZONES_ROOT", DEFAULT_ZONES_ROOT),
             qemu=env_or("VMADM_QEMU", DEFAULT_QEMU),
             accel=parse_accel(env_or("VMADM_ACCEL", DEFAULT_ACCEL)),
+            vnc_require_password=env_flag("VMADM_VNC_REQUIRE_PASSWORD"),
         )

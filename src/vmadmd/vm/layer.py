@@ -139,7 +139,10 @@ class VmLayer:
         for stale in (paths.pid, paths.qmp, paths.vnc, paths.console):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(stale)
-        argv = build_argv(vm, paths, self.settings.qemu, resolve_accel(self.settings.accel))
+        argv = build_argv(
+            vm, paths, self.settings.qemu, resolve_accel(self.settings.accel),
+            require_vnc_password=self.settings.vnc_require_password,
+        )  # fmt: skip
         try:
             # With -daemonize the first process exits once qemu is set up (or
             # has failed); its stderr carries the reason for a failure.

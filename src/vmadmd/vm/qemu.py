@@ -45,6 +45,8 @@ def build_argv(
     paths: VmPaths,
     qemu: str,
     accel: Literal["kvm", "tcg"],
+    *,
+    require_vnc_password: bool = False,
 ) -> list[str]:
     """The full argv for ``vm``; run it with ``cwd=paths.runtime_dir``."""
     uuid = vm["uuid"]
@@ -76,7 +78,7 @@ def build_argv(
     ]  # fmt: skip
     if vm.get("vnc_port", 0) != -1:
         vnc = f"unix:{paths.VNC_NAME}"
-        if vm.get("vnc_password"):
+        if vm.get("vnc_password") or require_vnc_password:
             # qemu refuses every VNC client until the daemon sets the
             # password over QMP (set_password).
             vnc += ",password=on"
