@@ -35,8 +35,8 @@ from vmadmd.vm.sockets import connect_unix_retrying
 log = logging.getLogger("vmadmd.vnc")
 
 PIPE_SIZE = 1 << 20  # per direction: the session's whole buffer
-MAX_SESSIONS = 64  # relayed sessions per listener
-MAX_PENDING = 16  # clients being handed to qemu at once, per listener
+MAX_SESSIONS = 256  # relayed sessions per listener
+MAX_PENDING = 128  # clients being handed to qemu at once, per listener
 RELAY_IDLE = 3600.0  # a relayed session with no byte either way this long is closed
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
