@@ -382,9 +382,8 @@ def test_vm_restarted_while_its_exit_is_settled_is_picked_up(env: Env, running_v
         env.wait_for(lambda: env.pid(uuid) is None, timeout=5, what="gone")
         # The daemon has seen the exit (and now waits for the lock to settle it).
         env.wait_for(lambda: env.metric("vmadmd_vms", state="stopped") == 1, what="exit seen")
-        record = layer.store.load(uuid)
-        new_pid = layer._spawn(record, layer.store.paths(uuid))
-        layer.store.save(uuid, record)  # the vm.json event arrives mid-settle
+        # `vmadm start` while the daemon waits: the vm.json event arrives mid-settle.
+        new_pid = layer.start_locked(uuid)
     env.wait_qmp(uuid)
     assert env.pid(uuid) == new_pid
     vms = env.api("GET", "/vms")[1]

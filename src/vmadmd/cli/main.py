@@ -140,8 +140,11 @@ def cmd_start(ctx: Context, args: argparse.Namespace) -> None:
 def _wait_gone(layer: VmLayer, uuid: str, expire_ms: int | None, limit: float) -> bool:
     """Wait until the VM's current qemu exits; shows the countdown on a tty."""
     from vmadmd.vm import proc
+    from vmadmd.vm.layer import identity_of
 
-    found = proc.open_vm_pidfd(layer.store.paths(uuid).pid, uuid)
+    found = proc.open_vm_pidfd(
+        layer.store.paths(uuid).pid, uuid, identity_of(layer.store.load(uuid))
+    )
     if found is None:
         return True
     _, fd = found
@@ -196,6 +199,7 @@ def _ended(vm: dict[str, Any]) -> str:
 def _stop_all(layer: VmLayer, args: argparse.Namespace) -> None:
     """Host shutdown: every running VM gets its power button and one deadline."""
     from vmadmd.vm import proc
+    from vmadmd.vm.layer import identity_of
 
     if args.t <= 0:
         raise InvalidParameter("-t must be a positive number of seconds")
@@ -203,7 +207,8 @@ def _stop_all(layer: VmLayer, args: argparse.Namespace) -> None:
     uuids = [u for u in body.get("stopping", []) if isinstance(u, str)]
     fds: dict[str, int] = {}
     for uuid in uuids:
-        found = proc.open_vm_pidfd(layer.store.paths(validate_uuid(uuid)).pid, uuid)
+        record = layer.store.load(validate_uuid(uuid))
+        found = proc.open_vm_pidfd(layer.store.paths(uuid).pid, uuid, identity_of(record))
         if found is not None:
             fds[uuid] = found[1]
     tty = sys.stderr.isatty()

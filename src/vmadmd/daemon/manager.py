@@ -33,7 +33,7 @@ from vmadmd.daemon.supervisor import (
 )
 from vmadmd.errors import VmadmError, VmBroken, WrongState
 from vmadmd.vm import proc
-from vmadmd.vm.layer import VmLayer, state_of
+from vmadmd.vm.layer import VmLayer, identity_of, state_of
 from vmadmd.vm.store import VmRecord
 from vmadmd.vm.transition import Transition, TransitionTo
 
@@ -207,7 +207,11 @@ class Manager:
             self._broken.discard(uuid)
             return
         self._broken.discard(uuid)
-        found = proc.open_vm_pidfd(self.store.paths(uuid).pid, uuid)
+        try:
+            found = proc.open_vm_pidfd(self.store.paths(uuid).pid, uuid, identity_of(record))
+        except VmadmError as err:  # a file planted at vm.pid: not this VM's qemu
+            vm_log(log, uuid).warning("not picked up: %s", err)
+            return
         if found is not None:
             self._attach(uuid, record, *found)
         elif record.get("transition"):

@@ -23,6 +23,7 @@ from vmadmd.vm.config import VmSettings, resolve_accel
 from vmadmd.vm.qemu import build_argv
 from vmadmd.vm.store import Store, VmPaths, VmRecord, validate_uuid
 from vmadmd.vm.transition import Transition
+from vmadmd.vm.zonefs import ZoneFileError
 
 # subprocess and uuid are imported where used: `vmadm get/list/info` never
 # need them, and every millisecond of import is paid by every vmadm call.
@@ -49,8 +50,11 @@ class VmLayer:
 
     # -- queries -----------------------------------------------------------
 
-    def pid(self, uuid: str) -> int | None:
-        return proc.find_vm_pid(self.store.paths(uuid).pid, uuid)
+    def pid(self, uuid: str, record: VmRecord | None = None) -> int | None:
+        """The pid of the VM's running qemu (identity-checked), else None."""
+        if record is None:
+            record = self.store.load(uuid)
+        return proc.find_vm_pid(self.store.paths(uuid).pid, uuid, identity_of(record))
 
     def is_running(self, uuid: str) -> bool:
         return self.pid(uuid) is not None
@@ -58,14 +62,14 @@ class VmLayer:
     def get(self, uuid: str) -> dict[str, Any]:
         """The record plus the computed properties, as ``vmadm get`` shows it."""
         record = self.store.load(uuid)
-        return with_computed(record, self.store.paths(uuid), self.pid(uuid))
+        return with_computed(record, self.store.paths(uuid), self.pid(uuid, record))
 
     def list(self) -> list[dict[str, Any]]:
         out = []
         for uuid in self.store.list_uuids():
             try:
                 out.append(self.get(uuid))
-            except VmBroken as err:
+            except (VmBroken, ZoneFileError) as err:
                 out.append({"uuid": uuid, "state": "broken", "error": str(err)})
         return out
 
@@ -102,8 +106,8 @@ class VmLayer:
     def delete(self, uuid: str) -> None:
         """Halt the VM if it runs, then remove its zonepath."""
         with self.store.lock(uuid):
-            self.store.load(uuid)  # 404 for unknown VMs, before anything is killed
-            proc.kill_vm(self.store.paths(uuid).pid, uuid)
+            vm = self.store.load(uuid)  # 404 for unknown VMs, before anything is killed
+            proc.kill_vm(self.store.paths(uuid).pid, uuid, identity_of(vm))
             self.store.remove(uuid)
 
     # -- start / halt ------------------------------------------------------
@@ -117,7 +121,7 @@ class VmLayer:
         """``start``, for a caller that holds the VM's lock already."""
         paths = self.store.paths(uuid)
         vm = self.store.load(uuid)
-        if self.pid(uuid) is not None:
+        if self.pid(uuid, vm) is not None:
             raise WrongState(f"VM {uuid} is already running")
         for i, disk in enumerate(vm.get("disks", [])):
             path = disk.get("path") if isinstance(disk, dict) else None
@@ -127,6 +131,8 @@ class VmLayer:
                 raise StartFailed(f"VM {uuid}: disk image {path} is missing")
         pid = self._spawn(vm, paths)
         vm["boot_timestamp"] = iso_now()
+        # What makes this qemu itself, so that no look-alike is taken for it.
+        vm[IDENTITY_KEY] = proc.identity(pid)
         if set_autoboot:
             vm["autoboot"] = True
         self.store.save(uuid, vm)
@@ -177,7 +183,7 @@ class VmLayer:
         paths = self.store.paths(uuid)
         with self.store.lock(uuid):
             vm = self.store.load(uuid)
-            stage = proc.kill_vm(paths.pid, uuid)
+            stage = proc.kill_vm(paths.pid, uuid, identity_of(vm))
             vm.pop(transition.KEY, None)
             if stage is not None:
                 vm["last_exit"] = {"reason": "stop", "stage": stage, "time": iso_now()}
@@ -222,6 +228,15 @@ class VmLayer:
         return record, changed
 
 
+IDENTITY_KEY = "qemu_identity"
+
+
+def identity_of(record: VmRecord) -> proc.Identity | None:
+    """The identity recorded when the VM's current qemu was booted, if any."""
+    value = record.get(IDENTITY_KEY)
+    return value if isinstance(value, dict) else None
+
+
 def state_of(running: bool, pending: Transition | None) -> str:
     """A VM's state: the one rule, for ``vmadm get``, the API and the metrics."""
     if not running:
@@ -232,6 +247,7 @@ def state_of(running: bool, pending: Transition | None) -> str:
 def with_computed(record: VmRecord, paths: VmPaths, pid: int | None) -> dict[str, Any]:
     out = dict(record)
     out.pop(transition.KEY, None)
+    out.pop(IDENTITY_KEY, None)
     pending = Transition.of(record) if pid is not None else None
     out["state"] = state_of(pid is not None, pending)
     out["zone_state"] = "running" if pid is not None else "installed"

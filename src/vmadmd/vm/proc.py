@@ -2,8 +2,15 @@
 
 A pid file alone proves nothing: pids are reused.  A VM is running only when
 the pid in ``vm.pid`` is alive, not a zombie, and its command line carries
-``-uuid <uuid>``.  Signals go through a pidfd opened and then re-checked, so a
-pid recycled between the check and the kill can never be hit.
+``-uuid <uuid>``; and, for a qemu booted by this version, when it is the very
+process that was booted: the same executable and the same start time (in
+clock ticks since the host booted), both recorded in ``vm.json`` at boot
+(``qemu_identity``).  A look-alike carrying ``-uuid U`` is not the VM.
+Signals go through a pidfd opened and then re-checked, so a pid recycled
+between the check and the kill can never be hit.
+
+``vm.pid`` lies under the VM's ``root/``, writable by its guest's qemu: it is
+read through ``zonefs`` (no link followed, no FIFO opened, size bounded).
 
 Standard library only.
 """
@@ -15,12 +22,19 @@ import itertools
 import os
 import select
 import signal
+from typing import Any
+
+Identity = dict[str, Any]  # {"pid", "start", "exe"}, as kept in vm.json
 
 
 def read_pid(pid_path: str) -> int | None:
+    """The pid in ``<zonepath>/root/tmp/vm.pid``; ZoneFileError for a planted file."""
+    from vmadmd.vm import zonefs
+
+    runtime_dir = os.path.dirname(pid_path)
+    zonepath = os.path.dirname(os.path.dirname(runtime_dir))
     try:
-        with open(pid_path, "rb") as f:
-            text = f.read(32).strip()
+        text = zonefs.read_runtime_file(zonepath, os.path.basename(pid_path), 64).strip()
     except (FileNotFoundError, NotADirectoryError):
         return None
     try:
@@ -51,24 +65,49 @@ def cmdline(pid: int) -> list[str]:
     return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
 
 
-def is_vm_process(pid: int, uuid: str) -> bool:
-    """True when ``pid`` is a live, non-zombie process started with ``-uuid <uuid>``."""
+def identity(pid: int) -> Identity | None:
+    """What makes this process itself: its start time and its executable."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()
+    try:
+        start = int(fields[19])  # starttime, the 22nd field of /proc/<pid>/stat
+    except (IndexError, ValueError):
+        return None
+    return {"pid": pid, "start": start, "exe": exe}
+
+
+def is_vm_process(pid: int, uuid: str, expect: Identity | None = None) -> bool:
+    """True when ``pid`` is a live, non-zombie process started with ``-uuid <uuid>``,
+    and, when an identity was recorded at boot (``expect``), that very process."""
     state = _proc_state(pid)
     if state is None or state in ("Z", "X"):
         return False
     argv = cmdline(pid)
-    return any(a == "-uuid" and b == uuid for a, b in itertools.pairwise(argv))
+    if not any(a == "-uuid" and b == uuid for a, b in itertools.pairwise(argv)):
+        return False
+    if isinstance(expect, dict):
+        # Booted by this version: the very process booted, nothing else
+        # (a pid written by anyone else is not the VM's, whatever its argv).
+        return identity(pid) == expect
+    return True
 
 
-def find_vm_pid(pid_path: str, uuid: str) -> int | None:
+def find_vm_pid(pid_path: str, uuid: str, expect: Identity | None = None) -> int | None:
     """The pid of the VM's qemu when it is running, else None."""
     pid = read_pid(pid_path)
-    if pid is None or not is_vm_process(pid, uuid):
+    if pid is None or not is_vm_process(pid, uuid, expect):
         return None
     return pid
 
 
-def open_vm_pidfd(pid_path: str, uuid: str) -> tuple[int, int] | None:
+def open_vm_pidfd(
+    pid_path: str, uuid: str, expect: Identity | None = None
+) -> tuple[int, int] | None:
     """A pidfd for the VM's running qemu as ``(pid, fd)``, or None.
 
     The identity check runs *after* the pidfd is opened: if it passes, the fd
@@ -82,7 +121,7 @@ def open_vm_pidfd(pid_path: str, uuid: str) -> tuple[int, int] | None:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
         return None
-    if not is_vm_process(pid, uuid) or pidfd_exited(fd):
+    if not is_vm_process(pid, uuid, expect) or pidfd_exited(fd):
         os.close(fd)
         return None
     return pid, fd
@@ -133,13 +172,13 @@ SIGNAL_LADDER: tuple[tuple[str, signal.Signals, float], ...] = (
 )
 
 
-def kill_vm(pid_path: str, uuid: str) -> str | None:
+def kill_vm(pid_path: str, uuid: str, expect: Identity | None = None) -> str | None:
     """Force the VM's qemu to exit through ``SIGNAL_LADDER``; wait until gone.
 
     Returns the stage that ended it (``"sigterm"``/``"sigkill"``), or None when
     it was not running.  "Already gone" is success.
     """
-    found = open_vm_pidfd(pid_path, uuid)
+    found = open_vm_pidfd(pid_path, uuid, expect)
     if found is None:
         return None
     _, fd = found

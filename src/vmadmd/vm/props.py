@@ -28,7 +28,7 @@ COMPUTED = (
     "zonepath",
 )
 # Stored by the VM layer and the daemon; never settable by a user.
-INTERNAL = ("create_timestamp", "boot_timestamp", "transition", "last_exit")
+INTERNAL = ("create_timestamp", "boot_timestamp", "transition", "last_exit", "qemu_identity")
 
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
