@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 from vmadmd.daemon.autoboot import plan
@@ -37,7 +38,9 @@ def test_first_start_boots_flagged_vms_and_writes_marker(env: Env, tmp_path: Any
     for uuid in flagged:
         env.vmadm("update", uuid, "autoboot=true", check=True)
     unflagged = env.create(bios_payload(alias="off"))
-    disk = tmp_path / "gone.img"
+    images = Path(env.zones) / "images"
+    images.mkdir()
+    disk = images / "gone.img"
     disk.write_bytes(b"\0" * 65536)
     broken = env.create(bios_payload(alias="broken", disks=[{"path": str(disk)}]))
     env.vmadm("update", broken, "autoboot=true", check=True)

@@ -313,7 +313,8 @@ def test_update_and_list_formats(env: Env) -> None:
 
 
 def test_start_failure_reports_qemu_reason(env: Env, tmp_path: Path) -> None:
-    disk = tmp_path / "d.img"
+    (Path(env.zones) / "images").mkdir()
+    disk = Path(env.zones) / "images" / "d.img"
     disk.write_bytes(b"\0" * 1024 * 1024)
     uuid = env.create(bios_payload(disks=[{"path": str(disk)}]))
     disk.unlink()

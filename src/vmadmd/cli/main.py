@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 DEFAULT_TIMEOUT = 180
 SECRETS = ("vnc_password",)  # `key=-` reads these from stdin
 LIST_FIELDS = ("uuid", "type", "ram", "state", "alias")
+DEFAULT_SORT = ("ram", "uuid")  # as SmartOS lists
 
 
 class _Parser(argparse.ArgumentParser):
@@ -83,17 +84,20 @@ def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _field(vm: dict[str, Any], name: str) -> str:
-    if name == "type":
-        return "KVM" if vm.get("brand", "kvm") == "kvm" else "OS"
-    value = vm.get(name)
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (dict, list)):
-        return json.dumps(value, sort_keys=True)
-    return str(value)
+def _selected(layer: VmLayer, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The VMs the filters pick (``args.filters``), in ``-s`` order."""
+    from vmadmd.cli import select
+
+    filters = select.parse_filters(args.filters)
+    vms = [_with_type(vm) for vm in layer.list()]
+    chosen = [vm for vm in vms if select.matches(vm, filters)]
+    return select.sort(chosen, select.field_list(getattr(args, "s", None), DEFAULT_SORT))
+
+
+def _with_type(vm: dict[str, Any]) -> dict[str, Any]:
+    """SmartOS's ``type`` column: KVM for our (kvm) VMs."""
+    vm["type"] = "KVM" if vm.get("brand", "kvm") == "kvm" else "OS"
+    return vm
 
 
 def cmd_create(ctx: Context, args: argparse.Namespace) -> None:
@@ -109,11 +113,13 @@ def cmd_create(ctx: Context, args: argparse.Namespace) -> None:
 
 
 def cmd_list(ctx: Context, args: argparse.Namespace) -> None:
-    layer = ctx.layer
-    fields = [f.strip() for f in args.o.split(",")] if args.o else list(LIST_FIELDS)
-    if not all(fields):
-        raise InvalidParameter("-o needs a comma-separated list of fields")
-    rows = [[_field(vm, f) for f in fields] for vm in layer.list()]
+    from vmadmd.cli import select
+
+    fields = select.field_list(args.o, LIST_FIELDS)
+    rows = [
+        [select.text(next(iter(select.values_at(vm, tuple(f.split(".")))), None)) for f in fields]
+        for vm in _selected(ctx.layer, args)
+    ]
     if args.p:
         for row in rows:
             print(":".join(row))
@@ -123,6 +129,22 @@ def cmd_list(ctx: Context, args: argparse.Namespace) -> None:
     widths = [max(len(r[i]) for r in table) for i in range(len(fields))] if table else []
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def cmd_lookup(ctx: Context, args: argparse.Namespace) -> None:
+    from vmadmd.cli import select
+
+    vms = _selected(ctx.layer, args)
+    if args.one and len(vms) != 1:
+        raise VmadmError(f"lookup -1 wants exactly one VM, and {len(vms)} match")
+    if args.j:
+        if args.o is not None:
+            fields = select.field_list(args.o, ())
+            vms = [{f: vm[f] for f in fields if f in vm} for vm in vms]
+        sys.stdout.write(json.dumps(vms, indent=2, sort_keys=True) + "\n")
+        return
+    for vm in vms:
+        print(vm["uuid"])
 
 
 def cmd_get(ctx: Context, args: argparse.Namespace) -> None:
@@ -421,6 +443,16 @@ def _list_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("-H", action="store_true", help="no header")
     c.add_argument("-o", metavar="FIELDS", help="comma-separated fields")
     c.add_argument("-p", action="store_true", help="parsable: colon-separated, no header")
+    c.add_argument("-s", metavar="FIELDS", help="sort by these fields (-field: descending)")
+    c.add_argument("filters", nargs="*", metavar="field=value|field=~regex")
+
+
+def _lookup_args(c: argparse.ArgumentParser) -> None:
+    c.add_argument("-j", action="store_true", help="a JSON array of the VMs")
+    c.add_argument("-1", dest="one", action="store_true", help="exactly one VM, or an error")
+    c.add_argument("-o", metavar="FIELDS", help="with -j: only these fields")
+    c.add_argument("-s", metavar="FIELDS", help="sort by these fields (-field: descending)")
+    c.add_argument("filters", nargs="*", metavar="field=value|field=~regex")
 
 
 def _info_args(c: argparse.ArgumentParser) -> None:
@@ -454,7 +486,8 @@ Command = tuple[str, str, Callable[[Context, argparse.Namespace], None],
                 Callable[[argparse.ArgumentParser], None]]  # fmt: skip
 COMMANDS: tuple[Command, ...] = (
     ("create", "create a VM from JSON (stdin or -f FILE)", cmd_create, _create_args),
-    ("list", "list VMs", cmd_list, _list_args),
+    ("list", "list VMs (filters, sorting, -p)", cmd_list, _list_args),
+    ("lookup", "the uuids (or -j JSON) of the VMs matching filters", cmd_lookup, _lookup_args),
     ("get", "print a VM's JSON", cmd_get, _with_uuid),
     ("start", "boot a VM", cmd_start, _with_uuid),
     ("stop", "stop a VM: ACPI powerdown, forced at the deadline (-F: at once; --all: every VM)",
@@ -492,6 +525,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # SmartOS writes `-s -ram,alias` (descending): keep the value with its flag.
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "-s" and argv[i + 1].startswith("-"):
+            argv[i : i + 2] = [f"-s{argv[i + 1]}"]
+            break
     known = {c[0] for c in COMMANDS}
     first = argv[0] if argv else None
     args = build_parser(first if first in known else None).parse_args(argv)

@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(shown by `vmadm info UUID vnc`); vmadm needs VMADM_VNC_REQUIRE_PASSWORD=1 as well",
     )
     p.add_argument("--qemu", default=env_or("VMADM_QEMU", DEFAULT_QEMU))
+    p.add_argument("--images-dir", default=env_or("VMADM_IMAGES_DIR", ""), metavar="DIR",
+                   help="disk images by uuid (default: <zones-root>/images)")  # fmt: skip
     p.add_argument(
         "--accel", type=parse_accel, default=parse_accel(env_or("VMADM_ACCEL", DEFAULT_ACCEL))
     )
@@ -248,6 +250,7 @@ class Daemon:
                 qemu=args.qemu,
                 accel=args.accel,
                 vnc_require_password=args.vnc_require_password,
+                images_dir=args.images_dir,
             ),
             vnc_bind=args.vnc_bind,
             qmp_timeout=args.qmp_timeout,

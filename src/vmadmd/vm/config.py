@@ -69,6 +69,12 @@ class VmSettings(NamedTuple):
     # Every console requires a password (one is generated for a VM that has
     # none): qemu must be started with VNC auth for it.
     vnc_require_password: bool = False
+    # Disk images by uuid (<uuid>.qcow2 or .raw); "" = <zones_root>/images.
+    images_dir: str = ""
+
+    @property
+    def images(self) -> str:
+        return self.images_dir or os.path.join(self.zones_root, "images")
 
     @classmethod
     def from_env(cls) -> VmSettings:
@@ -77,4 +83,5 @@ class VmSettings(NamedTuple):
             qemu=env_or("VMADM_QEMU", DEFAULT_QEMU),
             accel=parse_accel(env_or("VMADM_ACCEL", DEFAULT_ACCEL)),
             vnc_require_password=env_flag("VMADM_VNC_REQUIRE_PASSWORD"),
+            images_dir=os.environ.get("VMADM_IMAGES_DIR", ""),
         )

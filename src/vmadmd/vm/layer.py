@@ -84,14 +84,26 @@ class VmLayer:
         vm["uuid"] = uuid
         if self.store.exists(uuid) or os.path.exists(self.store.paths(uuid).zonepath):
             raise InvalidParameter(f"a VM with uuid {uuid} already exists")
-        for disk in vm["disks"]:
-            if "size" not in disk and not os.path.exists(disk["path"]):
-                raise InvalidParameter(f"disk image {disk['path']} does not exist")
+        # Everything that can be refused is refused before anything is made.
+        zonepath = self.store.paths(uuid).zonepath
+        images: dict[int, tuple[str, str]] = {}
+        for i, disk in enumerate(vm["disks"]):
+            if "image_uuid" in disk:
+                images[i] = self.find_image(disk["image_uuid"])
+            elif "path" in disk:
+                self.check_disk_path(f"disks[{i}].path", disk["path"], zonepath)
+                if not os.path.exists(disk["path"]):
+                    raise InvalidParameter(f"disk image {disk['path']} does not exist")
         vm["create_timestamp"] = iso_now()
         paths = self.store.create(uuid, {**vm, "disks": []})
         try:
             for i, disk in enumerate(vm["disks"]):
-                if "path" not in disk:
+                if i in images:
+                    image, fmt = images[i]
+                    disk["path"] = paths.disk(i)
+                    disk["image_format"] = "qcow2"
+                    _qemu_img_overlay(disk["path"], image, fmt, disk.get("size"))
+                elif "path" not in disk:
                     disk["path"] = paths.disk(i)
                     disk["image_format"] = "qcow2"
                     _qemu_img_create(disk["path"], disk["size"])
@@ -102,6 +114,29 @@ class VmLayer:
             self.store.remove(uuid)
             raise
         return uuid
+
+    def find_image(self, image_uuid: str) -> tuple[str, str]:
+        """The image file of ``image_uuid`` in the images dir, and its format."""
+        for fmt in ("qcow2", "raw"):
+            path = os.path.join(self.settings.images, f"{validate_uuid(image_uuid)}.{fmt}")
+            if os.path.isfile(path):
+                return path, fmt
+        raise InvalidParameter(
+            f"image {image_uuid} not found in {self.settings.images} (as .qcow2 or .raw)"
+        )
+
+    def check_disk_path(self, where: str, path: str, zonepath: str) -> None:
+        """A disk lives in its VM's zonepath or under the images dir; nowhere else
+        (not /dev/sda, not /etc/shadow, not another VM's disk)."""
+        real = os.path.realpath(path)
+        for allowed in (zonepath, self.settings.images):
+            base = os.path.realpath(allowed)
+            if real.startswith(base + os.sep):
+                return
+        raise InvalidParameter(
+            f"{where} {path} is outside the VM's zonepath and the images dir "
+            f"({self.settings.images}): refused"
+        )
 
     def delete(self, uuid: str) -> None:
         """Halt the VM if it runs, then remove its zonepath."""
@@ -200,6 +235,15 @@ class VmLayer:
             if name in changes:
                 raise InvalidParameter(f"{name} cannot be changed")
         checked = props.validate(changes)
+        if "disks" in checked:
+            zonepath = self.store.paths(uuid).zonepath
+            for i, disk in enumerate(checked["disks"]):
+                if "path" not in disk:
+                    raise InvalidParameter(
+                        f"disks[{i}]: an update gives every disk by its path "
+                        "(new disks from a size or an image_uuid are made by create)"
+                    )
+                self.check_disk_path(f"disks[{i}].path", disk["path"], zonepath)
         if meta_set is not None:
             checked_meta = props.validate({"customer_metadata": meta_set})["customer_metadata"]
         if meta_remove is not None and (
@@ -270,6 +314,39 @@ def _qemu_img_create(path: str, size_mib: int) -> None:
         timeout=60,
         check=False,
     )
+    if res.returncode != 0:
+        raise InvalidParameter(
+            f"qemu-img create failed: {res.stderr.decode(errors='replace').strip()}"
+        )
+
+
+def _qemu_img_overlay(path: str, image: str, fmt: str, size_mib: int | None) -> None:
+    """A copy-on-write qcow2 at ``path`` over ``image``.
+
+    The backing format is written into the overlay (``-F``), so qemu never
+    probes it (a raw image whose first bytes look like qcow2 must stay raw).
+    Grown to ``size_mib`` when given, which may not be smaller than the image.
+    """
+    import json
+    import subprocess
+
+    if size_mib is not None:
+        res = subprocess.run(
+            ["qemu-img", "info", "--output=json", "-f", fmt, image],
+            stdin=subprocess.DEVNULL, capture_output=True, timeout=60, check=False,
+        )  # fmt: skip
+        if res.returncode != 0:
+            raise InvalidParameter(f"cannot read image {image}: {res.stderr.decode().strip()}")
+        virtual = int(json.loads(res.stdout)["virtual-size"])
+        if size_mib * 1024 * 1024 < virtual:
+            raise InvalidParameter(
+                f"disk size {size_mib} MiB is smaller than its image ({virtual >> 20} MiB)"
+            )
+    cmd = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", image, path]
+    if size_mib is not None:
+        cmd.append(f"{size_mib}M")
+    res = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
+                         check=False)  # fmt: skip
     if res.returncode != 0:
         raise InvalidParameter(
             f"qemu-img create failed: {res.stderr.decode(errors='replace').strip()}"

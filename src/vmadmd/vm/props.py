@@ -30,6 +30,7 @@ COMPUTED = (
 # Stored by the VM layer and the daemon; never settable by a user.
 INTERNAL = ("create_timestamp", "boot_timestamp", "transition", "last_exit", "qemu_identity")
 
+_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 
@@ -67,10 +68,58 @@ def _str(name: str, max_len: int = 4096) -> Callable[[object], str]:
     return check
 
 
+def _choice(name: str, choices: tuple[str, ...]) -> Callable[[object], str]:
+    def check(v: object) -> str:
+        if v not in choices:
+            raise InvalidParameter(f"{name} must be one of {', '.join(choices)}")
+        return str(v)
+
+    return check
+
+
 def _brand(v: object) -> str:
     if v != "kvm":
-        raise InvalidParameter(f"brand must be 'kvm', not {v!r}")
+        raise InvalidParameter(
+            f"brand {v!r} is not supported: this vmadm runs KVM virtual machines (brand 'kvm')"
+        )
     return "kvm"
+
+
+def _uuid_value(name: str) -> Callable[[object], str]:
+    def check(v: object) -> str:
+        s = _str(name, 36)(v)
+        if not _UUID_RE.fullmatch(s):
+            raise InvalidParameter(f"{name} must be a lower-case canonical UUID")
+        return s
+
+    return check
+
+
+# SmartOS properties that mean nothing here: accepted and kept as given, so
+# that payloads written for SmartOS (Ansible's vmadm module, Salt, scripts)
+# work unchanged.  A property that is neither SmartOS's nor ours is refused.
+SMARTOS_KEPT = frozenset({
+    "archive_on_delete", "billing_id", "boot", "datasets", "delegate_dataset", "dns_domain",
+    "do_not_inventory", "docker", "filesystems", "firewall_enabled", "flexible_disk_size",
+    "fs_allowed", "hostname", "image_uuid", "indestructible_delegated",
+    "indestructible_zoneroot", "internal_metadata", "internal_metadata_namespace",
+    "kernel_version", "limit_priv", "maintain_resolvers", "max_locked_memory", "max_swap",
+    "mdata_exec_timeout", "nowait", "owner_uuid", "package_name", "package_version",
+    "qemu_opts", "quota", "resolvers", "routes", "server_uuid", "spice_opts", "spice_password",
+    "tags", "tmpfs", "vga", "virtio_txburst", "virtio_txtimer", "zfs_data_compression",
+    "zfs_data_recsize", "zfs_filesystem_limit", "zfs_io_priority", "zfs_root_compression",
+    "zfs_root_recsize", "zfs_snapshot_limit", "zpool",
+})  # fmt: skip
+SMARTOS_DISK_KEPT = frozenset({
+    "block_size", "compression", "image_name", "image_size", "media", "nocreate",
+    "refreservation", "zpool", "uuid",
+})  # fmt: skip
+SMARTOS_NIC_KEPT = frozenset({
+    "allow_dhcp_spoofing", "allow_ip_spoofing", "allow_mac_spoofing",
+    "allow_restricted_traffic", "allow_unfiltered_promisc", "allowed_ips",
+    "blocked_outgoing_ports", "gateways", "interface", "ips", "mtu", "network_uuid",
+})  # fmt: skip
+NIC_KEPT = ("ip", "netmask", "gateway", "primary", "vlan_id")  # kept as given, for now
 
 
 def _vnc_password(v: object) -> str:
@@ -133,10 +182,11 @@ def _disk(i: int, v: object) -> dict[str, Any]:
     where = f"disks[{i}]"
     if not isinstance(v, dict):
         raise InvalidParameter(f"{where} must be an object")
-    unknown = set(v) - {"size", "path", "model", "boot", "image_format"}
+    ours = {"size", "path", "model", "boot", "image_format", "image_uuid"}
+    unknown = set(v) - ours - SMARTOS_DISK_KEPT
     if unknown:
         raise InvalidParameter(f"{where}: unknown property {sorted(unknown)[0]!r}")
-    disk: dict[str, Any] = {}
+    disk: dict[str, Any] = {k: v[k] for k in SMARTOS_DISK_KEPT if k in v}
     if "size" in v:
         disk["size"] = _int(f"{where}.size", 1, 16 * 1024 * 1024)(v["size"])
     if "path" in v:
@@ -144,12 +194,16 @@ def _disk(i: int, v: object) -> dict[str, Any]:
         if not path.startswith("/"):
             raise InvalidParameter(f"{where}.path must be absolute")
         disk["path"] = path
-    if "size" not in disk and "path" not in disk:
-        raise InvalidParameter(f"{where} needs a size (MiB) or a path")
-    model = v.get("model", "virtio")
-    if model not in DISK_MODELS:
-        raise InvalidParameter(f"{where}.model must be one of {', '.join(DISK_MODELS)}")
-    disk["model"] = model
+    if "image_uuid" in v:
+        disk["image_uuid"] = _uuid_value(f"{where}.image_uuid")(v["image_uuid"])
+        if "path" in disk:
+            raise InvalidParameter(f"{where}: give image_uuid or path, not both")
+    if "size" not in disk and "path" not in disk and "image_uuid" not in disk:
+        raise InvalidParameter(f"{where} needs a size (MiB), an image_uuid or a path")
+    if "model" in v:  # else the VM's disk_driver
+        if v["model"] not in DISK_MODELS:
+            raise InvalidParameter(f"{where}.model must be one of {', '.join(DISK_MODELS)}")
+        disk["model"] = v["model"]
     disk["boot"] = _bool(f"{where}.boot")(v.get("boot", False))
     if "image_format" in v:
         fmt = v["image_format"]
@@ -168,11 +222,13 @@ def _nic(i: int, v: object) -> dict[str, Any]:
     where = f"nics[{i}]"
     if not isinstance(v, dict):
         raise InvalidParameter(f"{where} must be an object")
-    unknown = set(v) - {"model", "mac", "netdev", "ifname"}
+    ours = {"model", "mac", "netdev", "ifname", "nic_tag", *NIC_KEPT}
+    unknown = set(v) - ours - SMARTOS_NIC_KEPT
     if unknown:
         raise InvalidParameter(f"{where}: unknown property {sorted(unknown)[0]!r}")
-    model = v.get("model", "virtio")
-    if model not in NIC_MODELS:
+    kept = {k: v[k] for k in (*SMARTOS_NIC_KEPT, *NIC_KEPT) if k in v}
+    model = v.get("model")  # else the VM's nic_driver
+    if model is not None and model not in NIC_MODELS:
         raise InvalidParameter(f"{where}.model must be one of {', '.join(NIC_MODELS)}")
     mac = v.get("mac") or random_mac()
     if not isinstance(mac, str) or not _MAC_RE.match(mac.lower()):
@@ -180,7 +236,14 @@ def _nic(i: int, v: object) -> dict[str, Any]:
     netdev = v.get("netdev", "user")
     if netdev not in NETDEVS:
         raise InvalidParameter(f"{where}.netdev must be user or tap")
-    nic: dict[str, Any] = {"model": model, "mac": mac.lower(), "netdev": netdev}
+    nic: dict[str, Any] = {**kept, "mac": mac.lower(), "netdev": netdev}
+    if model is not None:
+        nic["model"] = model
+    if "nic_tag" in v:
+        tag = _str(f"{where}.nic_tag", 64)(v["nic_tag"])
+        if not _IFNAME_RE.match(tag):
+            raise InvalidParameter(f"{where}.nic_tag has characters a tag cannot have")
+        nic["nic_tag"] = tag
     if netdev == "tap":
         ifname = v.get("ifname")
         if not isinstance(ifname, str) or not _IFNAME_RE.match(ifname):
@@ -216,6 +279,13 @@ VALIDATORS: dict[str, Callable[[object], Any]] = {
     "cpu_type": _cpu_type,
     "qemu_extra_opts": _str("qemu_extra_opts", 65536),
     "customer_metadata": _metadata,
+    "disk_driver": _choice("disk_driver", DISK_MODELS),
+    "nic_driver": _choice("nic_driver", NIC_MODELS),
+    # SmartOS's resource controls, kept now, applied by the VM's cgroup.
+    "max_physical_memory": _int("max_physical_memory", 16, 64 * 1024 * 1024),
+    "cpu_cap": _int("cpu_cap", 0, 100 * 1024),
+    "cpu_shares": _int("cpu_shares", 1, 1 << 16),
+    "max_lwps": _int("max_lwps", 1, 1 << 22),
     # Beyond SmartOS (and libvirt's on_crash=restart): boot the VM again
     # after a guest panic or a qemu crash, with back-off and a limit.
     "restart_on_crash": _bool("restart_on_crash"),
@@ -247,6 +317,12 @@ SCALAR_KINDS: dict[str, type] = {
     "cpu_type": str,
     "qemu_extra_opts": str,
     "restart_on_crash": bool,
+    "disk_driver": str,
+    "nic_driver": str,
+    "max_physical_memory": int,
+    "cpu_cap": int,
+    "cpu_shares": int,
+    "max_lwps": int,
 }
 
 
@@ -256,6 +332,9 @@ def validate(props: Mapping[str, object]) -> dict[str, Any]:
     for name, value in props.items():
         if name in COMPUTED or name in INTERNAL:
             raise InvalidParameter(f"{name} is read-only")
+        if name in SMARTOS_KEPT:
+            out[name] = value  # SmartOS's, meaning nothing here: kept as given
+            continue
         check = VALIDATORS.get(name)
         if check is None:
             raise InvalidParameter(f"unknown property {name!r}")
@@ -263,14 +342,27 @@ def validate(props: Mapping[str, object]) -> dict[str, Any]:
     return out
 
 
+def with_drivers(vm: dict[str, Any]) -> dict[str, Any]:
+    """Disks and nics without a model take the VM's disk_driver / nic_driver."""
+    for disk in vm.get("disks", []):
+        disk.setdefault("model", vm.get("disk_driver", "virtio"))
+    for nic in vm.get("nics", []):
+        nic.setdefault("model", vm.get("nic_driver", "virtio"))
+    return vm
+
+
 def for_create(props: object) -> dict[str, Any]:
     """Validate a `vmadm create` payload and fill the defaults."""
     if not isinstance(props, dict):
         raise InvalidParameter("a VM payload must be a JSON object")
+    props = dict(props)
+    name = props.pop("name", None)  # Ansible's vmadm module sends `name`
+    if name is not None and "alias" not in props:
+        props["alias"] = name
     checked = validate(props)
     out = dict(DEFAULTS)
     out.update(checked)
-    return out
+    return with_drivers(out)
 
 
 def parse_cli_value(name: str, text: str) -> object:
