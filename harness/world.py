@@ -92,6 +92,8 @@ class World:
         # qemu binary, e.g. harness/qemu-standin, to check the stand-in.
         qemu = os.environ.get("VMADMD_TEST_QEMU")
         self.extra_env: dict[str, str] = {"VMADM_QEMU": qemu} if qemu else {}
+        # Put before vmadm and vmadmd (e.g. `ip netns exec NS`: its own network).
+        self.prefix: list[str] = []
 
     @property
     def environ(self) -> dict[str, str]:
@@ -116,7 +118,7 @@ class World:
         extra_env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         res = subprocess.run(
-            [tool("vmadm"), *args],
+            [*self.prefix, tool("vmadm"), *args],
             input=input,
             capture_output=True,
             text=True,
@@ -220,7 +222,7 @@ class World:
         log = open(self.tmp / f"vmadmd.{len(self.daemons)}.log", "wb")  # noqa: SIM115
         t0 = time.monotonic()
         daemon = subprocess.Popen(
-            [tool("vmadmd"), "--log-level", self.log_level, *extra],
+            [*self.prefix, tool("vmadmd"), "--log-level", self.log_level, *extra],
             env={**self.environ, **(env or {})},
             stdout=log,
             stderr=log,

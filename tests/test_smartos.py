@@ -242,3 +242,62 @@ def test_ansible_vmadm_module_runs_unchanged(env: Env, guest: dict[str, str]) ->
     assert lookup(env, "alias=ansible-vm") == []
     assert env.get(other)["state"] == "stopped"
     print(f"ansible playbook: {took:.1f} s")
+
+
+# -- nics on bridges -----------------------------------------------------------------
+
+
+def netns_run(ns: str, *cmd: str) -> str:
+    return subprocess.run(["ip", "netns", "exec", ns, *cmd], check=True,
+                          capture_output=True, text=True).stdout  # fmt: skip
+
+
+def link(ns: str, name: str) -> dict[str, Any] | None:
+    links = json.loads(netns_run(ns, "ip", "-j", "-d", "link", "show"))
+    return next((x for x in links if x["ifname"] == name), None)
+
+
+def test_nics_on_bridges_get_taps_that_go_with_qemu(env: Env, guest: dict[str, str]) -> None:
+    ns = f"vmt-{os.getpid()}-{int(time.monotonic() * 1000) % 100000}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        netns_run(ns, "ip", "link", "add", "br-admin", "type", "bridge")
+        netns_run(ns, "ip", "link", "set", "br-admin", "up")
+        env.prefix = ["ip", "netns", "exec", ns]  # vmadm, vmadmd and qemu live there
+        env.extra_env["VMADM_NIC_TAGS"] = "admin=br-admin"
+        env.start_daemon()
+        payload = guest_payload(guest, nics=[{"nic_tag": "admin", "primary": True}, {}])
+        uuid = env.create(payload)
+        vm = env.get(uuid)
+        tap = vm["nics"][0]["ifname"]
+        assert vm["nics"][0]["netdev"] == "tap"
+        assert vm["nics"][1]["netdev"] == "user"
+        assert link(ns, tap) is None, "no tap before the VM runs"
+        env.vmadm("start", uuid, check=True)
+        env.wait_console(uuid)
+        env.wait_qmp(uuid)
+        made = link(ns, tap)
+        assert made is not None
+        assert made["master"] == "br-admin"
+        assert made["linkinfo"]["info_kind"] == "tun"
+        # qemu's nic is on that tap; the statistics read its counters.
+        assert tap in env.vmadm("qmp", uuid, "--hmp", "info network", check=True).stdout
+        stats = env.api("GET", f"/vm/{uuid}", type="stats")[1]["stats"]
+        assert set(stats["nics"]) == {tap}
+        # Stopped by the daemon (the guest powers off): the daemon removes the tap.
+        assert env.api("POST", f"/vm/{uuid}", action="stop", timeout="30")[0] == 202
+        env.wait_for(lambda: env.get(uuid)["state"] == "stopped", timeout=20, what="stopped")
+        env.wait_for(lambda: link(ns, tap) is None, what="tap gone")
+        # Forced by vmadm: vmadm removes it.
+        env.vmadm("start", uuid, check=True)
+        assert link(ns, tap) is not None
+        env.vmadm("stop", uuid, "-F", check=True)
+        assert link(ns, tap) is None
+        # A tag that maps to no bridge: a clear error, and no tap left.
+        other = env.create(bios_payload(nics=[{"nic_tag": "external"}]))
+        res = env.vmadm("start", other)
+        assert res.returncode == 1
+        assert "maps to no bridge" in res.stderr
+    finally:
+        env.cleanup()
+        subprocess.run(["ip", "netns", "del", ns], check=False)

@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(shown by `vmadm info UUID vnc`); vmadm needs VMADM_VNC_REQUIRE_PASSWORD=1 as well",
     )
     p.add_argument("--qemu", default=env_or("VMADM_QEMU", DEFAULT_QEMU))
+    p.add_argument("--nic-tag", action="append", default=[], metavar="TAG=BRIDGE",
+                   help="a nic tag's bridge (repeatable; also VMADM_NIC_TAGS)")  # fmt: skip
     p.add_argument("--images-dir", default=env_or("VMADM_IMAGES_DIR", ""), metavar="DIR",
                    help="disk images by uuid (default: <zones-root>/images)")  # fmt: skip
     p.add_argument(
@@ -251,6 +253,7 @@ class Daemon:
                 accel=args.accel,
                 vnc_require_password=args.vnc_require_password,
                 images_dir=args.images_dir,
+                nic_tags=",".join([os.environ.get("VMADM_NIC_TAGS", ""), *args.nic_tag]),
             ),
             vnc_bind=args.vnc_bind,
             qmp_timeout=args.qmp_timeout,

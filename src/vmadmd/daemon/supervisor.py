@@ -41,7 +41,7 @@ from vmadmd.daemon.serial import SerialConsole
 from vmadmd.daemon.stats import BLOCKSTATS_PERIOD, DiskStats, parse_blockstats, snapshot
 from vmadmd.daemon.vncconsole import VncConsole, qemu_vnc_mode
 from vmadmd.errors import InvalidParameter, QmpRefused, QmpTimeout, VmadmError, VmBusy, WrongState
-from vmadmd.vm import proc, transition, zonefs
+from vmadmd.vm import net, proc, transition, zonefs
 from vmadmd.vm.config import VmSettings
 from vmadmd.vm.layer import iso_now, now_ms
 from vmadmd.vm.store import Store, VmRecord
@@ -229,6 +229,7 @@ class VmSupervisor:
         # last block counters.
         self.alias = ""
         self.nics: list[str] = []
+        self._nic_records: list[Any] = []
         self.disk_stats: dict[str, DiskStats] = {}
 
     @property
@@ -238,6 +239,7 @@ class VmSupervisor:
     def learn(self, record: VmRecord) -> None:
         """Take what the statistics name the VM by from its (new) record."""
         self.alias = str(record.get("alias") or "")
+        self._nic_records = list(record.get("nics", []))
         self.nics = [
             str(nic["ifname"])
             for nic in record.get("nics", [])
@@ -297,6 +299,8 @@ class VmSupervisor:
         await self.monitor.drain(DRAIN_WAIT)
         # The record first: that is what `vmadm get/stop` wait for.
         settled = await settle_record(self._shared, self.uuid, self.ending())
+        with contextlib.suppress(Exception):  # its taps go with it (best effort)
+            await asyncio.to_thread(net.remove_taps, self._nic_records)
         self._shared.bus.forget(self.uuid)
         why = {"panic": "the guest kernel panicked", "crash": "qemu crashed"}
         await self.serial.close(

@@ -71,6 +71,8 @@ class VmSettings(NamedTuple):
     vnc_require_password: bool = False
     # Disk images by uuid (<uuid>.qcow2 or .raw); "" = <zones_root>/images.
     images_dir: str = ""
+    # Nic tags -> bridges, "admin=br0,external=br1".
+    nic_tags: str = ""
 
     @property
     def images(self) -> str:
@@ -84,4 +86,5 @@ class VmSettings(NamedTuple):
             accel=parse_accel(env_or("VMADM_ACCEL", DEFAULT_ACCEL)),
             vnc_require_password=env_flag("VMADM_VNC_REQUIRE_PASSWORD"),
             images_dir=os.environ.get("VMADM_IMAGES_DIR", ""),
+            nic_tags=os.environ.get("VMADM_NIC_TAGS", ""),
         )

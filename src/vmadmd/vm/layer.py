@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from vmadmd.errors import InvalidParameter, StartFailed, VmBroken, WrongState
-from vmadmd.vm import proc, props, transition
+from vmadmd.vm import net, proc, props, transition
 from vmadmd.vm.config import VmSettings, resolve_accel
 from vmadmd.vm.qemu import build_argv
 from vmadmd.vm.store import Store, VmPaths, VmRecord, validate_uuid
@@ -94,6 +94,9 @@ class VmLayer:
                 self.check_disk_path(f"disks[{i}].path", disk["path"], zonepath)
                 if not os.path.exists(disk["path"]):
                     raise InvalidParameter(f"disk image {disk['path']} does not exist")
+        for i, nic in enumerate(vm["nics"]):
+            if nic.get("nic_tag"):  # on a bridge: a tap of its own, made at start
+                nic.update(netdev="tap", ifname=net.tap_name(uuid, i))
         vm["create_timestamp"] = iso_now()
         paths = self.store.create(uuid, {**vm, "disks": []})
         try:
@@ -143,6 +146,7 @@ class VmLayer:
         with self.store.lock(uuid):
             vm = self.store.load(uuid)  # 404 for unknown VMs, before anything is killed
             proc.kill_vm(self.store.paths(uuid).pid, uuid, identity_of(vm))
+            net.remove_taps(vm.get("nics", []))
             self.store.remove(uuid)
 
     # -- start / halt ------------------------------------------------------
@@ -164,7 +168,13 @@ class VmLayer:
                 raise StartFailed(f"VM {uuid}: disks[{i}] has no image path")
             if not os.path.exists(path):
                 raise StartFailed(f"VM {uuid}: disk image {path} is missing")
-        pid = self._spawn(vm, paths)
+        nics = vm.get("nics", [])
+        net.create_taps(nics, net.parse_nic_tags(self.settings.nic_tags))
+        try:
+            pid = self._spawn(vm, paths)
+        except BaseException:
+            net.remove_taps(nics)
+            raise
         vm["boot_timestamp"] = iso_now()
         # What makes this qemu itself, so that no look-alike is taken for it.
         vm[IDENTITY_KEY] = proc.identity(pid)
@@ -219,6 +229,7 @@ class VmLayer:
         with self.store.lock(uuid):
             vm = self.store.load(uuid)
             stage = proc.kill_vm(paths.pid, uuid, identity_of(vm))
+            net.remove_taps(vm.get("nics", []))
             vm.pop(transition.KEY, None)
             if stage is not None:
                 vm["last_exit"] = {"reason": "stop", "stage": stage, "time": iso_now()}
