@@ -244,16 +244,7 @@ class FakeVm:
 
     async def vnc(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """An RFB banner, then echo."""
-        try:
-            writer.write(b"RFB 003.008\n")
-            await writer.drain()
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
+        await _echo(reader, writer, b"RFB 003.008\n")
 
 
 _TASKS: set[asyncio.Task[None]] = set()
@@ -430,8 +421,16 @@ async def serial_echo(sock: socket.socket) -> None:
     """A serial port whose "guest" echoes every byte at once (qemu serves one
     client at a time: later ones wait, as with qemu)."""
     sock.setblocking(False)
-    reader, writer = await asyncio.open_connection(sock=sock)
+    await _echo(*await asyncio.open_connection(sock=sock))
+
+
+async def _echo(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bytes = b""
+) -> None:
+    """Send ``first``, then every byte back, until the peer leaves."""
     try:
+        writer.write(first)
+        await writer.drain()
         while data := await reader.read(65536):
             writer.write(data)
             await writer.drain()

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import termios
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -254,41 +255,35 @@ class PtyConsole:
 
 def test_vmadm_console_in_a_terminal(env: Env, running_vm: RunVm, guest: dict[str, str]) -> None:
     uuid = running_vm(guest_payload(guest), ready=True)
-    console = PtyConsole(env, uuid)
-    try:
-        console.until(b"Ctrl-] detaches")
+
+    def session(end: Callable[[PtyConsole], None], said: bytes) -> None:
+        """Attach, end the session as ``end`` does; the terminal comes back as it was."""
+        console = PtyConsole(env, uuid)
+        try:
+            console.until(b"Ctrl-] detaches")
+            end(console)
+            assert console.finish() == 0
+            assert said in console.seen
+            assert console.restored()
+        finally:
+            console.close()
+
+    def type_then_detach(console: PtyConsole) -> None:
         console.until(b"VMTEST-READY")  # the history first
         assert not console.restored(), "raw mode while attached"
         console.type(b"echo $((5*5))-pty\r")
         console.until(b"25-pty")
         console.type(b"\x1d")  # Ctrl-]
-        assert console.finish() == 0
-        assert b"[detached]" in console.seen
-        assert console.restored()
-    finally:
-        console.close()
-    # SIGTERM: the terminal is restored too.
-    console = PtyConsole(env, uuid)
-    try:
-        console.until(b"Ctrl-] detaches")
-        console.proc.send_signal(signal.SIGTERM)
-        assert console.finish() == 0
-        assert b"terminated by SIGTERM" in console.seen
-        assert console.restored()
-    finally:
-        console.close()
-    # The VM stops under it: it says why, and lets go of the terminal.
-    console = PtyConsole(env, uuid)
-    try:
-        console.until(b"Ctrl-] detaches")
+
+    def kill_qemu(console: PtyConsole) -> None:
         pid = env.pid(uuid)
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
-        assert console.finish() == 0
-        assert b"[qemu crashed]" in console.seen
-        assert console.restored()
-    finally:
-        console.close()
+
+    session(type_then_detach, b"[detached]")
+    session(lambda console: console.proc.send_signal(signal.SIGTERM), b"terminated by SIGTERM")
+    # The VM stops under it: it says why, and lets go of the terminal.
+    session(kill_qemu, b"[qemu crashed]")
     # Not running: one line, exit 1.
     res = env.vmadm("console", uuid)
     assert res.returncode == 1

@@ -13,7 +13,6 @@ the VM's VNC socket, reached the same way the TCP listeners reach it
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import html
 import importlib.resources
 import json
@@ -31,7 +30,7 @@ from aiohttp import WSMsgType, web
 
 from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.manager import Manager
-from vmadmd.daemon.responses import json_errors
+from vmadmd.daemon.responses import json_errors, run_session
 from vmadmd.daemon.serial import relay as serial_relay
 from vmadmd.daemon.vnc import open_upstream
 from vmadmd.errors import Forbidden, Unreachable
@@ -432,17 +431,4 @@ class ConsoleServer:
                     return "idle timeout"
                 await asyncio.sleep(left)
 
-        tasks = [asyncio.create_task(c()) for c in (upstream_to_ws, ws_to_upstream, idle)]
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            reason = next(iter(done)).result() if done else ""
-        except (ConnectionError, OSError):
-            reason = "connection lost"
-        finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        if not ws.closed:
-            await ws.close(code=1000, message=reason.encode()[:120])
+        await run_session(ws, upstream_to_ws, ws_to_upstream, idle)

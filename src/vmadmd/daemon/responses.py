@@ -10,10 +10,12 @@ console listener.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 
 from vmadmd.errors import VmadmError
 
@@ -51,6 +53,31 @@ async def answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Exception:
         log.exception("bug while serving %s %s", request.method, request.path_qs)
         return error_response(500, "InternalError", "internal error (logged by vmadmd)")
+
+
+async def run_session(
+    ws: web.WebSocketResponse, *sides: Callable[[], Coroutine[Any, Any, str]]
+) -> None:
+    """Run a WebSocket session's sides until the first ends; close with its reason.
+
+    Each side returns why the session ended ("" when the client left); the
+    others are cancelled, and the socket is closed with that reason.
+    """
+    tasks = [asyncio.create_task(side()) for side in sides]
+    reason = ""
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        reason = next(iter(done)).result()
+    except (ConnectionError, OSError):
+        reason = "connection lost"
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+    if not ws.closed:
+        await ws.close(code=WSCloseCode.OK, message=reason.encode()[:120])
 
 
 @web.middleware

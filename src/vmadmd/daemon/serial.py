@@ -21,9 +21,10 @@ import asyncio
 import contextlib
 import logging
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSMsgType, web
 
 from vmadmd.daemon.logs import vm_log
+from vmadmd.daemon.responses import run_session
 from vmadmd.errors import WrongState
 from vmadmd.vm.sockets import connect_unix_retrying
 
@@ -169,19 +170,7 @@ async def relay(ws: web.WebSocketResponse, console: SerialConsole, viewer: Viewe
                 break
         return ""
 
-    tasks = [asyncio.create_task(to_viewer()), asyncio.create_task(from_viewer())]
-    reason = ""
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        reason = next(iter(done)).result()
-    except (ConnectionError, OSError):
-        reason = "connection lost"
+        await run_session(ws, to_viewer, from_viewer)
     finally:
         console.detach(viewer)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-    if not ws.closed:
-        await ws.close(code=WSCloseCode.OK, message=reason.encode()[:120])
