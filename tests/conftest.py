@@ -8,6 +8,8 @@ its own autoboot marker; nothing touches the default zones root or API socket.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -74,6 +76,18 @@ def env(tmp_path: Path) -> Iterator[World]:
 
 
 RunVm = Callable[..., str]
+
+
+def frozen_and_other(env: World) -> tuple[str, str, int]:
+    """A daemon with a 1 s QMP timeout, two VMs, the first's qemu stopped
+    (SIGSTOP: it answers nothing); returns both and the stopped pid
+    (the caller sends SIGCONT)."""
+    env.start_daemon("--qmp-timeout", "1")
+    frozen, other = env.run_vm(), env.run_vm()
+    pid = env.pid(frozen)
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    return frozen, other, pid
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from vmadmd.daemon.supervisor import INFO_TYPES
 from vmadmd.errors import VmadmError
 from vmadmd.vm.sockets import connect_unix
 
-from .conftest import Env, RunVm, bios_payload, guest_payload
+from .conftest import Env, RunVm, bios_payload, frozen_and_other, guest_payload
 
 U = "0b3f1c2e-9a4d-4f5e-8b6a-1c2d3e4f5a6b"
 
@@ -281,11 +281,7 @@ def test_socket_is_private_stale_replaced_and_second_daemon_refused(env: Env) ->
 
 
 def test_wedged_qemu_gives_504_and_others_keep_answering(env: Env) -> None:
-    env.start_daemon("--qmp-timeout", "1")
-    frozen, other = env.run_vm(), env.run_vm()
-    pid = env.pid(frozen)
-    assert pid is not None
-    os.kill(pid, signal.SIGSTOP)
+    frozen, other, pid = frozen_and_other(env)
     try:
         results: dict[str, Any] = {}
 

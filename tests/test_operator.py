@@ -21,7 +21,7 @@ import pytest
 
 from harness.world import tool
 
-from .conftest import Env, RunVm, bios_payload, guest_payload
+from .conftest import Env, RunVm, bios_payload, frozen_and_other, guest_payload
 
 
 def qmp(env: Env, uuid: str, body: object) -> tuple[int, object]:
@@ -102,11 +102,7 @@ def test_qmp_passthrough_error_carries_qemus_class(env: Env, running_vm: RunVm) 
 
 
 def test_qmp_passthrough_to_a_stopped_qemu_times_out_alone(env: Env) -> None:
-    env.start_daemon("--qmp-timeout", "1")
-    frozen, other = env.run_vm(), env.run_vm()
-    pid = env.pid(frozen)
-    assert pid is not None
-    os.kill(pid, signal.SIGSTOP)
+    frozen, other, pid = frozen_and_other(env)
     try:
         t0 = time.monotonic()
         assert qmp(env, frozen, {"execute": "query-status"})[0] == 504

@@ -439,20 +439,22 @@ def _force_timeout(c: argparse.ArgumentParser) -> None:
     c.add_argument("-t", type=float, default=DEFAULT_TIMEOUT, metavar="SECS")
 
 
-def _list_args(c: argparse.ArgumentParser) -> None:
-    c.add_argument("-H", action="store_true", help="no header")
-    c.add_argument("-o", metavar="FIELDS", help="comma-separated fields")
-    c.add_argument("-p", action="store_true", help="parsable: colon-separated, no header")
+def _selection_args(c: argparse.ArgumentParser, fields_help: str) -> None:
+    c.add_argument("-o", metavar="FIELDS", help=fields_help)
     c.add_argument("-s", metavar="FIELDS", help="sort by these fields (-field: descending)")
     c.add_argument("filters", nargs="*", metavar="field=value|field=~regex")
+
+
+def _list_args(c: argparse.ArgumentParser) -> None:
+    c.add_argument("-H", action="store_true", help="no header")
+    c.add_argument("-p", action="store_true", help="parsable: colon-separated, no header")
+    _selection_args(c, "comma-separated fields")
 
 
 def _lookup_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("-j", action="store_true", help="a JSON array of the VMs")
     c.add_argument("-1", dest="one", action="store_true", help="exactly one VM, or an error")
-    c.add_argument("-o", metavar="FIELDS", help="with -j: only these fields")
-    c.add_argument("-s", metavar="FIELDS", help="sort by these fields (-field: descending)")
-    c.add_argument("filters", nargs="*", metavar="field=value|field=~regex")
+    _selection_args(c, "with -j: only these fields")
 
 
 def _info_args(c: argparse.ArgumentParser) -> None:

@@ -90,13 +90,7 @@ async def params_of(request: web.Request) -> dict[str, str]:
                 if isinstance(value, str):
                     params.setdefault(key, value)
         elif ctype == "application/json":
-            try:
-                body = await request.json()
-            except ValueError as err:
-                raise InvalidParameter(f"request body is not valid JSON: {err}") from None
-            if not isinstance(body, dict):
-                raise InvalidParameter("a JSON body must be an object")
-            for key, value in body.items():
+            for key, value in (await json_body(request)).items():
                 params.setdefault(str(key), value if isinstance(value, str) else json.dumps(value))
     return params
 
