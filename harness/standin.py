@@ -20,7 +20,8 @@ greeting, then no reply ever); ``ignore_acpi`` (powerdown does nothing);
 ``yes`` (an empty success to every command, even queries); ``panic_on_nmi``
 (an NMI panics the guest: GUEST_PANICKED, then SHUTDOWN with reason
 guest-panic); ``nofds`` (fds passed over QMP are lost, so ``getfd`` fails);
-``stallfds`` (``getfd`` and ``add_client`` are never answered); ``stalladd``
+``nopci`` (``query-pci`` alone fails); ``stallfds`` (``getfd`` and
+``add_client`` are never answered); ``stalladd``
 (``add_client`` is never answered, and the fd stays registered, as in qemu,
 across connections).  Like qemu, it takes client sockets passed over QMP
 (SCM_RIGHTS, ``getfd``, ``add_client``) and serves them as VNC clients.
@@ -196,7 +197,9 @@ class FakeVm:
                 continue
             if self.mode == "stalladd" and cmd == "add_client":
                 continue
-            if self.mode == "error" and negotiated:
+            if self.mode == "nopci" and cmd == "query-pci":
+                reply = {"error": {"class": "GenericError", "desc": "no PCI here"}}
+            elif self.mode == "error" and negotiated:
                 reply = {"error": {"class": "GenericError", "desc": "stand-in says no"}}
             elif self.mode == "yes" and negotiated:
                 reply = {"return": {}}

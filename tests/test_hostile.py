@@ -86,3 +86,33 @@ def test_a_look_alike_is_not_the_vm(env: Env, running_vm: RunVm) -> None:
     finally:
         look_alike.kill()
         look_alike.wait()
+
+
+def test_concurrent_png_screenshots_are_each_whole(env: Env, running_vm: RunVm) -> None:
+    """Each screenshot is taken, read back and removed under the VM's lock: two
+    at once cannot read each other's half-written file."""
+    import concurrent.futures
+
+    uuid = running_vm()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: raw_png(env, uuid), range(8)))
+    for data in results:
+        assert data.startswith(b"\x89PNG\r\n\x1a\n")
+        assert data.endswith(b"IEND\xaeB`\x82"), "a whole PNG, not a truncated one"
+
+
+def raw_png(env: Env, uuid: str) -> bytes:
+    """GET /vm/<uuid>/screenshot.png as bytes (the JSON client would decode it)."""
+    from vmadmd.vm.sockets import connect_unix
+
+    sock = connect_unix(os.path.dirname(env.socket), os.path.basename(env.socket))
+    sock.settimeout(30)
+    sock.sendall(f"GET /vm/{uuid}/screenshot.png HTTP/1.1\r\nHost: x\r\n"
+                 "Connection: close\r\n\r\n".encode())  # fmt: skip
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    sock.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head[:200]
+    return body

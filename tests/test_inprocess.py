@@ -454,3 +454,17 @@ async def test_console_caps_sessions_and_handoffs_and_reaps_idle_relays(rig: Rig
         await relay.close()
         await handing.close()
         await mon.close()
+
+
+async def test_info_returns_what_answered_and_the_error_of_what_did_not(rig: Rig) -> None:
+    await rig.serve("nopci")
+    sup, _ = rig.supervisor()
+    await until(lambda: sup.monitor.ready)
+    out = await sup.info(["version", "pci", "status"])
+    assert out["version"]["qemu"]["major"] == 7
+    assert out["status"]["status"] == "running"
+    assert out["pci"]["error"]["code"] == "QmpRefused"
+    assert "no PCI here" in out["pci"]["error"]["message"]
+    # Only when nothing answered is the failure the answer.
+    with pytest.raises(QmpRefused):
+        await sup.info(["pci"])
