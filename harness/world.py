@@ -22,7 +22,9 @@ from typing import Any
 
 from vmadmd.cli.client import ApiError, Client
 from vmadmd.vm import proc
+from vmadmd.vm.cgroup import DEFAULT_ROOT, Cgroups
 from vmadmd.vm.sockets import connect_unix
+from vmadmd.vm.store import is_uuid
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -296,3 +298,8 @@ class World:
                     daemon.kill()
                     daemon.wait(timeout=10)
         kill_qemus_under(self.zones)
+        # The VMs' cgroups, once empty (a clean exit removes its own).
+        cgroups = Cgroups(self.extra_env.get("VMADM_CGROUP_ROOT", "") or DEFAULT_ROOT)
+        for name in os.listdir(self.zones):
+            if is_uuid(name):
+                cgroups.remove(name)

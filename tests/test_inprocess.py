@@ -31,6 +31,7 @@ from vmadmd.daemon.supervisor import DaemonSettings, Shared, VmSupervisor, endin
 from vmadmd.daemon.vncconsole import VncConsole
 from vmadmd.errors import QmpConnectionLost, QmpRefused, QmpTimeout
 from vmadmd.vm import proc
+from vmadmd.vm.cgroup import Cgroups
 from vmadmd.vm.config import VmSettings
 from vmadmd.vm.layer import iso_now
 from vmadmd.vm.store import Store
@@ -57,6 +58,7 @@ class Rig:
             metrics=self.metrics,
             connect_slots=asyncio.Semaphore(4),
             spawn=self.spawn,
+            cgroups=Cgroups(str(root / "no-cgroups")),  # the stand-in's holder stays put
         )
         self.served: ServedVm | None = None
         self.events: list[tuple[str, dict[str, Any]]] = []

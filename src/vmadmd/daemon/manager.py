@@ -66,6 +66,7 @@ class Manager:
             metrics=metrics,
             connect_slots=asyncio.Semaphore(CONNECT_CONCURRENCY),
             spawn=self._spawn,
+            cgroups=self.layer.cgroups,
         )
         metrics.watch_state(self._state_snapshot)
         metrics.registry.register(VmStatsCollector(lambda: list(self.vms.values())))

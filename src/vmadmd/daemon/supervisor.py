@@ -41,7 +41,7 @@ from vmadmd.daemon.serial import SerialConsole
 from vmadmd.daemon.stats import BLOCKSTATS_PERIOD, DiskStats, parse_blockstats, snapshot
 from vmadmd.daemon.vncconsole import VncConsole, qemu_vnc_mode
 from vmadmd.errors import InvalidParameter, QmpRefused, QmpTimeout, VmadmError, VmBusy, WrongState
-from vmadmd.vm import net, proc, transition, zonefs
+from vmadmd.vm import cgroup, net, proc, transition, zonefs
 from vmadmd.vm.config import VmSettings
 from vmadmd.vm.layer import iso_now, now_ms
 from vmadmd.vm.store import Store, VmRecord
@@ -93,6 +93,7 @@ class Shared:
     metrics: Metrics
     connect_slots: asyncio.Semaphore
     spawn: Callable[[Coroutine[Any, Any, Any], str], asyncio.Task[Any]]
+    cgroups: cgroup.Cgroups
 
 
 # How a VM last ended, as kept in vm.json's "last_exit" (without "time").
@@ -299,8 +300,9 @@ class VmSupervisor:
         await self.monitor.drain(DRAIN_WAIT)
         # The record first: that is what `vmadm get/stop` wait for.
         settled = await settle_record(self._shared, self.uuid, self.ending())
-        with contextlib.suppress(Exception):  # its taps go with it (best effort)
+        with contextlib.suppress(Exception):  # its taps and cgroup go with it (best effort)
             await asyncio.to_thread(net.remove_taps, self._nic_records)
+            await asyncio.to_thread(self._shared.cgroups.remove, self.uuid)
         self._shared.bus.forget(self.uuid)
         why = {"panic": "the guest kernel panicked", "crash": "qemu crashed"}
         await self.serial.close(
@@ -362,7 +364,7 @@ class VmSupervisor:
         """CPU, memory, disk and nic counters (block counters refreshed now)."""
         with contextlib.suppress(VmadmError):
             self.disk_stats = parse_blockstats(await self.monitor.query("blockstats"))
-        return snapshot(self, None)
+        return snapshot(self, self._shared.cgroups.memory_limit(self.uuid))
 
     async def _poll_blockstats(self) -> None:
         """Keep the block counters fresh for /metrics, one query per period."""

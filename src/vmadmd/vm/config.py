@@ -73,6 +73,8 @@ class VmSettings(NamedTuple):
     images_dir: str = ""
     # Nic tags -> bridges, "admin=br0,external=br1".
     nic_tags: str = ""
+    # The cgroup filesystem the VMs' cgroups are made in ("" = /sys/fs/cgroup).
+    cgroup_root: str = ""
 
     @property
     def images(self) -> str:
@@ -87,4 +89,5 @@ class VmSettings(NamedTuple):
             vnc_require_password=env_flag("VMADM_VNC_REQUIRE_PASSWORD"),
             images_dir=os.environ.get("VMADM_IMAGES_DIR", ""),
             nic_tags=os.environ.get("VMADM_NIC_TAGS", ""),
+            cgroup_root=os.environ.get("VMADM_CGROUP_ROOT", ""),
         )

@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from vmadmd.errors import InvalidParameter, StartFailed, VmBroken, WrongState
-from vmadmd.vm import net, proc, props, transition
+from vmadmd.vm import cgroup, net, proc, props, transition
 from vmadmd.vm.config import VmSettings, resolve_accel
 from vmadmd.vm.qemu import build_argv
 from vmadmd.vm.store import Store, VmPaths, VmRecord, validate_uuid
@@ -47,6 +47,7 @@ class VmLayer:
     def __init__(self, settings: VmSettings) -> None:
         self.settings = settings
         self.store = Store(settings.zones_root)
+        self.cgroups = cgroup.Cgroups(settings.cgroup_root or cgroup.DEFAULT_ROOT)
 
     # -- queries -----------------------------------------------------------
 
@@ -147,6 +148,7 @@ class VmLayer:
             vm = self.store.load(uuid)  # 404 for unknown VMs, before anything is killed
             proc.kill_vm(self.store.paths(uuid).pid, uuid, identity_of(vm))
             net.remove_taps(vm.get("nics", []))
+            self.cgroups.remove(uuid)
             self.store.remove(uuid)
 
     # -- start / halt ------------------------------------------------------
@@ -174,6 +176,14 @@ class VmLayer:
             pid = self._spawn(vm, paths)
         except BaseException:
             net.remove_taps(nics)
+            raise
+        try:
+            # Its own cgroup, with SmartOS's limits, named after the uuid.
+            self.cgroups.place(uuid, pid, cgroup.limits_of(vm))
+        except BaseException:
+            proc.kill_vm(paths.pid, uuid)
+            net.remove_taps(nics)
+            self.cgroups.remove(uuid)
             raise
         vm["boot_timestamp"] = iso_now()
         # What makes this qemu itself, so that no look-alike is taken for it.
@@ -230,6 +240,7 @@ class VmLayer:
             vm = self.store.load(uuid)
             stage = proc.kill_vm(paths.pid, uuid, identity_of(vm))
             net.remove_taps(vm.get("nics", []))
+            self.cgroups.remove(uuid)
             vm.pop(transition.KEY, None)
             if stage is not None:
                 vm["last_exit"] = {"reason": "stop", "stage": stage, "time": iso_now()}
@@ -280,6 +291,12 @@ class VmLayer:
                 vm["customer_metadata"] = meta
 
         record = self.store.update(uuid, apply)
+        if changed & set(cgroup.RESOURCE_KEYS) and self.pid(uuid, record) is not None:
+            # A running VM's limits change at once, as SmartOS's do.
+            try:
+                self.cgroups.apply(uuid, cgroup.limits_of(record))
+            except OSError as err:
+                raise StartFailed(f"VM {uuid}: saved, but its cgroup refused: {err}") from err
         return record, changed
 
 

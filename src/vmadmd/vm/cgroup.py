@@ -1,0 +1,175 @@
+"""Each running VM in a cgroup of its own, named after its uuid, with SmartOS's limits.
+
+SmartOS's resource controls, in SmartOS's units, map onto the cgroup's files:
+
+- ``max_physical_memory``, MiB (default ``ram`` + 1024): ``memory.max`` (v2),
+  ``memory.limit_in_bytes`` (v1);
+- ``cpu_cap``, percent of one CPU (0: none): ``cpu.max`` / ``cpu.cfs_quota_us``;
+- ``cpu_shares``, a relative weight (default 100): ``cpu.weight`` / ``cpu.shares``
+  (scaled so that 100 is the kernel's default 1024);
+- ``max_lwps``, processes and threads: ``pids.max``.
+
+The cgroup is ``<hierarchy>/vmadmd/<uuid>``: on a unified (v2) hierarchy one
+directory, with the controllers enabled on ``vmadmd``; on v1 one directory per
+controller hierarchy (memory, cpu, cpuacct, pids).  Which one is found from
+the hierarchy's root (``cgroup.controllers`` says v2 and which controllers it
+has).  Where systemd is PID 1 a transient scope would be its way; that is not
+done yet (this machine kind has no systemd), the cgroup filesystem is written
+directly everywhere.  ``vmadm update`` applies a changed control to a running
+VM at once.
+
+Standard library only: the CLI imports this.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, NamedTuple
+
+from vmadmd.errors import StartFailed
+
+DEFAULT_ROOT = "/sys/fs/cgroup"
+PARENT = "vmadmd"
+CFS_PERIOD = 100_000  # µs
+V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids")
+
+
+class Limits(NamedTuple):
+    memory_bytes: int
+    cpu_cap: int  # percent of one CPU, 0 = no cap
+    cpu_shares: int
+    max_lwps: int | None
+
+
+def limits_of(vm: dict[str, Any]) -> Limits:
+    """The resource controls a VM record asks for, defaults filled."""
+    memory = int(vm.get("max_physical_memory") or int(vm.get("ram", 256)) + 1024)
+    lwps = vm.get("max_lwps")
+    return Limits(
+        memory_bytes=memory * 1024 * 1024,
+        cpu_cap=int(vm.get("cpu_cap") or 0),
+        cpu_shares=int(vm.get("cpu_shares") or 100),
+        max_lwps=int(lwps) if lwps else None,
+    )
+
+
+RESOURCE_KEYS = ("max_physical_memory", "cpu_cap", "cpu_shares", "max_lwps", "ram")
+
+
+class Cgroups:
+    """The VMs' cgroups under one cgroup filesystem root."""
+
+    def __init__(self, root: str = DEFAULT_ROOT) -> None:
+        self.root = root
+        controllers = os.path.join(root, "cgroup.controllers")
+        try:
+            with open(controllers) as f:
+                have = set(f.read().split())
+        except OSError:
+            have = set()
+        self.v2 = {"memory", "cpu", "pids"} <= have
+
+    # -- paths -----------------------------------------------------------------
+
+    def dirs(self, uuid: str) -> dict[str, str]:
+        """Controller -> the VM's directory ("" for the one v2 directory)."""
+        if self.v2:
+            return {"": os.path.join(self.root, PARENT, uuid)}
+        return {c: os.path.join(self.root, c, PARENT, uuid) for c in V1_CONTROLLERS}
+
+    def _file(self, controller: str, uuid: str, name: str) -> str:
+        key = "" if self.v2 else controller
+        return os.path.join(self.dirs(uuid)[key], name)
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def create(self, uuid: str) -> None:
+        if self.v2:
+            parent = os.path.join(self.root, PARENT)
+            os.makedirs(parent, exist_ok=True)
+            _write(os.path.join(parent, "cgroup.subtree_control"), "+memory +cpu +pids")
+        for path in self.dirs(uuid).values():
+            os.makedirs(path, exist_ok=True)
+
+    def apply(self, uuid: str, limits: Limits) -> None:
+        """Write the limits (also to a running VM's cgroup: they take effect at once)."""
+        cap = limits.cpu_cap * CFS_PERIOD // 100
+        lwps = str(limits.max_lwps) if limits.max_lwps else "max"
+        if self.v2:
+            _write(self._file("memory", uuid, "memory.max"), str(limits.memory_bytes))
+            _write(self._file("cpu", uuid, "cpu.max"), f"{cap or 'max'} {CFS_PERIOD}")
+            weight = max(1, min(10000, limits.cpu_shares))
+            _write(self._file("cpu", uuid, "cpu.weight"), str(weight))
+        else:
+            _write(self._file("memory", uuid, "memory.limit_in_bytes"), str(limits.memory_bytes))
+            _write(self._file("cpu", uuid, "cpu.cfs_period_us"), str(CFS_PERIOD))
+            _write(self._file("cpu", uuid, "cpu.cfs_quota_us"), str(cap or -1))
+            shares = max(2, limits.cpu_shares * 1024 // 100)
+            _write(self._file("cpu", uuid, "cpu.shares"), str(shares))
+        _write(self._file("pids", uuid, "pids.max"), lwps)
+
+    def add(self, uuid: str, pid: int) -> None:
+        """Move a process (all its threads) into the VM's cgroup."""
+        for path in self.dirs(uuid).values():
+            _write(os.path.join(path, "cgroup.procs"), str(pid))
+
+    def remove(self, uuid: str, wait: float = 2.0) -> None:
+        """Remove the VM's cgroup once empty.
+
+        A qemu that has just exited stays in its cgroup until it is reaped
+        (EBUSY): retried for up to ``wait`` seconds, then left (the next
+        start of the VM reuses it).
+        """
+        deadline = time.monotonic() + wait
+        for path in self.dirs(uuid).values():
+            while True:
+                try:
+                    os.rmdir(path)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.01)
+
+    def place(self, uuid: str, pid: int, limits: Limits) -> None:
+        """A booted VM's qemu into its own, limited cgroup."""
+        try:
+            self.create(uuid)
+            self.apply(uuid, limits)
+            self.add(uuid, pid)
+        except OSError as err:
+            raise StartFailed(f"VM {uuid}: cannot set up its cgroup: {err}") from err
+
+    # -- reading -------------------------------------------------------------------
+
+    def memory_limit(self, uuid: str) -> int | None:
+        name = "memory.max" if self.v2 else "memory.limit_in_bytes"
+        text = _read(self._file("memory", uuid, name))
+        return int(text) if text and text.isdigit() else None
+
+    def cpu_usage_ns(self, uuid: str) -> int | None:
+        """CPU time used by the cgroup's processes, in ns."""
+        if self.v2:
+            for line in (_read(self._file("cpu", uuid, "cpu.stat")) or "").splitlines():
+                key, _, value = line.partition(" ")
+                if key == "usage_usec":
+                    return int(value) * 1000
+            return None
+        text = _read(self._file("cpuacct", uuid, "cpuacct.usage"))
+        return int(text) if text and text.isdigit() else None
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
