@@ -33,7 +33,8 @@ log = logging.getLogger("vmadmd.serial")
 HISTORY = 64 * 1024
 VIEWER_BACKLOG = 1 << 20
 MAX_VIEWERS = 64
-RECONNECT_DELAY = 0.2
+RECONNECT_DELAY = 0.05
+MAX_RECONNECT_DELAY = 5.0
 
 
 class Viewer:
@@ -85,15 +86,19 @@ class SerialConsole:
 
     async def _run(self) -> None:
         """Hold qemu's serial socket; reconnect if it drops while the VM runs."""
+        delay = RECONNECT_DELAY
         while not self._closed:
             try:
                 sock = await connect_unix_retrying(self._directory, self._name)
                 reader, writer = await asyncio.open_connection(sock=sock)
             except OSError as err:
-                # qemu not listening yet, or going away: its pidfd decides.
+                # qemu not listening yet, or going away (its pidfd decides), or
+                # a qemu without this serial port: back off, at most 5 s.
                 self._log.debug("serial console not reachable: %s", err)
-                await asyncio.sleep(RECONNECT_DELAY)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_RECONNECT_DELAY)
                 continue
+            delay = RECONNECT_DELAY
             self._writer = writer
             try:
                 while chunk := await reader.read(65536):
