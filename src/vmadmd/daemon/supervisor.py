@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -300,9 +301,6 @@ class VmSupervisor:
         await self.monitor.drain(DRAIN_WAIT)
         # The record first: that is what `vmadm get/stop` wait for.
         settled = await settle_record(self._shared, self.uuid, self.ending())
-        with contextlib.suppress(Exception):  # its taps and cgroup go with it (best effort)
-            await asyncio.to_thread(net.remove_taps, self._nic_records)
-            await asyncio.to_thread(self._shared.cgroups.remove, self.uuid)
         self._shared.bus.forget(self.uuid)
         why = {"panic": "the guest kernel panicked", "crash": "qemu crashed"}
         await self.serial.close(
@@ -310,6 +308,16 @@ class VmSupervisor:
         )
         await self.console.close()
         await self.monitor.close()
+        # Its taps and its cgroup go with it (best effort: the next start
+        # redoes both); last, as the cgroup may wait for qemu to be reaped.
+        for cleanup in (
+            functools.partial(net.remove_taps, self._nic_records),
+            functools.partial(self._shared.cgroups.remove, self.uuid),
+        ):
+            try:
+                await asyncio.to_thread(cleanup)
+            except Exception:
+                self._log.exception("cleanup after exit failed")
         return settled
 
     async def detach(self) -> None:
