@@ -31,7 +31,7 @@ from vmadmd.daemon.supervisor import (
     VmSupervisor,
     settle_record,
 )
-from vmadmd.errors import VmadmError, VmBroken, WrongState
+from vmadmd.errors import StartFailed, VmadmError, VmBroken, VmBusy, WrongState
 from vmadmd.vm import proc
 from vmadmd.vm.layer import VmLayer, identity_of, state_of
 from vmadmd.vm.store import VmRecord
@@ -298,6 +298,10 @@ class Manager:
         try:
             async with vm_lock(self.store, uuid):
                 await asyncio.to_thread(self.layer.start_locked, uuid, set_autoboot=False)
+        except VmBusy as err:  # not "already running": its lock stayed taken
+            vm_log(log, uuid).error("%s failed: %s", reason, err)
+            self.bus.emit("boot_failed", uuid, reason=reason, error=str(err))
+            raise StartFailed(err.message) from err
         except WrongState:
             vm_log(log, uuid).info("%s: already running", reason)
             await self.refresh(uuid)  # someone else booted it: make sure we hold it
