@@ -263,7 +263,9 @@ def test_nics_on_bridges_get_taps_that_go_with_qemu(env: Env, guest: dict[str, s
     try:
         netns_run(ns, "ip", "link", "add", "br-admin", "type", "bridge")
         netns_run(ns, "ip", "link", "set", "br-admin", "up")
-        env.prefix = ["ip", "netns", "exec", ns]  # vmadm, vmadmd and qemu live there
+        # vmadm, vmadmd and qemu live in that network namespace (nsenter, not
+        # `ip netns exec`, which would mount a /sys without the cgroups).
+        env.prefix = ["nsenter", f"--net=/run/netns/{ns}"]
         env.extra_env["VMADM_NIC_TAGS"] = "admin=br-admin"
         env.start_daemon()
         payload = guest_payload(guest, nics=[{"nic_tag": "admin", "primary": True}, {}])

@@ -179,6 +179,7 @@ class Api:
         return web.json_response({"stopping": stopping}, status=202)
 
     async def metrics_page(self, request: web.Request) -> web.Response:
+        await self.manager.stats.refresh()
         return web.Response(
             body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )

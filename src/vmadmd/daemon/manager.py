@@ -69,7 +69,8 @@ class Manager:
             cgroups=self.layer.cgroups,
         )
         metrics.watch_state(self._state_snapshot)
-        metrics.registry.register(VmStatsCollector(lambda: list(self.vms.values())))
+        self.stats = VmStatsCollector(lambda: list(self.vms.values()))
+        metrics.registry.register(self.stats)
 
     # -- helpers -----------------------------------------------------------
 

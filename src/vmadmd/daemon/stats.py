@@ -3,7 +3,7 @@
 Collected cheaply, so that a Prometheus scrape of a host with a thousand VMs
 costs file reads, never a QMP command per VM: CPU time and resident memory
 come from ``/proc/<pid>`` at the moment they are asked for, nic counters
-from the tap's ``/sys/class/net/<tap>/statistics``, and block counters from
+from one netlink dump of the taps (per scrape, not per VM), and block counters from
 ``query-blockstats``, which each VM's supervisor refreshes in the background
 (``BLOCKSTATS_PERIOD``) and the API refreshes when it is asked for one VM.
 
@@ -13,6 +13,7 @@ the host sends into a tap is what the guest receives.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple, Protocol
@@ -57,14 +58,29 @@ def memory_bytes(pid: int) -> int | None:
         return None
 
 
-def nic_bytes(ifname: str) -> tuple[int, int] | None:
-    """(received, transmitted) bytes as the guest sees them, from its tap."""
-    base = f"/sys/class/net/{ifname}/statistics"
+def nic_counters(names: Iterable[str]) -> dict[str, tuple[int, int]]:
+    """(received, transmitted) bytes of these taps, as their guests see them.
+
+    One netlink dump for all of them (pyroute2: sysfs would show another
+    network namespace's interfaces when /sys was mounted for it).
+    """
+    wanted = set(names)
+    if not wanted:
+        return {}
+    from pyroute2 import IPRoute
+
+    out: dict[str, tuple[int, int]] = {}
     try:
-        with open(f"{base}/tx_bytes", "rb") as tx, open(f"{base}/rx_bytes", "rb") as rx:
-            return int(tx.read()), int(rx.read())
-    except (OSError, ValueError):
-        return None
+        with IPRoute() as ipr:
+            for link in ipr.get_links():
+                name = link.get_attr("IFLA_IFNAME")
+                stats = link.get_attr("IFLA_STATS64")
+                if name in wanted and stats is not None:
+                    # What the host sends into a tap is what its guest receives.
+                    out[name] = (int(stats["tx_bytes"]), int(stats["rx_bytes"]))
+    except OSError:
+        return {}
+    return out
 
 
 def parse_blockstats(reply: object) -> dict[str, DiskStats]:
@@ -101,13 +117,15 @@ class StatsSource(Protocol):
     disk_stats: dict[str, DiskStats]
 
 
-def snapshot(vm: StatsSource, memory_limit: int | None) -> dict[str, Any]:
-    """The ``stats`` info of one VM (the API's shape)."""
-    nics = {}
-    for name in vm.nics:
-        counters = nic_bytes(name)
-        if counters is not None:
-            nics[name] = {"rx_bytes": counters[0], "tx_bytes": counters[1]}
+def snapshot(
+    vm: StatsSource, memory_limit: int | None, nics_now: dict[str, tuple[int, int]]
+) -> dict[str, Any]:
+    """The ``stats`` info of one VM (the API's shape); ``nics_now`` from ``nic_counters``."""
+    nics = {
+        name: {"rx_bytes": rx, "tx_bytes": tx}
+        for name, (rx, tx) in nics_now.items()
+        if name in vm.nics
+    }
     return {
         "cpu_seconds": cpu_seconds(vm.pid),
         "memory_bytes": memory_bytes(vm.pid),
@@ -122,6 +140,14 @@ class VmStatsCollector(Collector):
 
     def __init__(self, running: Callable[[], Iterable[StatsSource]]) -> None:
         self._running = running
+        # The taps' counters, read just before a scrape renders (see refresh).
+        self.nic_counters: dict[str, tuple[int, int]] = {}
+
+    async def refresh(self) -> None:
+        """Read the taps' counters off the event loop (pyroute2 runs a loop of
+        its own, and cannot inside the daemon's)."""
+        names = [name for vm in self._running() for name in vm.nics]
+        self.nic_counters = await asyncio.to_thread(nic_counters, names) if names else {}
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         vm_labels = ["uuid", "alias"]
@@ -145,6 +171,7 @@ class VmStatsCollector(Collector):
         tx = CounterMetricFamily(
             "vmadmd_vm_nic_transmit_bytes", "Bytes the guest sent on a nic", labels=nic_labels
         )
+        counters = self.nic_counters
         for vm in self._running():
             labels = [vm.uuid, vm.alias]
             seconds = cpu_seconds(vm.pid)
@@ -157,8 +184,7 @@ class VmStatsCollector(Collector):
                 rd.add_metric([*labels, dev], d.read_bytes)
                 wr.add_metric([*labels, dev], d.write_bytes)
             for name in vm.nics:
-                counters = nic_bytes(name)
-                if counters is not None:
-                    rx.add_metric([*labels, name], counters[0])
-                    tx.add_metric([*labels, name], counters[1])
+                if name in counters:
+                    rx.add_metric([*labels, name], counters[name][0])
+                    tx.add_metric([*labels, name], counters[name][1])
         yield from (cpu, mem, rd, wr, rx, tx)

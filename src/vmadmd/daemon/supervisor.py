@@ -39,7 +39,13 @@ from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.metrics import Metrics
 from vmadmd.daemon.monitor import QUERIES, Monitor
 from vmadmd.daemon.serial import SerialConsole
-from vmadmd.daemon.stats import BLOCKSTATS_PERIOD, DiskStats, parse_blockstats, snapshot
+from vmadmd.daemon.stats import (
+    BLOCKSTATS_PERIOD,
+    DiskStats,
+    nic_counters,
+    parse_blockstats,
+    snapshot,
+)
 from vmadmd.daemon.vncconsole import VncConsole, qemu_vnc_mode
 from vmadmd.errors import InvalidParameter, QmpRefused, QmpTimeout, VmadmError, VmBusy, WrongState
 from vmadmd.vm import cgroup, net, proc, transition, zonefs
@@ -372,7 +378,8 @@ class VmSupervisor:
         """CPU, memory, disk and nic counters (block counters refreshed now)."""
         with contextlib.suppress(VmadmError):
             self.disk_stats = parse_blockstats(await self.monitor.query("blockstats"))
-        return snapshot(self, self._shared.cgroups.memory_limit(self.uuid))
+        nics = await asyncio.to_thread(nic_counters, self.nics) if self.nics else {}
+        return snapshot(self, self._shared.cgroups.memory_limit(self.uuid), nics)
 
     async def _poll_blockstats(self) -> None:
         """Keep the block counters fresh for /metrics, one query per period."""
