@@ -8,9 +8,11 @@ its own autoboot marker; nothing touches the default zones root or API socket.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -76,6 +78,29 @@ def env(tmp_path: Path) -> Iterator[World]:
 
 
 RunVm = Callable[..., str]
+
+
+@contextlib.contextmanager
+def lock_held(env: World, uuid: str) -> Iterator[None]:
+    """A VM's lock held by another process (as by a `vmadm stop -F` suspended
+    with Ctrl-Z) for the block's duration."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, sys, time\n"
+         "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "print('held', flush=True)\n"
+         "time.sleep(600)\n",
+         os.path.join(env.zones, uuid, ".vm.lock")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def frozen_and_other(env: World) -> tuple[str, str, int]:

@@ -10,7 +10,7 @@ from typing import Any
 from vmadmd.daemon.autoboot import plan
 from vmadmd.vm.store import Store
 
-from .conftest import Env, bios_payload
+from .conftest import Env, bios_payload, lock_held
 
 
 def test_plan_orders_groups_and_skips() -> None:
@@ -124,32 +124,14 @@ def test_start_and_stop_flip_the_flag(env: Env) -> None:
 
 def test_a_vm_whose_lock_stays_taken_fails_its_autoboot(env: Env) -> None:
     """Not "already running": its boot failed (busy), and the others went on."""
-    import subprocess
-    import sys
-
     held = env.create(bios_payload(alias="held"))
     free = env.create(bios_payload(alias="free"))
     for uuid in (held, free):
         env.vmadm("update", uuid, "autoboot=true", check=True)
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import fcntl, os, sys, time\n"
-         "fd = os.open(sys.argv[1], os.O_RDWR)\n"
-         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-         "print('held', flush=True)\n"
-         "time.sleep(600)\n",
-         os.path.join(env.zones, held, ".vm.lock")],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout is not None
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held(env, held):
         env.start_daemon()
         env.wait_for(lambda: ping(env)["state"] == "done", timeout=30, what="autoboot done")
         progress = ping(env)
         assert (progress["done"], progress["failed"]) == (1, 1)
         assert "busy" in progress["failures"][held]
         assert env.get(free)["state"] == "running"
-    finally:
-        holder.kill()
-        holder.wait()

@@ -9,8 +9,6 @@ import random
 import resource
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ from vmadmd.errors import DaemonUnavailable
 from vmadmd.vm.sockets import connect_unix
 
 from . import rfb
-from .conftest import STANDIN, Env, RunVm, bios_payload
+from .conftest import STANDIN, Env, RunVm, bios_payload, lock_held
 
 
 def raw(env: Env, data: bytes, timeout: float = 10) -> bytes:
@@ -318,20 +316,7 @@ def test_a_held_vm_lock_never_slows_the_other_vms(env: Env) -> None:
     every other VM's stops and exits settle on time."""
     env.start_daemon()
     stuck, other = env.run_vm(), env.run_vm()
-    lock_path = os.path.join(env.zones, stuck, ".vm.lock")
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import fcntl, os, sys, time\n"
-         "fd = os.open(sys.argv[1], os.O_RDWR)\n"
-         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-         "print('held', flush=True)\n"
-         "time.sleep(600)\n",
-         lock_path],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout is not None
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held(env, stuck):
         with concurrent.futures.ThreadPoolExecutor(12) as pool:
             hammer = [
                 pool.submit(env.api, "POST", f"/vm/{stuck}", action="stop", timeout="5")
@@ -349,8 +334,5 @@ def test_a_held_vm_lock_never_slows_the_other_vms(env: Env) -> None:
             answers = [f.result(timeout=30) for f in hammer]
         assert {status for status, _ in answers} == {409}
         assert answers[0][1]["error"]["code"] == "VmBusy"
-    finally:
-        holder.kill()
-        holder.wait()
     # Once the lock is free, the stuck VM is served again.
     assert env.api("POST", f"/vm/{stuck}", action="reset")[0] == 200
