@@ -282,6 +282,7 @@ def test_nics_on_bridges_get_taps_that_go_with_qemu(env: Env, guest: dict[str, s
         assert made is not None
         assert made["master"] == "br-admin"
         assert made["linkinfo"]["info_kind"] == "tun"
+        assert made["linkinfo"]["info_data"]["user"] == vm["zone_uid"], "the VM's user's tap"
         # qemu's nic is on that tap; the statistics read its counters.
         assert tap in env.vmadm("qmp", uuid, "--hmp", "info network", check=True).stdout
         stats = env.api("GET", f"/vm/{uuid}", type="stats")[1]["stats"]

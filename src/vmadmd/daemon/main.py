@@ -39,6 +39,7 @@ from vmadmd.vm.config import (
     DEFAULT_QEMU,
     DEFAULT_SOCKET,
     DEFAULT_VNC_BIND,
+    DEFAULT_ZONE_UID_BASE,
     DEFAULT_ZONES_ROOT,
     VmSettings,
     env_flag,
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qemu", default=env_or("VMADM_QEMU", DEFAULT_QEMU))
     p.add_argument("--nic-tag", action="append", default=[], metavar="TAG=BRIDGE",
                    help="a nic tag's bridge (repeatable; also VMADM_NIC_TAGS)")  # fmt: skip
+    p.add_argument("--zone-uid-base", type=int, metavar="UID",
+                   default=int(env_or("VMADM_ZONE_UID_BASE", str(DEFAULT_ZONE_UID_BASE))),
+                   help="the VMs' own users: uid (= gid) from here up, one per VM")  # fmt: skip
     p.add_argument("--images-dir", default=env_or("VMADM_IMAGES_DIR", ""), metavar="DIR",
                    help="disk images by uuid (default: <zones-root>/images)")  # fmt: skip
     p.add_argument(
@@ -253,6 +257,7 @@ class Daemon:
                 accel=args.accel,
                 vnc_require_password=args.vnc_require_password,
                 images_dir=args.images_dir,
+                zone_uid_base=args.zone_uid_base,
                 nic_tags=",".join([os.environ.get("VMADM_NIC_TAGS", ""), *args.nic_tag]),
             ),
             vnc_bind=args.vnc_bind,

@@ -19,6 +19,11 @@ DEFAULT_AUTOBOOT_MARKER = "/tmp/.autoboot_vmadmd"
 DEFAULT_VNC_BIND = "127.0.0.1"
 DEFAULT_QEMU = "qemu-system-x86_64"
 DEFAULT_ACCEL: Accel = "auto"
+# The VMs' own users: uid (= gid) from here up, one per VM.  Far from login
+# users (1000+), from systemd's dynamic users (61184-65519) and from the usual
+# subordinate id ranges of containers (100000+, 65536 each), and below 2^31
+# for the tools that still take ids as signed.
+DEFAULT_ZONE_UID_BASE = 2_000_000_000
 
 
 def client_socket() -> str:
@@ -75,6 +80,7 @@ class VmSettings(NamedTuple):
     nic_tags: str = ""
     # The cgroup filesystem the VMs' cgroups are made in ("" = /sys/fs/cgroup).
     cgroup_root: str = ""
+    zone_uid_base: int = DEFAULT_ZONE_UID_BASE
 
     @property
     def images(self) -> str:
@@ -90,4 +96,5 @@ class VmSettings(NamedTuple):
             images_dir=os.environ.get("VMADM_IMAGES_DIR", ""),
             nic_tags=os.environ.get("VMADM_NIC_TAGS", ""),
             cgroup_root=os.environ.get("VMADM_CGROUP_ROOT", ""),
+            zone_uid_base=int(env_or("VMADM_ZONE_UID_BASE", str(DEFAULT_ZONE_UID_BASE))),
         )

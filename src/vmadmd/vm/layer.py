@@ -15,9 +15,10 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
-from vmadmd.errors import InvalidParameter, StartFailed, VmBroken, WrongState
+from vmadmd.errors import InvalidParameter, StartFailed, VmadmError, VmBroken, WrongState
 from vmadmd.vm import cgroup, net, proc, props, transition
 from vmadmd.vm.config import VmSettings, resolve_accel
 from vmadmd.vm.qemu import build_argv
@@ -99,8 +100,11 @@ class VmLayer:
             if nic.get("nic_tag"):  # on a bridge: a tap of its own, made at start
                 nic.update(netdev="tap", ifname=net.tap_name(uuid, i))
         vm["create_timestamp"] = iso_now()
-        paths = self.store.create(uuid, {**vm, "disks": []})
+        with self._uid_lock():
+            vm["zone_uid"] = self._free_uid()
+            paths = self.store.create(uuid, {**vm, "disks": []})
         try:
+            self._own(paths, vm["zone_uid"])
             for i, disk in enumerate(vm["disks"]):
                 if i in images:
                     image, fmt = images[i]
@@ -113,11 +117,50 @@ class VmLayer:
                     _qemu_img_create(disk["path"], disk["size"])
                 elif "image_format" not in disk:
                     disk["image_format"] = _probe_format(disk["path"])
+                if disk["path"].startswith(paths.zonepath + os.sep):
+                    _chown(disk["path"], vm["zone_uid"], 0o600)
             self.store.update(uuid, lambda r: r.update(disks=vm["disks"]))
         except BaseException:
             self.store.remove(uuid)
             raise
         return uuid
+
+    # -- the VMs' own users ----------------------------------------------------
+
+    @contextlib.contextmanager
+    def _uid_lock(self) -> Iterator[None]:
+        """Serialises uid allocation across vmadm processes (one zones root)."""
+        import fcntl
+
+        os.makedirs(self.store.zones_root, exist_ok=True)
+        path = os.path.join(self.store.zones_root, ".zone-uids.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _free_uid(self) -> int:
+        """The lowest uid from the base that no VM of this zones root has."""
+        taken = set()
+        for uuid in self.store.list_uuids():
+            with contextlib.suppress(VmadmError):
+                uid = self.store.load(uuid).get("zone_uid")
+                if isinstance(uid, int):
+                    taken.add(uid)
+        uid = self.settings.zone_uid_base
+        while uid in taken:
+            uid += 1
+        return uid
+
+    @staticmethod
+    def _own(paths: VmPaths, uid: int) -> None:
+        """The zonepath stays root's (vm.json 0600 in it) but can be passed
+        through; ``root/`` and everything under it belong to the VM's user."""
+        os.chmod(paths.zonepath, 0o711)
+        for directory in (os.path.dirname(paths.runtime_dir), paths.runtime_dir):
+            _chown(directory, uid, 0o700)
 
     def find_image(self, image_uuid: str) -> tuple[str, str]:
         """The image file of ``image_uuid`` in the images dir, and its format."""
@@ -171,7 +214,9 @@ class VmLayer:
             if not os.path.exists(path):
                 raise StartFailed(f"VM {uuid}: disk image {path} is missing")
         nics = vm.get("nics", [])
-        net.create_taps(nics, net.parse_nic_tags(self.settings.nic_tags))
+        owner = vm.get("zone_uid")
+        net.create_taps(nics, net.parse_nic_tags(self.settings.nic_tags),
+                        owner if isinstance(owner, int) else None)  # fmt: skip
         try:
             pid = self._spawn(vm, paths)
         except BaseException:
@@ -379,6 +424,16 @@ def _qemu_img_overlay(path: str, image: str, fmt: str, size_mib: int | None) -> 
         raise InvalidParameter(
             f"qemu-img create failed: {res.stderr.decode(errors='replace').strip()}"
         )
+
+
+def _chown(path: str, uid: int, mode: int) -> None:
+    """``path`` to the VM's user (uid = gid), with ``mode``; never through a link."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fchown(fd, uid, uid)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 def _probe_format(path: str) -> str:
