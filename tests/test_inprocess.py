@@ -470,3 +470,15 @@ async def test_info_returns_what_answered_and_the_error_of_what_did_not(rig: Rig
     # Only when nothing answered is the failure the answer.
     with pytest.raises(QmpRefused):
         await sup.info(["pci"])
+
+
+def test_crash_log_backs_off_then_gives_up() -> None:
+    from vmadmd.daemon.supervisor import CrashLog, CrashRestart
+
+    log = CrashLog(CrashRestart(delay=1.0, max_delay=3.0, limit=3, window=100.0))
+    assert log.crashed(UUID, 0.0) == (1, 1.0)
+    assert log.crashed(UUID, 1.0) == (2, 2.0)
+    assert log.crashed(UUID, 2.0) == (3, 3.0)  # doubled, but capped
+    assert log.crashed(UUID, 3.0) == (4, None)  # one too many within the window
+    assert log.crashed("other", 3.0) == (1, 1.0), "counted per VM"
+    assert log.crashed(UUID, 150.0) == (1, 1.0), "old crashes leave the window"

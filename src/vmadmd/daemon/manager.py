@@ -25,6 +25,7 @@ from vmadmd.daemon.metrics import Metrics
 from vmadmd.daemon.serial import SerialConsole
 from vmadmd.daemon.stats import VmStatsCollector
 from vmadmd.daemon.supervisor import (
+    CrashLog,
     DaemonSettings,
     Settled,
     Shared,
@@ -53,8 +54,7 @@ class Manager:
         # VMs whose qemu exited and whose exit is being settled: a refresh
         # must not settle it a second time.
         self._exiting: set[str] = set()
-        # When each VM crashed lately (for restart_on_crash's back-off).
-        self._crashes: dict[str, list[float]] = {}
+        self._crashes = CrashLog(settings.crash_restart)
         # VMs whose vm.json could not be read the last time it was looked at.
         self._broken: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -255,33 +255,24 @@ class Manager:
             self._spawn(self._restart_after_crash(uuid), f"restart-{uuid}")
 
     async def _restart_after_crash(self, uuid: str) -> None:
-        """Boot a VM that asks for it (``restart_on_crash``) again, with back-off.
-
-        Crashes are counted over a sliding window: past the limit the VM
-        stays down (a crash loop must not burn the host).  The count lives in
-        this daemon's memory: a restarted daemon starts it afresh.
-        """
+        """Boot a VM that asks for it (``restart_on_crash``) again, with back-off
+        (``CrashLog``): past the limit the VM stays down (a crash loop must not
+        burn the host)."""
         try:
             if not self.load(uuid).get("restart_on_crash"):
                 return
         except VmadmError:
             return
-        policy = self.settings.crash_restart
-        now = time.monotonic()
-        history = [t for t in self._crashes.get(uuid, []) if now - t < policy.window]
-        history.append(now)
-        self._crashes[uuid] = history
-        if len(history) > policy.limit:
-            vm_log(log, uuid).error(
-                "crashed %d times within %.0f s: not restarted again", len(history), policy.window
-            )
+        crashes, delay = self._crashes.crashed(uuid, time.monotonic())
+        if delay is None:
+            vm_log(log, uuid).error("crashed %d times within %.0f s: not restarted again",
+                                    crashes, self._crashes.policy.window)  # fmt: skip
             self.metrics.crash_restarts.labels("given_up").inc()
-            self.bus.emit("restart_given_up", uuid, crashes=len(history))
+            self.bus.emit("restart_given_up", uuid, crashes=crashes)
             return
-        delay = min(policy.delay * 2 ** (len(history) - 1), policy.max_delay)
         vm_log(log, uuid).warning("restarting after a crash in %.1f s (crash %d of at most %d)",
-                                  delay, len(history), policy.limit)  # fmt: skip
-        self.bus.emit("restart_scheduled", uuid, delay=delay, crashes=len(history))
+                                  delay, crashes, self._crashes.policy.limit)  # fmt: skip
+        self.bus.emit("restart_scheduled", uuid, delay=delay, crashes=crashes)
         await asyncio.sleep(delay)
         try:
             wanted = self.load(uuid).get("restart_on_crash")

@@ -79,6 +79,26 @@ class CrashRestart:
     window: float = 600.0
 
 
+class CrashLog:
+    """restart_on_crash's decision: how long to wait before booting a crashed
+    VM again, or None when it crashed too often lately.  Pure; the clock is
+    given.  Kept in the daemon's memory (a restarted daemon starts afresh)."""
+
+    def __init__(self, policy: CrashRestart) -> None:
+        self.policy = policy
+        self._crashes: dict[str, list[float]] = {}
+
+    def crashed(self, uuid: str, now: float) -> tuple[int, float | None]:
+        """Record a crash at ``now``: (crashes in the window, delay or None)."""
+        window = self.policy.window
+        history = [t for t in self._crashes.get(uuid, []) if now - t < window]
+        history.append(now)
+        self._crashes[uuid] = history
+        if len(history) > self.policy.limit:
+            return len(history), None
+        return len(history), min(self.policy.delay * 2 ** (len(history) - 1), self.policy.max_delay)
+
+
 @dataclass
 class DaemonSettings:
     vm: VmSettings
