@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from harness.world import READY, REPO, STANDIN, World, bios_payload, kill_qemus_under, tool
+from vmadmd.vm.cgroup import DEFAULT_ROOT, PARENT, V1_CONTROLLERS
 
 GUEST_DIR = REPO / ".cache" / "guest"
 
@@ -35,6 +36,24 @@ __all__ = [
     "guest_payload",
     "kill_qemus_under",
 ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cgroup_parents() -> Iterator[None]:
+    """Remove the ``vmadmd`` parent cgroups the run created, once empty.
+
+    Each test removes its VMs' own cgroups; the shared parent they were made
+    under is removed here, and only if it did not exist before the run (a
+    host daemon's parent is left alone) and holds no VM (rmdir refuses).
+    """
+    root = Path(DEFAULT_ROOT)
+    parents = [root / PARENT, *(root / c / PARENT for c in V1_CONTROLLERS)]
+    existed = {p for p in parents if p.exists()}
+    yield
+    for p in parents:
+        if p not in existed:
+            with contextlib.suppress(OSError):
+                p.rmdir()
 
 
 @pytest.fixture(scope="session")
