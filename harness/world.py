@@ -191,17 +191,24 @@ class World:
         except ApiError as err:
             return err.status, {"error": {"code": err.code, "message": err.message}}
 
+    def raw_http(self, request: bytes, timeout: float = 10) -> bytes:
+        """Send raw request bytes to the API socket; the reply, read until the daemon closes."""
+        sock = connect_unix(os.path.dirname(self.socket), os.path.basename(self.socket))
+        sock.settimeout(timeout)
+        try:
+            sock.sendall(request)
+            out = b""
+            while chunk := sock.recv(65536):
+                out += chunk
+            return out
+        finally:
+            sock.close()
+
     def metric(self, name: str, **labels: str) -> float:
         """The sum of a metric's samples with these labels, scraped from /metrics now."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        sock = connect_unix(os.path.dirname(self.socket), os.path.basename(self.socket))
-        sock.settimeout(10)
-        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-        sock.close()
+        data = self.raw_http(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         body = data.partition(b"\r\n\r\n")[2].decode()
         total = 0.0
         for family in text_string_to_metric_families(body):

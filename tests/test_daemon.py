@@ -140,15 +140,9 @@ def test_info_screenshot_reset_nmi_on_real_guest(
 
 
 def _get_png(env: Env, uuid: str) -> bytes:
-    sock = connect_unix(os.path.dirname(env.socket), os.path.basename(env.socket))
-    sock.settimeout(10)
-    sock.sendall(
+    data = env.raw_http(
         f"GET /vm/{uuid}/screenshot.png HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
     )
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    sock.close()
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200")
     assert b"image/png" in head

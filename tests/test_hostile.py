@@ -103,16 +103,8 @@ def test_concurrent_png_screenshots_are_each_whole(env: Env, running_vm: RunVm) 
 
 def raw_png(env: Env, uuid: str) -> bytes:
     """GET /vm/<uuid>/screenshot.png as bytes (the JSON client would decode it)."""
-    from vmadmd.vm.sockets import connect_unix
-
-    sock = connect_unix(os.path.dirname(env.socket), os.path.basename(env.socket))
-    sock.settimeout(30)
-    sock.sendall(f"GET /vm/{uuid}/screenshot.png HTTP/1.1\r\nHost: x\r\n"
-                 "Connection: close\r\n\r\n".encode())  # fmt: skip
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    sock.close()
+    data = env.raw_http(f"GET /vm/{uuid}/screenshot.png HTTP/1.1\r\nHost: x\r\n"
+                        "Connection: close\r\n\r\n".encode(), timeout=30)  # fmt: skip
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head[:200]
     return body

@@ -75,25 +75,14 @@ def test_qmp_passthrough(env: Env, running_vm: RunVm) -> None:
 
 
 def test_qmp_passthrough_error_carries_qemus_class(env: Env, running_vm: RunVm) -> None:
-    import socket as socketlib
 
     uuid = running_vm()
     body = json.dumps({"execute": "no-such-command"}).encode()
-    sock = socketlib.socket(socketlib.AF_UNIX)
-    os.chdir(os.path.dirname(env.socket))
-    try:
-        sock.connect(os.path.basename(env.socket))
-    finally:
-        os.chdir(env.tmp)
-    sock.sendall(
+    data = env.raw_http(
         f"POST /vm/{uuid}/qmp HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
         + body
     )
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    sock.close()
     head, _, payload = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 422")
     error = json.loads(payload)["error"]

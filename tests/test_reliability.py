@@ -23,16 +23,7 @@ from .conftest import STANDIN, Env, RunVm, bios_payload, lock_held
 
 
 def raw(env: Env, data: bytes, timeout: float = 10) -> bytes:
-    sock = connect_unix(os.path.dirname(env.socket), os.path.basename(env.socket))
-    sock.settimeout(timeout)
-    try:
-        sock.sendall(data)
-        out = b""
-        while chunk := sock.recv(65536):
-            out += chunk
-        return out
-    finally:
-        sock.close()
+    return env.raw_http(data, timeout)
 
 
 def status_and_json(reply: bytes) -> tuple[int, Any]:

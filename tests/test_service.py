@@ -19,13 +19,9 @@ from .test_daemon import read_events
 
 
 def raw_request(env: Env, target: str, headers: str = "") -> tuple[str, bytes]:
-    sock = connect_unix(os.path.dirname(env.socket), os.path.basename(env.socket))
-    sock.settimeout(10)
-    sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n".encode())
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    sock.close()
+    data = env.raw_http(
+        f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n".encode()
+    )
     head, _, body = data.partition(b"\r\n\r\n")
     return head.decode(), body
 
