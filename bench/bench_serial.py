@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from harness.world import STANDIN
+from harness.world import standin_binary
 from vmadmd.cli import serial as ws
 from vmadmd.vm.sockets import connect_unix
 
@@ -44,7 +44,7 @@ def show(name: str, us: list[float]) -> float:
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 3000
     with world() as w:
-        w.extra_env["VMADM_QEMU"] = STANDIN
+        w.extra_env["VMADM_QEMU"] = standin_binary()
         uuid = w.create(bios_payload(alias="serial"))
         w.vmadm("start", uuid, check=True)
 

@@ -25,15 +25,16 @@ import subprocess
 import sys
 import time
 
+from harness.world import readable_guest
 from vmadmd.cli.client import Client
 
-from .common import BIN, REPO, World, bios_payload, pct, world
+from .common import BIN, World, bios_payload, pct, world
 
 SHUTDOWN_DELAY = 2.0  # each guest takes this long after its power button
 
 
 def guest_payload() -> dict[str, object]:
-    guest = REPO / ".cache" / "guest"
+    guest = readable_guest()
     return bios_payload(
         alias="guest",
         ram=128,

@@ -18,9 +18,10 @@ import signal
 import sys
 import time
 
+from harness.world import readable_guest
 from vmadmd.cli.client import Client
 
-from .common import REPO, bios_payload, summary_ms, world
+from .common import bios_payload, summary_ms, world
 
 TIMEOUT = 2.0
 
@@ -57,7 +58,7 @@ def main() -> None:
         restarted = [stop_once(w, uuid, restart=True) for _ in range(n)]
 
         # A cooperating guest: qemu exit -> vm.json settled.
-        guest = REPO / ".cache" / "guest"
+        guest = readable_guest()
         g = w.create(
             bios_payload(
                 alias="bench",

@@ -39,11 +39,12 @@ import time
 from collections.abc import Callable
 
 from harness.standin import wire_session
+from harness.world import standin_binary
 from tests import rfb
 from vmadmd.cli.client import Client
 from vmadmd.vm.sockets import connect_unix
 
-from .common import REPO, World, bios_payload, pct, world
+from .common import World, bios_payload, pct, world
 
 CHUNK = 1 << 20
 PINGS = 3000
@@ -173,7 +174,7 @@ def main() -> None:
     size = (int(sys.argv[1]) if len(sys.argv) > 1 else 1024) << 20
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
     qemu = real_qemu(rounds)
-    os.environ.update(VMADM_QEMU=str(REPO / "harness" / "qemu-standin"), VMADMD_STANDIN_VNC="wire")
+    os.environ.update(VMADM_QEMU=standin_binary(), VMADMD_STANDIN_VNC="wire")
     results: Results = {}
     with world() as w:
         uuid = w.create(bios_payload(alias="bench"))

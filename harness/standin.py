@@ -2,11 +2,13 @@
 
 Three uses, one protocol implementation:
 
-* **As the qemu binary** (``VMADM_QEMU=harness/qemu-standin``): ``vmadm
-  start`` runs it with qemu's own command line; it binds ``-qmp``/``-vnc``
-  sockets in its working directory, honours ``-daemonize`` and ``-pidfile``,
-  and keeps ``-uuid`` on its command line, so the daemon's real code paths
-  (inotify, pidfd, identity check, QMP, VNC proxy) cannot tell it from qemu.
+* **As the qemu binary** (``VMADM_QEMU=$(harness.world.standin_binary())``,
+  a staged copy that a VM's own unprivileged user can run): ``vmadm start``
+  runs it with qemu's own command line; it binds ``-qmp``/``-vnc`` sockets
+  in its working directory, honours ``-daemonize`` and ``-pidfile`` when
+  given, and keeps ``-uuid`` on its command line, so the daemon's real code
+  paths (launcher, inotify, pidfd, identity check, QMP, VNC proxy) cannot
+  tell it from qemu.
 * **In process** (``ServedVm``): the same VM served from a test's own event
   loop, for the in-process tests of the monitor, the supervisor and the
   console (no daemon process, deterministic).

@@ -28,7 +28,62 @@ from vmadmd.vm.store import is_uuid
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
-STANDIN = str(REPO / "harness" / "qemu-standin")
+_STAGED: list[str] = []
+
+
+def readable_guest() -> str:
+    """A directory holding the test guest's ``vmlinuz`` and ``initrd.img``
+    that a VM's own user can read (qemu opens ``-kernel``/``-initrd`` as that
+    user, who may not reach this checkout): copied, once per process, into a
+    world-readable temp dir, removed at exit."""
+    import atexit
+    import shutil
+    import tempfile
+
+    shared = tempfile.mkdtemp(prefix="vmadmd-guest-")
+    os.chmod(shared, 0o755)
+    for name in ("vmlinuz", "initrd.img"):
+        os.chmod(shutil.copy(REPO / ".cache" / "guest" / name, shared), 0o644)
+    atexit.register(shutil.rmtree, shared, True)
+    return shared
+
+
+def standin_binary() -> str:
+    """The stand-in as a qemu binary that a VM's own unprivileged user can run.
+
+    The daemon runs "qemu" as the VM's user, which may not reach this checkout
+    or the venv's python (often under root's 0700 home).  So the stand-in and
+    the vmadmd package it imports are copied, once per process, into a
+    world-readable temp dir, with a wrapper that runs the system's python
+    (the stand-in needs only the standard library and vmadmd).  Removed at
+    exit.
+    """
+    if not _STAGED:
+        import atexit
+        import shutil
+        import tempfile
+
+        stage = tempfile.mkdtemp(prefix="vmadmd-standin-")
+        os.chmod(stage, 0o755)
+        shutil.copy(REPO / "harness" / "standin.py", stage)
+        shutil.copytree(REPO / "src" / "vmadmd", os.path.join(stage, "vmadmd"),
+                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+        python = next((p for p in ("/usr/bin/python3", "/bin/python3") if os.access(p, os.X_OK)),
+                      sys.executable)  # fmt: skip
+        wrapper = os.path.join(stage, "qemu-standin")
+        with open(wrapper, "w") as f:
+            f.write(f'#!/bin/sh\nexec {python} -B {stage}/standin.py "$@"\n')
+        for dirpath, dirnames, filenames in os.walk(stage):
+            for name in dirnames:
+                os.chmod(os.path.join(dirpath, name), 0o755)
+            for name in filenames:
+                os.chmod(os.path.join(dirpath, name), 0o644)
+        os.chmod(wrapper, 0o755)
+        atexit.register(shutil.rmtree, stage, True)
+        _STAGED.append(wrapper)
+    return _STAGED[0]
+
+
 READY = "VMTEST-READY"
 
 
@@ -46,16 +101,21 @@ def bios_payload(**props: Any) -> dict[str, Any]:
 
 
 def _qemus_under(root: str) -> list[int]:
+    """qemus (or stand-ins) running in a VM directory under ``root``: qemu's
+    options name no host path (relative names, fds), but it runs in its
+    ``root/tmp``."""
     pids = []
+    prefix = os.path.realpath(root) + os.sep
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
+            cwd = os.readlink(f"/proc/{entry}/cwd")
         except OSError:
             continue
-        if any(root.encode() in a for a in argv) and b"-uuid" in argv:
+        if b"-uuid" in argv and (cwd + os.sep).startswith(prefix):
             pids.append(int(entry))
     return pids
 
@@ -91,7 +151,7 @@ class World:
         self.daemons: list[subprocess.Popen[bytes]] = []
         self.started_in: float | None = None  # seconds from exec to the first answer
         # VMADMD_TEST_QEMU runs the suite's qemu-less-guest tests on another
-        # qemu binary, e.g. harness/qemu-standin, to check the stand-in.
+        # qemu binary, e.g. the stand-in (standin_binary()), to check the stand-in.
         qemu = os.environ.get("VMADMD_TEST_QEMU")
         self.extra_env: dict[str, str] = {"VMADM_QEMU": qemu} if qemu else {}
         # Put before vmadm and vmadmd (e.g. `ip netns exec NS`: its own network).

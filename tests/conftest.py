@@ -19,7 +19,15 @@ from typing import Any
 
 import pytest
 
-from harness.world import READY, REPO, STANDIN, World, bios_payload, kill_qemus_under, tool
+from harness.world import (
+    READY,
+    REPO,
+    World,
+    bios_payload,
+    kill_qemus_under,
+    readable_guest,
+    tool,
+)
 from vmadmd.vm.cgroup import DEFAULT_ROOT, PARENT, V1_CONTROLLERS
 
 GUEST_DIR = REPO / ".cache" / "guest"
@@ -30,7 +38,6 @@ _bin = tool
 __all__ = [
     "READY",
     "REPO",
-    "STANDIN",
     "Env",
     "bios_payload",
     "guest_payload",
@@ -57,10 +64,19 @@ def _cgroup_parents() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def guest() -> dict[str, str]:
-    """The Debian-kernel + busybox test guest, built if missing."""
+def guest() -> Iterator[dict[str, str]]:
+    """The Debian-kernel + busybox test guest, built if missing.
+
+    qemu reads ``-kernel``/``-initrd`` as the VM's own user, which may not
+    reach this checkout (under a 0700 home, say): the files are copied to a
+    world-readable temp dir for the session.
+    """
+    import shutil
+
     subprocess.run([str(REPO / "tools" / "build-guest.sh"), str(GUEST_DIR)], check=True)
-    return {"kernel": str(GUEST_DIR / "vmlinuz"), "initrd": str(GUEST_DIR / "initrd.img")}
+    shared = readable_guest()
+    yield {"kernel": f"{shared}/vmlinuz", "initrd": f"{shared}/initrd.img"}
+    shutil.rmtree(shared, ignore_errors=True)
 
 
 def guest_payload(

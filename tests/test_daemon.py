@@ -417,7 +417,8 @@ def test_a_vm_started_unseen_is_looked_for_on_a_miss(env: Env) -> None:
     env.start_daemon()
     uuid = env.create(bios_payload())
     layer = VmLayer(VmSettings(zones_root=env.zones, accel="tcg"))
-    layer._spawn(layer.store.load(uuid), layer.store.paths(uuid))
+    vm = layer.store.load(uuid)
+    layer._spawn(vm, layer.store.paths(uuid), vm["zone_uid"], procs=[])
     status, body = env.api("GET", f"/vm/{uuid}", type="status")
     assert status == 200, body
     assert body["status"]["status"] == "running"

@@ -15,11 +15,12 @@ from typing import Any
 
 import pytest
 
+from harness.world import standin_binary
 from vmadmd.errors import DaemonUnavailable
 from vmadmd.vm.sockets import connect_unix
 
 from . import rfb
-from .conftest import STANDIN, Env, RunVm, bios_payload, lock_held
+from .conftest import Env, RunVm, bios_payload, lock_held
 
 
 def raw(env: Env, data: bytes, timeout: float = 10) -> bytes:
@@ -238,7 +239,7 @@ def test_faulty_qmp_peer(env: Env, mode: str, want: set[int]) -> None:
     env.start_daemon("--qmp-timeout", "1")
     healthy = env.create(bios_payload())
     env.vmadm("start", healthy, check=True)
-    env.extra_env.update(VMADM_QEMU=STANDIN, VMADMD_STANDIN_QMP=mode)
+    env.extra_env.update(VMADM_QEMU=standin_binary(), VMADMD_STANDIN_QMP=mode)
     faulty = env.create(bios_payload())
     env.vmadm("start", faulty, check=True)
     del env.extra_env["VMADMD_STANDIN_QMP"], env.extra_env["VMADM_QEMU"]

@@ -3,6 +3,7 @@ written for SmartOS, disks from images, and Ansible's vmadm module."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -257,6 +258,23 @@ def link(ns: str, name: str) -> dict[str, Any] | None:
     return next((x for x in links if x["ifname"] == name), None)
 
 
+def vm_pid(env: Env, uuid: str) -> int:
+    pid = env.pid(uuid)
+    assert pid is not None
+    return pid
+
+
+def tap_fds_of(pid: int) -> set[str]:
+    """The taps a process holds an fd on (``iff:`` in a tun fd's fdinfo)."""
+    names = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("iff:"):
+                    names.add(line.split()[1])
+    return names
+
+
 def test_nics_on_bridges_get_taps_that_go_with_qemu(env: Env, guest: dict[str, str]) -> None:
     ns = f"vmt-{os.getpid()}-{int(time.monotonic() * 1000) % 100000}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
@@ -283,8 +301,13 @@ def test_nics_on_bridges_get_taps_that_go_with_qemu(env: Env, guest: dict[str, s
         assert made["master"] == "br-admin"
         assert made["linkinfo"]["info_kind"] == "tun"
         assert made["linkinfo"]["info_data"]["user"] == vm["zone_uid"], "the VM's user's tap"
-        # qemu's nic is on that tap; the statistics read its counters.
-        assert tap in env.vmadm("qmp", uuid, "--hmp", "info network", check=True).stdout
+        # qemu's nic is on that tap, through the fd it was given (the VM's
+        # user cannot open /dev/net/tun); the statistics read its counters.
+        assert (
+            "net0: index=0,type=tap,fd="
+            in env.vmadm("qmp", uuid, "--hmp", "info network", check=True).stdout
+        )
+        assert tap in tap_fds_of(vm_pid(env, uuid))
         stats = env.api("GET", f"/vm/{uuid}", type="stats")[1]["stats"]
         assert set(stats["nics"]) == {tap}
         # Stopped by the daemon (the guest powers off): the daemon removes the tap.

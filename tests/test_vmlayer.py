@@ -14,7 +14,7 @@ import pytest
 
 from vmadmd.errors import InvalidParameter, InvalidUuid, VmBroken
 from vmadmd.vm import props, store
-from vmadmd.vm.qemu import build_argv
+from vmadmd.vm.qemu import DiskFds, build_argv
 from vmadmd.vm.store import Store, VmPaths
 
 from .conftest import Env, bios_payload, guest_payload
@@ -94,7 +94,7 @@ def test_build_argv() -> None:
             "qemu_extra_opts": "-kernel /k -append 'console=ttyS0 quiet'",
         }
     )
-    argv = build_argv(vm, paths, "qemu-system-x86_64", "tcg")
+    argv = build_argv(vm, paths, "qemu-system-x86_64", "tcg", disk_fds=[DiskFds(7)], tap_fds={0: 9})
     joined = " ".join(argv)
     assert argv[argv.index("-uuid") + 1] == U
     assert "-machine pc,accel=tcg" in joined
@@ -102,15 +102,25 @@ def test_build_argv() -> None:
     assert "-smp 2" in joined
     assert "-vnc unix:vm.vnc,password=on" in joined
     assert "-qmp unix:vm.qmp,server=on,wait=off" in joined
-    assert f"-pidfile {paths.pid}" in joined
-    assert "-daemonize" in argv
+    # In the foreground (the sandbox kills -daemonize's fork), no pidfile
+    # (the launcher writes it), the sandbox with every group denied.
+    assert "-pidfile" not in argv
+    assert "-daemonize" not in argv
+    assert argv[argv.index("-sandbox") + 1] == (
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+    )
     assert "virtio-scsi-pci,id=scsi0" in joined
     assert "scsi-hd,drive=disk0,bus=scsi0.0,bootindex=0" in joined
-    assert "file=/d/a.img,if=none,id=disk0,format=raw" in joined
-    assert "tap,id=net0,ifname=tap0,script=no,downscript=no" in joined
+    # The disk is the fd passed, never its path; a raw disk has no backing.
+    assert "/d/a.img" not in joined
+    assert "fd=7,set=1,opaque=disk0" in joined
+    assert '{"driver":"raw","node-name":"disk0","file":"disk0-file"}' in argv
+    assert "tap,id=net0,fd=9" in joined  # the tap opened by the launcher
     assert "e1000,netdev=net0,mac=02:08:20:00:00:01" in joined
     assert argv[-4:] == ["-kernel", "/k", "-append", "console=ttyS0 quiet"]
-    no_vnc = build_argv({**vm, "vnc_port": -1}, paths, "q", "kvm")
+    no_vnc = build_argv(
+        {**vm, "vnc_port": -1}, paths, "q", "kvm", disk_fds=[DiskFds(7)], tap_fds={0: 9}
+    )
     assert "-vnc" not in no_vnc
     assert "accel=kvm" in " ".join(no_vnc)
 
@@ -332,11 +342,34 @@ def test_start_failure_reports_qemu_reason(env: Env, tmp_path: Path) -> None:
 def test_option_values_are_comma_escaped() -> None:
     paths = VmPaths("/srv/a,b/" + U)
     vm = props.for_create({"uuid": U, "alias": "x,process=sshd", "disks": [{"path": "/d/a,b.img"}]})
-    argv = build_argv(vm, paths, "qemu-system-x86_64", "tcg")
+    argv = build_argv(vm, paths, "qemu-system-x86_64", "tcg", disk_fds=[DiskFds(3)])
     assert argv[argv.index("-name") + 1] == "x,,process=sshd,debug-threads=on"
-    assert "file=/d/a,,b.img,if=none,id=disk0" in " ".join(argv)
-    chardev = argv[argv.index("-chardev") + 1]
-    assert "logfile=/srv/a,,b/" in chardev
+    # No path of the host reaches qemu's options: names relative to its
+    # working directory, fds for the disks.
+    assert "/srv/a" not in " ".join(argv)
+    assert "/d/a" not in " ".join(argv)
+
+
+def test_disk_backing_chain_is_pinned() -> None:
+    """A disk made from an image has that image as its backing node, by fd and
+    with its format given; any other qcow2 has no backing at all, whatever its
+    header names."""
+    paths = VmPaths("/srv/vms/" + U)
+    vm = props.for_create({"uuid": U, "disks": [{"path": "/d/a.qcow2"}, {"path": "/d/b.qcow2"}]})
+    for disk in vm["disks"]:
+        disk["image_format"] = "qcow2"
+    argv = build_argv(vm, paths, "q", "tcg", disk_fds=[DiskFds(5, 6, "raw"), DiskFds(8)])
+    nodes = [json.loads(argv[i + 1]) for i, a in enumerate(argv) if a == "-blockdev"]
+    by_name = {n["node-name"]: n for n in nodes}
+    assert by_name["disk0"] == {"driver": "qcow2", "node-name": "disk0", "file": "disk0-file",
+                                "backing": "disk0-image"}  # fmt: skip
+    assert by_name["disk0-image"]["driver"] == "raw"
+    assert by_name["disk0-image"]["read-only"] is True
+    assert by_name["disk0-image-file"]["filename"] == "/dev/fdset/2"
+    assert by_name["disk1"]["backing"] is None
+    assert by_name["disk1-file"]["filename"] == "/dev/fdset/3"
+    assert "fd=6,set=2,opaque=disk0-image" in argv
+    assert "fd=8,set=3,opaque=disk1" in argv
 
 
 def test_commas_boot_and_disguise_nothing(tmp_path: Path) -> None:

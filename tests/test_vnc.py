@@ -18,10 +18,11 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness.world import standin_binary
 from vmadmd.vm.sockets import bind_unix
 
 from . import rfb
-from .conftest import STANDIN, Env, bios_payload
+from .conftest import Env, bios_payload
 from .test_service import metric, raw_request, rss_kib
 
 OUTCOME = {"handoff": "handed_off", "proxy": "proxied"}
@@ -303,7 +304,7 @@ def test_handoff_refused_or_unanswered(env: Env, mode: str, outcome: str) -> Non
     qemu cannot be made to misbehave so on demand: these are the stand-in's
     faulty QMP modes; the relay itself is tested above on real qemu."""
     env.start_daemon("--qmp-timeout", "1")
-    env.extra_env.update(VMADM_QEMU=STANDIN, VMADMD_STANDIN_QMP=mode)
+    env.extra_env.update(VMADM_QEMU=standin_binary(), VMADMD_STANDIN_QMP=mode)
     uuid = start_vm(env)
     port = wait_listener(env, uuid, qmp=False)["port"]
     env.wait_for(lambda: env.api("GET", "/ping")[1].get("qmp_ready") == 1, what="QMP")
@@ -347,7 +348,7 @@ def test_client_that_does_not_read_costs_bounded_memory(env: Env, relay: str) ->
     the daemon nothing at all).  Real qemu throttles its own VNC output, so the
     stand-in's wire mode plays a VM that sends 1 GiB as fast as it can."""
     daemon = env.start_daemon("--vnc-relay", relay)
-    env.extra_env.update(VMADM_QEMU=STANDIN, VMADMD_STANDIN_VNC="wire")
+    env.extra_env.update(VMADM_QEMU=standin_binary(), VMADMD_STANDIN_VNC="wire")
     uuid = start_vm(env)
     port = wait_listener(env, uuid)["port"]
     before = rss_kib(daemon.pid)

@@ -74,3 +74,62 @@ def test_each_vm_has_its_own_user_and_files(open_world: World) -> None:
     c = env.create(bios_payload())
     assert env.get(c)["zone_uid"] == uid_a, "a deleted VM's uid is free again"
     assert env.get(c)["zone_uid"] != uid_b
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return {k: v.strip() for k, _, v in (line.partition(":") for line in f)}
+
+
+def test_qemu_runs_confined(env: World) -> None:
+    """Two running VMs: each qemu as its own user with no privilege at all, in
+    its seccomp sandbox, born in its own cgroup, reaching its disk through an
+    fd; in a zones root whose ancestors are closed to it (pytest's 0700 temp
+    dir), so it needs no path outside its root/tmp."""
+    env.start_daemon()
+    a = env.run_vm(bios_payload(disks=[{"size": 8}]))
+    b = env.run_vm(bios_payload())
+    assert any(not os.stat(p).st_mode & 0o001 for p in Path(env.zones).parents)
+    uids = set()
+    for uuid in (a, b):
+        vm = env.get(uuid)
+        pid, uid = vm["pid"], vm["zone_uid"]
+        uids.add(uid)
+        status = proc_status(pid)
+        assert status["Uid"].split() == [str(uid)] * 4, status["Uid"]
+        assert status["Gid"].split() == [str(uid)] * 4, status["Gid"]
+        assert status["Groups"] == ""
+        assert status["Seccomp"] == "2"
+        assert status["NoNewPrivs"] == "1"
+        for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            assert int(status[caps], 16) == 0, (caps, status[caps])
+        with open(f"/proc/{pid}/cgroup") as f:
+            assert f"/vmadmd/{uuid}" in f.read()
+        assert os.readlink(f"/proc/{pid}/cwd") == f"{vm['zonepath']}/root/tmp"
+        # No host path on its command line: names relative to root/tmp, fds.
+        assert vm["zonepath"].encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert len(uids) == 2
+    assert 0 not in uids
+    disk = env.get(a)["disks"][0]["path"]
+    pid_a = env.get(a)["pid"]
+    held = {os.readlink(f"/proc/{pid_a}/fd/{fd}") for fd in os.listdir(f"/proc/{pid_a}/fd")}
+    assert disk in held, "the disk is reached through the fd it was given"
+
+
+def test_sandbox_kills_a_qemu_that_would_spawn(env: World) -> None:
+    """spawn=deny for real: a monitor command that makes qemu fork a program
+    (a migration to ``exec:``) kills it with SIGSYS, the program never runs,
+    and the daemon records the crash with its signal (qemu's waiter saw it)."""
+    shared = tempfile.mkdtemp(prefix="vmadmd-spawn-")
+    os.chmod(shared, 0o1777)  # the VM's user could write here, if it ran anything
+    marker = Path(shared) / "spawned"
+    try:
+        env.start_daemon()
+        uuid = env.run_vm(bios_payload())
+        env.vmadm("qmp", uuid, "--hmp", f'migrate "exec:touch {marker}"')
+        env.wait_for(lambda: env.get(uuid)["state"] == "stopped", timeout=20, what="killed")
+        last = env.get(uuid)["last_exit"]
+        assert (last["reason"], last.get("signal")) == ("crash", "SIGSYS"), last
+        assert not marker.exists()
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)

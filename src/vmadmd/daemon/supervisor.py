@@ -48,7 +48,7 @@ from vmadmd.daemon.stats import (
 )
 from vmadmd.daemon.vncconsole import VncConsole, qemu_vnc_mode
 from vmadmd.errors import InvalidParameter, QmpRefused, QmpTimeout, VmadmError, VmBusy, WrongState
-from vmadmd.vm import cgroup, net, proc, transition, zonefs
+from vmadmd.vm import cgroup, launch, net, proc, transition, zonefs
 from vmadmd.vm.config import VmSettings
 from vmadmd.vm.layer import iso_now, now_ms
 from vmadmd.vm.store import Store, VmRecord
@@ -139,20 +139,32 @@ def parse_types(raw: str | None) -> list[str]:
     return list(dict.fromkeys(types))
 
 
-def ending_of(shutdown: dict[str, Any] | None, forced: ForceStage | None, pending: bool) -> Ending:
+def ending_of(
+    shutdown: dict[str, Any] | None,
+    forced: ForceStage | None,
+    pending: bool,
+    status: int | None = None,
+) -> Ending:
     """How a VM ended, from what the daemon saw of it.
 
     ``shutdown`` is the data of qemu's SHUTDOWN event (None when none came),
     ``forced`` the forcing step the daemon last took, ``pending`` whether a
-    stop or reboot was asked for.
+    stop or reboot was asked for, ``status`` qemu's wait status as its waiter
+    recorded it (None: not known).
     """
     reason = str(shutdown.get("reason", "")) if shutdown is not None else ""
     if reason == "guest-panic":
         return {"reason": "panic"}
     if forced is not None:
         return {"reason": "stop", "stage": forced}
+    if shutdown is None and status == 0:
+        # A clean exit whose SHUTDOWN event the monitor did not see.
+        return {"reason": "stop", "stage": "acpi"} if pending else {"reason": "poweroff"}
     if shutdown is None:
-        return {"reason": "crash", "detail": "qemu exited without shutting down (signal or abort)"}
+        if status is None:
+            return {"reason": "crash",
+                    "detail": "qemu exited without shutting down (signal or abort)"}  # fmt: skip
+        return {"reason": "crash", **launch.describe_status(status)}
     if shutdown.get("guest") is True:
         return {"reason": "stop", "stage": "acpi"} if pending else {"reason": "poweroff"}
     # qemu was told to go by someone else: a `quit` on its monitor, a signal.
@@ -309,9 +321,19 @@ class VmSupervisor:
         self.exited.set()
         self._on_exit(self)
 
-    def ending(self) -> Ending:
+    def ending(self, status: int | None = None) -> Ending:
         """How this qemu ended, from what was seen of it."""
-        return ending_of(self._shutdown, self._forced, self.transition is not None)
+        return ending_of(self._shutdown, self._forced, self.transition is not None, status)
+
+    async def _exit_status(self) -> int | None:
+        """qemu's wait status from its waiter, which writes it a moment after
+        the exit the pidfd showed (None after a second without it)."""
+        for _ in range(100):
+            status = launch.exit_status(self.paths.zonepath)
+            if status is not None:
+                return status
+            await asyncio.sleep(0.01)
+        return None
 
     async def settle(self) -> Settled:
         """After qemu's exit: record it, close the console and the monitor.
@@ -325,8 +347,11 @@ class VmSupervisor:
             if task is not None:
                 task.cancel()
         await self.monitor.drain(DRAIN_WAIT)
+        # Only an exit nothing explains needs the status (which signal).
+        unexplained = self._shutdown is None and self._forced is None
+        status = await self._exit_status() if unexplained else None
         # The record first: that is what `vmadm get/stop` wait for.
-        settled = await settle_record(self._shared, self.uuid, self.ending())
+        settled = await settle_record(self._shared, self.uuid, self.ending(status))
         self._shared.bus.forget(self.uuid)
         why = {"panic": "the guest kernel panicked", "crash": "qemu crashed"}
         await self.serial.close(
@@ -442,7 +467,9 @@ class VmSupervisor:
         # Wake a blanked console first, as a user would with a key press.
         with contextlib.suppress(QmpRefused):
             await self.monitor.wake_display()
-        await self.monitor.screendump(path, fmt)
+        # A name relative to qemu's working directory (root/tmp): qemu, as the
+        # VM's user, may not be able to pass the zones root's ancestors.
+        await self.monitor.screendump(os.path.basename(path), fmt)
         return path
 
     async def passthrough(self, request: dict[str, Any]) -> Any:

@@ -134,14 +134,19 @@ class Cgroups:
                         break
                     time.sleep(0.01)
 
-    def place(self, uuid: str, pid: int, limits: Limits) -> None:
-        """A booted VM's qemu into its own, limited cgroup."""
+    def prepare(self, uuid: str, limits: Limits) -> list[str]:
+        """The VM's cgroup, made and limited before its qemu starts.
+
+        Returns the ``cgroup.procs`` files the launcher writes its own pid
+        to before it forks qemu: qemu runs inside its limits from its first
+        instruction, never briefly outside them.
+        """
         try:
             self.create(uuid)
             self.apply(uuid, limits)
-            self.add(uuid, pid)
         except OSError as err:
             raise StartFailed(f"VM {uuid}: cannot set up its cgroup: {err}") from err
+        return [os.path.join(path, "cgroup.procs") for path in self.dirs(uuid).values()]
 
     # -- reading -------------------------------------------------------------------
 

@@ -2,9 +2,10 @@
 
 Used by ``vmadm`` directly and by ``vmadmd`` (from a worker thread: the
 per-VM lock is a blocking ``flock``).  ``start`` is the analogue of
-``zoneadm boot``: qemu is spawned with ``-daemonize`` so that it is in its
-own session with no controlling terminal, re-parented away from whoever
-started it, and only reported started once its sockets are listening.
+``zoneadm boot``: qemu is started confined (its own user, no privileges,
+its seccomp sandbox, born in its own cgroup; ``vm/launch.py``), in its own
+session with no controlling terminal, re-parented away from whoever started
+it, and only reported started once its QMP socket greets.
 ``halt`` is ``zoneadm halt``: a forced stop.
 
 Standard library only.
@@ -15,13 +16,13 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from vmadmd.errors import InvalidParameter, StartFailed, VmadmError, VmBroken, WrongState
-from vmadmd.vm import cgroup, net, proc, props, transition
+from vmadmd.vm import cgroup, launch, net, proc, props, transition, zonefs
 from vmadmd.vm.config import VmSettings, resolve_accel
-from vmadmd.vm.qemu import build_argv
+from vmadmd.vm.qemu import DiskFds, build_argv
 from vmadmd.vm.store import Store, VmPaths, VmRecord, validate_uuid
 from vmadmd.vm.transition import Transition
 from vmadmd.vm.zonefs import ZoneFileError
@@ -30,6 +31,7 @@ from vmadmd.vm.zonefs import ZoneFileError
 # need them, and every millisecond of import is paid by every vmadm call.
 
 START_TIMEOUT = 60.0
+DiskList = list[DiskFds]
 
 
 def now_ms() -> int:
@@ -159,8 +161,7 @@ class VmLayer:
         """The zonepath stays root's (vm.json 0600 in it) but can be passed
         through; ``root/`` and everything under it belong to the VM's user."""
         os.chmod(paths.zonepath, 0o711)
-        for directory in (os.path.dirname(paths.runtime_dir), paths.runtime_dir):
-            _chown(directory, uid, 0o700)
+        zonefs.own_runtime_dir(paths.zonepath, uid)
 
     def find_image(self, image_uuid: str) -> tuple[str, str]:
         """The image file of ``image_uuid`` in the images dir, and its format."""
@@ -213,20 +214,15 @@ class VmLayer:
                 raise StartFailed(f"VM {uuid}: disks[{i}] has no image path")
             if not os.path.exists(path):
                 raise StartFailed(f"VM {uuid}: disk image {path} is missing")
+        uid = self._ensure_uid(uuid, vm, paths)
         nics = vm.get("nics", [])
-        owner = vm.get("zone_uid")
-        net.create_taps(nics, net.parse_nic_tags(self.settings.nic_tags),
-                        owner if isinstance(owner, int) else None)  # fmt: skip
+        net.create_taps(nics, net.parse_nic_tags(self.settings.nic_tags), uid)
         try:
-            pid = self._spawn(vm, paths)
+            # Its own cgroup, with SmartOS's limits, named after the uuid:
+            # qemu is born in it.
+            procs = self.cgroups.prepare(uuid, cgroup.limits_of(vm))
+            pid = self._spawn(vm, paths, uid, procs)
         except BaseException:
-            net.remove_taps(nics)
-            raise
-        try:
-            # Its own cgroup, with SmartOS's limits, named after the uuid.
-            self.cgroups.place(uuid, pid, cgroup.limits_of(vm))
-        except BaseException:
-            proc.kill_vm(paths.pid, uuid)
             net.remove_taps(nics)
             self.cgroups.remove(uuid)
             raise
@@ -238,41 +234,80 @@ class VmLayer:
         self.store.save(uuid, vm)
         return pid
 
-    def _spawn(self, vm: VmRecord, paths: VmPaths) -> int:
-        import subprocess
+    def _ensure_uid(self, uuid: str, vm: VmRecord, paths: VmPaths) -> int:
+        """The VM's own uid; one is given (and its files handed over) to a VM
+        created before VMs had users of their own."""
+        uid = vm.get("zone_uid")
+        if isinstance(uid, int) and uid > 0:
+            return uid
+        with self._uid_lock():
+            uid = self._free_uid()
+            vm["zone_uid"] = uid
+            self.store.save(uuid, vm)
+        self._own(paths, uid)
+        for disk in vm.get("disks", []):
+            if disk["path"].startswith(paths.zonepath + os.sep):
+                _chown(disk["path"], uid, 0o600)
+        return uid
 
-        os.makedirs(paths.runtime_dir, 0o700, exist_ok=True)
-        for stale in (paths.pid, paths.qmp, paths.vnc, paths.console):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(stale)
-        argv = build_argv(
-            vm, paths, self.settings.qemu, resolve_accel(self.settings.accel),
-            require_vnc_password=self.settings.vnc_require_password,
-        )  # fmt: skip
+    def _open_disks(self, vm: VmRecord, paths: VmPaths) -> DiskList:
+        """Each disk (and the image it is made from) opened by us, for qemu to
+        use through the fd: qemu, as the VM's user, opens no disk path itself."""
+        out: DiskList = []
         try:
-            # With -daemonize the first process exits once qemu is set up (or
-            # has failed); its stderr carries the reason for a failure.
-            res = subprocess.run(
-                argv,
-                cwd=paths.runtime_dir,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                timeout=START_TIMEOUT,
-                check=False,
-            )
-        except FileNotFoundError:
-            raise StartFailed(f"qemu binary {self.settings.qemu!r} not found") from None
-        except subprocess.TimeoutExpired:
-            raise StartFailed(f"qemu did not start within {START_TIMEOUT:.0f} s") from None
-        if res.returncode != 0:
-            lines = [ln for ln in res.stderr.decode(errors="replace").splitlines() if ln.strip()]
-            reason = lines[-1] if lines else f"exit status {res.returncode}"
-            raise StartFailed(f"VM {vm['uuid']}: qemu failed to start: {reason}")
-        pid = proc.find_vm_pid(paths.pid, vm["uuid"])
-        if pid is None:
-            raise StartFailed(f"VM {vm['uuid']}: qemu exited right after starting")
-        return pid
+            for i, disk in enumerate(vm.get("disks", [])):
+                try:
+                    self.check_disk_path(f"disks[{i}].path", disk["path"], paths.zonepath)
+                    fd = os.open(disk["path"], os.O_RDWR | os.O_CLOEXEC)
+                    out.append(DiskFds(fd))
+                    if disk.get("image_uuid"):
+                        image, fmt = self.find_image(disk["image_uuid"])
+                        out[-1] = DiskFds(fd, os.open(image, os.O_RDONLY | os.O_CLOEXEC), fmt)
+                except (OSError, InvalidParameter) as err:
+                    msg = err.strerror if isinstance(err, OSError) else str(err)
+                    raise StartFailed(f"VM {vm['uuid']}: disks[{i}]: {msg}") from None
+        except BaseException:
+            _close_disks(out)
+            raise
+        return out
+
+    def _spawn(self, vm: VmRecord, paths: VmPaths, uid: int, procs: Sequence[str]) -> int:
+        try:
+            zonefs.own_runtime_dir(paths.zonepath, uid)
+            for stale in (paths.PID_NAME, paths.QMP_NAME, paths.VNC_NAME, paths.CONSOLE_NAME):
+                zonefs.remove_runtime_file(paths.zonepath, stale)
+        except OSError as err:
+            raise StartFailed(f"VM {vm['uuid']}: its root/tmp: {err.strerror}") from None
+        accel = resolve_accel(self.settings.accel)
+        groups: tuple[int, ...] = ()
+        if accel == "kvm":
+            with contextlib.suppress(OSError):
+                kvm_gid = os.stat("/dev/kvm").st_gid
+                groups = (kvm_gid,) if kvm_gid else ()
+        disks = self._open_disks(vm, paths)
+        taps: dict[int, int] = {}
+        try:
+            for i, nic in enumerate(vm.get("nics", [])):
+                if nic.get("netdev") == "tap":
+                    taps[i] = net.open_tap(str(nic["ifname"]))
+            argv = build_argv(
+                vm, paths, self.settings.qemu, accel, disk_fds=disks, tap_fds=taps,
+                require_vnc_password=self.settings.vnc_require_password,
+            )  # fmt: skip
+            fds = [d.fd for d in disks] + [d.image_fd for d in disks if d.image_fd is not None]
+            fds += taps.values()
+            try:
+                return launch.launch(
+                    argv, zonepath=paths.zonepath, pass_fds=fds, timeout=START_TIMEOUT,
+                    confine=launch.Confinement(uid, uid, groups, tuple(procs)),
+                    qmp_name=paths.QMP_NAME, pid_name=paths.PID_NAME,
+                )  # fmt: skip
+            except StartFailed as err:
+                raise StartFailed(f"VM {vm['uuid']}: {err}") from None
+        finally:
+            _close_disks(disks)
+            for fd in taps.values():
+                os.close(fd)
 
     def halt(self, uuid: str, *, set_autoboot: bool | None = False) -> str | None:
         """Forced stop: SIGTERM, then SIGKILL, waiting until qemu is gone.
@@ -424,6 +459,13 @@ def _qemu_img_overlay(path: str, image: str, fmt: str, size_mib: int | None) -> 
         raise InvalidParameter(
             f"qemu-img create failed: {res.stderr.decode(errors='replace').strip()}"
         )
+
+
+def _close_disks(disks: DiskList) -> None:
+    for disk in disks:
+        for fd in (disk.fd, disk.image_fd):
+            if fd is not None:
+                os.close(fd)
 
 
 def _chown(path: str, uid: int, mode: int) -> None:

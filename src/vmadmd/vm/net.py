@@ -14,6 +14,7 @@ VM has tagged nics.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -78,6 +79,27 @@ def create_taps(nics: Iterable[Any], tags: dict[str, str], owner: int | None = N
                 with contextlib.suppress(Exception):
                     ipr.link("del", index=index)
             raise
+
+
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+
+
+def open_tap(name: str) -> int:
+    """An fd on the tap ``name`` (made, transient, if it does not exist), for
+    qemu's ``-netdev tap,fd=N``: the VM's user needs no access to
+    ``/dev/net/tun`` (root's only, on many hosts) and no capability."""
+    import fcntl
+    import struct
+
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        ifreq = struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+        fcntl.ioctl(fd, TUNSETIFF, ifreq)
+    except OSError as err:
+        os.close(fd)
+        raise StartFailed(f"cannot open tap {name}: {err.strerror}") from None
+    return fd
 
 
 def remove_taps(nics: Iterable[Any]) -> None:

@@ -1,19 +1,44 @@
 """qemu's command line, built from a VM's properties.
 
-A pure function: no I/O, so it is tested without qemu.  Sockets are given as
-names relative to the runtime directory (qemu is started there), so a deep
-zones root never hits the unix socket path limit; files (pid, console log)
-are absolute, since ``-daemonize`` makes qemu ``chdir("/")`` once it is up.
+A pure function: no I/O, so it is tested without qemu.  qemu runs as the
+VM's own unprivileged user with its runtime directory (``root/tmp``) as its
+working directory, and needs no path outside it: sockets and the console log
+are names relative to it (so a deep zones root never hits the unix socket
+path limit either), and disks are fds the launcher opened and passed
+(``-add-fd``, ``/dev/fdset/N``), so the zones root's ancestors may be closed
+to the VM's user.  qemu stays in the foreground (no ``-daemonize``, whose
+fork the sandbox's ``spawn=deny`` kills) and writes no pidfile (it would
+resolve the file's absolute path through those ancestors); the launcher
+does both jobs (``vm/launch.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Literal
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, NamedTuple
 
 from vmadmd.vm.store import VmPaths
 
 NIC_DEVICES = {"virtio": "virtio-net-pci", "e1000": "e1000", "rtl8139": "rtl8139"}
+
+# qemu's seccomp sandbox, every group of syscalls denied.  qemu 7.2 takes
+# them together when it is started unprivileged and in the foreground:
+# ``spawn=deny`` kills a ``-daemonize`` (its fork is a denied clone) and
+# ``-runas`` needs the setuid that ``elevateprivileges=deny`` forbids.
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
+class DiskFds(NamedTuple):
+    """The fds a disk is opened through, as the child process will see them.
+
+    ``fd`` is the disk itself (read-write); ``image_fd`` its backing image
+    (read-only, ``image_format``), for a disk made from an image.
+    """
+
+    fd: int
+    image_fd: int | None = None
+    image_format: str | None = None
 
 
 def esc(value: str) -> str:
@@ -25,18 +50,56 @@ def esc(value: str) -> str:
     return value.replace(",", ",,")
 
 
-def _drive_opts(index: int, disk: Mapping[str, Any]) -> list[str]:
-    drive_id = f"disk{index}"
+def _blockdev(options: dict[str, Any]) -> list[str]:
+    return ["-blockdev", json.dumps(options, separators=(",", ":"))]
+
+
+def _disk_opts(index: int, disk: Mapping[str, Any], fds: DiskFds) -> list[str]:
+    """A disk as ``-blockdev`` nodes over passed fds, and its device.
+
+    The backing chain is spelled out, never probed from the image: a disk
+    made from an image gets that image (read-only, its format given) as its
+    backing node, and every other qcow2 gets none, so a header naming
+    ``/etc/shadow`` as its backing file opens nothing.
+    """
+    node = f"disk{index}"
+    args: list[str] = ["-add-fd", f"fd={fds.fd},set={2 * index + 1},opaque={node}"]
     fmt = disk.get("image_format", "qcow2")
-    args = ["-drive", f"file={esc(disk['path'])},if=none,id={drive_id},format={fmt}"]
+    backing: str | None = None
+    if fds.image_fd is not None:
+        backing = f"{node}-image"
+        args += ["-add-fd", f"fd={fds.image_fd},set={2 * index + 2},opaque={backing}"]
+        args += _blockdev(
+            {
+                "driver": "file",
+                "node-name": f"{backing}-file",
+                "filename": f"/dev/fdset/{2 * index + 2}",
+                "read-only": True,
+            }
+        )
+        image: dict[str, Any] = {
+            "driver": fds.image_format or "raw",
+            "node-name": backing,
+            "file": f"{backing}-file",
+            "read-only": True,
+        }
+        if image["driver"] == "qcow2":
+            image["backing"] = None
+        args += _blockdev(image)  # fmt: skip
+    args += _blockdev({"driver": "file", "node-name": f"{node}-file",
+                       "filename": f"/dev/fdset/{2 * index + 1}"})  # fmt: skip
+    top: dict[str, Any] = {"driver": fmt, "node-name": node, "file": f"{node}-file"}
+    if fmt == "qcow2":
+        top["backing"] = backing
+    args += _blockdev(top)
     boot = ",bootindex=0" if disk.get("boot") else ""
     model = disk.get("model", "virtio")
     if model == "virtio":
-        args += ["-device", f"virtio-blk-pci,drive={drive_id}{boot}"]
+        args += ["-device", f"virtio-blk-pci,drive={node}{boot}"]
     elif model == "ide":
-        args += ["-device", f"ide-hd,drive={drive_id}{boot}"]
+        args += ["-device", f"ide-hd,drive={node}{boot}"]
     else:  # scsi
-        args += ["-device", f"scsi-hd,drive={drive_id},bus=scsi0.0{boot}"]
+        args += ["-device", f"scsi-hd,drive={node},bus=scsi0.0{boot}"]
     return args
 
 
@@ -46,9 +109,13 @@ def build_argv(
     qemu: str,
     accel: Literal["kvm", "tcg"],
     *,
+    disk_fds: Sequence[DiskFds],
+    tap_fds: Mapping[int, int] | None = None,
     require_vnc_password: bool = False,
 ) -> list[str]:
-    """The full argv for ``vm``; run it with ``cwd=paths.runtime_dir``."""
+    """The full argv for ``vm``; run it with ``cwd=paths.runtime_dir`` and
+    ``disk_fds`` (one per disk) and ``tap_fds`` (nic index -> an fd on its
+    tap, for every tap nic) open."""
     uuid = vm["uuid"]
     cpu = vm.get("cpu_type") or ("host" if accel == "kvm" else "qemu64")
     argv = [
@@ -66,15 +133,14 @@ def build_argv(
         "-qmp", f"unix:{paths.QMP_NAME},server=on,wait=off",
         "-chardev",
         f"socket,id=serial0,path={paths.CONSOLE_NAME},server=on,wait=off,"
-        f"logfile={esc(paths.console_log)},logappend=off",
+        f"logfile={paths.CONSOLE_LOG_NAME},logappend=off",
         "-serial", "chardev:serial0",
         # A guest kernel that panics says so (GUEST_PANICKED), and the VM
         # stops (SHUTDOWN with reason guest-panic): recorded as a panic, and
         # restarted if the VM asks for it (restart_on_crash).
         "-device", "pvpanic",
         "-action", "panic=shutdown",
-        "-pidfile", paths.pid,
-        "-daemonize",
+        "-sandbox", SANDBOX,
     ]  # fmt: skip
     if vm.get("vnc_port", 0) != -1:
         vnc = f"unix:{paths.VNC_NAME}"
@@ -84,13 +150,17 @@ def build_argv(
             vnc += ",password=on"
         argv += ["-vnc", vnc]
     disks = vm.get("disks", [])
+    if len(disk_fds) != len(disks):
+        raise ValueError(f"{len(disks)} disks but {len(disk_fds)} disk fds")
     if any(d.get("model") == "scsi" for d in disks):
         argv += ["-device", "virtio-scsi-pci,id=scsi0"]
     for i, disk in enumerate(disks):
-        argv += _drive_opts(i, disk)
+        argv += _disk_opts(i, disk, disk_fds[i])
     for i, nic in enumerate(vm.get("nics", [])):
         if nic.get("netdev") == "tap":
-            netdev = f"tap,id=net{i},ifname={nic['ifname']},script=no,downscript=no"
+            if tap_fds is None or i not in tap_fds:
+                raise ValueError(f"nics[{i}] is a tap but no fd is given for it")
+            netdev = f"tap,id=net{i},fd={tap_fds[i]}"
         else:
             netdev = f"user,id=net{i}"
         argv += [

@@ -79,6 +79,9 @@ class VmPaths:
     QMP_NAME = "vm.qmp"
     VNC_NAME = "vm.vnc"
     CONSOLE_NAME = "vm.console"
+    CONSOLE_LOG_NAME = "vm.console.log"
+    PID_NAME = "vm.pid"
+    SCREENSHOT_NAME = "vm.ppm"
 
     @property
     def qmp(self) -> str:
@@ -94,15 +97,15 @@ class VmPaths:
 
     @property
     def console_log(self) -> str:
-        return os.path.join(self.runtime_dir, "vm.console.log")
+        return os.path.join(self.runtime_dir, self.CONSOLE_LOG_NAME)
 
     @property
     def screenshot(self) -> str:
-        return os.path.join(self.runtime_dir, "vm.ppm")
+        return os.path.join(self.runtime_dir, self.SCREENSHOT_NAME)
 
     @property
     def pid(self) -> str:
-        return os.path.join(self.runtime_dir, "vm.pid")
+        return os.path.join(self.runtime_dir, self.PID_NAME)
 
     def disk(self, index: int) -> str:
         return os.path.join(self.zonepath, f"disk{index}.qcow2")

@@ -47,6 +47,31 @@ def open_dir(base: str, *names: str) -> int:
     return fd
 
 
+def own_runtime_dir(zonepath: str, uid: int) -> None:
+    """``<zonepath>/root`` and ``root/tmp`` made if missing, and handed to the
+    VM's user (uid = gid, 0700): each opened without following a link, so a
+    ``root`` or ``tmp`` the VM's user replaced with a link is refused
+    (ZoneFileError), never followed as root."""
+    fd = os.open(zonepath, _DIR_FLAGS)
+    try:
+        for name in ("root", "tmp"):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o700, dir_fd=fd)
+            try:
+                nxt = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError as err:
+                if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise ZoneFileError(f"{name} in {zonepath} is not a directory "
+                                        "(not followed)") from None  # fmt: skip
+                raise
+            os.close(fd)
+            fd = nxt
+            os.fchown(fd, uid, uid)
+            os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+
+
 def read_file(dir_fd: int, name: str, limit: int) -> bytes:
     """The whole of a regular file ``name`` in ``dir_fd``, at most ``limit`` bytes.
 
