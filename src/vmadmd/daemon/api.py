@@ -44,6 +44,7 @@ MAX_BODY = 64 * 1024
 MAX_QUERY = 8 * 1024
 MAX_TIMEOUT = 86400.0
 KEEPALIVE = 15.0
+GONE_POLL = 0.5  # how often a quiet event stream checks that its client is still there
 
 
 _METHODS = frozenset({"GET", "POST", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS"})
@@ -295,12 +296,21 @@ class Api:
                 await resp.write(f"event: gap\ndata: {json.dumps(gap)}\n\n".encode())
             for past in self.bus.since(last_id, vm):
                 await resp.write(_sse(past.id, past.type, past.as_dict()))
+            quiet = 0.0
             while True:
                 try:
-                    event = await asyncio.wait_for(_next(sub), KEEPALIVE)
+                    event = await asyncio.wait_for(_next(sub), GONE_POLL)
                 except TimeoutError:
-                    await resp.write(b": keep-alive\n\n")
+                    # aiohttp does not cancel a handler whose client hung up:
+                    # look, so that a gone follower stops being one.
+                    if request.transport is None or request.transport.is_closing():
+                        break
+                    quiet += GONE_POLL
+                    if quiet >= KEEPALIVE:
+                        await resp.write(b": keep-alive\n\n")
+                        quiet = 0.0
                     continue
+                quiet = 0.0
                 if event is None:  # dropped for being too slow
                     break
                 if event.id <= last_id:
