@@ -1,4 +1,4 @@
-"""One VM's QMP connection, with ``qemu.qmp``: timeouts, wedge recovery, events.
+"""One VM's QMP connection (``daemon/qmp.py``): timeouts, wedge recovery, events.
 
 qemu serves one QMP client per socket at a time, so this connection is the
 only way in while the daemon runs; it is kept open for the VM's lifetime.
@@ -25,11 +25,9 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
-from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, Message, QMPClient, Runstate
-from qemu.qmp.error import QMPError
-
 from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.metrics import Metrics
+from vmadmd.daemon.qmp import Message, QmpClient, QmpError, QmpExecuteError
 from vmadmd.errors import (
     Forbidden,
     InvalidParameter,
@@ -68,21 +66,6 @@ QUERIES: dict[str, str] = {
 }
 
 
-class _CallbackListener(EventListener):
-    """Hands each event to a callback at once: no queue, no history.
-
-    qemu.qmp's default listener keeps every event in a history list and an
-    unbounded queue; a long-lived connection must not grow like that.
-    """
-
-    def __init__(self, callback: Callable[[Message], None]) -> None:
-        super().__init__()
-        self._callback = callback
-
-    async def put(self, event: Message) -> None:
-        self._callback(event)
-
-
 def _command_names(reply: object) -> set[str]:
     """The names in a ``query-commands`` reply (nothing from a malformed one)."""
     if not isinstance(reply, list):
@@ -116,7 +99,7 @@ class Monitor:
         self.timeout = timeout
         self._connect_timeout = connect_timeout
         self._on_event = on_event
-        self._client: QMPClient | None = None
+        self._client: QmpClient | None = None
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -161,21 +144,14 @@ class Monitor:
         """Connect, retrying with back-off until connected or closed."""
         delay = 0.05
         while not self._closed:
-            client = QMPClient(f"vm-{self.uuid[:8]}")
-            # qemu.qmp (0.0.x) refuses to remove its default listener, whose
-            # history list grows forever: make ours the default, then drop
-            # theirs.
-            default = client.events
-            client.events = _CallbackListener(self._dispatch)
-            client.register_listener(client.events)
-            client.remove_listener(default)
+            client = QmpClient(self._dispatch)
             try:
                 async with self._connect_slots:
                     sock = await connect_unix_retrying(self._directory, self._name)
                     await asyncio.wait_for(client.connect(sock), self._connect_timeout)
-            except (OSError, QMPError, TimeoutError, EOFError) as err:
+            except (OSError, QmpError, TimeoutError, EOFError) as err:
                 # OSError: socket missing or refused (qemu still starting or
-                # gone); QMPError: no or bad greeting; TimeoutError: qemu
+                # gone); QmpError: no or bad greeting; TimeoutError: qemu
                 # accepted but does not speak (stopped with SIGSTOP).
                 self.last_error = f"QMP connect failed: {err or type(err).__name__}"
                 self._log.debug("%s", self.last_error)
@@ -242,8 +218,7 @@ class Monitor:
             return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                while client.runstate == Runstate.RUNNING:
-                    await client.runstate_changed()
+                await client.wait_closed()
 
     def _dispatch(self, msg: Message) -> None:
         name = str(msg.get("event", ""))
@@ -270,7 +245,9 @@ class Monitor:
         if self._closed:
             raise self._closed_error()
         try:
-            await asyncio.wait_for(self._ready.wait(), limit)
+            # (Awaited only when needed: the common case costs no task.)
+            if not self._ready.is_set():
+                await asyncio.wait_for(self._ready.wait(), limit)
             if not through_gate and not self._gate.is_set():
                 await asyncio.wait_for(self._gate.wait(), max(deadline - loop.time(), 0.001))
         except TimeoutError:
@@ -289,9 +266,8 @@ class Monitor:
         self._in_flight += 1
         self._idle.clear()
         try:
-            result = await asyncio.wait_for(
-                client.execute(cmd, arguments), max(deadline - loop.time(), 0.001)
-            )
+            async with asyncio.timeout_at(max(deadline, loop.time() + 0.001)):
+                result = await client.execute(cmd, arguments)
             outcome = "ok"
             return result
         except TimeoutError:
@@ -300,13 +276,13 @@ class Monitor:
             raise QmpTimeout(
                 f"VM {self.uuid}: qemu did not answer {cmd} within {limit:g} s"
             ) from None
-        except ExecuteError as err:
+        except QmpExecuteError as err:
             raise QmpRefused(
-                f"VM {self.uuid}: {cmd}: {err}", error_class=err.error_class, desc=str(err)
+                f"VM {self.uuid}: {cmd}: {err.desc}", error_class=err.error_class, desc=err.desc
             ) from err
-        except (ExecInterruptedError, QMPError, OSError, EOFError) as err:
+        except (QmpError, OSError, EOFError) as err:
             # The connection broke under the command (qemu exited, or the
-            # peer sent something qemu.qmp could not parse).
+            # peer sent something that is not QMP).
             if client is self._client:
                 self._wedged(f"{cmd}: {type(err).__name__}")
             raise QmpConnectionLost(f"VM {self.uuid}: {cmd} failed: connection lost") from err
@@ -465,7 +441,7 @@ class Monitor:
             raise
         return True
 
-    async def _pass_fd(self, client: QMPClient, fd: int, timeout: float) -> str | None:
+    async def _pass_fd(self, client: QmpClient, fd: int, timeout: float) -> str | None:
         """Send ``fd`` and register it in qemu under a new name (gate closed).
 
         None when qemu surely did not get it; raises when that is unknown.
@@ -479,7 +455,7 @@ class Monitor:
         name = f"vnc-client-{next(self._fd_names)}"
         try:
             client.send_fd_scm(fd)
-        except (OSError, QMPError) as err:
+        except (OSError, QmpError) as err:
             self._log.debug("cannot pass a VNC client: %s", err)
             return None
         try:
