@@ -418,3 +418,13 @@ def test_vnc_password_from_stdin_not_argv(env: Env) -> None:
     res = env.vmadm("update", uuid, "-f", "-", input='{"vnc_password": "0ther"}', check=True)
     assert env.get(uuid)["vnc_password"] == "0ther"
     assert "stdin" in env.vmadm("update", "--help").stdout
+
+
+@pytest.mark.parametrize("text", ["", "plain", "a b&c=d", "x,y;z/é~_.-", "100%", "\u2603\n"])
+@pytest.mark.parametrize("safe", ["", ","])
+def test_cli_quote_matches_urllib(text: str, safe: str) -> None:
+    from urllib.parse import quote as urllib_quote
+
+    from vmadmd.cli.client import quote
+
+    assert quote(text, safe) == urllib_quote(text, safe=safe)

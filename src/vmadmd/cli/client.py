@@ -14,7 +14,6 @@ import os
 import socket
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import quote
 
 from vmadmd.errors import DaemonUnavailable, VmadmError
 from vmadmd.vm.sockets import connect_unix, peer_uid, trusted_uid
@@ -76,6 +75,17 @@ class _Reader:
                 raise DaemonUnavailable("vmadmd's answer is too large")
             yield self.exact(size)
             self.exact(2)
+
+
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
+
+
+def quote(text: str, safe: str = "") -> str:
+    """Percent-encoding of a query string's key or value (RFC 3986), as
+    ``urllib.parse.quote`` does it: importing urllib.parse costs every vmadm
+    call ~2 ms of start-up for these few lines."""
+    keep = _UNRESERVED | frozenset(safe.encode())
+    return "".join(chr(b) if b in keep else f"%{b:02X}" for b in text.encode())
 
 
 def _target(path: str, params: dict[str, str] | None) -> str:
