@@ -4,10 +4,20 @@ here (this machine kind mounts v1 controllers), v2 against a fake tree."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
-from vmadmd.vm.cgroup import DEFAULT_ROOT, Cgroups, Limits, limits_of
+import pytest
+
+from vmadmd.vm.cgroup import (
+    DEFAULT_ROOT,
+    Cgroups,
+    Limits,
+    limits_of,
+    resolve_manager,
+    systemd_properties,
+)
 
 from .conftest import Env, RunVm, bios_payload, guest_payload
 from .test_operator import SerialClient
@@ -99,3 +109,120 @@ def test_cgroup_v2_files_on_a_fake_tree(tmp_path: Path) -> None:
     cgroups.add(uuid, 4242)
     assert (vm / "cgroup.procs").read_text() == "4242"
     assert cgroups.memory_limit(uuid) == (256 + 1024) << 20
+
+
+# systemd-run and systemctl as far as vmadmd uses them, over a fake v2 tree
+# ($FAKE_CGROUP_ROOT): the scope is a directory under its slice, the unit
+# properties land in the files systemd would write, and `systemd-run --scope`
+# joins the scope and exec's the rest, as the real one does.
+FAKE_SYSTEMD = r"""#!/bin/sh
+set -eu
+echo "$(basename "$0") $*" >> "$FAKE_CGROUP_ROOT/calls.log"
+props() {  # dir K=V...
+    dir=$1; shift
+    for kv; do
+        v=${kv#*=}
+        case $kv in
+        MemoryMax=*) echo "$v" > "$dir/memory.max" ;;
+        CPUQuota=) echo "max 100000" > "$dir/cpu.max" ;;
+        CPUQuota=*) echo "$(( ${v%\%} * 1000 )) 100000" > "$dir/cpu.max" ;;
+        CPUWeight=*) echo "$v" > "$dir/cpu.weight" ;;
+        TasksMax=infinity) echo max > "$dir/pids.max" ;;
+        TasksMax=*) echo "$v" > "$dir/pids.max" ;;
+        esac
+    done
+}
+case $(basename "$0") in
+systemd-run)
+    unit= slice= ps=
+    while [ "$1" != -- ]; do
+        case $1 in
+        --unit=*) unit=${1#--unit=} ;;
+        --slice=*) slice=${1#--slice=} ;;
+        -p) shift; ps="$ps $1" ;;
+        esac
+        shift
+    done
+    shift
+    dir=$FAKE_CGROUP_ROOT/$slice/$unit
+    mkdir -p "$dir"
+    props "$dir" $ps
+    echo $$ > "$dir/cgroup.procs"
+    exec "$@"
+    ;;
+systemctl)
+    [ "$1" = set-property ] && [ "$2" = --runtime ] || exit 1
+    dir=$(echo "$FAKE_CGROUP_ROOT"/*/"$3")
+    [ -d "$dir" ] || { echo "Unit $3 not loaded." >&2; exit 1; }
+    shift 3
+    props "$dir" "$@"
+    ;;
+esac
+"""
+
+
+def fake_systemd(bindir: Path) -> None:
+    run = bindir / "systemd-run"
+    run.write_text(FAKE_SYSTEMD)
+    run.chmod(0o755)
+    (bindir / "systemctl").symlink_to(run)
+
+
+def test_systemd_scope_against_a_fake_systemd(env: Env, tmp_path: Path) -> None:
+    """Where systemd is PID 1, qemu starts inside vmadmd-<uuid>.scope made by
+    `systemd-run --scope` with SmartOS's controls as properties, and
+    `vmadm update` changes them with `systemctl set-property --runtime`.
+    PID 1 here is not systemd: both commands are fakes over a fake v2 tree
+    (the cgroupfs manager is tested for real above)."""
+    tree = tmp_path / "cgroup"
+    tree.mkdir()
+    (tree / "cgroup.controllers").write_text("cpu memory pids\n")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake_systemd(bindir)
+    env.extra_env.update(
+        VMADM_CGROUP_MANAGER="systemd",
+        VMADM_CGROUP_ROOT=str(tree),
+        FAKE_CGROUP_ROOT=str(tree),
+        PATH=f"{bindir}:{os.environ['PATH']}",
+    )
+    env.start_daemon()
+    uuid = env.create(bios_payload(max_physical_memory=512, cpu_cap=50, max_lwps=300))
+    env.vmadm("start", uuid, check=True)
+    scope = tree / "vmadmd.slice" / f"vmadmd-{uuid}.scope"
+    calls = (tree / "calls.log").read_text()
+    assert f"--scope --quiet --collect --unit=vmadmd-{uuid}.scope --slice=vmadmd.slice" in calls
+    assert (scope / "memory.max").read_text().strip() == str(512 << 20)
+    assert (scope / "cpu.max").read_text().strip() == "50000 100000"
+    assert (scope / "pids.max").read_text().strip() == "300"
+    assert (scope / "cgroup.procs").read_text().strip() == str(env.pid(uuid))
+    # Not the cgroupfs layout: nothing written beside the scope.
+    assert not (tree / "vmadmd").exists()
+    # Live changes through systemctl; read back from the scope.
+    env.vmadm("update", uuid, "max_physical_memory=768", "cpu_cap=0", check=True)
+    assert (
+        f"set-property --runtime vmadmd-{uuid}.scope MemoryMax={768 << 20}"
+        in (tree / "calls.log").read_text()
+    )
+    assert (scope / "cpu.max").read_text().strip() == "max 100000"
+    cgroups = Cgroups(str(tree), "systemd")
+    assert cgroups.memory_limit(uuid) == 768 << 20
+    # The daemon reads the scope too.
+    stats = env.api("GET", f"/vm/{uuid}", type="stats")[1]["stats"]
+    assert stats["memory_limit_bytes"] == 768 << 20
+    env.vmadm("stop", uuid, "-F", check=True)
+
+
+def test_cgroup_manager_choice_and_properties() -> None:
+    assert resolve_manager("cgroupfs") == "cgroupfs"
+    assert resolve_manager("systemd") == "systemd"
+    with pytest.raises(ValueError, match="cgroup manager"):
+        resolve_manager("lxc")
+    if not os.path.isdir("/run/systemd/system"):  # this machine kind: PID 1 is not systemd
+        assert resolve_manager("auto") == "cgroupfs"
+    assert systemd_properties(Limits(1 << 30, 0, 100, None)) == [
+        "MemoryMax=1073741824", "CPUQuota=", "CPUWeight=100", "TasksMax=infinity",
+    ]  # fmt: skip
+    assert systemd_properties(Limits(1 << 30, 250, 20000, 64))[1:] == [
+        "CPUQuota=250%", "CPUWeight=10000", "TasksMax=64",
+    ]  # fmt: skip

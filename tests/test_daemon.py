@@ -411,6 +411,7 @@ def test_a_vm_started_unseen_is_looked_for_on_a_miss(env: Env) -> None:
     ago, or during the start-up sweep, may not have reached the daemon yet).
     Made deterministic by starting qemu without the vm.json write the
     daemon's inotify would see."""
+    from vmadmd.vm.cgroup import Placement
     from vmadmd.vm.config import VmSettings
     from vmadmd.vm.layer import VmLayer
 
@@ -418,7 +419,7 @@ def test_a_vm_started_unseen_is_looked_for_on_a_miss(env: Env) -> None:
     uuid = env.create(bios_payload())
     layer = VmLayer(VmSettings(zones_root=env.zones, accel="tcg"))
     vm = layer.store.load(uuid)
-    layer._spawn(vm, layer.store.paths(uuid), vm["zone_uid"], procs=[])
+    layer._spawn(vm, layer.store.paths(uuid), vm["zone_uid"], Placement())
     status, body = env.api("GET", f"/vm/{uuid}", type="status")
     assert status == 200, body
     assert body["status"]["status"] == "running"

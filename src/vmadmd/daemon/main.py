@@ -33,6 +33,7 @@ from vmadmd.daemon.supervisor import CrashRestart, DaemonSettings
 from vmadmd.daemon.vncconsole import is_loopback
 from vmadmd.daemon.watch import ZonesWatcher
 from vmadmd.errors import ConfigError
+from vmadmd.vm.cgroup import MANAGERS
 from vmadmd.vm.config import (
     DEFAULT_ACCEL,
     DEFAULT_AUTOBOOT_MARKER,
@@ -87,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the VMs' own users: uid (= gid) from here up, one per VM")  # fmt: skip
     p.add_argument("--images-dir", default=env_or("VMADM_IMAGES_DIR", ""), metavar="DIR",
                    help="disk images by uuid (default: <zones-root>/images)")  # fmt: skip
+    p.add_argument("--cgroup-manager", choices=MANAGERS,
+                   default=env_or("VMADM_CGROUP_MANAGER", "auto"),
+                   help="who makes the VMs' cgroups: systemd scopes, the cgroup filesystem "
+                   "directly, or auto (systemd where it is PID 1)")  # fmt: skip
     p.add_argument(
         "--accel", type=parse_accel, default=parse_accel(env_or("VMADM_ACCEL", DEFAULT_ACCEL))
     )
@@ -257,6 +262,8 @@ class Daemon:
                 accel=args.accel,
                 vnc_require_password=args.vnc_require_password,
                 images_dir=args.images_dir,
+                cgroup_root=os.environ.get("VMADM_CGROUP_ROOT", ""),
+                cgroup_manager=args.cgroup_manager,
                 zone_uid_base=args.zone_uid_base,
                 nic_tags=",".join([os.environ.get("VMADM_NIC_TAGS", ""), *args.nic_tag]),
             ),

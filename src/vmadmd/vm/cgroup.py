@@ -9,14 +9,25 @@ SmartOS's resource controls, in SmartOS's units, map onto the cgroup's files:
   (scaled so that 100 is the kernel's default 1024);
 - ``max_lwps``, processes and threads: ``pids.max``.
 
-The cgroup is ``<hierarchy>/vmadmd/<uuid>``: on a unified (v2) hierarchy one
-directory, with the controllers enabled on ``vmadmd``; on v1 one directory per
-controller hierarchy (memory, cpu, cpuacct, pids).  Which one is found from
-the hierarchy's root (``cgroup.controllers`` says v2 and which controllers it
-has).  Where systemd is PID 1 a transient scope would be its way; that is not
-done yet (this machine kind has no systemd), the cgroup filesystem is written
-directly everywhere.  ``vmadm update`` applies a changed control to a running
-VM at once.
+Two managers (``VMADM_CGROUP_MANAGER``: ``auto``, ``systemd``, ``cgroupfs``):
+
+- **systemd**, where systemd is PID 1 (``auto`` picks it when
+  ``/run/systemd/system`` exists and ``systemd-run`` is there): qemu is
+  started inside a transient scope, ``vmadmd-<uuid>.scope`` in
+  ``vmadmd.slice``, by ``systemd-run --scope`` with the controls as unit
+  properties (``MemoryMax``, ``CPUQuota``, ``CPUWeight``, ``TasksMax``);
+  live changes go through ``systemctl set-property --runtime``; systemd
+  removes the scope with its last process (``--collect``).  As libvirt's
+  machine scopes, this keeps systemd the one writer of its cgroup tree.
+- **cgroupfs**, everywhere else: ``<hierarchy>/vmadmd/<uuid>``, written
+  directly; on a unified (v2) hierarchy one directory, with the controllers
+  enabled on ``vmadmd``; on v1 one directory per controller hierarchy
+  (memory, cpu, cpuacct, pids).
+
+v2 or v1 is found from the hierarchy's root (``cgroup.controllers`` says v2
+and which controllers it has); the limits are read back from the VM's
+directory under either manager.  ``vmadm update`` applies a changed control
+to a running VM at once.
 
 Standard library only: the CLI imports this.
 """
@@ -24,6 +35,8 @@ Standard library only: the CLI imports this.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import time
 from typing import Any, NamedTuple
 
@@ -31,6 +44,8 @@ from vmadmd.errors import StartFailed
 
 DEFAULT_ROOT = "/sys/fs/cgroup"
 PARENT = "vmadmd"
+SLICE = "vmadmd.slice"
+MANAGERS = ("auto", "systemd", "cgroupfs")
 CFS_PERIOD = 100_000  # µs
 V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids")
 
@@ -57,11 +72,41 @@ def limits_of(vm: dict[str, Any]) -> Limits:
 RESOURCE_KEYS = ("max_physical_memory", "cpu_cap", "cpu_shares", "max_lwps", "ram")
 
 
+def resolve_manager(manager: str) -> str:
+    """``systemd`` or ``cgroupfs``; ``auto``: systemd where it is PID 1."""
+    if manager not in MANAGERS:
+        raise ValueError(f"cgroup manager must be one of {', '.join(MANAGERS)}, not {manager!r}")
+    if manager != "auto":
+        return manager
+    booted = os.path.isdir("/run/systemd/system")
+    return "systemd" if booted and shutil.which("systemd-run") else "cgroupfs"
+
+
+def systemd_properties(limits: Limits) -> list[str]:
+    """SmartOS's controls as systemd unit properties (``K=V``)."""
+    weight = max(1, min(10000, limits.cpu_shares))
+    return [
+        f"MemoryMax={limits.memory_bytes}",
+        f"CPUQuota={limits.cpu_cap}%" if limits.cpu_cap else "CPUQuota=",
+        f"CPUWeight={weight}",
+        f"TasksMax={limits.max_lwps or 'infinity'}",
+    ]
+
+
+class Placement(NamedTuple):
+    """How the launcher puts qemu in its cgroup: pid files to join, or a
+    command to run it under (``systemd-run --scope ... --``)."""
+
+    procs: tuple[str, ...] = ()
+    prefix: tuple[str, ...] = ()
+
+
 class Cgroups:
     """The VMs' cgroups under one cgroup filesystem root."""
 
-    def __init__(self, root: str = DEFAULT_ROOT) -> None:
+    def __init__(self, root: str = DEFAULT_ROOT, manager: str = "cgroupfs") -> None:
         self.root = root
+        self.systemd = resolve_manager(manager) == "systemd"
         controllers = os.path.join(root, "cgroup.controllers")
         try:
             with open(controllers) as f:
@@ -72,11 +117,16 @@ class Cgroups:
 
     # -- paths -----------------------------------------------------------------
 
+    @staticmethod
+    def unit(uuid: str) -> str:
+        return f"vmadmd-{uuid}.scope"
+
     def dirs(self, uuid: str) -> dict[str, str]:
         """Controller -> the VM's directory ("" for the one v2 directory)."""
+        rel = os.path.join(SLICE, self.unit(uuid)) if self.systemd else os.path.join(PARENT, uuid)
         if self.v2:
-            return {"": os.path.join(self.root, PARENT, uuid)}
-        return {c: os.path.join(self.root, c, PARENT, uuid) for c in V1_CONTROLLERS}
+            return {"": os.path.join(self.root, rel)}
+        return {c: os.path.join(self.root, c, rel) for c in V1_CONTROLLERS}
 
     def _file(self, controller: str, uuid: str, name: str) -> str:
         key = "" if self.v2 else controller
@@ -85,6 +135,8 @@ class Cgroups:
     # -- lifecycle ---------------------------------------------------------------
 
     def create(self, uuid: str) -> None:
+        if self.systemd:
+            return  # systemd-run makes the scope
         if self.v2:
             parent = os.path.join(self.root, PARENT)
             os.makedirs(parent, exist_ok=True)
@@ -94,6 +146,10 @@ class Cgroups:
 
     def apply(self, uuid: str, limits: Limits) -> None:
         """Write the limits (also to a running VM's cgroup: they take effect at once)."""
+        if self.systemd:
+            _run(["systemctl", "set-property", "--runtime", self.unit(uuid),
+                  *systemd_properties(limits)])  # fmt: skip
+            return
         cap = limits.cpu_cap * CFS_PERIOD // 100
         lwps = str(limits.max_lwps) if limits.max_lwps else "max"
         if self.v2:
@@ -121,6 +177,8 @@ class Cgroups:
         (EBUSY): retried for up to ``wait`` seconds, then left (the next
         start of the VM reuses it).
         """
+        if self.systemd:
+            return  # systemd collects the scope with its last process
         deadline = time.monotonic() + wait
         for path in self.dirs(uuid).values():
             while True:
@@ -134,19 +192,28 @@ class Cgroups:
                         break
                     time.sleep(0.01)
 
-    def prepare(self, uuid: str, limits: Limits) -> list[str]:
+    def prepare(self, uuid: str, limits: Limits) -> Placement:
         """The VM's cgroup, made and limited before its qemu starts.
 
-        Returns the ``cgroup.procs`` files the launcher writes its own pid
-        to before it forks qemu: qemu runs inside its limits from its first
-        instruction, never briefly outside them.
+        cgroupfs: the ``cgroup.procs`` files the launcher writes its own pid
+        to before it forks qemu.  systemd: the ``systemd-run --scope``
+        command qemu is exec'd through.  Either way qemu runs inside its
+        limits from its first instruction, never briefly outside them.
         """
+        if self.systemd:
+            prefix = ["systemd-run", "--scope", "--quiet", "--collect",
+                      f"--unit={self.unit(uuid)}", f"--slice={SLICE}"]  # fmt: skip
+            for prop in systemd_properties(limits):
+                if not prop.endswith("="):
+                    prefix += ["-p", prop]
+            return Placement(prefix=(*prefix, "--"))
         try:
             self.create(uuid)
             self.apply(uuid, limits)
         except OSError as err:
             raise StartFailed(f"VM {uuid}: cannot set up its cgroup: {err}") from err
-        return [os.path.join(path, "cgroup.procs") for path in self.dirs(uuid).values()]
+        procs = [os.path.join(path, "cgroup.procs") for path in self.dirs(uuid).values()]
+        return Placement(procs=tuple(procs))
 
     # -- reading -------------------------------------------------------------------
 
@@ -165,6 +232,16 @@ class Cgroups:
             return None
         text = _read(self._file("cpuacct", uuid, "cpuacct.usage"))
         return int(text) if text and text.isdigit() else None
+
+
+def _run(argv: list[str]) -> None:
+    try:
+        res = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
+                             check=False)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise OSError(f"{argv[0]}: {err}") from None
+    if res.returncode != 0:
+        raise OSError(f"{' '.join(argv[:2])}: {res.stderr.decode(errors='replace').strip()}")
 
 
 def _write(path: str, value: str) -> None:

@@ -80,6 +80,8 @@ class VmSettings(NamedTuple):
     nic_tags: str = ""
     # The cgroup filesystem the VMs' cgroups are made in ("" = /sys/fs/cgroup).
     cgroup_root: str = ""
+    # Who makes the VMs' cgroups: auto (systemd where it is PID 1), systemd, cgroupfs.
+    cgroup_manager: str = "auto"
     zone_uid_base: int = DEFAULT_ZONE_UID_BASE
 
     @property
@@ -96,5 +98,6 @@ class VmSettings(NamedTuple):
             images_dir=os.environ.get("VMADM_IMAGES_DIR", ""),
             nic_tags=os.environ.get("VMADM_NIC_TAGS", ""),
             cgroup_root=os.environ.get("VMADM_CGROUP_ROOT", ""),
+            cgroup_manager=env_or("VMADM_CGROUP_MANAGER", "auto"),
             zone_uid_base=int(env_or("VMADM_ZONE_UID_BASE", str(DEFAULT_ZONE_UID_BASE))),
         )

@@ -65,12 +65,15 @@ LAUNCHER = (
 
 
 class Confinement(NamedTuple):
-    """Who qemu runs as, and the cgroup it is born in."""
+    """Who qemu runs as, and the cgroup it is born in: ``cgroup_procs`` to
+    join before the fork, or ``prefix`` to run it under (``systemd-run
+    --scope ... --``, which registers its own pid and exec's the rest)."""
 
     uid: int
     gid: int
     groups: tuple[int, ...] = ()
     cgroup_procs: tuple[str, ...] = ()
+    prefix: tuple[str, ...] = ()
 
 
 def setpriv_argv(confine: Confinement) -> list[str]:
@@ -115,7 +118,7 @@ def launch(
         try:
             res = subprocess.run(
                 ["/bin/sh", "-c", LAUNCHER, "sh", exit_path, *confine.cgroup_procs, "--",
-                 *setpriv_argv(confine), *argv],
+                 *confine.prefix, *setpriv_argv(confine), *argv],
                 # The runtime dir as opened without following links, not by
                 # its path (root/ is the VM's user's to rename and re-link).
                 cwd=f"/proc/self/fd/{dfd}",

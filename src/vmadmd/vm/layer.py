@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 from vmadmd.errors import InvalidParameter, StartFailed, VmadmError, VmBroken, WrongState
@@ -50,7 +50,9 @@ class VmLayer:
     def __init__(self, settings: VmSettings) -> None:
         self.settings = settings
         self.store = Store(settings.zones_root)
-        self.cgroups = cgroup.Cgroups(settings.cgroup_root or cgroup.DEFAULT_ROOT)
+        self.cgroups = cgroup.Cgroups(
+            settings.cgroup_root or cgroup.DEFAULT_ROOT, settings.cgroup_manager
+        )
 
     # -- queries -----------------------------------------------------------
 
@@ -220,8 +222,8 @@ class VmLayer:
         try:
             # Its own cgroup, with SmartOS's limits, named after the uuid:
             # qemu is born in it.
-            procs = self.cgroups.prepare(uuid, cgroup.limits_of(vm))
-            pid = self._spawn(vm, paths, uid, procs)
+            placement = self.cgroups.prepare(uuid, cgroup.limits_of(vm))
+            pid = self._spawn(vm, paths, uid, placement)
         except BaseException:
             net.remove_taps(nics)
             self.cgroups.remove(uuid)
@@ -271,7 +273,7 @@ class VmLayer:
             raise
         return out
 
-    def _spawn(self, vm: VmRecord, paths: VmPaths, uid: int, procs: Sequence[str]) -> int:
+    def _spawn(self, vm: VmRecord, paths: VmPaths, uid: int, placement: cgroup.Placement) -> int:
         try:
             zonefs.own_runtime_dir(paths.zonepath, uid)
             for stale in (paths.PID_NAME, paths.QMP_NAME, paths.VNC_NAME, paths.CONSOLE_NAME):
@@ -299,7 +301,8 @@ class VmLayer:
             try:
                 return launch.launch(
                     argv, zonepath=paths.zonepath, pass_fds=fds, timeout=START_TIMEOUT,
-                    confine=launch.Confinement(uid, uid, groups, tuple(procs)),
+                    confine=launch.Confinement(uid, uid, groups, placement.procs,
+                                               placement.prefix),
                     qmp_name=paths.QMP_NAME, pid_name=paths.PID_NAME,
                 )  # fmt: skip
             except StartFailed as err:
