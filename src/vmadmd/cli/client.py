@@ -13,10 +13,13 @@ import json
 import os
 import socket
 from collections.abc import Iterator
-from typing import Any
 
 from vmadmd.errors import DaemonUnavailable, VmadmError
 from vmadmd.vm.sockets import connect_unix, peer_uid, trusted_uid
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (vmadm start-up)
+if TYPE_CHECKING:
+    from typing import Any
 
 MAX_HEADER = 64 * 1024
 MAX_BODY = 64 * 1024 * 1024

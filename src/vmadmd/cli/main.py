@@ -12,13 +12,15 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
 
 from vmadmd.errors import InvalidParameter, VmadmError, WrongState
 from vmadmd.vm.config import VmSettings, client_socket
 from vmadmd.vm.store import validate_uuid
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (vmadm start-up)
 if TYPE_CHECKING:
+    from typing import Any, NoReturn
+
     from vmadmd.cli.client import Client
     from vmadmd.vm.layer import VmLayer
 

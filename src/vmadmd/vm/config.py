@@ -6,9 +6,14 @@ Standard library only: the CLI imports this and must start fast.
 from __future__ import annotations
 
 import os
-from typing import Literal, NamedTuple, cast
 
-Accel = Literal["kvm", "tcg", "auto"]
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (vmadm start-up)
+if TYPE_CHECKING:
+    from typing import Literal
+
+    Accel = Literal["kvm", "tcg", "auto"]
+
+ACCELS: tuple[Accel, ...] = ("kvm", "tcg", "auto")
 
 DEFAULT_ZONES_ROOT = "/zones"
 DEFAULT_SOCKET = "/tmp/vmadmd.http"
@@ -44,9 +49,10 @@ def env_or(name: str, default: str) -> str:
 
 
 def parse_accel(value: str) -> Accel:
-    if value not in ("kvm", "tcg", "auto"):
-        raise ValueError(f"accel must be kvm, tcg or auto, not {value!r}")
-    return cast(Accel, value)
+    for accel in ACCELS:
+        if value == accel:
+            return accel
+    raise ValueError(f"accel must be kvm, tcg or auto, not {value!r}")
 
 
 def kvm_usable() -> bool:
@@ -65,24 +71,52 @@ def resolve_accel(accel: Accel) -> Literal["kvm", "tcg"]:
     return accel
 
 
-class VmSettings(NamedTuple):
-    """What the VM layer needs, whoever drives it."""
+class VmSettings:
+    """What the VM layer needs, whoever drives it.
 
-    zones_root: str
-    qemu: str = DEFAULT_QEMU
-    accel: Accel = DEFAULT_ACCEL
-    # Every console requires a password (one is generated for a VM that has
-    # none): qemu must be started with VNC auth for it.
-    vnc_require_password: bool = False
-    # Disk images by uuid (<uuid>.qcow2 or .raw); "" = <zones_root>/images.
-    images_dir: str = ""
-    # Nic tags -> bridges, "admin=br0,external=br1".
-    nic_tags: str = ""
-    # The cgroup filesystem the VMs' cgroups are made in ("" = /sys/fs/cgroup).
-    cgroup_root: str = ""
-    # Who makes the VMs' cgroups: auto (systemd where it is PID 1), systemd, cgroupfs.
-    cgroup_manager: str = "auto"
-    zone_uid_base: int = DEFAULT_ZONE_UID_BASE
+    (A plain class: a ``typing.NamedTuple`` costs every vmadm call the
+    import of typing and ~1 ms of class building.)
+    """
+
+    __slots__ = (
+        "accel",
+        "cgroup_manager",
+        "cgroup_root",
+        "images_dir",
+        "nic_tags",
+        "qemu",
+        "vnc_require_password",
+        "zone_uid_base",
+        "zones_root",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        zones_root: str,
+        qemu: str = DEFAULT_QEMU,
+        accel: Accel = DEFAULT_ACCEL,
+        vnc_require_password: bool = False,
+        images_dir: str = "",
+        nic_tags: str = "",
+        cgroup_root: str = "",
+        cgroup_manager: str = "auto",
+        zone_uid_base: int = DEFAULT_ZONE_UID_BASE,
+    ) -> None:
+        self.zones_root = zones_root
+        self.qemu = qemu
+        self.accel = accel
+        # Every console requires a password (one is generated for a VM that
+        # has none): qemu must be started with VNC auth for it.
+        self.vnc_require_password = vnc_require_password
+        # Disk images by uuid (<uuid>.qcow2 or .raw); "" = <zones_root>/images.
+        self.images_dir = images_dir
+        # Nic tags -> bridges, "admin=br0,external=br1".
+        self.nic_tags = nic_tags
+        # The cgroup filesystem the VMs' cgroups are made in ("" = /sys/fs/cgroup).
+        self.cgroup_root = cgroup_root
+        # Who makes the VMs' cgroups: auto (systemd where it is PID 1), systemd, cgroupfs.
+        self.cgroup_manager = cgroup_manager
+        self.zone_uid_base = zone_uid_base
 
     @property
     def images(self) -> str:

@@ -18,16 +18,21 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from vmadmd.errors import InvalidUuid, VmBroken, VmExists, VmNotFound
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (vmadm start-up)
 FORMAT_VERSION = 1
 FORMAT_KEY = "format_version"
 
 _UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
-VmRecord = dict[str, Any]
+if TYPE_CHECKING:
+    from typing import Any
+
+    VmRecord = dict[str, Any]
+else:
+    VmRecord = dict
 
 
 def validate_uuid(value: str) -> str:
