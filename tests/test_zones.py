@@ -133,3 +133,25 @@ def test_sandbox_kills_a_qemu_that_would_spawn(env: World) -> None:
         assert not marker.exists()
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_a_vm_from_before_users_gets_one_at_start(env: World) -> None:
+    """A VM created before VMs had users of their own (no zone_uid in its
+    record, root/ and disk root's) is given a user when it starts, and its
+    files are handed over; its qemu runs as that user."""
+    uuid = env.create(bios_payload(disks=[{"size": 8}]))
+    vm_json = Path(env.zones) / uuid / "vm.json"
+    record = json.loads(vm_json.read_text())
+    record.pop("zone_uid")
+    vm_json.write_text(json.dumps(record))
+    zonepath = Path(env.zones) / uuid
+    for path in (zonepath / "root", zonepath / "root" / "tmp", Path(record["disks"][0]["path"])):
+        os.chown(path, 0, 0)
+    env.vmadm("start", uuid, check=True)
+    vm = env.get(uuid)
+    uid = vm["zone_uid"]
+    assert uid >= DEFAULT_ZONE_UID_BASE
+    assert proc_status(vm["pid"])["Uid"].split()[0] == str(uid)
+    assert (zonepath / "root" / "tmp").stat().st_uid == uid
+    assert Path(vm["disks"][0]["path"]).stat().st_uid == uid
+    env.vmadm("stop", uuid, "-F", check=True)

@@ -125,6 +125,8 @@ def launch(
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_fd,
                 pass_fds=tuple(pass_fds), start_new_session=True, timeout=10, check=False,
             )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise StartFailed("the launcher did not return within 10 s") from None
         finally:
             os.close(log_fd)
         if res.returncode != 0 or not res.stdout.strip().isdigit():
