@@ -3,8 +3,10 @@ read nothing of another VM's, nor the VM's own vm.json."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import shutil
 import subprocess
 import tempfile
@@ -155,3 +157,32 @@ def test_a_vm_from_before_users_gets_one_at_start(env: World) -> None:
     assert (zonepath / "root" / "tmp").stat().st_uid == uid
     assert Path(vm["disks"][0]["path"]).stat().st_uid == uid
     env.vmadm("stop", uuid, "-F", check=True)
+
+
+def test_a_qemu_started_by_the_previous_version_is_still_served(env: World) -> None:
+    """Upgrade: a qemu the previous vmadmd started (as root, -daemonize, so
+    working in "/", with a pidfile) is picked up, and its screenshot lands in
+    its root/tmp (given the whole path), not in "/"."""
+    uuid = env.create(bios_payload())
+    runtime = env.runtime(uuid)
+    subprocess.run(
+        ["qemu-system-x86_64", "-uuid", uuid, "-machine", "pc,accel=tcg", "-m", "64",
+         "-nodefaults", "-vga", "std", "-display", "none",
+         "-qmp", "unix:vm.qmp,server=on,wait=off", "-pidfile", str(runtime / "vm.pid"),
+         "-daemonize"],
+        cwd=runtime, check=True,
+    )  # fmt: skip
+    pid = int((runtime / "vm.pid").read_text())
+    try:
+        assert os.readlink(f"/proc/{pid}/cwd") == "/"
+        assert proc_status(pid)["Uid"].split()[0] == "0"
+        env.start_daemon()
+        env.wait_qmp(uuid)
+        res = env.vmadm("sysrq", uuid, "screenshot")
+        assert res.returncode == 0, res.stderr
+        assert (runtime / "vm.ppm").read_bytes().startswith(b"P6")
+        assert not os.path.exists("/vm.ppm")
+    finally:
+        # Working in "/", it is not found by the world's clean-up.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

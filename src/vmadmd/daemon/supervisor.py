@@ -468,9 +468,21 @@ class VmSupervisor:
         with contextlib.suppress(QmpRefused):
             await self.monitor.wake_display()
         # A name relative to qemu's working directory (root/tmp): qemu, as the
-        # VM's user, may not be able to pass the zones root's ancestors.
-        await self.monitor.screendump(os.path.basename(path), fmt)
+        # VM's user, may not be able to pass the zones root's ancestors.  A
+        # qemu started by an older vmadmd (with -daemonize, as root, working
+        # in "/") is given the whole path instead, until it is restarted.
+        name = os.path.basename(path)
+        if not self._works_in_runtime_dir():
+            name = path
+        await self.monitor.screendump(name, fmt)
         return path
+
+    def _works_in_runtime_dir(self) -> bool:
+        try:
+            here = os.path.join(os.path.realpath(self.paths.zonepath), "root", "tmp")
+            return os.readlink(f"/proc/{self.pid}/cwd") == here
+        except OSError:
+            return True  # gone: the command fails on its own
 
     async def passthrough(self, request: dict[str, Any]) -> Any:
         """``{"execute", "arguments"}`` or ``{"hmp"}`` from a user, serialised with
