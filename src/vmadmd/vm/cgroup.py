@@ -35,8 +35,6 @@ Standard library only: the CLI imports this.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import time
 from typing import Any, NamedTuple
 
@@ -78,8 +76,11 @@ def resolve_manager(manager: str) -> str:
         raise ValueError(f"cgroup manager must be one of {', '.join(MANAGERS)}, not {manager!r}")
     if manager != "auto":
         return manager
-    booted = os.path.isdir("/run/systemd/system")
-    return "systemd" if booted and shutil.which("systemd-run") else "cgroupfs"
+    if not os.path.isdir("/run/systemd/system"):
+        return "cgroupfs"
+    import shutil  # here, not at the top: every vmadm call builds a Cgroups
+
+    return "systemd" if shutil.which("systemd-run") else "cgroupfs"
 
 
 def systemd_properties(limits: Limits) -> list[str]:
@@ -235,6 +236,8 @@ class Cgroups:
 
 
 def _run(argv: list[str]) -> None:
+    import subprocess
+
     try:
         res = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
                              check=False)  # fmt: skip
