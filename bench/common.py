@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from harness.world import REPO, World, bios_payload
+from harness.world import REPO, World, bios_payload, new_cgroup_parents_removed
 
 __all__ = [
     "BIN", "REPO", "KeepAliveHttp", "RawQmp", "World", "bios_payload", "pct", "summary_ms",
@@ -44,11 +44,12 @@ def world() -> Iterator[World]:
     """A private world in a temp dir, torn down (every daemon and VM killed) after."""
     root = tempfile.mkdtemp(prefix="vmadmd-bench-")
     w = World(Path(root), deep=False, log_level="warning")
-    try:
-        yield w
-    finally:
-        w.cleanup()
-        shutil.rmtree(root, ignore_errors=True)
+    with new_cgroup_parents_removed():
+        try:
+            yield w
+        finally:
+            w.cleanup()
+            shutil.rmtree(root, ignore_errors=True)
 
 
 class RawQmp:

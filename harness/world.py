@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,27 @@ from vmadmd.vm.store import is_uuid
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 _STAGED: list[str] = []
+
+
+@contextlib.contextmanager
+def new_cgroup_parents_removed() -> Iterator[None]:
+    """Remove, on the way out, the ``vmadmd`` parent cgroups made meanwhile.
+
+    Only those that did not exist before (a host daemon's parent is left
+    alone) and hold no VM (rmdir refuses a cgroup with children).
+    """
+    from vmadmd.vm.cgroup import PARENT, V1_CONTROLLERS
+
+    root = Path(DEFAULT_ROOT)
+    parents = [root / PARENT, *(root / c / PARENT for c in V1_CONTROLLERS)]
+    existed = {p for p in parents if p.exists()}
+    try:
+        yield
+    finally:
+        for p in parents:
+            if p not in existed:
+                with contextlib.suppress(OSError):
+                    p.rmdir()
 
 
 def readable_guest() -> str:

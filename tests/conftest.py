@@ -25,10 +25,10 @@ from harness.world import (
     World,
     bios_payload,
     kill_qemus_under,
+    new_cgroup_parents_removed,
     readable_guest,
     tool,
 )
-from vmadmd.vm.cgroup import DEFAULT_ROOT, PARENT, V1_CONTROLLERS
 
 GUEST_DIR = REPO / ".cache" / "guest"
 
@@ -47,20 +47,10 @@ __all__ = [
 
 @pytest.fixture(scope="session", autouse=True)
 def _cgroup_parents() -> Iterator[None]:
-    """Remove the ``vmadmd`` parent cgroups the run created, once empty.
-
-    Each test removes its VMs' own cgroups; the shared parent they were made
-    under is removed here, and only if it did not exist before the run (a
-    host daemon's parent is left alone) and holds no VM (rmdir refuses).
-    """
-    root = Path(DEFAULT_ROOT)
-    parents = [root / PARENT, *(root / c / PARENT for c in V1_CONTROLLERS)]
-    existed = {p for p in parents if p.exists()}
-    yield
-    for p in parents:
-        if p not in existed:
-            with contextlib.suppress(OSError):
-                p.rmdir()
+    """Each test removes its VMs' own cgroups; the shared parents they were
+    made under go at the end of the run (see ``new_cgroup_parents_removed``)."""
+    with new_cgroup_parents_removed():
+        yield
 
 
 @pytest.fixture(scope="session")
