@@ -17,12 +17,11 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmadmd.errors import InvalidParameter, StartFailed, VmadmError, VmBroken, WrongState
-from vmadmd.vm import cgroup, launch, net, proc, props, transition, zonefs
+from vmadmd.vm import cgroup, net, proc, props, transition, zonefs
 from vmadmd.vm.config import VmSettings, resolve_accel
-from vmadmd.vm.qemu import DiskFds, build_argv
 from vmadmd.vm.store import Store, VmPaths, VmRecord, validate_uuid
 from vmadmd.vm.transition import Transition
 from vmadmd.vm.zonefs import ZoneFileError
@@ -31,7 +30,10 @@ from vmadmd.vm.zonefs import ZoneFileError
 # need them, and every millisecond of import is paid by every vmadm call.
 
 START_TIMEOUT = 60.0
-DiskList = list[DiskFds]
+if TYPE_CHECKING:
+    from vmadmd.vm.qemu import DiskFds
+
+    DiskList = list[DiskFds]
 
 
 def now_ms() -> int:
@@ -255,6 +257,8 @@ class VmLayer:
     def _open_disks(self, vm: VmRecord, paths: VmPaths) -> DiskList:
         """Each disk (and the image it is made from) opened by us, for qemu to
         use through the fd: qemu, as the VM's user, opens no disk path itself."""
+        from vmadmd.vm.qemu import DiskFds
+
         out: DiskList = []
         try:
             for i, disk in enumerate(vm.get("disks", [])):
@@ -274,6 +278,11 @@ class VmLayer:
         return out
 
     def _spawn(self, vm: VmRecord, paths: VmPaths, uid: int, placement: cgroup.Placement) -> int:
+        # Here, not at the top: `vmadm list/get` never start a VM, and every
+        # millisecond of import is paid by every vmadm call.
+        from vmadmd.vm import launch
+        from vmadmd.vm.qemu import build_argv
+
         try:
             zonefs.own_runtime_dir(paths.zonepath, uid)
             for stale in (paths.PID_NAME, paths.QMP_NAME, paths.VNC_NAME, paths.CONSOLE_NAME):
