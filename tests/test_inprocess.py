@@ -346,6 +346,12 @@ def test_ending_rules() -> None:
     assert ending_of(None, None, pending=False)["reason"] == "crash"
     quit_by_host = ending_of({"guest": False, "reason": "host-qmp-quit"}, None, pending=False)
     assert quit_by_host == {"reason": "stop", "stage": "quit", "by": "host"}
+    # With the wait status qemu's waiter recorded: which signal, which status;
+    # a clean exit whose SHUTDOWN went unseen is the guest's own.
+    assert ending_of(None, None, False, 128 + 31) == {"reason": "crash", "signal": "SIGSYS"}
+    assert ending_of(None, None, False, 1) == {"reason": "crash", "status": 1}
+    assert ending_of(None, None, False, 0) == {"reason": "poweroff"}
+    assert ending_of(None, None, True, 0) == {"reason": "stop", "stage": "acpi"}
 
 
 # -- the VNC console -------------------------------------------------------------

@@ -157,15 +157,14 @@ def ending_of(
         return {"reason": "panic"}
     if forced is not None:
         return {"reason": "stop", "stage": forced}
-    if shutdown is None and status == 0:
-        # A clean exit whose SHUTDOWN event the monitor did not see.
-        return {"reason": "stop", "stage": "acpi"} if pending else {"reason": "poweroff"}
-    if shutdown is None:
+    if shutdown is None and status != 0:
         if status is None:
             return {"reason": "crash",
                     "detail": "qemu exited without shutting down (signal or abort)"}  # fmt: skip
         return {"reason": "crash", **launch.describe_status(status)}
-    if shutdown.get("guest") is True:
+    # The guest shut down, or qemu exited cleanly (status 0) with its
+    # SHUTDOWN event unseen by the monitor.
+    if shutdown is None or shutdown.get("guest") is True:
         return {"reason": "stop", "stage": "acpi"} if pending else {"reason": "poweroff"}
     # qemu was told to go by someone else: a `quit` on its monitor, a signal.
     stage = {"host-qmp-quit": "quit", "host-signal": "sigterm"}.get(reason, reason or "host")

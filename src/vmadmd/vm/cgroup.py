@@ -83,13 +83,17 @@ def resolve_manager(manager: str) -> str:
     return "systemd" if shutil.which("systemd-run") else "cgroupfs"
 
 
+def cpu_weight(limits: Limits) -> int:
+    """``cpu_shares`` as a v2 / systemd CPU weight (1-10000, default 100)."""
+    return max(1, min(10000, limits.cpu_shares))
+
+
 def systemd_properties(limits: Limits) -> list[str]:
     """SmartOS's controls as systemd unit properties (``K=V``)."""
-    weight = max(1, min(10000, limits.cpu_shares))
     return [
         f"MemoryMax={limits.memory_bytes}",
         f"CPUQuota={limits.cpu_cap}%" if limits.cpu_cap else "CPUQuota=",
-        f"CPUWeight={weight}",
+        f"CPUWeight={cpu_weight(limits)}",
         f"TasksMax={limits.max_lwps or 'infinity'}",
     ]
 
@@ -156,8 +160,7 @@ class Cgroups:
         if self.v2:
             _write(self._file("memory", uuid, "memory.max"), str(limits.memory_bytes))
             _write(self._file("cpu", uuid, "cpu.max"), f"{cap or 'max'} {CFS_PERIOD}")
-            weight = max(1, min(10000, limits.cpu_shares))
-            _write(self._file("cpu", uuid, "cpu.weight"), str(weight))
+            _write(self._file("cpu", uuid, "cpu.weight"), str(cpu_weight(limits)))
         else:
             _write(self._file("memory", uuid, "memory.limit_in_bytes"), str(limits.memory_bytes))
             _write(self._file("cpu", uuid, "cpu.cfs_period_us"), str(CFS_PERIOD))

@@ -123,8 +123,7 @@ class VmLayer:
                     _qemu_img_create(disk["path"], disk["size"])
                 elif "image_format" not in disk:
                     disk["image_format"] = _probe_format(disk["path"])
-                if disk["path"].startswith(paths.zonepath + os.sep):
-                    _chown(disk["path"], vm["zone_uid"], 0o600)
+                _own_disk(paths, disk["path"], vm["zone_uid"])
             self.store.update(uuid, lambda r: r.update(disks=vm["disks"]))
         except BaseException:
             self.store.remove(uuid)
@@ -250,8 +249,7 @@ class VmLayer:
             self.store.save(uuid, vm)
         self._own(paths, uid)
         for disk in vm.get("disks", []):
-            if disk["path"].startswith(paths.zonepath + os.sep):
-                _chown(disk["path"], uid, 0o600)
+            _own_disk(paths, disk["path"], uid)
         return uid
 
     def _open_disks(self, vm: VmRecord, paths: VmPaths) -> DiskList:
@@ -478,6 +476,13 @@ def _close_disks(disks: DiskList) -> None:
         for fd in (disk.fd, disk.image_fd):
             if fd is not None:
                 os.close(fd)
+
+
+def _own_disk(paths: VmPaths, path: str, uid: int) -> None:
+    """A disk in the VM's zonepath to the VM's user, 0600 (one under the
+    images dir stays as it is)."""
+    if path.startswith(paths.zonepath + os.sep):
+        _chown(path, uid, 0o600)
 
 
 def _chown(path: str, uid: int, mode: int) -> None:
