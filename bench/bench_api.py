@@ -41,10 +41,7 @@ LIBVIRT = {
 def pipelined(raw: RawQmp) -> None:
     cmds = list(INFO_QUERIES.values())
     raw.sock.sendall(b"".join(json.dumps({"execute": c}).encode() + b"\n" for c in cmds))
-    answered = 0
-    while answered < len(cmds):
-        msg = raw._line()
-        answered += "return" in msg or "error" in msg
+    raw.replies(len(cmds))
 
 
 def raw_handoff(raw: RawQmp, n: int = 300) -> list[float]:
@@ -72,10 +69,7 @@ def raw_handoff(raw: RawQmp, n: int = 300) -> list[float]:
         c.settimeout(30)
         rfb.handshake(c, first_update=False)
         out.append(time.perf_counter() - t0)
-        answered = 0
-        while answered < 2:
-            msg = raw._line()
-            answered += "return" in msg or "error" in msg
+        raw.replies(2)  # getfd, add_client
         srv.close()
         c.close()
     lst.close()

@@ -74,11 +74,21 @@ class RawQmp:
         return data
 
     def cmd(self, name: str) -> Any:
+        # Inline, not through replies(): this is the floor the benches divide by.
         self.sock.sendall(json.dumps({"execute": name}).encode() + b"\n")
         while True:
             msg = self._line()
             if "return" in msg or "error" in msg:
                 return msg
+
+    def replies(self, n: int) -> list[dict[str, Any]]:
+        """The next ``n`` replies (``return`` or ``error``), events skipped."""
+        out: list[dict[str, Any]] = []
+        while len(out) < n:
+            msg = self._line()
+            if "return" in msg or "error" in msg:
+                out.append(msg)
+        return out
 
     def close(self) -> None:
         self.sock.close()

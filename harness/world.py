@@ -10,6 +10,7 @@ qemu (or stand-in) the world started.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -28,7 +29,6 @@ from vmadmd.vm.store import is_uuid
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
-_STAGED: list[str] = []
 
 
 @contextlib.contextmanager
@@ -52,23 +52,33 @@ def new_cgroup_parents_removed() -> Iterator[None]:
                     p.rmdir()
 
 
-def readable_guest() -> str:
-    """A directory holding the test guest's ``vmlinuz`` and ``initrd.img``
-    that a VM's own user can read (qemu opens ``-kernel``/``-initrd`` as that
-    user, who may not reach this checkout): copied, once per process, into a
-    world-readable temp dir, removed at exit."""
+def _world_readable_dir(prefix: str) -> str:
+    """A fresh temp dir anyone may read (0755), removed when the process exits:
+    for what qemu, as a VM's own user, must reach outside this checkout."""
     import atexit
     import shutil
     import tempfile
 
-    shared = tempfile.mkdtemp(prefix="vmadmd-guest-")
-    os.chmod(shared, 0o755)
+    path = tempfile.mkdtemp(prefix=prefix)
+    os.chmod(path, 0o755)
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+@functools.cache
+def readable_guest() -> str:
+    """A directory holding the test guest's ``vmlinuz`` and ``initrd.img``
+    that a VM's own user can read (qemu opens ``-kernel``/``-initrd`` as that
+    user, who may not reach this checkout): copied, once per process."""
+    import shutil
+
+    shared = _world_readable_dir("vmadmd-guest-")
     for name in ("vmlinuz", "initrd.img"):
         os.chmod(shutil.copy(REPO / ".cache" / "guest" / name, shared), 0o644)
-    atexit.register(shutil.rmtree, shared, True)
     return shared
 
 
+@functools.cache
 def standin_binary() -> str:
     """The stand-in as a qemu binary that a VM's own unprivileged user can run.
 
@@ -76,33 +86,26 @@ def standin_binary() -> str:
     or the venv's python (often under root's 0700 home).  So the stand-in and
     the vmadmd package it imports are copied, once per process, into a
     world-readable temp dir, with a wrapper that runs the system's python
-    (the stand-in needs only the standard library and vmadmd).  Removed at
-    exit.
+    (the stand-in needs only the standard library and vmadmd).
     """
-    if not _STAGED:
-        import atexit
-        import shutil
-        import tempfile
+    import shutil
 
-        stage = tempfile.mkdtemp(prefix="vmadmd-standin-")
-        os.chmod(stage, 0o755)
-        shutil.copy(REPO / "harness" / "standin.py", stage)
-        shutil.copytree(REPO / "src" / "vmadmd", os.path.join(stage, "vmadmd"),
-                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
-        python = next((p for p in ("/usr/bin/python3", "/bin/python3") if os.access(p, os.X_OK)),
-                      sys.executable)  # fmt: skip
-        wrapper = os.path.join(stage, "qemu-standin")
-        with open(wrapper, "w") as f:
-            f.write(f'#!/bin/sh\nexec {python} -B {stage}/standin.py "$@"\n')
-        for dirpath, dirnames, filenames in os.walk(stage):
-            for name in dirnames:
-                os.chmod(os.path.join(dirpath, name), 0o755)
-            for name in filenames:
-                os.chmod(os.path.join(dirpath, name), 0o644)
-        os.chmod(wrapper, 0o755)
-        atexit.register(shutil.rmtree, stage, True)
-        _STAGED.append(wrapper)
-    return _STAGED[0]
+    stage = _world_readable_dir("vmadmd-standin-")
+    shutil.copy(REPO / "harness" / "standin.py", stage)
+    shutil.copytree(REPO / "src" / "vmadmd", os.path.join(stage, "vmadmd"),
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    python = next((p for p in ("/usr/bin/python3", "/bin/python3") if os.access(p, os.X_OK)),
+                  sys.executable)  # fmt: skip
+    wrapper = os.path.join(stage, "qemu-standin")
+    with open(wrapper, "w") as f:
+        f.write(f'#!/bin/sh\nexec {python} -B {stage}/standin.py "$@"\n')
+    for dirpath, dirnames, filenames in os.walk(stage):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), 0o755)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o644)
+    os.chmod(wrapper, 0o755)
+    return wrapper
 
 
 READY = "VMTEST-READY"

@@ -54,19 +54,16 @@ def _cgroup_parents() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def guest() -> Iterator[dict[str, str]]:
+def guest() -> dict[str, str]:
     """The Debian-kernel + busybox test guest, built if missing.
 
     qemu reads ``-kernel``/``-initrd`` as the VM's own user, which may not
     reach this checkout (under a 0700 home, say): the files are copied to a
-    world-readable temp dir for the session.
+    world-readable temp dir (``readable_guest``, removed at exit).
     """
-    import shutil
-
     subprocess.run([str(REPO / "tools" / "build-guest.sh"), str(GUEST_DIR)], check=True)
     shared = readable_guest()
-    yield {"kernel": f"{shared}/vmlinuz", "initrd": f"{shared}/initrd.img"}
-    shutil.rmtree(shared, ignore_errors=True)
+    return {"kernel": f"{shared}/vmlinuz", "initrd": f"{shared}/initrd.img"}
 
 
 def guest_payload(
