@@ -54,6 +54,29 @@ def _blockdev(options: dict[str, Any]) -> list[str]:
     return ["-blockdev", json.dumps(options, separators=(",", ":"))]
 
 
+def _node_over_fd(
+    node: str,
+    fd: int,
+    fdset: int,
+    fmt: str,
+    *,
+    backing: str | None = None,
+    read_only: bool = False,
+) -> list[str]:
+    """``fd`` as fd set ``fdset``, a file node over it and a ``fmt`` node on
+    top named ``node``; a qcow2 gets exactly the backing given (None: none)."""
+    ro: dict[str, Any] = {"read-only": True} if read_only else {}
+    top: dict[str, Any] = {"driver": fmt, "node-name": node, "file": f"{node}-file", **ro}
+    if fmt == "qcow2":
+        top["backing"] = backing
+    return [
+        "-add-fd", f"fd={fd},set={fdset},opaque={node}",
+        *_blockdev({"driver": "file", "node-name": f"{node}-file",
+                    "filename": f"/dev/fdset/{fdset}", **ro}),
+        *_blockdev(top),
+    ]  # fmt: skip
+
+
 def _disk_opts(index: int, disk: Mapping[str, Any], fds: DiskFds) -> list[str]:
     """A disk as ``-blockdev`` nodes over passed fds, and its device.
 
@@ -63,35 +86,14 @@ def _disk_opts(index: int, disk: Mapping[str, Any], fds: DiskFds) -> list[str]:
     ``/etc/shadow`` as its backing file opens nothing.
     """
     node = f"disk{index}"
-    args: list[str] = ["-add-fd", f"fd={fds.fd},set={2 * index + 1},opaque={node}"]
-    fmt = disk.get("image_format", "qcow2")
+    args: list[str] = []
     backing: str | None = None
     if fds.image_fd is not None:
         backing = f"{node}-image"
-        args += ["-add-fd", f"fd={fds.image_fd},set={2 * index + 2},opaque={backing}"]
-        args += _blockdev(
-            {
-                "driver": "file",
-                "node-name": f"{backing}-file",
-                "filename": f"/dev/fdset/{2 * index + 2}",
-                "read-only": True,
-            }
-        )
-        image: dict[str, Any] = {
-            "driver": fds.image_format or "raw",
-            "node-name": backing,
-            "file": f"{backing}-file",
-            "read-only": True,
-        }
-        if image["driver"] == "qcow2":
-            image["backing"] = None
-        args += _blockdev(image)  # fmt: skip
-    args += _blockdev({"driver": "file", "node-name": f"{node}-file",
-                       "filename": f"/dev/fdset/{2 * index + 1}"})  # fmt: skip
-    top: dict[str, Any] = {"driver": fmt, "node-name": node, "file": f"{node}-file"}
-    if fmt == "qcow2":
-        top["backing"] = backing
-    args += _blockdev(top)
+        args += _node_over_fd(backing, fds.image_fd, 2 * index + 2, fds.image_format or "raw",
+                              read_only=True)  # fmt: skip
+    fmt = disk.get("image_format", "qcow2")
+    args += _node_over_fd(node, fds.fd, 2 * index + 1, fmt, backing=backing)
     boot = ",bootindex=0" if disk.get("boot") else ""
     model = disk.get("model", "virtio")
     if model == "virtio":
