@@ -12,6 +12,11 @@ Standard library only: the CLI imports this.
 from __future__ import annotations
 
 
+def error_document(code: str, message: str, **details: object) -> dict[str, object]:
+    """The body of every error answer of every HTTP listener of the daemon."""
+    return {"error": {"code": code, "message": message, **details}}
+
+
 class VmadmError(Exception):
     """Root of every error this project raises on purpose."""
 

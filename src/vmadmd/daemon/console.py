@@ -26,12 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import WSMsgType, web
-
+from vmadmd.daemon.aiohttp_quiet import WSMsgType, web
 from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.manager import Manager
-from vmadmd.daemon.responses import json_errors, run_session
-from vmadmd.daemon.serial import relay as serial_relay
+from vmadmd.daemon.responses import json_errors, run_session, serial_relay
 from vmadmd.daemon.vnc import open_upstream
 from vmadmd.errors import Forbidden, Unreachable
 

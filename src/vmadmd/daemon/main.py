@@ -17,16 +17,13 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import Sequence
-from typing import Any
-
-from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from vmadmd.daemon import autoboot, logs
-from vmadmd.daemon.api import Api
-from vmadmd.daemon.console import ConsoleServer
+from vmadmd.daemon.api import MAX_BODY, WEB_ONLY, Api
 from vmadmd.daemon.events import EventBus
+from vmadmd.daemon.http import Front
 from vmadmd.daemon.manager import Manager
 from vmadmd.daemon.metrics import Metrics
 from vmadmd.daemon.supervisor import CrashRestart, DaemonSettings
@@ -49,10 +46,13 @@ from vmadmd.vm.config import (
 )
 from vmadmd.vm.sockets import bind_unix, connect_unix, peer_uid, trusted_uid
 
+if TYPE_CHECKING:
+    from vmadmd.daemon.aiohttp_quiet import web
+    from vmadmd.daemon.console import ConsoleServer
+
 log = logging.getLogger("vmadmd")
 
 SHUTDOWN_GRACE = 5.0
-MAX_LINE = 16 * 1024  # request line / header; query strings past 8 KiB get a JSON 414
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,19 +200,6 @@ def sd_notify(message: str) -> None:
         s.sendall(message.encode())
 
 
-class _MalformedRequestFilter(logging.Filter):
-    """aiohttp logs a client's malformed HTTP at ERROR with a traceback; it is
-    answered with a 400 and is not ours to alarm about: keep it at debug."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-            record.exc_info = None
-            return logging.getLogger().isEnabledFor(logging.DEBUG)
-        return True
-
-
 def raise_fd_limit() -> None:
     """Each running VM holds a pidfd, a QMP socket, a listener and its
     sessions: take the hard limit on open files, not the (often 1024) soft one."""
@@ -290,6 +277,8 @@ class Daemon:
                     "VNC challenges) would cross the network in clear; give "
                     "--console-tls-cert/--console-tls-key, or --console-insecure"
                 )
+            from vmadmd.daemon.console import ConsoleServer  # aiohttp: only when asked for
+
             self.console = ConsoleServer(
                 self.manager, host, port, args.novnc_dir, xterm_dir=args.xterm_dir,
                 ttl=args.console_token_ttl, idle_timeout=args.console_idle_timeout, tls=tls,
@@ -297,9 +286,36 @@ class Daemon:
                 max_per_client=args.console_max_per_client,
             )  # fmt: skip
         self._stop = asyncio.Event()
+        self.api = Api(self.manager, self.bus, self.status, self.metrics, self.console)
+        self.front = Front(
+            self.api.dispatch,
+            self.api.resolve,
+            self._web,
+            web_only=WEB_ONLY,
+            client_timeout=args.client_timeout,
+            max_body=MAX_BODY,
+        )
+        self._web_runner: asyncio.Future[web.AppRunner] | None = None
 
     def status(self) -> dict[str, Any]:
         return {"autoboot": self.autoboot.as_dict()}
+
+    async def _web(self) -> Callable[[], asyncio.Protocol]:
+        """aiohttp's protocol for a handed-over connection; set up on first need."""
+        from vmadmd.daemon import web as webside
+
+        if self._web_runner is None:
+            self._web_runner = asyncio.ensure_future(
+                webside.start_runner(
+                    self.api, client_timeout=self.args.client_timeout, grace=SHUTDOWN_GRACE
+                )
+            )
+        try:
+            runner = await asyncio.shield(self._web_runner)
+        except Exception:
+            self._web_runner = None  # try again for the next one
+            raise
+        return webside.protocol_factory(runner)
 
     async def _rescan(self) -> None:
         await self.manager.scan_all()
@@ -314,20 +330,7 @@ class Daemon:
         # Watch before scanning, so no VM that starts meanwhile is missed.
         self.watcher.start()
         # Serve the API at once; VMs still being picked up answer 409/504.
-        runner = web.AppRunner(
-            Api(self.manager, self.bus, self.status, self.metrics, self.console).app(),
-            handle_signals=False,
-            access_log=None,
-            shutdown_timeout=SHUTDOWN_GRACE,
-            # aiohttp arms this from the first byte of a connection, so it
-            # also bounds a client that trickles its request (slowloris).
-            keepalive_timeout=self.args.client_timeout,
-            max_line_size=MAX_LINE,
-            max_field_size=MAX_LINE,
-        )
-        await runner.setup()
-        site = web.SockSite(runner, sock)
-        await site.start()
+        await self.front.start(sock)
         log.info("listening on %s", self.args.socket)
         if self.console is not None:
             await self.console.start()
@@ -352,7 +355,10 @@ class Daemon:
         await self.watcher.close()
         if self.console is not None:
             await self.console.close()
-        await runner.cleanup()
+        await self.front.close(SHUTDOWN_GRACE)
+        if self._web_runner is not None and self._web_runner.done():
+            with contextlib.suppress(Exception):
+                await self._web_runner.result().cleanup()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.args.socket)
         # Let go of QMP connections and listeners; never of the VMs.
@@ -399,7 +405,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.setup(args.log_level, args.log_format)
     raise_fd_limit()
-    logging.getLogger("aiohttp.server").addFilter(_MalformedRequestFilter())
     try:
         return asyncio.run(Daemon(args).run())
     except ConfigError as err:

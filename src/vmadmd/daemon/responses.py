@@ -15,9 +15,9 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from aiohttp import WSCloseCode, web
-
-from vmadmd.errors import VmadmError
+from vmadmd.daemon.aiohttp_quiet import WSCloseCode, WSMsgType, web
+from vmadmd.daemon.serial import SerialConsole, Viewer
+from vmadmd.errors import VmadmError, error_document
 
 log = logging.getLogger("vmadmd.api")
 
@@ -34,8 +34,7 @@ _HTTP_CODES = {
 
 
 def error_response(status: int, code: str, message: str, **details: object) -> web.Response:
-    body = {"code": code, "message": message, **details}
-    return web.json_response({"error": body}, status=status)
+    return web.json_response(error_document(code, message, **details), status=status)
 
 
 async def answer(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -83,3 +82,27 @@ async def run_session(
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     return await answer(request, handler)
+
+
+async def serial_relay(ws: web.WebSocketResponse, console: SerialConsole, viewer: Viewer) -> None:
+    """Serve one WebSocket viewer until either side ends; closes it with the reason."""
+
+    async def to_viewer() -> str:
+        while (chunk := await viewer.next()) is not None:
+            await ws.send_bytes(chunk)
+        return viewer.reason
+
+    async def from_viewer() -> str:
+        async for msg in ws:
+            if msg.type == WSMsgType.BINARY:
+                await console.write(msg.data)
+            elif msg.type == WSMsgType.TEXT:
+                await console.write(msg.data.encode())
+            elif msg.type == WSMsgType.ERROR:
+                break
+        return ""
+
+    try:
+        await run_session(ws, to_viewer, from_viewer)
+    finally:
+        console.detach(viewer)

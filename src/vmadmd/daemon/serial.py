@@ -4,7 +4,8 @@ qemu's serial chardev is a unix socket server that serves one client at a
 time, and a client that does not read stalls the guest's serial output.  The
 daemon is that one client for as long as the VM runs: it reads everything
 (so the guest never stalls), keeps the last ``HISTORY`` bytes, and hands
-each chunk to every viewer (WebSocket clients of ``GET /vm/<uuid>/serial``,
+each chunk to every viewer (WebSocket clients of ``GET /vm/<uuid>/serial``, served by
+``responses.serial_relay``,
 ``vmadm console``, the browser page).  A new viewer first receives the
 history, so attaching to a quiet console still shows its last prompt.
 Whatever any viewer types goes to the guest.  qemu's own log of the port
@@ -21,10 +22,7 @@ import asyncio
 import contextlib
 import logging
 
-from aiohttp import WSMsgType, web
-
 from vmadmd.daemon.logs import vm_log
-from vmadmd.daemon.responses import run_session
 from vmadmd.errors import WrongState
 from vmadmd.vm.sockets import connect_unix_retrying
 
@@ -155,27 +153,3 @@ class SerialConsole:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-
-
-async def relay(ws: web.WebSocketResponse, console: SerialConsole, viewer: Viewer) -> None:
-    """Serve one WebSocket viewer until either side ends; closes it with the reason."""
-
-    async def to_viewer() -> str:
-        while (chunk := await viewer.next()) is not None:
-            await ws.send_bytes(chunk)
-        return viewer.reason
-
-    async def from_viewer() -> str:
-        async for msg in ws:
-            if msg.type == WSMsgType.BINARY:
-                await console.write(msg.data)
-            elif msg.type == WSMsgType.TEXT:
-                await console.write(msg.data.encode())
-            elif msg.type == WSMsgType.ERROR:
-                break
-        return ""
-
-    try:
-        await run_session(ws, to_viewer, from_viewer)
-    finally:
-        console.detach(viewer)
