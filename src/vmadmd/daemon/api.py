@@ -16,8 +16,8 @@ import importlib.resources
 import json
 import logging
 import math
+import random
 import time
-import uuid as uuidlib
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -65,7 +65,7 @@ def error_reply(status: int, code: str, message: str, **details: object) -> Repl
 
 def request_id(given: str | None) -> str:
     """The client's X-Request-Id (bounded), or a new one."""
-    return (given or "")[:64] or uuidlib.uuid4().hex[:16]
+    return (given or "")[:64] or f"{random.getrandbits(64):016x}"  # no syscall, unlike uuid4
 
 
 def params_of(request: Request) -> dict[str, str]:
@@ -214,8 +214,7 @@ class Api:
         log.debug("%s %s -> %d in %.1f ms", method, route, status, took * 1000)
         # Bounded label values: a client must not be able to mint new series.
         method = method if method in _METHODS else "other"
-        self.metrics.api_requests.labels(route, method, str(status)).inc()
-        self.metrics.api_latency.labels(route).observe(took)
+        self.metrics.api_request(route, method, status, took)
 
     async def _web_only(self, request: Request) -> Reply:
         raise AssertionError(f"{request.path} is served by aiohttp only")

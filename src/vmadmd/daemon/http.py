@@ -30,9 +30,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from http import HTTPStatus
+from typing import Any
 from urllib.parse import parse_qsl
+
+from vmadmd.daemon.readbuf import read_buffer
 
 log = logging.getLogger("vmadmd.api")
 
@@ -148,7 +151,7 @@ def parse_head(head: bytes) -> tuple[str, str, dict[str, str]] | None:
     return parts[0], target, headers
 
 
-class FrontProtocol(asyncio.Protocol):
+class FrontProtocol(asyncio.BufferedProtocol):
     """One client connection of the front."""
 
     def __init__(self, front: Front) -> None:
@@ -159,6 +162,8 @@ class FrontProtocol(asyncio.Protocol):
         self.closing = False
         self.gone = False
         self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0
+        self.loop = asyncio.get_running_loop()  # made by the server, in its loop
 
     # -- asyncio callbacks ---------------------------------------------------
 
@@ -173,8 +178,11 @@ class FrontProtocol(asyncio.Protocol):
         self._disarm()
         self.front.connections.discard(self)
 
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return read_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.buf += read_buffer()[:nbytes]  # copied out of the shared buffer at once
         if self.busy:
             if len(self.buf) > MAX_HEAD + self.front.max_body and self.transport is not None:
                 self.transport.pause_reading()  # a client far ahead of its answers
@@ -219,7 +227,6 @@ class FrontProtocol(asyncio.Protocol):
             return
         body = self.buf[start : start + length]
         self.buf = self.buf[start + length :]
-        self._disarm()
         self.busy = True
         if headers.get("connection", "").lower() == "close":
             self.closing = True
@@ -274,9 +281,15 @@ class FrontProtocol(asyncio.Protocol):
     # -- timers --------------------------------------------------------------
 
     def _arm(self) -> None:
-        self._disarm()
-        loop = asyncio.get_running_loop()
-        self.timer = loop.call_later(self.front.client_timeout, self._expire)
+        """The client has ``client_timeout`` from now to send its next request.
+
+        One timer per connection, moved forward lazily: serving a request
+        costs no timer of its own.
+        """
+        loop = self.loop
+        self.deadline = loop.time() + self.front.client_timeout
+        if self.timer is None:
+            self.timer = loop.call_at(self.deadline, self._expire)
 
     def _disarm(self) -> None:
         if self.timer is not None:
@@ -285,7 +298,14 @@ class FrontProtocol(asyncio.Protocol):
 
     def _expire(self) -> None:
         self.timer = None
-        if not self.busy:
+        if self.gone or self.transport is None:
+            return
+        loop = self.loop
+        if self.busy:  # a request being served is never cut off: look again later
+            self.timer = loop.call_at(loop.time() + self.front.client_timeout, self._expire)
+        elif loop.time() < self.deadline:
+            self.timer = loop.call_at(self.deadline, self._expire)
+        else:
             self._close()
 
     def _close(self) -> None:
@@ -316,16 +336,18 @@ class Front:
         self.connections: set[FrontProtocol] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.server: asyncio.Server | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self, sock: object) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         self.server = await loop.create_unix_server(
             lambda: FrontProtocol(self),
             sock=sock,  # type: ignore[arg-type]
         )
 
-    def spawn(self, coro: Awaitable[None]) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        assert self.loop is not None
+        task: asyncio.Task[None] = self.loop.create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self._done)
 

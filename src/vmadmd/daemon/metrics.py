@@ -8,6 +8,7 @@ at scrape time by a collector, so they can never drift.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -101,6 +102,35 @@ class Metrics:
         self.autoboot_seconds = Gauge(
             "vmadmd_autoboot_seconds", "Duration of the last autoboot run", registry=r
         )
+
+        # Label children, looked up once: ``labels()`` validates and locks on
+        # every call, and these two pairs are counted on every request.
+        self._api_series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._qmp_series: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+    def api_request(self, route: str, method: str, status: int, took: float) -> None:
+        key = (route, method, status)
+        series = self._api_series.get(key)
+        if series is None:
+            series = self._api_series[key] = (
+                self.api_requests.labels(route, method, str(status)),
+                self.api_latency.labels(route),
+            )
+        series[0].inc()
+        series[1].observe(took)
+
+    def qmp_command(self, command: str, outcome: str, took: float) -> None:
+        key = (command, outcome)
+        series = self._qmp_series.get(key)
+        if series is None:
+            series = self._qmp_series[key] = (
+                self.qmp_commands.labels(command, outcome),
+                self.qmp_latency.labels(command),
+            )
+        series[0].inc()
+        series[1].observe(took)
+        if outcome == "timeout":
+            self.qmp_timeouts.inc()
 
     def watch_state(self, snapshot: Callable[[], dict[str, float]]) -> None:
         self.registry.register(_StateCollector(snapshot))

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from vmadmd.daemon.logs import vm_log
@@ -36,6 +36,7 @@ from vmadmd.errors import (
     QmpFailed,
     QmpRefused,
     QmpTimeout,
+    VmadmError,
 )
 from vmadmd.vm.sockets import connect_unix_retrying
 
@@ -54,6 +55,15 @@ OWNED_COMMANDS = frozenset({
 OWNED_HMP = frozenset({"getfd", "closefd", "set_password", "expire_password"})
 
 # What ``query()`` can ask, by the names the API uses.
+_UNANSWERED = object()
+
+
+def _expire(sent: list[tuple[int, str, asyncio.Future[Any]]]) -> None:
+    for _, _, fut in sent:
+        if not fut.done():
+            fut.set_exception(TimeoutError())
+
+
 QUERIES: dict[str, str] = {
     "block": "query-block",
     "blockstats": "query-blockstats",
@@ -99,6 +109,7 @@ class Monitor:
         self.timeout = timeout
         self._connect_timeout = connect_timeout
         self._on_event = on_event
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._client: QmpClient | None = None
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -239,8 +250,31 @@ class Monitor:
         through_gate: bool = False,
     ) -> Any:
         """Run one command; raises QmpTimeout, QmpRefused or QmpConnectionLost."""
+        (result,) = await self._execute_all(
+            [(cmd, arguments)], timeout=timeout, through_gate=through_gate
+        )
+        if isinstance(result, VmadmError):
+            raise result
+        return result
+
+    async def _execute_all(
+        self,
+        commands: Sequence[tuple[str, Mapping[str, object] | None]],
+        *,
+        timeout: float | None = None,
+        through_gate: bool = False,
+    ) -> list[Any]:
+        """Run commands pipelined under one deadline: each one's result, or
+        its QmpTimeout / QmpRefused / QmpConnectionLost as a value.
+
+        Raises (for all) only when there is no connection to send them on.
+        All are sent before any reply is awaited, from the caller's own task:
+        no task per command.
+        """
         limit = self.timeout if timeout is None else timeout
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         deadline = loop.time() + limit
         if self._closed:
             raise self._closed_error()
@@ -260,48 +294,80 @@ class Monitor:
         client = self._client
         if client is None:
             raise QmpConnectionLost(f"VM {self.uuid}: QMP connection lost")
-        outcome = "error"
-        t0 = loop.time()
-        self._log.debug("qmp --> %s", cmd)
-        self._in_flight += 1
-        self._idle.clear()
-        try:
-            async with asyncio.timeout_at(max(deadline, loop.time() + 0.001)):
-                result = await client.execute(cmd, arguments)
-            outcome = "ok"
-            return result
-        except TimeoutError:
-            outcome = "timeout"
-            self._wedged(f"{cmd} timed out after {limit:g} s")
-            raise QmpTimeout(
-                f"VM {self.uuid}: qemu did not answer {cmd} within {limit:g} s"
-            ) from None
-        except QmpExecuteError as err:
-            raise QmpRefused(
-                f"VM {self.uuid}: {cmd}: {err.desc}", error_class=err.error_class, desc=err.desc
-            ) from err
-        except (QmpError, OSError, EOFError) as err:
+
+        def lost(cmd: str, err: BaseException) -> QmpConnectionLost:
             # The connection broke under the command (qemu exited, or the
             # peer sent something that is not QMP).
             if client is self._client:
                 self._wedged(f"{cmd}: {type(err).__name__}")
-            raise QmpConnectionLost(f"VM {self.uuid}: {cmd} failed: connection lost") from err
+            exc = QmpConnectionLost(f"VM {self.uuid}: {cmd} failed: connection lost")
+            exc.__cause__ = err
+            return exc
+
+        t0 = loop.time()
+        results: list[Any] = [_UNANSWERED] * len(commands)
+        outcomes = ["error"] * len(commands)
+        took = [0.0] * len(commands)
+        sent: list[tuple[int, str, asyncio.Future[Message]]] = []
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            for i, (cmd, arguments) in enumerate(commands):
+                self._log.debug("qmp --> %s", cmd)
+                try:
+                    ident, fut = client.submit(cmd, arguments)
+                except QmpError as err:
+                    results[i] = lost(cmd, err)
+                    continue
+                sent.append((i, ident, fut))
+            # At the deadline, every reply still awaited fails with TimeoutError
+            # (a timer, rather than cancelling the caller's task).
+            timer = loop.call_at(max(deadline, loop.time() + 0.001), _expire, sent)
+            try:
+                for i, _, fut in sent:
+                    cmd = commands[i][0]
+                    try:
+                        results[i] = client.value(cmd, await fut)
+                        outcomes[i] = "ok"
+                    except TimeoutError:
+                        outcomes[i] = "timeout"
+                        results[i] = QmpTimeout(
+                            f"VM {self.uuid}: qemu did not answer {cmd} within {limit:g} s"
+                        )
+                    except QmpExecuteError as err:
+                        results[i] = QmpRefused(
+                            f"VM {self.uuid}: {cmd}: {err.desc}",
+                            error_class=err.error_class,
+                            desc=err.desc,
+                        )
+                    except (QmpError, OSError, EOFError) as err:
+                        results[i] = lost(cmd, err)
+                    took[i] = loop.time() - t0
+            finally:
+                timer.cancel()
+            late = [i for i, outcome in enumerate(outcomes) if outcome == "timeout"]
+            if late:
+                self._wedged(f"{commands[late[0]][0]} timed out after {limit:g} s")
         finally:
+            for _, ident, _ in sent:
+                client.forget(ident)
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
-            took = loop.time() - t0
-            self._log.debug("qmp <-- %s %s in %.3f ms", cmd, outcome, took * 1000)
-            self._metrics.qmp_commands.labels(cmd, outcome).inc()
-            self._metrics.qmp_latency.labels(cmd).observe(took)
-            if outcome == "timeout":
-                self._metrics.qmp_timeouts.inc()
+            for (cmd, _), outcome, spent in zip(commands, outcomes, took, strict=True):
+                self._log.debug("qmp <-- %s %s in %.3f ms", cmd, outcome, spent * 1000)
+                self._metrics.qmp_command(cmd, outcome, spent)
+        return results
 
     # -- operations ----------------------------------------------------------
 
     async def query(self, what: str) -> Any:
         """One of ``QUERIES`` (the API's info types), as qemu returns it."""
         return await self._execute(QUERIES[what])
+
+    async def query_all(self, whats: Sequence[str]) -> list[Any]:
+        """Several of ``QUERIES``, pipelined: each result, or its error as a value."""
+        return await self._execute_all([(QUERIES[what], None) for what in whats])
 
     async def query_commands(self, *, timeout: float | None = None) -> set[str]:
         """The names of the commands this qemu has (empty from a malformed reply)."""

@@ -14,7 +14,7 @@ it also keeps each event in an unbounded history unless a listener is
 swapped in.  libvirt (``qemu_monitor.c``), Proxmox (``PVE::QMPClient``) and
 Ganeti each speak QMP with a purpose-built client for the same reasons.
 
-What it does, all of it driven from ``data_received``:
+What it does, all of it driven from the bytes read (``buffer_updated``):
 
 - the greeting (``{"QMP": ...}``), then ``qmp_capabilities``;
 - commands with ids, any number in flight on one connection (pipelined),
@@ -42,6 +42,8 @@ import socket
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from vmadmd.daemon.readbuf import read_buffer
+
 MAX_LINE = 16 << 20  # one message; query replies of a big VM are far below this
 
 Message = dict[str, Any]
@@ -68,7 +70,7 @@ class QmpExecuteError(QmpError):
         self.desc = desc
 
 
-class QmpClient(asyncio.Protocol):
+class QmpClient(asyncio.BufferedProtocol):
     """One QMP connection.  ``connect`` it, ``execute`` on it, ``disconnect`` it."""
 
     def __init__(self, on_event: Callable[[Message], None]) -> None:
@@ -80,13 +82,14 @@ class QmpClient(asyncio.Protocol):
         self._ids = itertools.count(1)
         self._greeting: asyncio.Future[Message] | None = None
         self._closed: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.greeting: Message | None = None
 
     # -- connecting ----------------------------------------------------------
 
     async def connect(self, sock: socket.socket) -> None:
         """Take a connected socket, read the greeting and negotiate."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._greeting = loop.create_future()
         self._closed = loop.create_future()
         self._sock = sock
@@ -124,20 +127,40 @@ class QmpClient(asyncio.Protocol):
         Raises QmpExecuteError when qemu refused it, QmpDisconnected or
         QmpProtocolError when the connection failed under it.
         """
-        transport = self._transport
-        if transport is None or not self.running:
+        ident, fut = self.submit(cmd, arguments)
+        try:
+            reply = await fut
+        finally:
+            self.forget(ident)
+        return self.value(cmd, reply)
+
+    def submit(
+        self, cmd: str, arguments: Mapping[str, object] | None = None
+    ) -> tuple[str, asyncio.Future[Message]]:
+        """Send a command now; its id and the future of its reply message.
+
+        Several submitted before any is awaited are pipelined on the
+        connection, and cost the caller no task each.  The caller
+        ``forget``s the id once done with it (answered or given up).
+        """
+        transport, loop = self._transport, self._loop
+        if transport is None or loop is None or not self.running:
             raise QmpDisconnected("QMP connection is not up")
         ident = str(next(self._ids))
         msg: dict[str, object] = {"execute": cmd, "id": ident}
         if arguments:
             msg["arguments"] = dict(arguments)
-        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Message] = loop.create_future()
         self._pending[ident] = fut
-        try:
-            transport.write(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
-            reply = await fut
-        finally:
-            self._pending.pop(ident, None)
+        transport.write(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
+        return ident, fut
+
+    def forget(self, ident: str) -> None:
+        self._pending.pop(ident, None)
+
+    @staticmethod
+    def value(cmd: str, reply: Message) -> Any:
+        """A reply's ``return``; QmpExecuteError when it is an error."""
         if "error" in reply:
             err = reply["error"]
             if not isinstance(err, dict):
@@ -164,7 +187,14 @@ class QmpClient(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return read_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(read_buffer()[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        """Take what was read: copied out of the shared buffer at once."""
         self._buf += data
         start = 0
         while (end := self._buf.find(b"\n", start)) >= 0:

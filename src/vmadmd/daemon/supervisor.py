@@ -396,9 +396,7 @@ class VmSupervisor:
         others (SmartOS returned what it had).
         """
         queries = [t for t in types if t in QUERIES]
-        results = await asyncio.gather(
-            *(self.monitor.query(t) for t in queries), return_exceptions=True
-        )
+        results = await self.monitor.query_all(queries) if queries else []
         failures = [r for r in results if isinstance(r, BaseException)]
         if queries and len(failures) == len(queries):
             # A timeout outranks other failures: it is what the caller must
