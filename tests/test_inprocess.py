@@ -202,6 +202,55 @@ async def test_monitor_half_greeting_never_connects(rig: Rig) -> None:
         await mon.close()
 
 
+async def test_monitor_batch_one_refused_the_others_answered(rig: Rig) -> None:
+    """Pipelined queries: qemu refusing one costs only that one."""
+    await rig.serve("nopci")
+    mon = rig.monitor()
+    mon.start()
+    try:
+        version, pci, status = await mon.query_all(["version", "pci", "status"])
+        assert version["qemu"]["major"] == 7
+        assert isinstance(pci, QmpRefused)
+        assert pci.desc == "no PCI here"
+        assert status["status"] == "running"
+        assert mon.ready  # the connection stays
+        assert (await mon.query("version"))["qemu"]["major"] == 7
+    finally:
+        await mon.close()
+    metric = rig.metrics.qmp_commands
+    assert metric.labels("query-pci", "error")._value.get() == 1
+    assert metric.labels("query-status", "ok")._value.get() == 1
+
+
+async def test_monitor_batch_stalled_times_out_whole_and_bounded(rig: Rig) -> None:
+    """A stall mid-batch: every unanswered query is a timeout at the one
+    deadline (not one deadline per query), and the connection is dropped."""
+    await rig.serve("stall")
+    mon = rig.monitor(timeout=0.3)
+    mon.start()
+    try:
+        t0 = time.monotonic()
+        results = await mon.query_all(["version", "kvm", "cpus", "pci"])
+        assert time.monotonic() - t0 < 0.6
+        assert all(isinstance(r, QmpTimeout) for r in results), results
+        assert mon.last_error is not None
+        assert "timed out" in mon.last_error
+    finally:
+        await mon.close()
+    assert rig.metrics.qmp_timeouts._value.get() == 4
+
+
+async def test_monitor_batch_on_garbage_fails_every_query_typed(rig: Rig) -> None:
+    await rig.serve("garbage")
+    mon = rig.monitor(timeout=0.5)
+    mon.start()
+    try:
+        results = await mon.query_all(["version", "kvm", "status"])
+        assert all(isinstance(r, (QmpConnectionLost, QmpTimeout)) for r in results), results
+    finally:
+        await mon.close()
+
+
 async def test_monitor_closed_fails_at_once(rig: Rig) -> None:
     await rig.serve()
     mon = rig.monitor()

@@ -65,7 +65,10 @@ def error_reply(status: int, code: str, message: str, **details: object) -> Repl
 
 def request_id(given: str | None) -> str:
     """The client's X-Request-Id (bounded), or a new one."""
-    return (given or "")[:64] or f"{random.getrandbits(64):016x}"  # no syscall, unlike uuid4
+    given = (given or "")[:64]
+    if given and given.isprintable():
+        return given
+    return f"{random.getrandbits(64):016x}"  # no syscall, unlike uuid4
 
 
 def params_of(request: Request) -> dict[str, str]:

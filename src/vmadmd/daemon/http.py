@@ -133,6 +133,8 @@ def parse_head(head: bytes) -> tuple[str, str, dict[str, str]] | None:
     lines = text.split("\r\n")
     if max(map(len, lines)) > MAX_LINE:
         return None
+    if not text.replace("\r\n", "").replace("\t", " ").isprintable():
+        return None  # a bare CR or LF, or another control character
     parts = lines[0].split(" ")
     if len(parts) != 3 or parts[2] != "HTTP/1.1" or parts[0] not in ("GET", "POST"):
         return None
@@ -142,9 +144,12 @@ def parse_head(head: bytes) -> tuple[str, str, dict[str, str]] | None:
     headers: dict[str, str] = {}
     for line in lines[1:]:
         name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip() or not name.isprintable():
+        if not sep or not name or name != name.strip() or " " in name:
             return None
-        headers.setdefault(name.lower(), value.strip())
+        name = name.lower()
+        if name == "content-length" and name in headers:
+            return None  # two lengths: not ours to pick one
+        headers.setdefault(name, value.strip())
     for refused in ("transfer-encoding", "upgrade", "expect"):
         if refused in headers:
             return None
@@ -159,6 +164,7 @@ class FrontProtocol(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.buf = b""
         self.busy = False  # a request of this connection is being served
+        self.write_paused = False
         self.closing = False
         self.gone = False
         self.timer: asyncio.TimerHandle | None = None
@@ -183,11 +189,22 @@ class FrontProtocol(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.buf += read_buffer()[:nbytes]  # copied out of the shared buffer at once
-        if self.busy:
+        if self.busy or self.write_paused:
             if len(self.buf) > MAX_HEAD + self.front.max_body and self.transport is not None:
                 self.transport.pause_reading()  # a client far ahead of its answers
             return
         self._next()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True  # the client does not read its answers: serve no more
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if not self.busy and not self.gone:
+            if self.transport is not None:
+                self.transport.resume_reading()
+            if self.buf:
+                self._next()
 
     def eof_received(self) -> bool | None:
         if not self.busy:
@@ -243,9 +260,11 @@ class FrontProtocol(asyncio.BufferedProtocol):
         if self.closing:
             self._close()
             return
+        self._arm()
+        if self.write_paused:
+            return  # resume_writing goes on
         if self.transport is not None:
             self.transport.resume_reading()
-        self._arm()
         if self.buf:
             self._next()
 
