@@ -25,7 +25,8 @@ guest-panic); ``nofds`` (fds passed over QMP are lost, so ``getfd`` fails);
 ``nopci`` (``query-pci`` alone fails); ``stallfds`` (``getfd`` and
 ``add_client`` are never answered); ``stalladd``
 (``add_client`` is never answered, and the fd stays registered, as in qemu,
-across connections).  Like qemu, it takes client sockets passed over QMP
+across connections); ``refuseadd`` (``add_client`` refused, its fd left
+registered).  Like qemu, it takes client sockets passed over QMP
 (SCM_RIGHTS, ``getfd``, ``add_client``) and serves them as VNC clients.
 ``VMADMD_STANDIN_VNC=wire`` replaces its VNC (a banner, then echo) with the
 bench's wire protocol (see ``wire_session``), so a console path can be timed
@@ -149,6 +150,8 @@ class FakeVm:
                 os.close(self.named_fds[name])
             self.named_fds[name] = fd
             return {"return": {}}
+        if cmd == "add_client" and self.mode == "refuseadd" and name in self.named_fds:
+            return _error("the stand-in refuses this client (its fd stays registered)")
         fd = self.named_fds.pop(name, -1)
         if fd < 0:
             return _error(f"File descriptor named '{name}' has not been found")

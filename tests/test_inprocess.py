@@ -301,6 +301,25 @@ async def test_monitor_does_not_hand_off_where_qemu_cannot_take_it(rig: Rig, mod
         await mon.close()
 
 
+async def test_monitor_refused_hand_off_leaves_no_fd_behind_in_qemu(rig: Rig) -> None:
+    """getfd taken, add_client refused: the name is closed again (closefd),
+    the caller may serve the client another way, and QMP goes on."""
+    served = await rig.serve("refuseadd")
+    mon = rig.monitor()
+    mon.start()
+    ours, theirs = socket.socketpair()
+    try:
+        await until(lambda: mon.ready)
+        assert not await mon.add_vnc_client(theirs.fileno(), timeout=1.0)
+        assert served.vm.named_fds == {}
+        assert (await mon.query("status"))["status"] == "running"
+        assert rig.metrics.qmp_commands.labels("closefd", "ok")._value.get() == 1
+    finally:
+        ours.close()
+        theirs.close()
+        await mon.close()
+
+
 # -- the supervisor: how a VM ends -----------------------------------------------
 
 

@@ -485,50 +485,49 @@ class Monitor:
         async with self._fd_lock:
             self._gate.clear()
             try:
-                name = await self._pass_fd(client, fd, timeout)
+                return await self._hand_fd(client, fd, timeout)
             finally:
                 self._gate.set()
-        if name is None:
-            return False
-        try:
-            await self._execute(
-                "add_client",
-                {"protocol": "vnc", "fdname": name, "skipauth": False, "tls": False},
-                timeout=timeout,
-            )
-        except QmpRefused:
-            # qemu said no (it closes what it was given); do not leave the
-            # name behind if it was never looked up.
-            with contextlib.suppress(QmpFailed, QmpTimeout):
-                await self._execute("closefd", {"fdname": name}, timeout=timeout)
-            return False
-        except (QmpConnectionLost, QmpTimeout):
-            self._orphans.add(name)
-            raise
-        return True
 
-    async def _pass_fd(self, client: QmpClient, fd: int, timeout: float) -> str | None:
-        """Send ``fd`` and register it in qemu under a new name (gate closed).
+    async def _hand_fd(self, client: QmpClient, fd: int, timeout: float) -> bool:
+        """Send ``fd``, then ``getfd`` and ``add_client`` pipelined (gate closed).
 
-        None when qemu surely did not get it; raises when that is unknown.
+        False when qemu surely did not take the client; raises when that is
+        unknown (the name is then remembered, to be closed on reconnection).
         """
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            return None  # commands still unanswered: the byte could land inside one
+        if not self._idle.is_set():
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout)
+            except TimeoutError:
+                return False  # commands still unanswered: the byte could land inside one
         if client is not self._client:
-            return None
+            return False
         name = f"vnc-client-{next(self._fd_names)}"
         try:
             client.send_fd_scm(fd)
         except (OSError, QmpError) as err:
             self._log.debug("cannot pass a VNC client: %s", err)
-            return None
+            return False
+        add = {"protocol": "vnc", "fdname": name, "skipauth": False, "tls": False}
         try:
-            await self._execute("getfd", {"fdname": name}, timeout=timeout, through_gate=True)
-        except QmpRefused:
-            return None  # qemu got no fd
+            got, added = await self._execute_all(
+                [("getfd", {"fdname": name}), ("add_client", add)],
+                timeout=timeout,
+                through_gate=True,
+            )
         except (QmpConnectionLost, QmpTimeout):
             self._orphans.add(name)
             raise
-        return name
+        for result in (got, added):
+            if isinstance(result, (QmpConnectionLost, QmpTimeout)):
+                self._orphans.add(name)
+                raise result
+        if isinstance(got, QmpRefused):
+            return False  # qemu got no fd (and so could not add it)
+        if isinstance(added, QmpRefused):
+            # qemu said no (it closes what it was given); do not leave the
+            # name behind.
+            with contextlib.suppress(QmpFailed, QmpTimeout):
+                await self._execute("closefd", {"fdname": name}, timeout=timeout, through_gate=True)
+            return False
+        return True
