@@ -112,6 +112,23 @@ def test_info_screenshot_reset_nmi_on_real_guest(
     res = env.vmadm("info", uuid, "version,vnc")
     assert res.returncode == 0
     assert sorted(json.loads(res.stdout)) == ["version", "vnc"]
+    # vmadm prints the daemon's ?pretty=true body as it comes: the same text
+    # as its own json.dumps(indent=2, sort_keys=True) of the answer, on the
+    # argparse path (an option) as on the plain one.
+    status, answer = env.api("GET", f"/vm/{uuid}", type="version,kvm")
+    assert status == 200
+    printed = json.dumps(answer, indent=2, sort_keys=True) + "\n"
+    assert env.vmadm("info", uuid, "version,kvm").stdout == printed
+    assert env.vmadm("info", "--", uuid, "version,kvm").stdout == printed
+    status, raw = env.client().request(
+        "GET", f"/vm/{uuid}", {"type": "kvm", "pretty": "true"}, raw=True
+    )
+    assert raw == (json.dumps({"kvm": answer["kvm"]}, indent=2, sort_keys=True) + "\n").encode()
+    # Errors and bad input: still one line, exit 1, on the plain path.
+    res = env.vmadm("info", uuid.upper())
+    assert (res.returncode, res.stdout) == (1, "")
+    assert res.stderr.startswith("vmadm: invalid VM uuid")
+    assert res.stderr.count("\n") == 1
 
     # Screenshot: a valid PPM of the guest's real (VGA text mode) screen.
     res = env.vmadm("sysrq", uuid, "screenshot")

@@ -428,3 +428,33 @@ def test_cli_quote_matches_urllib(text: str, safe: str) -> None:
     from vmadmd.cli.client import quote
 
     assert quote(text, safe) == urllib_quote(text, safe=safe)
+
+
+def test_uuid_check_takes_only_canonical_lower_case_uuids() -> None:
+    import uuid as uuidlib
+
+    from vmadmd.errors import InvalidUuid
+    from vmadmd.vm.ids import is_uuid, validate_uuid
+
+    good = str(uuidlib.uuid4())
+    assert is_uuid(good)
+    assert validate_uuid(good) == good
+    bad = [
+        good.upper(),
+        good[:-1],
+        good + "0",
+        good.replace("-", ""),
+        good[:8] + "0" + good[9:],  # a digit where a dash goes
+        good[:9] + "-" + good[10:],  # a dash where a digit goes
+        good[:35] + "g",
+        good[:35] + "\u0660",  # a non-ASCII digit
+        good[:35] + "\n",
+        "",
+        "../" + good[3:],
+        None,
+        42,
+    ]
+    for value in bad:
+        assert not is_uuid(value), value
+        with pytest.raises(InvalidUuid):
+            validate_uuid(value)  # type: ignore[arg-type]

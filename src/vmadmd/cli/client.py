@@ -3,22 +3,24 @@
 Written on a bare socket rather than ``http.client``: that module pulls in
 ``email`` and ``ssl`` and costs ~28 ms of import on every ``vmadm`` call (the
 whole CLI aims at < 50 ms), and aiohttp costs ~170 ms.  The daemon is our own
-aiohttp server, so the client needs only HTTP/1.1 with ``Connection: close``,
-``Content-Length`` and chunked bodies.
+server, so the client needs only HTTP/1.1 with ``Connection: close``,
+``Content-Length`` and chunked bodies.  A bare ``_socket``, and ``json`` only
+when a body is decoded or sent: ``vmadm info`` imports neither ``socket``,
+``json`` nor ``re`` (12.8 ms for the whole call against 27.6 ms with them,
+``python -c pass`` 9.3 ms, this machine kind).
 """
 
 from __future__ import annotations
 
-import json
+import _socket
 import os
-import socket
-from collections.abc import Iterator
 
 from vmadmd.errors import DaemonUnavailable, VmadmError
-from vmadmd.vm.sockets import connect_unix, peer_uid, trusted_uid
+from vmadmd.vm.sockets import connect_with, peer_uid, trusted_uid
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (vmadm start-up)
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from typing import Any
 
 MAX_HEADER = 64 * 1024
@@ -37,7 +39,7 @@ class ApiError(VmadmError):
 class _Reader:
     """Buffered reads from a socket."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: _socket.socket) -> None:
         self.sock = sock
         self.buf = b""
 
@@ -103,11 +105,15 @@ class Client:
         self.socket_path = socket_path
         self.timeout = timeout
 
-    def connect(self) -> socket.socket:
-        """A connected (blocking) socket to the daemon, or DaemonUnavailable."""
+    def connect(self) -> _socket.socket:
+        """A connected (blocking) socket to the daemon, or DaemonUnavailable.
+
+        A bare ``_socket``: the ``socket`` module's enums cost ~4 ms of start-up.
+        """
         directory = os.path.dirname(self.socket_path) or "."
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
         try:
-            sock = connect_unix(directory, os.path.basename(self.socket_path))
+            sock = connect_with(sock, directory, os.path.basename(self.socket_path))
         except (FileNotFoundError, ConnectionRefusedError) as err:
             raise DaemonUnavailable(
                 f"vmadmd is not running (socket {self.socket_path}: {err.strerror})"
@@ -166,12 +172,21 @@ class Client:
         params: dict[str, str] | None = None,
         timeout: float | None = None,
         body: Any = None,
+        *,
+        raw: bool = False,
     ) -> tuple[int, Any]:
         """Send one request (``body``: sent as JSON); returns (status, decoded JSON).
 
+        With ``raw``, a success's body comes back as bytes, not decoded: a
+        command that prints it as the daemon wrote it never imports ``json``
+        (with the ``re`` it imports, ~6 ms of every such call's start-up).
         Raises ApiError on 4xx/5xx.
         """
-        payload = b"" if body is None else json.dumps(body).encode()
+        payload = b""
+        if body is not None:
+            import json
+
+            payload = json.dumps(body).encode()
         reader = self._send(method, _target(path, params), timeout or self.timeout, payload)
         try:
             status, headers = self._head(reader)
@@ -196,6 +211,10 @@ class Client:
             raise DaemonUnavailable(f"vmadmd connection failed: {err}") from None
         finally:
             reader.sock.close()
+        if raw and status < 400:
+            return status, body
+        import json
+
         try:
             data = json.loads(body) if body else None
         except ValueError:

@@ -16,6 +16,7 @@ the connection dropping, SIGTERM or SIGHUP.
 
 from __future__ import annotations
 
+import _socket
 import base64
 import contextlib
 import hashlib
@@ -23,7 +24,6 @@ import json
 import os
 import select
 import signal
-import socket
 import struct
 import sys
 from typing import Any
@@ -39,7 +39,7 @@ MAX_FRAME = 16 << 20
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
 
-def handshake(sock: socket.socket, path: str) -> bytes:
+def handshake(sock: _socket.socket, path: str) -> bytes:
     """Upgrade the connection; returns bytes already read past the handshake.
 
     An error answer (409: the VM is not running, 404: no such VM) raises
@@ -155,7 +155,7 @@ def _leave(signum: int, _frame: Any) -> None:
     raise _Leave(signal.Signals(signum).name)
 
 
-def session(sock: socket.socket, leftover: bytes, stdin: int, stdout: int) -> str:
+def session(sock: _socket.socket, leftover: bytes, stdin: int, stdout: int) -> str:
     """Relay the terminal and the console until one ends; returns why it ended."""
     import termios
     import tty
@@ -205,7 +205,7 @@ def session(sock: socket.socket, leftover: bytes, stdin: int, stdout: int) -> st
             termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
 
 
-def run(sock: socket.socket, uuid: str) -> str:
+def run(sock: _socket.socket, uuid: str) -> str:
     """The whole ``vmadm console``: handshake, banner, session; returns why it ended.
 
     SIGTERM and SIGHUP end it from the start, through the same way out.

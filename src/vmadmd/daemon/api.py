@@ -56,7 +56,14 @@ Handler = Callable[[Request], Awaitable[Reply]]
 
 
 def json_reply(data: Any, status: int = 200) -> Reply:
-    return Reply(status, json.dumps(data).encode())
+    return Reply(status, json.dumps(data).encode(), data=data)
+
+
+def pretty(reply: Reply) -> None:
+    """``?pretty=true``: indented, keys sorted, a final newline: what ``vmadm``
+    prints, so that it prints the body as it comes (no JSON decoding there)."""
+    if reply.data is not None:
+        reply.body = (json.dumps(reply.data, indent=2, sort_keys=True) + "\n").encode()
 
 
 def error_reply(status: int, code: str, message: str, **details: object) -> Reply:
@@ -197,6 +204,9 @@ class Api:
                 reply = await self.call(self.routes[route][request.method], request)
             finally:
                 self.metrics.api_in_flight.dec()
+            wanted = "pretty" in request.query_string and request.query.get("pretty") == "true"
+            if wanted and reply.status < 300:
+                pretty(reply)
         reply.headers["X-Request-Id"] = req_id
         self.record(route or "unmatched", request.method, reply.status, time.monotonic() - t0)
         return reply

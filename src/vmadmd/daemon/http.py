@@ -79,7 +79,7 @@ class Request:
 
 
 class Reply:
-    __slots__ = ("body", "content_type", "headers", "status")
+    __slots__ = ("body", "content_type", "data", "headers", "status")
 
     def __init__(
         self,
@@ -87,11 +87,13 @@ class Reply:
         body: bytes,
         content_type: str = "application/json; charset=utf-8",
         headers: dict[str, str] | None = None,
+        data: object = None,
     ) -> None:
         self.status = status
         self.body = body
         self.content_type = content_type
         self.headers = headers or {}
+        self.data = data  # what a JSON body encodes, to encode it another way
 
 
 Dispatch = Callable[[Request, str | None, frozenset[str]], Awaitable[Reply]]

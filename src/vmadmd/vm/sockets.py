@@ -4,15 +4,29 @@ qemu is started with its runtime directory as working directory and binds
 short relative names there.  To connect, we open the directory with
 ``O_PATH`` and connect to ``/proc/self/fd/<N>/<name>``, which the kernel
 resolves through the open directory: the address stays short however deep
-the zones root is.  Standard library only.
+the zones root is.  Standard library only; the ``socket`` module (its enums
+cost the CLI ~4 ms of start-up) only where a full socket object is made.
 """
 
 from __future__ import annotations
 
+import _socket
 import os
-import socket
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (vmadm start-up)
+if TYPE_CHECKING:
+    import socket
+    from typing import TypeVar
+
+    S = TypeVar("S", bound=_socket.socket)
 
 SUN_PATH_MAX = 107  # 108 bytes including the terminating NUL
+
+
+def stream_socket() -> socket.socket:
+    import socket
+
+    return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
 
 
 def connect_unix(directory: str, name: str, *, blocking: bool = True) -> socket.socket:
@@ -22,7 +36,11 @@ def connect_unix(directory: str, name: str, *, blocking: bool = True) -> socket.
     may raise ``BlockingIOError`` (EAGAIN: the listener's backlog is full);
     callers retry that.
     """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    return connect_with(stream_socket(), directory, name, blocking=blocking)
+
+
+def connect_with(sock: S, directory: str, name: str, *, blocking: bool = True) -> S:
+    """``connect_unix`` for a socket made by the caller (the CLI: a bare ``_socket``)."""
     try:
         sock.setblocking(blocking)
         full = os.path.join(directory, name)
@@ -40,11 +58,11 @@ def connect_unix(directory: str, name: str, *, blocking: bool = True) -> socket.
     return sock
 
 
-def peer_uid(sock: socket.socket) -> int:
+def peer_uid(sock: _socket.socket) -> int:
     """The uid of the process at the other end of a connected unix socket."""
     import struct
 
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    creds = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
     return int(uid)
 
@@ -56,7 +74,7 @@ def trusted_uid(uid: int) -> bool:
 
 def bind_unix(path: str, backlog: int = 128) -> socket.socket:
     """A listening stream socket at ``path`` (any length)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock = stream_socket()
     try:
         if len(path.encode()) <= SUN_PATH_MAX:
             sock.bind(path)

@@ -16,16 +16,16 @@ import errno
 import fcntl
 import json
 import os
-import re
 from collections.abc import Callable, Iterator
 
-from vmadmd.errors import InvalidUuid, VmBroken, VmExists, VmNotFound
+from vmadmd.errors import VmBroken, VmExists, VmNotFound
+from vmadmd.vm.ids import is_uuid, validate_uuid
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (vmadm start-up)
 FORMAT_VERSION = 1
 FORMAT_KEY = "format_version"
 
-_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+__all__ = ["Store", "VmPaths", "is_uuid", "validate_uuid"]
 
 if TYPE_CHECKING:
     from typing import Any
@@ -33,18 +33,6 @@ if TYPE_CHECKING:
     VmRecord = dict[str, Any]
 else:
     VmRecord = dict
-
-
-def validate_uuid(value: str) -> str:
-    """Return ``value`` when it is a canonical lower-case UUID, else raise."""
-    if not isinstance(value, str) or not _UUID_RE.fullmatch(value):
-        shown = repr(value) if isinstance(value, str) and len(value) <= 64 else "value"
-        raise InvalidUuid(f"invalid VM uuid {shown}: expected a lower-case canonical UUID")
-    return value
-
-
-def is_uuid(value: str) -> bool:
-    return bool(_UUID_RE.fullmatch(value))
 
 
 class VmPaths:
