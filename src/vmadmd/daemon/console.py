@@ -26,7 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmadmd.daemon.aiohttp_quiet import WSMsgType, web
+from aiohttp import WSMsgType, web
+
 from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.manager import Manager
 from vmadmd.daemon.responses import json_errors, run_session, serial_relay

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import resource
@@ -47,7 +48,8 @@ from vmadmd.vm.config import (
 from vmadmd.vm.sockets import bind_unix, connect_unix, peer_uid, trusted_uid
 
 if TYPE_CHECKING:
-    from vmadmd.daemon.aiohttp_quiet import web
+    from aiohttp import web
+
     from vmadmd.daemon.console import ConsoleServer
 
 log = logging.getLogger("vmadmd")
@@ -302,7 +304,10 @@ class Daemon:
 
     async def _web(self) -> Callable[[], asyncio.Protocol]:
         """aiohttp's protocol for a handed-over connection; set up on first need."""
-        from vmadmd.daemon import web as webside
+        # Imported in a worker thread: the loop goes on serving meanwhile
+        # (aiohttp is ~120 ms of imports, its CA bundle included).
+        await asyncio.to_thread(importlib.import_module, "vmadmd.daemon.web")
+        from vmadmd.daemon import web as webside  # loaded by now
 
         if self._web_runner is None:
             self._web_runner = asyncio.ensure_future(

@@ -15,7 +15,8 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from vmadmd.daemon.aiohttp_quiet import WSCloseCode, WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
+
 from vmadmd.daemon.serial import SerialConsole, Viewer
 from vmadmd.errors import VmadmError, error_document
 

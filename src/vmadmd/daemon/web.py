@@ -17,7 +17,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from vmadmd.daemon.aiohttp_quiet import HttpProcessingError, web
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
 from vmadmd.daemon.api import MAX_BODY, MAX_QUERY, Api, request_id
 from vmadmd.daemon.events import Event, Subscriber
 from vmadmd.daemon.http import MAX_LINE, Request
