@@ -196,7 +196,8 @@ def main() -> None:
           f"{med(api_all) / med(floor_pipe):.2f}x the pipelined one")  # fmt: skip
     print("3. vmadm info <uuid> version (process)  ", summary_ms(cli))
     print("   python -c pass (process floor)       ", summary_ms(py))
-    print(f"   ratio p50 {med(cli) / med(py):.2f}x python -c pass; "
+    print(f"   ratio p50 {med(cli) / med(py):.2f}x python -c pass (goal <= 1.5x virsh = "
+          f"{1.5 * 22 / 16:.2f}x python -c pass); "
           f"libvirt: virsh {LIBVIRT['virsh qemu-monitor-command']}")  # fmt: skip
     print(f"4. vmadmd exec -> API answers, 8 running VMs: first {startup * 1000:.1f} ms, "
           f"restarts p50 {med(restarts) * 1000:.1f} ms; "

@@ -602,7 +602,10 @@ def main() -> int:
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         zones_root = argv[1]
-        uuids = argv[2:] or sorted(os.listdir(zones_root))
+        from vmadmd.vm.ids import is_uuid
+
+        # Every VM directory (not the zones root's own files: the uid lock).
+        uuids = argv[2:] or sorted(n for n in os.listdir(zones_root) if is_uuid(n))
         asyncio.run(hub(zones_root, uuids))
         return 0
     return run_as_qemu(argv)

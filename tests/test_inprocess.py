@@ -383,6 +383,51 @@ async def test_a_qemu_killed_by_a_signal_is_a_crash(rig: Rig) -> None:
     assert crashes == 1
 
 
+def _existing(paths: list[str]) -> list[str]:
+    return [path for path in paths if os.path.isdir(path)]
+
+
+async def test_exit_cleanup_removes_the_cgroup(rig: Rig) -> None:
+    served = await rig.serve()
+    sup, settled = rig.supervisor()
+    await until(lambda: sup.monitor.ready)
+    dirs = list(rig.shared.cgroups.dirs(UUID).values())
+    for path in dirs:
+        os.makedirs(path)
+    served.kill()
+    await asyncio.wait_for(settled, 5)
+    assert _existing(dirs) == []
+
+
+async def test_exit_cleanup_spares_a_vm_started_again_meanwhile(rig: Rig) -> None:
+    """A start that lands before the daemon has cleaned up after the
+    previous qemu (found by the soak: `vmadm stop` then an immediate start
+    lost the new qemu's cgroup, and its taps) keeps what it made."""
+    served = await rig.serve()
+    sup, settled = rig.supervisor()
+    await until(lambda: sup.monitor.ready)
+    dirs = list(rig.shared.cgroups.dirs(UUID).values())
+    for path in dirs:
+        os.makedirs(path)
+    # Hold the VM's lock as `vmadm start` does while it boots the VM again.
+    lock = rig.store.try_lock(UUID)
+    assert lock is not None
+    again = None
+    try:
+        served.kill()
+        await until(lambda: served.holder.returncode is not None)
+        again = await ServedVm.start(rig.paths.runtime_dir, UUID)  # the new "qemu"
+    finally:
+        os.close(lock)
+    try:
+        await asyncio.wait_for(settled, 5)
+        assert rig.last_exit()["reason"] == "crash"
+        assert _existing(dirs) == dirs  # the new qemu's, kept
+    finally:
+        if again is not None:
+            await again.close()
+
+
 async def test_a_guest_panic_is_told_apart(rig: Rig) -> None:
     await rig.serve("panic_on_nmi")
     sup, settled = rig.supervisor()

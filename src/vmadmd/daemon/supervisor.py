@@ -50,7 +50,7 @@ from vmadmd.daemon.vncconsole import VncConsole, qemu_vnc_mode
 from vmadmd.errors import InvalidParameter, QmpRefused, QmpTimeout, VmadmError, VmBusy, WrongState
 from vmadmd.vm import cgroup, launch, net, proc, transition, zonefs
 from vmadmd.vm.config import VmSettings
-from vmadmd.vm.layer import iso_now, now_ms
+from vmadmd.vm.layer import identity_of, iso_now, now_ms
 from vmadmd.vm.store import Store, VmRecord
 from vmadmd.vm.transition import Transition, TransitionTo
 
@@ -360,15 +360,32 @@ class VmSupervisor:
         await self.monitor.close()
         # Its taps and its cgroup go with it (best effort: the next start
         # redoes both); last, as the cgroup may wait for qemu to be reaped.
+        # Under the VM's lock, and not once the VM runs again: a start that
+        # came as soon as the record said "stopped" has made both anew, and
+        # removing them would cut its network and fail its launch.
+        try:
+            async with vm_lock(self._shared.store, self.uuid, SETTLE_LOCK_WAIT):
+                await asyncio.to_thread(self._release_unless_restarted)
+        except Exception:
+            self._log.exception("cleanup after exit failed")
+        return settled
+
+    def _release_unless_restarted(self) -> None:
+        """Remove the VM's taps and cgroup, unless a new qemu of it runs (lock held)."""
+        store = self._shared.store
+        with contextlib.suppress(VmadmError):  # deleted meanwhile: its taps are still ours
+            record = store.load(self.uuid)
+            if proc.find_vm_pid(store.paths(self.uuid).pid, self.uuid, identity_of(record)):
+                self._log.info("started again before its exit was cleaned up: kept its taps")
+                return
         for cleanup in (
             functools.partial(net.remove_taps, self._nic_records),
             functools.partial(self._shared.cgroups.remove, self.uuid),
         ):
             try:
-                await asyncio.to_thread(cleanup)
+                cleanup()
             except Exception:
                 self._log.exception("cleanup after exit failed")
-        return settled
 
     async def detach(self) -> None:
         """Let go of the VM (daemon shutdown): it keeps running."""
