@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -250,11 +251,10 @@ class _Recorder(asyncio.Protocol):
             self.transport.close()
 
 
-async def test_hand_over_gives_aiohttp_every_byte_from_the_request_on(tmp_path: Path) -> None:
-    """The front answers what it parses; at the first request it does not,
-    the other server gets that request and everything after it, in order,
-    including bytes that arrive later; the front never parses them again."""
-    recorders: list[_Recorder] = []
+async def _front(
+    tmp_path: Path, web: Callable[[], Awaitable[Any]], *, client_timeout: float
+) -> tuple[Front, str, list[str]]:
+    """A front on its own socket, answering every GET with ``{}``; the paths it served."""
     served: list[str] = []
 
     async def dispatch(request: Request, route: str | None, allowed: frozenset[str]) -> Reply:
@@ -264,6 +264,22 @@ async def test_hand_over_gives_aiohttp_every_byte_from_the_request_on(tmp_path: 
     def resolve(method: str, path: str) -> tuple[str | None, dict[str, str], frozenset[str]]:
         return path, {}, frozenset({"GET"})
 
+    front = Front(
+        dispatch, resolve, web, web_only=frozenset(), client_timeout=client_timeout, max_body=1024
+    )
+    path = str(tmp_path / "api.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    await front.start(listener)
+    return front, path, served
+
+
+async def test_hand_over_gives_aiohttp_every_byte_from_the_request_on(tmp_path: Path) -> None:
+    """The front answers what it parses; at the first request it does not,
+    the other server gets that request and everything after it, in order,
+    including bytes that arrive later; the front never parses them again."""
+    recorders: list[_Recorder] = []
+
     async def web() -> Any:
         def factory() -> asyncio.Protocol:
             recorders.append(_Recorder())
@@ -271,11 +287,7 @@ async def test_hand_over_gives_aiohttp_every_byte_from_the_request_on(tmp_path: 
 
         return factory
 
-    front = Front(dispatch, resolve, web, web_only=frozenset(), client_timeout=5, max_body=1024)
-    path = str(tmp_path / "api.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    await front.start(listener)
+    front, path, served = await _front(tmp_path, web, client_timeout=5)
     try:
         reader, writer = await asyncio.open_unix_connection(path)
         handed = b"GET /two HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /three"
@@ -296,20 +308,10 @@ async def test_hand_over_gives_aiohttp_every_byte_from_the_request_on(tmp_path: 
 
 
 async def test_front_closes_idle_and_trickling_clients(tmp_path: Path) -> None:
-    async def dispatch(request: Request, route: str | None, allowed: frozenset[str]) -> Reply:
-        return Reply(200, b"{}")
-
-    def resolve(method: str, path: str) -> tuple[str | None, dict[str, str], frozenset[str]]:
-        return path, {}, frozenset({"GET"})
-
     async def web() -> Any:
         raise AssertionError("nothing here is handed over")
 
-    front = Front(dispatch, resolve, web, web_only=frozenset(), client_timeout=0.3, max_body=1024)
-    path = str(tmp_path / "api.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    await front.start(listener)
+    front, path, _ = await _front(tmp_path, web, client_timeout=0.3)
     try:
         # Served, then idle past the bound: closed.
         reader, writer = await asyncio.open_unix_connection(path)
