@@ -161,6 +161,9 @@ def test_unusual_requests_go_to_aiohttp_with_the_same_answers(env: Env) -> None:
     status, headers, _ = replies.next(head_only=True)
     assert status == 200
     assert headers["content-type"].startswith("application/json")
+    sock.sendall(b"HEAD /events HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, headers, _ = replies.next(head_only=True)
+    assert (status, headers["allow"]) == (405, "GET")
     sock.sendall(b"PUT /vms HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
     status, headers, body = replies.next()
     assert (status, code(body), headers["allow"]) == (405, "MethodNotAllowed", "GET,POST")

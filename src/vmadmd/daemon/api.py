@@ -230,7 +230,10 @@ class Api:
         self.metrics.api_request(route, method, status, took)
 
     async def _web_only(self, request: Request) -> Reply:
-        raise AssertionError(f"{request.path} is served by aiohttp only")
+        """A stream reached as a plain request (a HEAD): GET it."""
+        reply = error_reply(405, "MethodNotAllowed", f"{request.path} is a stream: GET it")
+        reply.headers["Allow"] = "GET"
+        return reply
 
     # -- routes ------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from http import HTTPStatus
@@ -36,6 +37,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from vmadmd.daemon.readbuf import read_buffer
+from vmadmd.errors import error_document
 
 log = logging.getLogger("vmadmd.api")
 
@@ -253,7 +255,12 @@ class FrontProtocol(asyncio.BufferedProtocol):
         self.front.spawn(self._serve(request, route, allowed))
 
     async def _serve(self, request: Request, route: str | None, allowed: frozenset[str]) -> None:
-        reply = await self.front.dispatch(request, route, allowed)
+        try:
+            reply = await self.front.dispatch(request, route, allowed)
+        except Exception:  # dispatch answers errors itself: this is a bug
+            log.exception("bug while serving %s %s", request.method, request.path)
+            body = json.dumps(error_document("InternalError", "internal error (logged by vmadmd)"))
+            reply = Reply(500, body.encode())
         if self.transport is not None and not self.gone:
             self.transport.write(render(reply, self.closing))
         self.busy = False

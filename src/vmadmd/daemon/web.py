@@ -53,8 +53,10 @@ logging.getLogger("aiohttp.server").addFilter(_MalformedRequestFilter())
 def build_app(api: Api) -> web.Application:
     streams = _Streams(api)
     app = web.Application(client_max_size=MAX_BODY)
-    app.router.add_get("/events", streams.wrap("/events", streams.events))
-    app.router.add_get("/vm/{uuid}/serial", streams.wrap("/vm/{uuid}/serial", streams.serial))
+    # No HEAD for a stream (it would hold the connection for nothing): the
+    # catch-all answers it 405.
+    for route, handler in (("/events", streams.events), ("/vm/{uuid}/serial", streams.serial)):
+        app.router.add_get(route, streams.wrap(route, handler), allow_head=False)
     app.router.add_route("*", "/{tail:.*}", streams.plain)
     return app
 
