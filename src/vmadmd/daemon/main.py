@@ -306,7 +306,8 @@ class Daemon:
         """aiohttp's protocol for a handed-over connection; set up on first need."""
         # Imported in a worker thread: the loop goes on serving meanwhile
         # (aiohttp is ~120 ms of imports, its CA bundle included).
-        await asyncio.to_thread(importlib.import_module, "vmadmd.daemon.web")
+        if "vmadmd.daemon.web" not in sys.modules:
+            await asyncio.to_thread(importlib.import_module, "vmadmd.daemon.web")
         from vmadmd.daemon import web as webside  # loaded by now
 
         if self._web_runner is None:
