@@ -417,6 +417,36 @@ async def test_exit_cleanup_spares_a_vm_started_again_meanwhile(rig: Rig) -> Non
             await again.close()
 
 
+async def test_a_qemu_with_no_waiter_is_settled_without_waiting_for_one(rig: Rig) -> None:
+    """No waiter (a qemu the previous version started; the stand-in): its
+    status is not waited for (it was a second per exit before)."""
+    served = await rig.serve()
+    sup, settled = rig.supervisor()
+    await until(lambda: sup.monitor.ready)
+    t0 = time.monotonic()
+    served.kill(signal.SIGKILL)
+    await asyncio.wait_for(settled, 5)
+    assert time.monotonic() - t0 < 0.5
+    last = rig.last_exit()
+    assert last["reason"] == "crash"
+    assert "signal" not in last  # which one is not known without a waiter
+
+
+async def test_a_waiters_status_written_late_is_waited_for(rig: Rig) -> None:
+    served = await rig.serve()
+    status = Path(rig.paths.zonepath) / "qemu.exit"
+    status.write_bytes(b"")  # as the launcher leaves it for the waiter
+    sup, settled = rig.supervisor()
+    await until(lambda: sup.monitor.ready)
+    served.kill(signal.SIGKILL)
+    await asyncio.sleep(0.2)
+    assert not settled.done()
+    status.write_text(f"{128 + signal.SIGSYS}\n")
+    await asyncio.wait_for(settled, 5)
+    last = rig.last_exit()
+    assert (last["reason"], last["signal"]) == ("crash", "SIGSYS")
+
+
 async def test_a_guest_panic_is_told_apart(rig: Rig) -> None:
     await rig.serve("panic_on_nmi")
     sup, settled = rig.supervisor()

@@ -326,11 +326,14 @@ class VmSupervisor:
 
     async def _exit_status(self) -> int | None:
         """qemu's wait status from its waiter, which writes it a moment after
-        the exit the pidfd showed (None after a second without it)."""
+        the exit the pidfd showed (None after a second without it, and at
+        once for a qemu with no waiter)."""
         for _ in range(100):
             status = launch.exit_status(self.paths.zonepath)
             if status is not None:
                 return status
+            if not launch.has_waiter(self.paths.zonepath):
+                return None
             await asyncio.sleep(0.01)
         return None
 

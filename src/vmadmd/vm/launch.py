@@ -108,8 +108,16 @@ def launch(
     try:
         log_path = os.path.join(zonepath, LOG_NAME)
         exit_path = os.path.join(zonepath, EXIT_NAME)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(exit_path)
+        # Empty until the waiter writes the status into it: that it exists
+        # tells the daemon a status is coming (a qemu with no waiter, one the
+        # previous version started, leaves none, and is not waited for).
+        os.close(
+            os.open(
+                exit_path,
+                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+            )
+        )
         log_fd = os.open(
             log_path,
             os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -227,6 +235,12 @@ def exit_status(zonepath: str) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() else None
+
+
+def has_waiter(zonepath: str) -> bool:
+    """Whether this qemu has a waiter to write its status (the launcher leaves
+    the file empty for it; a qemu started otherwise has none)."""
+    return os.path.lexists(os.path.join(zonepath, EXIT_NAME))
 
 
 def describe_status(status: int) -> dict[str, object]:
