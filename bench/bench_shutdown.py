@@ -16,13 +16,16 @@ Run: ``.venv/bin/python -m bench.bench_shutdown [N] [CRASHES]`` (default 8, 20)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
 import select
 import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 from harness.world import readable_guest
@@ -67,15 +70,30 @@ def stop_alone(w: World, uuid: str) -> float:
 def crash_to_event(w: World, uuid: str) -> float:
     w.vmadm("start", uuid, check=True)
     w.wait_qmp(uuid)
-    stream = Client(w.socket).stream("/events", {"vm": uuid})
+    kinds: queue.Queue[str] = queue.Queue()
+
+    def follow() -> None:
+        with contextlib.suppress(Exception):  # ends when the daemon closes it
+            for line in Client(w.socket).stream("/events", {"vm": uuid}):
+                if line.startswith("data:"):
+                    kinds.put(json.loads(line[5:])["type"])
+
+    threading.Thread(target=follow, daemon=True).start()
+    # Subscribed for sure once an event made after the request shows up:
+    # resets, until one does (an event before the subscription is not sent).
+    subscribed = False
+    while not subscribed:
+        Client(w.socket).request("POST", f"/vm/{uuid}", {"action": "reset"})
+        with contextlib.suppress(queue.Empty):
+            while not subscribed:
+                subscribed = kinds.get(timeout=0.3) == "reset"
     pid = w.pid(uuid)
     assert pid is not None
     t0 = time.monotonic()
     os.kill(pid, signal.SIGKILL)
-    for line in stream:
-        if line.startswith("data:") and json.loads(line[5:])["type"] == "exited":
-            return time.monotonic() - t0
-    raise RuntimeError("the event stream ended")
+    while kinds.get(timeout=30) != "exited":
+        pass
+    return time.monotonic() - t0
 
 
 def main() -> None:

@@ -328,13 +328,16 @@ class VmSupervisor:
         """qemu's wait status from its waiter, which writes it a moment after
         the exit the pidfd showed (None after a second without it, and at
         once for a qemu with no waiter)."""
-        for _ in range(100):
+        loop = asyncio.get_running_loop()
+        deadline, delay = loop.time() + 1.0, 0.001
+        while loop.time() < deadline:
             status = launch.exit_status(self.paths.zonepath)
             if status is not None:
                 return status
             if not launch.has_waiter(self.paths.zonepath):
                 return None
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(delay)  # it comes within a few ms: look often at first
+            delay = min(delay * 2, 0.02)
         return None
 
     async def settle(self) -> Settled:
