@@ -1,13 +1,15 @@
 """The API socket's HTTP/1.1 front: plain requests served here, the rest by aiohttp.
 
-Why not aiohttp for everything (figures from ``bench/bench_api.py``, 8 VMs,
-this machine kind, before this module): importing aiohttp was ~90 ms of the
-daemon's ~120 ms of imports (restart -> first answer 136-155 ms against
-libvirtd's 117 ms), and its request machinery (request object, router,
-middleware, response object, three loop turns) most of the daemon's share of
-a ``GET /vm/<uuid>?type=version`` (0.36-0.44 ms against 0.16 ms for the same
-query on raw QMP).  Every route the CLI uses is a plain request: a head, an
-optional ``Content-Length`` body, one JSON answer.  Those are served here.
+Why not aiohttp for everything (``bench/bench_api.py``, 8 VMs, this machine
+kind): importing aiohttp was ~90 ms of the daemon's ~120 ms of imports, so
+restart -> first answer took 136-155 ms against libvirtd's 117 ms.  With this
+front and aiohttp imported only on first need, the daemon's imports are
+~66 ms and restart -> first answer 79-87 ms.  (Per request the front alone
+changed little: ``GET /vm/<uuid>?type=version`` stayed at ~2.8x raw QMP until
+the QMP path lost its per-command task and its mmap per read; see
+``monitor.py``, ``readbuf.py``.)  Every route the CLI uses is a plain request:
+a head, an optional ``Content-Length`` body, one JSON answer.  Those are
+served here.
 
 Anything else goes to aiohttp, unchanged: the front stops reading, imports
 and sets up aiohttp's server on first need, and gives it the connection
