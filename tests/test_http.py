@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -342,3 +343,38 @@ async def test_front_closes_idle_and_trickling_clients(tmp_path: Path) -> None:
         assert not front.connections
     finally:
         await front.close(1.0)
+
+
+def test_vmadm_info_prints_a_daemon_without_pretty_the_same_way(env: Env, tmp_path: Path) -> None:
+    """A daemon from before ``?pretty`` (compact JSON, no final newline):
+    vmadm indents it itself.  Stood in for by a one-answer server: this
+    checkout's daemon cannot be that older one."""
+    answer = {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""}}
+    path = str(tmp_path / "old.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    requests: list[bytes] = []
+
+    def serve_one() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            requests.append(conn.recv(65536))
+            body = json.dumps(answer).encode()
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
+
+    server = threading.Thread(target=serve_one)
+    server.start()
+    try:
+        uuid = "0b3f1c2e-9a4d-4f5e-8b6a-1c2d3e4f5a6b"
+        res = env.vmadm("info", uuid, "version", extra_env={"VMADMD_SOCKET": path}, timeout=20)
+    finally:
+        server.join(10)
+        listener.close()
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == json.dumps(answer, indent=2, sort_keys=True) + "\n"
+    assert b"pretty=true" in requests[0]

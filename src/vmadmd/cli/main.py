@@ -309,7 +309,12 @@ def cmd_info(ctx: Context, args: argparse.Namespace) -> None:
     # The daemon writes it as _print_json would: printed as it comes.
     params = {"type": args.types, "pretty": "true"} if args.types else {"pretty": "true"}
     _, body = _client().request("GET", f"/vm/{uuid}", params, raw=True)
-    sys.stdout.write(body.decode())
+    if body.endswith(b"\n"):
+        sys.stdout.write(body.decode())
+    else:  # a daemon from before ?pretty
+        import json
+
+        _print_json(json.loads(body))
 
 
 def cmd_sysrq(ctx: Context, args: argparse.Namespace) -> None:
