@@ -93,7 +93,8 @@ class _Streams:
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return error_response(413, "PayloadTooLarge", f"request body larger than {MAX_BODY}")
+            too_large = f"request body larger than {MAX_BODY} bytes"
+            return error_response(413, "PayloadTooLarge", too_large)
         headers: dict[str, str] = {}
         for name, value in request.headers.items():
             headers.setdefault(name.lower(), value)
