@@ -4,7 +4,7 @@ Why not aiohttp for everything (``bench/bench_api.py``, 8 VMs, this machine
 kind): importing aiohttp was ~90 ms of the daemon's ~120 ms of imports, so
 restart -> first answer took 136-155 ms against libvirtd's 117 ms.  With this
 front and aiohttp imported only on first need, the daemon's imports are
-~66 ms and restart -> first answer 79-87 ms.  (Per request the front alone
+~66 ms and restart -> first answer 79-91 ms.  (Per request the front alone
 changed little: ``GET /vm/<uuid>?type=version`` stayed at ~2.8x raw QMP until
 the QMP path lost its per-command task and its mmap per read; see
 ``monitor.py``, ``readbuf.py``.)  Every route the CLI uses is a plain request:
