@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmadmd import __version__
 from vmadmd.daemon.events import EventBus
-from vmadmd.daemon.http import Reply, Request
+from vmadmd.daemon.http import Reply, Request, first_values
 from vmadmd.daemon.logs import req_id_var
 from vmadmd.daemon.manager import Manager
 from vmadmd.daemon.metrics import CONTENT_TYPE_LATEST, Metrics
@@ -80,14 +80,13 @@ def request_id(given: str | None) -> str:
 
 def params_of(request: Request) -> dict[str, str]:
     """Query parameters, plus a form-encoded POST body as real SmartOS clients send."""
-    params = request.query
+    params = dict(request.query)
     if request.method == "POST" and request.body:
         if len(request.body) > MAX_BODY:
             raise PayloadTooLarge(f"request body larger than {MAX_BODY} bytes")
         ctype = request.content_type
         if ctype == "application/x-www-form-urlencoded":
-            form = Request("POST", "", request.body.decode("utf-8", "replace"), {}, b"", {})
-            for key, value in form.query.items():
+            for key, value in first_values(request.body.decode("utf-8", "replace")).items():
                 params.setdefault(key, value)
         elif ctype == "application/json":
             for key, value in json_body(request).items():

@@ -50,10 +50,19 @@ MAX_HEAD = 32 * 1024  # past this without the end of a head: aiohttp answers it
 MAX_LINE = 16 * 1024  # aiohttp's bound on a request or header line (its 400)
 
 
+def first_values(query_string: str) -> dict[str, str]:
+    """The parameters of a query string (or a form body); a repeated name
+    keeps its first value."""
+    params: dict[str, str] = {}
+    for key, value in parse_qsl(query_string, keep_blank_values=True):
+        params.setdefault(key, value)
+    return params
+
+
 class Request:
     """One parsed request, independent of the server that read it."""
 
-    __slots__ = ("body", "headers", "match", "method", "path", "query_string")
+    __slots__ = ("_query", "body", "headers", "match", "method", "path", "query_string")
 
     def __init__(
         self,
@@ -70,14 +79,14 @@ class Request:
         self.headers = headers  # names lower-cased; a repeated name keeps its first value
         self.body = body
         self.match = match
+        self._query: dict[str, str] | None = None
 
     @property
     def query(self) -> dict[str, str]:
-        """Query parameters; a repeated name keeps its first value."""
-        params: dict[str, str] = {}
-        for key, value in parse_qsl(self.query_string, keep_blank_values=True):
-            params.setdefault(key, value)
-        return params
+        """Query parameters (``first_values``), parsed once: not to be changed."""
+        if self._query is None:
+            self._query = first_values(self.query_string)
+        return self._query
 
     @property
     def content_type(self) -> str:
