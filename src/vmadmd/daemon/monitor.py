@@ -54,10 +54,8 @@ OWNED_COMMANDS = frozenset({
 # The same in the human monitor (by its first word).
 OWNED_HMP = frozenset({"getfd", "closefd", "set_password", "expire_password"})
 
+
 # What ``query()`` can ask, by the names the API uses.
-_UNANSWERED = object()
-
-
 def _expire(sent: list[tuple[int, str, asyncio.Future[Any]]]) -> None:
     for _, _, fut in sent:
         if not fut.done():
@@ -305,7 +303,7 @@ class Monitor:
             return exc
 
         t0 = loop.time()
-        results: list[Any] = [_UNANSWERED] * len(commands)
+        results: list[Any] = [None] * len(commands)  # each one filled in below
         outcomes = ["error"] * len(commands)
         took = [0.0] * len(commands)
         sent: list[tuple[int, str, asyncio.Future[Message]]] = []
