@@ -177,6 +177,29 @@ async def test_monitor_stalled_peer_times_out_and_is_dropped(rig: Rig) -> None:
         await mon.close()
 
 
+async def test_monitor_others_in_flight_on_a_stalled_peer_time_out_too(rig: Rig) -> None:
+    """One command's timeout drops a stalled connection: the others still
+    awaiting an answer on it were not answered either (504, not 409)."""
+    await rig.serve("stall")
+    mon = rig.monitor(timeout=5.0)
+    mon.start()
+    try:
+        for _ in range(200):  # connected: the stall starts after the handshake
+            if mon.ready:
+                break
+            await asyncio.sleep(0.01)
+        slow = asyncio.create_task(mon.query("version"))  # its own deadline is 5 s away
+        await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        with pytest.raises(QmpTimeout):
+            await mon.query_commands(timeout=0.3)
+        with pytest.raises(QmpTimeout, match="did not answer query-version"):
+            await slow
+        assert time.monotonic() - t0 < 1.5
+    finally:
+        await mon.close()
+
+
 async def test_monitor_garbage_breaks_the_connection_not_the_caller(rig: Rig) -> None:
     await rig.serve("garbage")
     mon = rig.monitor(timeout=0.5)

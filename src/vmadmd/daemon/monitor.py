@@ -109,6 +109,7 @@ class Monitor:
         self._on_event = on_event
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: QmpClient | None = None
+        self._dropped: QmpClient | None = None  # the last one dropped as wedged
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -188,13 +189,16 @@ class Monitor:
                 # hang on a stopped peer.  Bounded either way.
                 await asyncio.wait_for(client.disconnect(), 1.0)
 
-    def _wedged(self, why: str) -> None:
-        """Drop the connection and reconnect in the background."""
+    def _wedged(self, why: str, *, stalled: bool = False) -> None:
+        """Drop the connection and reconnect in the background (``stalled``:
+        because qemu stopped answering on it)."""
         if self._closed:
             return
         self.last_error = why
         self._log.warning("QMP connection wedged (%s); reconnecting", why)
         old = self._client
+        if stalled:
+            self._dropped = old
         self._client = None
         self._ready.clear()
 
@@ -293,12 +297,18 @@ class Monitor:
         if client is None:
             raise QmpConnectionLost(f"VM {self.uuid}: QMP connection lost")
 
-        def lost(cmd: str, err: BaseException) -> QmpConnectionLost:
+        def lost(cmd: str, err: BaseException) -> QmpConnectionLost | QmpTimeout:
             # The connection broke under the command (qemu exited, or the
-            # peer sent something that is not QMP).
-            if client is self._client:
-                self._wedged(f"{cmd}: {type(err).__name__}")
-            exc = QmpConnectionLost(f"VM {self.uuid}: {cmd} failed: connection lost")
+            # peer sent something that is not QMP) or was dropped because
+            # qemu stopped answering another command on it: then this one
+            # was not answered either (504, not 409).
+            exc: QmpConnectionLost | QmpTimeout
+            if client is self._dropped:
+                exc = QmpTimeout(f"VM {self.uuid}: qemu did not answer {cmd} ({self.last_error})")
+            else:
+                if client is self._client:
+                    self._wedged(f"{cmd}: {type(err).__name__}")
+                exc = QmpConnectionLost(f"VM {self.uuid}: {cmd} failed: connection lost")
             exc.__cause__ = err
             return exc
 
@@ -345,7 +355,7 @@ class Monitor:
                 timer.cancel()
             late = [i for i, outcome in enumerate(outcomes) if outcome == "timeout"]
             if late:
-                self._wedged(f"{commands[late[0]][0]} timed out after {limit:g} s")
+                self._wedged(f"{commands[late[0]][0]} timed out after {limit:g} s", stalled=True)
         finally:
             for _, ident, _ in sent:
                 client.forget(ident)
