@@ -26,8 +26,12 @@ guest-panic); ``nofds`` (fds passed over QMP are lost, so ``getfd`` fails);
 ``add_client`` are never answered); ``stalladd``
 (``add_client`` is never answered, and the fd stays registered, as in qemu,
 across connections); ``refuseadd`` (``add_client`` refused, its fd left
-registered).  Like qemu, it takes client sockets passed over QMP
-(SCM_RIGHTS, ``getfd``, ``add_client``) and serves them as VNC clients.
+registered); ``stalllisten`` (``display-update`` is never answered, the
+fd left registered); ``refuselisten`` (``display-update`` refused).  Like
+qemu, it takes client sockets passed over QMP (SCM_RIGHTS, ``getfd``,
+``add_client``) and serves them as VNC clients, and accepts VNC clients
+itself on a listening socket given with ``display-update`` (telling of each
+with ``VNC_CONNECTED``).
 ``VMADMD_STANDIN_VNC=wire`` replaces its VNC (a banner, then echo) with the
 bench's wire protocol (see ``wire_session``), so a console path can be timed
 at full speed.
@@ -74,7 +78,7 @@ CANNED: dict[str, Any] = {
 CANNED["query-commands"] = [
     {"name": name}
     for name in [*CANNED, "screendump", "system_reset", "system_powerdown", "quit", "getfd",
-                 "add_client", "closefd"]
+                 "add_client", "closefd", "display-update", "query-vnc-servers"]
 ]  # fmt: skip
 
 # A 2x2 black PPM and a matching PNG are enough for the screenshot paths.
@@ -107,6 +111,7 @@ class FakeVm:
         self.qmp_conn_open: _FdConn | None = None
         self.received_fds: list[int] = []  # with the last message that carried any
         self.named_fds: dict[str, int] = {}
+        self.listener: socket.socket | None = None  # given with display-update
 
     def _took_fds(self, fds: list[int]) -> None:
         """As qemu does: new fds replace those not yet claimed by getfd."""
@@ -164,6 +169,54 @@ class FakeVm:
         self.vnc_client(socket.socket(fileno=fd))
         return {"return": {}}
 
+    def display_update(self, args: dict[str, Any]) -> dict[str, Any]:
+        """qemu's display-update for VNC: the listeners become ``addresses``
+        (the unix socket it was started with is kept as it is)."""
+        if self.mode == "refuselisten":
+            return _error("the stand-in refuses to listen")
+        fds = []
+        for address in args.get("addresses", []):
+            if address.get("type") == "fd":
+                name = str(address.get("str"))
+                fd = self.named_fds.pop(name, -1)
+                if fd < 0:
+                    return _error(f"File descriptor named '{name}' has not been found")
+                fds.append(fd)
+        loop = asyncio.get_running_loop()
+        if self.listener is not None:
+            loop.remove_reader(self.listener.fileno())
+            self.listener.close()
+            self.listener = None
+        for fd in fds:
+            sock = socket.socket(fileno=fd)
+            sock.listen(1)  # as qemu does
+            sock.setblocking(False)
+            loop.add_reader(fd, self._accept, sock)
+            self.listener = sock
+        return {"return": {}}
+
+    def vnc_servers(self) -> dict[str, Any]:
+        server = [{"family": "unix", "host": "", "service": "vm.vnc", "websocket": False}]
+        if self.listener is not None:
+            host, port = self.listener.getsockname()[:2]
+            tcp = {"family": "ipv4", "host": host, "service": str(port), "websocket": False}
+            server.append(tcp)
+        return {"return": [{"id": "default", "auth": "none", "clients": [], "server": server}]}
+
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            client, (host, port) = listener.accept()
+        except OSError:
+            return
+        conn = self.qmp_conn_open
+        if conn is not None:
+            info = {"family": "ipv4", "host": host, "service": str(port), "websocket": False}
+            conn.write(_event("VNC_CONNECTED", server={}, client=info))
+            task = asyncio.create_task(conn.drain())
+            _TASKS.add(task)
+            task.add_done_callback(_TASKS.discard)
+        self.vnc_client(client)
+
     def vnc_client(self, sock: socket.socket) -> None:
         """Serve one connected VNC client (from the unix socket or add_client)."""
         if self.vnc_mode == "wire":
@@ -202,6 +255,8 @@ class FakeVm:
                 continue
             if self.mode == "stalladd" and cmd == "add_client":
                 continue
+            if self.mode == "stalllisten" and cmd == "display-update":
+                continue
             if self.mode == "nopci" and cmd == "query-pci":
                 reply = {"error": {"class": "GenericError", "desc": "no PCI here"}}
             elif self.mode == "error" and negotiated:
@@ -221,6 +276,10 @@ class FakeVm:
                 reply = {"return": CANNED[cmd]}
             elif cmd in ("getfd", "add_client", "closefd"):
                 reply = self._fd_command(cmd, msg.get("arguments", {}))
+            elif cmd == "display-update":
+                reply = self.display_update(msg.get("arguments", {}))
+            elif cmd == "query-vnc-servers":
+                reply = self.vnc_servers()
             elif cmd == "screendump":
                 path = msg.get("arguments", {}).get("filename", "")
                 with open(path, "wb") as f:

@@ -512,7 +512,7 @@ def test_ending_rules() -> None:
 # -- the VNC console -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("relay", ["handoff", "proxy"])
+@pytest.mark.parametrize("relay", ["listen", "handoff", "proxy"])
 async def test_console_serves_clients_and_closes(rig: Rig, relay: str) -> None:
     await rig.serve()
     mon = rig.monitor()
@@ -533,11 +533,18 @@ async def test_console_serves_clients_and_closes(rig: Rig, relay: str) -> None:
         writer.write(b"hello")
         assert await asyncio.wait_for(reader.readexactly(5), 2) == b"hello"
         writer.close()
-        outcome = "handed_off" if relay == "handoff" else "proxied"
-        assert rig.metrics.vnc_clients.labels(outcome)._value.get() == 1
+        if relay == "listen":  # the stand-in accepted it on the socket it was given
+            assert console.listener is not None
+            assert console.listener.in_qemu
+            assert rig.metrics.vnc_clients.labels("handed_off")._value.get() == 0
+        else:
+            outcome = "handed_off" if relay == "handoff" else "proxied"
+            assert rig.metrics.vnc_clients.labels(outcome)._value.get() == 1
         # A password qemu was not started for: the console stays closed.
         record = rig.store.load(UUID) | {"vnc_password": "pw"}
         assert "error" in await console.reload(record)
+        with pytest.raises(ConnectionRefusedError):  # qemu's listener closed too
+            await asyncio.open_connection("127.0.0.1", info["port"])
     finally:
         await console.close()
         await mon.close()

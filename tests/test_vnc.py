@@ -1,8 +1,9 @@
 """VNC consoles on TCP, through the daemon, against real qemu.
 
-The tests that serve a session run in both relay modes: ``handoff`` (the
-default: the client's socket is given to qemu over QMP) and ``proxy`` (the
-daemon relays), and check from the daemon's metrics that the mode they
+The tests that serve a session run in the three modes: ``listen`` (the
+default: qemu accepts on the listening socket the daemon gave it),
+``handoff`` (each client's socket is given to qemu over QMP) and ``proxy``
+(the daemon relays), and check from the daemon's metrics that the mode they
 asked for is the one that served every client.
 """
 
@@ -12,6 +13,7 @@ import concurrent.futures
 import os
 import signal
 import socket
+import subprocess
 import time
 from typing import Any
 
@@ -19,16 +21,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from harness.world import standin_binary
-from vmadmd.vm.sockets import bind_unix
+from vmadmd.vm.sockets import bind_unix, connect_unix
 
 from . import rfb
 from .conftest import Env, bios_payload
 from .test_service import metric, raw_request, rss_kib
 
-OUTCOME = {"handoff": "handed_off", "proxy": "proxied"}
+OUTCOME = {"listen": "accepted_by_qemu", "handoff": "handed_off", "proxy": "proxied"}
 
 
-@pytest.fixture(params=["handoff", "proxy"])
+@pytest.fixture(params=["listen", "handoff", "proxy"])
 def relay(request: pytest.FixtureRequest) -> str:
     mode: str = request.param
     return mode
@@ -42,7 +44,7 @@ def served(env: Env) -> dict[str, float]:
         return {}
     return {
         outcome: metric(families, "vmadmd_vnc_clients", outcome=outcome)
-        for outcome in ("handed_off", "proxied", "unknown")
+        for outcome in ("accepted_by_qemu", "handed_off", "proxied", "unknown")
     }
 
 
@@ -250,7 +252,7 @@ def test_clients_that_vanish_leak_no_fd(env: Env, relay: str) -> None:
 def test_handed_off_session_outlives_the_daemon(env: Env) -> None:
     """qemu serves a handed-off client itself: killing vmadmd leaves the
     session working, and the restarted daemon opens the listener again."""
-    daemon = env.start_daemon()
+    daemon = env.start_daemon("--vnc-relay", "handoff")
     uuid = start_vm(env)
     port = wait_listener(env, uuid)["port"]
     with rfb.connect("127.0.0.1", port) as sock:
@@ -259,17 +261,71 @@ def test_handed_off_session_outlives_the_daemon(env: Env) -> None:
         env.stop_daemon(daemon, signal.SIGKILL)
         assert refused(port)
         assert rfb.update(sock, init)  # still served, with no daemon at all
-        env.start_daemon()
+        env.start_daemon("--vnc-relay", "handoff")
         port = wait_listener(env, uuid)["port"]
         assert rfb.update(sock, init)
     with rfb.connect("127.0.0.1", port) as sock:
         rfb.handshake(sock)
 
 
+def listen_backlog(port: int) -> int:
+    """The accept-queue limit (``ss``'s Send-Q) of the TCP listener on ``port``."""
+    out = subprocess.run(
+        ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    return int(out[2])
+
+
+def test_qemu_listener_outlives_the_daemon_and_is_taken_back(env: Env) -> None:
+    """In the listen mode qemu accepts on the console's socket itself: the
+    console works with no daemon at all, a restarted daemon takes the same
+    listener back (same port, nothing bound twice), and closing the console
+    closes qemu's listener."""
+    daemon = env.start_daemon()
+    uuid = start_vm(env)
+    port = wait_listener(env, uuid)["port"]
+    # qemu sets a listener's backlog to 1; the daemon sets it back.
+    assert listen_backlog(port) == 128
+    with rfb.connect("127.0.0.1", port) as sock:
+        init = rfb.handshake(sock)
+        assert_served_by(env, "listen", 1)
+        env.stop_daemon(daemon, signal.SIGKILL)
+        assert rfb.update(sock, init)
+        with rfb.connect("127.0.0.1", port) as other:  # a new client, no daemon
+            rfb.handshake(other)
+        env.start_daemon()
+        info = wait_listener(env, uuid)
+        assert info == {"host": "127.0.0.1", "port": port, "display": port - 5900}
+        assert rfb.update(sock, init)
+    with rfb.connect("127.0.0.1", port) as sock:
+        rfb.handshake(sock)
+    assert_served_by(env, "listen", 1)  # counted by the daemon now running
+    # A daemon in another mode closes qemu's listener: the console is its own.
+    env.stop_daemon()
+    env.start_daemon("--vnc-relay", "proxy")
+    new_port = wait_listener(env, uuid)["port"]
+    assert new_port != port
+    env.wait_for(lambda: refused(port), timeout=5, what="qemu's listener closed")
+    with rfb.connect("127.0.0.1", new_port) as sock:
+        rfb.handshake(sock)
+    assert_served_by(env, "proxy", 1)
+    # And in the listen mode, no console closes qemu's listener.
+    env.stop_daemon()
+    env.start_daemon()
+    port = wait_listener(env, uuid)["port"]
+    assert env.vmadm("update", uuid, "vnc_port=-1").returncode == 0
+    assert vnc_info(env, uuid) == {}
+    assert refused(port)
+    # The VM's own unix socket is still qemu's (the web console uses it).
+    with connect_unix(str(env.runtime(uuid)), "vm.vnc") as unix:
+        unix.settimeout(5)
+        assert rfb.banner(unix) == b"RFB 003.008\n"
+
+
 def test_client_is_relayed_while_qemu_cannot_take_it(env: Env) -> None:
     """A qemu whose QMP is wedged cannot be handed a client: the daemon
     relays it instead, and the console works as soon as qemu runs again."""
-    env.start_daemon("--qmp-timeout", "1")
+    env.start_daemon("--vnc-relay", "handoff", "--qmp-timeout", "1")
     uuid = start_vm(env)
     port = wait_listener(env, uuid)["port"]
     pid = env.pid(uuid)
@@ -303,7 +359,7 @@ def test_handoff_refused_or_unanswered(env: Env, mode: str, outcome: str) -> Non
     when that is unknown (serving it twice would garble both sessions).  Real
     qemu cannot be made to misbehave so on demand: these are the stand-in's
     faulty QMP modes; the relay itself is tested above on real qemu."""
-    env.start_daemon("--qmp-timeout", "1")
+    env.start_daemon("--vnc-relay", "handoff", "--qmp-timeout", "1")
     env.extra_env.update(VMADM_QEMU=standin_binary(), VMADMD_STANDIN_QMP=mode)
     uuid = start_vm(env)
     port = wait_listener(env, uuid, qmp=False)["port"]
@@ -321,10 +377,39 @@ def test_handoff_refused_or_unanswered(env: Env, mode: str, outcome: str) -> Non
     env.wait_for(lambda: served(env).get(outcome) == 1, timeout=5, what=outcome)
 
 
+@pytest.mark.parametrize(
+    ("mode", "outcomes"),
+    [
+        ("normal", {"accepted_by_qemu"}),  # the stand-in accepts on the socket it was given
+        ("refuselisten", {"handed_off"}),  # refused: the daemon keeps the listener
+        # Never answered: qemu may accept on it or not; the daemon accepts too,
+        # so every client is served by one of them.
+        ("stalllisten", {"handed_off", "proxied"}),
+    ],
+)
+def test_listener_refused_or_unanswered(env: Env, mode: str, outcomes: set[str]) -> None:
+    """The listen mode when qemu refuses the listening socket or never
+    answers: the console still serves every client, through the daemon."""
+    env.start_daemon("--qmp-timeout", "1")
+    env.extra_env.update(VMADM_QEMU=standin_binary(), VMADMD_STANDIN_QMP=mode)
+    uuid = start_vm(env)
+    port = wait_listener(env, uuid, qmp=False)["port"]
+    assert "error" not in vnc_info(env, uuid)
+    for _ in range(3):
+        with rfb.connect("127.0.0.1", port, timeout=5) as sock:
+            assert rfb.banner(sock) == b"RFB 003.008\n"
+
+    def counted() -> float:
+        return sum(served(env).get(outcome, 0) for outcome in outcomes)
+
+    env.wait_for(lambda: counted() == 3, timeout=5, what=f"{outcomes}")
+    assert sum(served(env).values()) == 3
+
+
 def test_a_replaced_vnc_socket_is_what_clients_reach(env: Env) -> None:
     """Clients reach whatever listens at vm.vnc: once another socket is put
     there, they are relayed to it rather than handed to qemu's VNC server."""
-    env.start_daemon()
+    env.start_daemon("--vnc-relay", "handoff")
     uuid = start_vm(env)
     port = wait_listener(env, uuid)["port"]
     with rfb.connect("127.0.0.1", port) as sock:
@@ -339,7 +424,7 @@ def test_a_replaced_vnc_socket_is_what_clients_reach(env: Env) -> None:
             assert rfb.recv_exact(sock, 9) == b"not qemu\n"
             sock.sendall(b"ping")
             assert rfb.recv_exact(conn, 4) == b"ping"
-    assert served(env) == {"handed_off": 1, "proxied": 1, "unknown": 0}
+    assert served(env) == {"accepted_by_qemu": 0, "handed_off": 1, "proxied": 1, "unknown": 0}
 
 
 def test_client_that_does_not_read_costs_bounded_memory(env: Env, relay: str) -> None:
@@ -374,7 +459,7 @@ def test_a_handoff_cut_short_leaves_qemu_holding_nothing(env: Env) -> None:
     """qemu stopped (SIGSTOP) between receiving a client's fd and answering:
     the daemon lets go of the client, and once qemu runs again it must not
     keep the socket open with nobody serving it."""
-    env.start_daemon("--qmp-timeout", "1")
+    env.start_daemon("--vnc-relay", "handoff", "--qmp-timeout", "1")
     uuid = start_vm(env)
     port = wait_listener(env, uuid)["port"]
     with rfb.connect("127.0.0.1", port) as sock:

@@ -70,10 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vnc-bind", default=env_or("VMADMD_VNC_BIND", DEFAULT_VNC_BIND))
     p.add_argument(
         "--vnc-relay",
-        default=env_or("VMADMD_VNC_RELAY", "handoff"),
-        choices=("handoff", "proxy"),
-        help="handoff: give VNC clients to qemu itself (relay only when it cannot take "
-        "one); proxy: relay every session through the daemon",
+        default=env_or("VMADMD_VNC_RELAY", "listen"),
+        choices=("listen", "handoff", "proxy"),
+        help="listen: qemu accepts on the console's TCP socket itself (given it over QMP; "
+        "handoff when it cannot take it); handoff: give each VNC client to qemu (relay only "
+        "when it cannot take one); proxy: relay every session through the daemon",
     )
     p.add_argument(
         "--vnc-require-password",

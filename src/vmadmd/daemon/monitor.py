@@ -49,7 +49,7 @@ EventCallback = Callable[[str, dict[str, Any]], None]
 # hand-offs) or the VNC password the daemon keeps.  Refused (403).
 OWNED_COMMANDS = frozenset({
     "qmp_capabilities", "getfd", "closefd", "add-fd", "remove-fd", "add_client",
-    "set_password", "expire_password",
+    "set_password", "expire_password", "display-update",
 })  # fmt: skip
 # The same in the human monitor (by its first word).
 OWNED_HMP = frozenset({"getfd", "closefd", "set_password", "expire_password"})
@@ -129,7 +129,7 @@ class Monitor:
         self._gate.set()
         self.ever_connected = False
         self._fd_names = itertools.count(1)
-        self._can_add_client: bool | None = None  # from query-commands, once
+        self._commands: set[str] | None = None  # from query-commands, once
         # Names of fds a cut-short handoff may have left registered in qemu.
         self._orphans: set[str] = set()
         self._cleanup: asyncio.Task[None] | None = None
@@ -473,32 +473,104 @@ class Monitor:
         outcome is unknown (the connection broke or qemu did not answer):
         then nobody else may touch the client.
         """
+        return await self._give_fd(
+            fd,
+            "add_client",
+            lambda name: {"protocol": "vnc", "fdname": name, "skipauth": False, "tls": False},
+            timeout=timeout,
+        )
+
+    async def listen_vnc(self, fd: int, unix_path: str, *, timeout: float) -> bool:
+        """Make qemu's VNC server accept on the listening socket ``fd`` itself.
+
+        ``display-update`` (qemu >= 7.1) replaces the VNC server's listeners
+        with ``unix_path`` (the one qemu was started with; qemu binds it
+        anew) and ``fd``.  Clients then reach qemu with no daemon in the
+        way.  qemu sets the socket's backlog to 1: the caller, which keeps
+        its copy, sets it back.  True/False/raises as ``add_vnc_client``.
+        """
+        return await self._give_fd(
+            fd,
+            "display-update",
+            lambda name: {
+                "type": "vnc",
+                "addresses": [{"type": "unix", "path": unix_path}, {"type": "fd", "str": name}],
+            },
+            timeout=timeout,
+        )
+
+    async def unlisten_vnc(self, unix_path: str, *, timeout: float) -> None:
+        """Leave qemu's VNC server listening on ``unix_path`` alone (it closes
+        the TCP listener it was given)."""
+        await self._execute(
+            "display-update",
+            {"type": "vnc", "addresses": [{"type": "unix", "path": unix_path}]},
+            timeout=timeout,
+        )
+
+    async def vnc_tcp_listeners(self, *, timeout: float) -> list[tuple[str, int]]:
+        """(host, port) of each TCP listener qemu's VNC server has."""
+        servers = await self._execute("query-vnc-servers", timeout=timeout)
+        out: list[tuple[str, int]] = []
+        for server in servers if isinstance(servers, list) else []:
+            for entry in server.get("server", []) if isinstance(server, dict) else []:
+                if not isinstance(entry, dict) or entry.get("family") not in ("ipv4", "ipv6"):
+                    continue
+                if entry.get("websocket"):
+                    continue
+                service = str(entry.get("service", ""))
+                if service.isdigit():
+                    out.append((str(entry.get("host", "")), int(service)))
+        return out
+
+    async def _has(self, commands: set[str], timeout: float) -> bool | None:
+        """Whether this qemu has every one of ``commands`` (None: cannot tell now).
+
+        As libvirt does, qemu is asked what it can do rather than trusted by
+        its version; a peer that cannot say has nothing.
+        """
+        if self._commands is None:
+            try:
+                self._commands = await self.query_commands(timeout=timeout)
+            except QmpRefused:
+                self._commands = set()
+            except (QmpTimeout, QmpConnectionLost):
+                return None  # nothing was passed yet: ask again next time
+        return commands <= self._commands
+
+    async def _give_fd(
+        self,
+        fd: int,
+        cmd: str,
+        arguments: Callable[[str], dict[str, Any]],
+        *,
+        timeout: float,
+    ) -> bool:
+        """Pass ``fd`` to qemu (``getfd``) for ``cmd`` to use under its name."""
         client = self._client
         if client is None or self._closed:
             return False  # not waiting: the caller has a way that works now
-        if self._can_add_client is None:
-            # As libvirt does, ask qemu what it can do rather than trust its
-            # version; a peer that cannot say is not handed clients.
-            try:
-                commands = await self.query_commands(timeout=timeout)
-            except QmpRefused:
-                commands = set()
-            except (QmpTimeout, QmpConnectionLost):
-                return False  # nothing was passed yet: ask again next time
-            self._can_add_client = {"getfd", "add_client"} <= commands
-            if not self._can_add_client:
-                self._log.info("qemu cannot take VNC clients over QMP: relaying them")
-        if not self._can_add_client:
+        has = await self._has({"getfd", cmd}, timeout)
+        if not has:
+            if has is False:
+                self._log.info("qemu has no %s: the daemon does without it", cmd)
             return False
         async with self._fd_lock:
             self._gate.clear()
             try:
-                return await self._hand_fd(client, fd, timeout)
+                return await self._hand_fd(client, fd, cmd, arguments, timeout)
             finally:
                 self._gate.set()
 
-    async def _hand_fd(self, client: QmpClient, fd: int, timeout: float) -> bool:
-        """Send ``fd``, then ``getfd`` and ``add_client`` pipelined (gate closed).
+    async def _hand_fd(
+        self,
+        client: QmpClient,
+        fd: int,
+        cmd: str,
+        arguments: Callable[[str], dict[str, Any]],
+        timeout: float,
+    ) -> bool:
+        """Send ``fd``, then ``getfd`` and ``cmd`` pipelined (gate closed).
 
         False when qemu surely did not take the client; raises when that is
         unknown (the name is then remembered, to be closed on reconnection).
@@ -510,16 +582,15 @@ class Monitor:
                 return False  # commands still unanswered: the byte could land inside one
         if client is not self._client:
             return False
-        name = f"vnc-client-{next(self._fd_names)}"
+        name = f"vnc-{next(self._fd_names)}"
         try:
             client.send_fd_scm(fd)
         except (OSError, QmpError) as err:
-            self._log.debug("cannot pass a VNC client: %s", err)
+            self._log.debug("cannot pass an fd for %s: %s", cmd, err)
             return False
-        add = {"protocol": "vnc", "fdname": name, "skipauth": False, "tls": False}
         try:
             got, added = await self._execute_all(
-                [("getfd", {"fdname": name}), ("add_client", add)],
+                [("getfd", {"fdname": name}), (cmd, arguments(name))],
                 timeout=timeout,
                 through_gate=True,
             )

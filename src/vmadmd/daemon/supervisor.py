@@ -104,9 +104,11 @@ class DaemonSettings:
     vm: VmSettings
     vnc_bind: str = "127.0.0.1"
     qmp_timeout: float = 5.0
-    # "handoff": give console clients to qemu's VNC server over QMP, relaying
-    # only when qemu cannot take one; "proxy": always relay.
-    vnc_relay: str = "handoff"
+    # "listen": qemu accepts on the console's listening socket itself (the
+    # daemon gives it over QMP; "handoff" where it cannot take it);
+    # "handoff": give each console client to qemu's VNC server over QMP,
+    # relaying only when qemu cannot take one; "proxy": always relay.
+    vnc_relay: str = "listen"
     crash_restart: CrashRestart = field(default_factory=CrashRestart)
 
 
@@ -302,6 +304,9 @@ class VmSupervisor:
     def _on_qmp_event(self, name: str, data: dict[str, Any]) -> None:
         if name == "SHUTDOWN":
             self._shutdown = data
+        elif name == "VNC_CONNECTED":
+            self.console.client_connected(data)
+            return
         if name in ("SHUTDOWN", "POWERDOWN", "RESET", "STOP", "RESUME", "GUEST_PANICKED"):
             self._log.debug("QMP event %s", name)
             # Rate-limited: a guest in a reset loop must not flood the history.
@@ -400,7 +405,7 @@ class VmSupervisor:
             self._stats_task.cancel()
         await asyncio.gather(
             self.monitor.close(),
-            self.console.close(),
+            self.console.detach(),
             self.serial.close("vmadmd is shutting down; the VM keeps running"),
             return_exceptions=True,
         )

@@ -1,6 +1,12 @@
 """VNC consoles on TCP: one listener per running VM.
 
-A client accepted on the listener is, by default, handed to qemu itself:
+By default (``--vnc-relay listen``) the daemon binds the listener and gives
+the listening socket to qemu (``give_to_qemu``): qemu accepts and serves
+every client itself, the daemon is on no session's path, and the console
+stays up while the daemon restarts.  Until qemu has it, and for good when
+qemu cannot take it, the daemon accepts on it as described next.
+
+A client accepted on the listener is handed to qemu itself:
 the daemon passes the connected socket over QMP (``getfd`` +
 ``add_client``) and closes its copy, so qemu's VNC server talks to the
 client directly.  The session then runs at the speed of a plain TCP
@@ -37,6 +43,7 @@ log = logging.getLogger("vmadmd.vnc")
 PIPE_SIZE = 1 << 20  # per direction: the session's whole buffer
 MAX_SESSIONS = 256  # relayed sessions per listener
 MAX_PENDING = 128  # clients being handed to qemu at once, per listener
+BACKLOG = 128  # connections the kernel queues on a listener (qemu would set 1)
 RELAY_IDLE = 3600.0  # a relayed session with no byte either way this long is closed
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
@@ -282,6 +289,9 @@ class VncListener:
         self._sock: socket.socket | None = None
         self.sessions: set[_Session] = set()  # proxied by the daemon
         self._pending: set[asyncio.Task[None]] = set()  # handoffs under way (kept referenced)
+        # qemu accepts on the listening socket itself (see give_to_qemu):
+        # True once it does, None while that is unknown.
+        self.in_qemu: bool | None = False
 
     async def open(self) -> bool:
         """Bind; on failure keep the reason in ``error`` and return False."""
@@ -292,7 +302,7 @@ class VncListener:
             # connections in TIME_WAIT; it never lets two listeners share one.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((self.host, self.wanted_port))
-            sock.listen(128)
+            sock.listen(BACKLOG)
             sock.setblocking(False)
         except OSError as err:
             sock.close()
@@ -304,6 +314,42 @@ class VncListener:
         self.port = int(sock.getsockname()[1])
         asyncio.get_running_loop().add_reader(sock.fileno(), self._accept)
         self._reaper = asyncio.create_task(self._reap_idle(), name=f"vnc-idle-{self.uuid}")
+        return True
+
+    def adopt(self, port: int) -> None:
+        """qemu already accepts on ``port`` (given it by an earlier daemon)."""
+        self.port = port
+        self.in_qemu = True
+
+    async def give_to_qemu(self, give: Callable[[int], Awaitable[bool]]) -> bool:
+        """Let qemu accept on this listener itself; the daemon stops accepting.
+
+        Until then the daemon accepted (handing clients off or relaying
+        them), so a client that came early was served too.  When it is
+        unknown whether qemu took the socket (no answer), both may accept
+        from the one queue: each client is served whole by one of them.
+        """
+        sock = self._sock
+        if sock is None:
+            return False
+        self.in_qemu = None
+        try:
+            given = await give(sock.fileno())
+        except Exception as err:
+            vm_log(log, self.uuid).warning("VNC listener given to qemu or not: %s", err)
+            return False
+        if not given:
+            self.in_qemu = False
+            return False
+        self.in_qemu = True
+        # The same socket as qemu's copy: qemu set its backlog to 1, which
+        # would turn a burst of clients away (SYNs dropped, 1 s retries).
+        with contextlib.suppress(OSError):
+            sock.listen(BACKLOG)
+        if self._sock is sock:
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+            self._sock = None
+        sock.close()
         return True
 
     async def _reap_idle(self) -> None:

@@ -1,9 +1,12 @@
 """One VM's VNC console policy: which listener it gets, with which password.
 
 The mechanism (accepting clients, handing them to qemu or relaying them) is
-``vnc.VncListener``; this decides when a listener opens, that it never serves
-a console weaker than configured, and how a change of ``vnc_port`` or
-``vnc_password`` is applied to a running qemu.  Owned by the VM's supervisor.
+``vnc.VncListener``; this decides when a listener opens, whether qemu gets
+the listening socket itself (``listen`` mode: then a restarted daemon takes
+back the one qemu holds, and a console that closes tells qemu to close it),
+that it never serves a console weaker than configured, and how a change of
+``vnc_port`` or ``vnc_password`` is applied to a running qemu.  Owned by the
+VM's supervisor.
 """
 
 from __future__ import annotations
@@ -133,47 +136,100 @@ class VncConsole:
     async def open(self, record: VmRecord) -> None:
         """Open the listener the record asks for (or record why it cannot)."""
         port, password = self.key = self.key_of(record)
+        # A listener an earlier daemon gave this qemu, if any (asked only in
+        # the listen mode: in the others no daemon gives one).
+        held = await self._qemu_listeners() if self._relay == "listen" else []
         if port == -1:
+            await self._unlisten(held)
             return
         handoff: Handoff | None = None
-        if self._relay == "handoff":
+        if self._relay in ("handoff", "listen"):
             handoff = functools.partial(self._monitor.add_vnc_client, timeout=self._qmp_timeout)
         listener = VncListener(
             self.uuid, self._paths.runtime_dir, self._paths.VNC_NAME, self._bind, port,
             self._metrics, handoff, self.qemu_inode,
         )  # fmt: skip
-        mismatch = vnc_mismatch(self._qemu_auth, bool(password))
-        if mismatch is not None:
-            # Never serve a console with weaker protection than asked for.
-            listener.error = mismatch
-            self._metrics.vnc_listener_errors.inc()
-            self.listener = listener
-            self._log.warning("%s", mismatch)
-            return
-        if not password and not is_loopback(self._bind):
+        refusal = vnc_mismatch(self._qemu_auth, bool(password))
+        if refusal is None and not password and not is_loopback(self._bind):
             # Whoever reaches that address would have the console.
-            listener.error = (
-                f"refused: a console on {self._bind} (not loopback) needs a vnc_password"
-            )
+            refusal = f"refused: a console on {self._bind} (not loopback) needs a vnc_password"
+        if refusal is not None:
+            # Never serve a console with weaker protection than asked for.
+            await self._unlisten(held)
+            listener.error = refusal
             self._metrics.vnc_listener_errors.inc()
             self.listener = listener
-            self._log.error("%s", listener.error)
+            self._log.warning("%s", refusal)
             return
         if password:
             try:
                 await self._monitor.set_vnc_password(password)
             except VmadmError as err:
+                await self._unlisten(held)
                 listener.error = f"cannot set the VNC password: {err}"
                 self.listener = listener
                 self._log.error("%s", listener.error)
                 return
+        kept = [p for host, p in held if host == self._bind and port in (0, p)]
+        if len(held) == 1 and kept:
+            # qemu still accepts on the port it was given: the console never
+            # went away, and keeps its port across the daemon's restart.
+            listener.adopt(kept[0])
+            self.listener = listener
+            self._bus.emit("vnc_up", self.uuid, port=listener.port)
+            self._log.info("VNC on %s:%s (qemu's own listener)", listener.host, listener.port)
+            return
         if await listener.open():
+            if self._relay == "listen":
+                # display-update replaces every listener qemu had.
+                if await listener.give_to_qemu(self._give):
+                    self._inode = None  # qemu bound vm.vnc anew
+                elif held and listener.in_qemu is False:
+                    await self._unlisten(held)
             self._bus.emit("vnc_up", self.uuid, port=listener.port)
             self._log.info("VNC on %s:%s", listener.host, listener.port)
         if self._gone():
             await listener.close()
             return
         self.listener = listener
+        if self._relay != "listen":
+            # A daemon run in the listen mode before may have given qemu a
+            # listener: the console is this one now.
+            await self._unlisten(await self._qemu_listeners())
+
+    async def _give(self, fd: int) -> bool:
+        return await self._monitor.listen_vnc(fd, self._paths.VNC_NAME, timeout=self._qmp_timeout)
+
+    async def _qemu_listeners(self) -> list[tuple[str, int]]:
+        """qemu's VNC TCP listeners (none when it cannot be asked)."""
+        try:
+            return await self._monitor.vnc_tcp_listeners(timeout=self._qmp_timeout)
+        except VmadmError as err:
+            self._log.info("cannot list qemu's VNC listeners: %s", err)
+            return []
+
+    async def _unlisten(self, held: list[tuple[str, int]] | None = None) -> None:
+        """Close the TCP listener qemu was given, if it has one (best effort)."""
+        if held is not None and not held:
+            return
+        try:
+            await self._monitor.unlisten_vnc(self._paths.VNC_NAME, timeout=self._qmp_timeout)
+        except VmadmError as err:
+            self._log.warning("cannot close qemu's VNC listener: %s", err)
+        self._inode = None
+
+    def client_connected(self, data: dict[str, Any]) -> None:
+        """qemu's ``VNC_CONNECTED``: counted when qemu accepted the client itself."""
+        listener = self.listener
+        client = data.get("client")
+        if listener is None or not listener.in_qemu or not isinstance(client, dict):
+            return
+        if client.get("family") not in ("ipv4", "ipv6"):
+            return  # a unix client: the daemon's own (web console) relay
+        self._metrics.vnc_clients.labels("accepted_by_qemu").inc()
+        self._log.info(
+            "VNC client %s:%s accepted by qemu", client.get("host"), client.get("service")
+        )
 
     async def reload(self, record: VmRecord) -> dict[str, Any]:
         """Apply the record's VNC settings; a no-op when unchanged."""
@@ -200,7 +256,17 @@ class VncConsole:
         return self.info()
 
     async def close(self) -> None:
+        """Close the console (its VM exited, or its settings changed)."""
+        await self._close(tell_qemu=True)
+
+    async def detach(self) -> None:
+        """The daemon shuts down: a listener qemu holds stays with the VM."""
+        await self._close(tell_qemu=False)
+
+    async def _close(self, *, tell_qemu: bool) -> None:
         if self.listener is not None:
             listener, self.listener = self.listener, None
             await listener.close()
+            if tell_qemu and listener.in_qemu is not False and not self._gone():
+                await self._unlisten()
             self._bus.emit("vnc_down", self.uuid)
