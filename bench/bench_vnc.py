@@ -10,14 +10,17 @@ Paths, interleaved over ROUNDS rounds (medians reported):
 * ``tcp``     a direct TCP connection to a server of the same code: the
               floor of any console reached over TCP;
 * ``socat``   ``socat -b65536`` TCP -> ``vm.vnc``, a process per connection;
-* ``handoff`` the daemon's listener, default mode: the client is handed to
-              the VM over QMP and served directly;
+* ``listen``  the daemon's console port, default mode: the listening socket
+              was given to the VM over QMP (``display-update``), which
+              accepts and serves its clients itself;
+* ``handoff`` the daemon's listener with ``--vnc-relay handoff``: each
+              client is handed to the VM over QMP and served directly;
 * ``proxy``   the daemon's listener with ``--vnc-relay proxy`` (the relay
               used when a qemu cannot take a client).
 
 Each moves SIZE bytes client->server ("up") and server->client ("down"),
-then runs a 64-byte ping-pong.  Then the same three console paths (unix,
-handoff, proxy) against a real qemu (TCG, SeaBIOS screen): time from
+then runs a 64-byte ping-pong.  Then the same console paths (unix,
+listen, handoff, proxy) against a real qemu (TCG, SeaBIOS screen): time from
 connect() to the RFB ServerInit (four round trips with qemu's VNC server;
 qemu paces framebuffer updates by its refresh timer, so update rates would
 time the timer, not the path).  Run:
@@ -151,7 +154,7 @@ def via_daemon(
     w: World, uuid: str, run: Callable[[Connect], dict[str, float]], results: Results
 ) -> None:
     """One round of ``run`` through the daemon's listener, in each relay mode."""
-    for relay in ("handoff", "proxy"):
+    for relay in ("listen", "handoff", "proxy"):
         w.start_daemon("--vnc-relay", relay)
         w.wait_qmp(uuid)
         results.setdefault(relay, []).append(run(tcp(vnc_port(w, uuid))))
