@@ -167,6 +167,9 @@ def real_qemu(rounds: int) -> dict[str, dict[str, float]]:
         uuid = w.create(bios_payload(alias="bench"))
         w.vmadm("start", uuid, check=True)
         rundir = os.path.join(w.zones, uuid, "root", "tmp")
+        # qemu writes its pidfile (which `vmadm start` waits for) before it
+        # binds its sockets.
+        w.wait_for(lambda: os.path.exists(os.path.join(rundir, "vm.vnc")), what="vm.vnc")
         for _ in range(rounds):
             results.setdefault("unix", []).append(run_qemu(lambda: connect_unix(rundir, "vm.vnc")))
             via_daemon(w, uuid, run_qemu, results)
