@@ -2,7 +2,7 @@
 
 8 real qemu VMs (BIOS only) and 1,000 stand-in VMs (harness.standin hub) under
 one daemon. 32 concurrent clients send a mix of info (all types), NMI,
-screenshots, resets and VNC console connections (handed to the VM over QMP:
+screenshots, resets and VNC console connections (accepted by the VM itself:
 the RFB banner must arrive) to random VMs, while a chaos loop stops a real VM
 (graceful with a 1 s deadline, which forces it) and boots it again with the
 VM layer. At the end: requests served, errors (a 5xx, or a 4xx other than
