@@ -333,11 +333,16 @@ class VncListener:
         if sock is None:
             return False
         self.in_qemu = None
+        # A copy of our own: closing the listener meanwhile must not let its
+        # number be reused (and passed) for another file.
+        fd = os.dup(sock.fileno())
         try:
-            given = await give(sock.fileno())
+            given = await give(fd)
         except Exception as err:
             vm_log(log, self.uuid).warning("VNC listener given to qemu or not: %s", err)
             return False
+        finally:
+            os.close(fd)
         if not given:
             self.in_qemu = False
             return False
