@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -146,7 +147,10 @@ def test_event_stream_resumes_with_last_event_id(env: Env, running_vm: RunVm) ->
     assert later[0]["id"] > events[0]["id"]
     assert all(e["id"] > events[0]["id"] for e in later)
 
-    # `vmadm events` follows from now on.
+    # `vmadm events` follows from now on.  The streams read above count as
+    # subscribers until the daemon sees them gone: wait for that first, so
+    # that the one counted next is the follower.
+    env.wait_for(lambda: env.metric("vmadmd_event_subscribers") == 0, what="streams gone")
     follower = subprocess.Popen(
         [env_bin("vmadm"), "events", uuid], stdout=subprocess.PIPE, text=True, env=env.environ
     )
@@ -154,6 +158,8 @@ def test_event_stream_resumes_with_last_event_id(env: Env, running_vm: RunVm) ->
         env.wait_for(lambda: env.metric("vmadmd_event_subscribers") == 1, what="following")
         assert env.api("POST", f"/vm/{uuid}", action="reset")[0] == 200
         assert follower.stdout is not None
+        ready, _, _ = select.select([follower.stdout], [], [], 10)
+        assert ready, "vmadm events printed nothing within 10 s"
         first = json.loads(follower.stdout.readline())
         assert first["vm"] == uuid
         assert first["id"] > later[-1]["id"]
