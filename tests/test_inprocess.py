@@ -512,6 +512,27 @@ def test_ending_rules() -> None:
 # -- the VNC console -------------------------------------------------------------
 
 
+async def test_upstream_connect_rides_out_qemu_binding_vm_vnc_anew(tmp_path: Path) -> None:
+    """display-update makes qemu unlink vm.vnc and bind it again: a console
+    connection that lands in between is tried again, briefly."""
+    from vmadmd.daemon.vnc import connect_upstream
+    from vmadmd.vm.sockets import bind_unix
+
+    async def bind_later() -> socket.socket:
+        await asyncio.sleep(0.02)
+        return bind_unix(str(tmp_path / "vm.vnc"))
+
+    binder = asyncio.create_task(bind_later())
+    sock = await connect_upstream(str(tmp_path), "vm.vnc")  # nothing there yet
+    sock.close()
+    (await binder).close()
+    os.unlink(tmp_path / "vm.vnc")
+    t0 = time.monotonic()
+    with pytest.raises(FileNotFoundError):  # nothing comes: the error stands, soon
+        await connect_upstream(str(tmp_path), "vm.vnc")
+    assert time.monotonic() - t0 < 0.5
+
+
 @pytest.mark.parametrize("relay", ["listen", "handoff", "proxy"])
 async def test_console_serves_clients_and_closes(rig: Rig, relay: str) -> None:
     await rig.serve()

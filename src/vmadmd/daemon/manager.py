@@ -365,9 +365,12 @@ class Manager:
         return (await self.running(uuid)).serial
 
     async def vnc_socket(self, uuid: str) -> tuple[str, str]:
-        """Where a running VM's qemu serves VNC: (directory, name)."""
-        paths = (await self.running(uuid)).paths
-        return paths.runtime_dir, paths.VNC_NAME
+        """Where a running VM's qemu serves VNC: (directory, name), once its
+        console has opened (in the listen mode that makes qemu bind the
+        socket anew)."""
+        sup = await self.running(uuid)
+        await sup.console_settled()
+        return sup.paths.runtime_dir, sup.paths.VNC_NAME
 
     def is_running(self, uuid: str) -> bool:
         return uuid in self.vms

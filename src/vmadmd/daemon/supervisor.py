@@ -522,6 +522,14 @@ class VmSupervisor:
             self._log.info("QMP pass-through: %s", cmd[:80])
             return await self.monitor.passthrough(cmd, request.get("arguments"))
 
+    async def console_settled(self) -> None:
+        """Wait (bounded) until the VNC console has opened, however it ends."""
+        task = self._console_task
+        if task is not None and not task.done():
+            # asyncio.wait: neither the task's failure nor a timeout raises,
+            # and the task is never cancelled by the waiter.
+            await asyncio.wait({task}, timeout=self._shared.settings.qmp_timeout)
+
     async def reload_vnc(self, record: VmRecord) -> dict[str, Any]:
         async with self.lock:
             if self._console_task is not None and not self._console_task.done():

@@ -52,7 +52,23 @@ SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 Handoff = Callable[[int], Awaitable[bool]]
 
 
-connect_upstream = connect_unix_retrying  # a fresh connection to qemu's VNC socket
+REBIND_TRIES = 10  # ... 5 ms apart: qemu binds vm.vnc anew on display-update
+REBIND_DELAY = 0.005
+
+
+async def connect_upstream(directory: str, name: str) -> socket.socket:
+    """A fresh connection to qemu's VNC socket.
+
+    ``display-update`` (the listen mode) makes qemu unlink ``vm.vnc`` and
+    bind it again: a connection that lands in between is tried again a few
+    times (50 ms in all) before the error stands.
+    """
+    for _ in range(REBIND_TRIES - 1):
+        try:
+            return await connect_unix_retrying(directory, name)
+        except (FileNotFoundError, ConnectionRefusedError):
+            await asyncio.sleep(REBIND_DELAY)
+    return await connect_unix_retrying(directory, name)
 
 
 async def open_upstream(
