@@ -130,6 +130,7 @@ class Monitor:
         self.ever_connected = False
         self._fd_names = itertools.count(1)
         self._commands: set[str] | None = None  # from query-commands, once
+        self._told_missing: set[str] = set()  # commands already logged as missing
         # Names of fds a cut-short handoff may have left registered in qemu.
         self._orphans: set[str] = set()
         self._cleanup: asyncio.Task[None] | None = None
@@ -500,8 +501,8 @@ class Monitor:
         )
 
     async def unlisten_vnc(self, unix_path: str, *, timeout: float) -> None:
-        """Leave qemu's VNC server listening on ``unix_path`` alone (it closes
-        the TCP listener it was given)."""
+        """Have qemu's VNC server listen on ``unix_path`` only (it closes the
+        TCP listener it was given)."""
         await self._execute(
             "display-update",
             {"type": "vnc", "addresses": [{"type": "unix", "path": unix_path}]},
@@ -552,7 +553,8 @@ class Monitor:
             return False  # not waiting: the caller has a way that works now
         has = await self._has({"getfd", cmd}, timeout)
         if not has:
-            if has is False:
+            if has is False and cmd not in self._told_missing:
+                self._told_missing.add(cmd)  # once, not once per console client
                 self._log.info("qemu has no %s: the daemon does without it", cmd)
             return False
         async with self._fd_lock:
