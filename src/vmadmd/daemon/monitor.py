@@ -55,13 +55,14 @@ OWNED_COMMANDS = frozenset({
 OWNED_HMP = frozenset({"getfd", "closefd", "set_password", "expire_password"})
 
 
-# What ``query()`` can ask, by the names the API uses.
 def _expire(sent: list[tuple[int, str, asyncio.Future[Any]]]) -> None:
+    """A batch's deadline: every reply still awaited fails with TimeoutError."""
     for _, _, fut in sent:
         if not fut.done():
             fut.set_exception(TimeoutError())
 
 
+# What ``query()`` can ask, by the names the API uses.
 QUERIES: dict[str, str] = {
     "block": "query-block",
     "blockstats": "query-blockstats",
@@ -574,7 +575,7 @@ class Monitor:
     ) -> bool:
         """Send ``fd``, then ``getfd`` and ``cmd`` pipelined (gate closed).
 
-        False when qemu surely did not take the client; raises when that is
+        False when qemu surely did not take the fd; raises when that is
         unknown (the name is then remembered, to be closed on reconnection).
         """
         if not self._idle.is_set():

@@ -149,17 +149,18 @@ class VncConsole:
             self.uuid, self._paths.runtime_dir, self._paths.VNC_NAME, self._bind, port,
             self._metrics, handoff, self.qemu_inode,
         )  # fmt: skip
-        refusal = vnc_mismatch(self._qemu_auth, bool(password))
+        refusal, level = vnc_mismatch(self._qemu_auth, bool(password)), logging.WARNING
         if refusal is None and not password and not is_loopback(self._bind):
             # Whoever reaches that address would have the console.
             refusal = f"refused: a console on {self._bind} (not loopback) needs a vnc_password"
+            level = logging.ERROR
         if refusal is not None:
             # Never serve a console with weaker protection than asked for.
             await self._unlisten(held)
             listener.error = refusal
             self._metrics.vnc_listener_errors.inc()
             self.listener = listener
-            self._log.warning("%s", refusal)
+            self._log.log(level, "%s", refusal)
             return
         if password:
             try:
