@@ -140,7 +140,7 @@ async def test_monitor_typed_operations_and_events(rig: Rig) -> None:
         await mon.set_vnc_password("secret")
     finally:
         await mon.close()
-    ok = rig.metrics.qmp_commands.labels("query-version", "ok")._value.get()
+    ok = rig.metrics.qmp_commands.labels("query-version", "ok").value
     assert ok == 1
 
 
@@ -241,8 +241,8 @@ async def test_monitor_batch_one_refused_the_others_answered(rig: Rig) -> None:
     finally:
         await mon.close()
     metric = rig.metrics.qmp_commands
-    assert metric.labels("query-pci", "error")._value.get() == 1
-    assert metric.labels("query-status", "ok")._value.get() == 1
+    assert metric.labels("query-pci", "error").value == 1
+    assert metric.labels("query-status", "ok").value == 1
 
 
 async def test_monitor_batch_stalled_times_out_whole_and_bounded(rig: Rig) -> None:
@@ -260,7 +260,7 @@ async def test_monitor_batch_stalled_times_out_whole_and_bounded(rig: Rig) -> No
         assert "timed out" in mon.last_error
     finally:
         await mon.close()
-    assert rig.metrics.qmp_timeouts._value.get() == 4
+    assert rig.metrics.qmp_timeouts.labels().value == 4
 
 
 async def test_monitor_batch_on_garbage_fails_every_query_typed(rig: Rig) -> None:
@@ -324,7 +324,7 @@ async def test_monitor_does_not_hand_off_where_qemu_cannot_take_it(rig: Rig, mod
         assert served.vm.named_fds == {}
         assert mon.ready
         if mode == "refuseadd":
-            assert rig.metrics.qmp_commands.labels("closefd", "ok")._value.get() == 1
+            assert rig.metrics.qmp_commands.labels("closefd", "ok").value == 1
     finally:
         ours.close()
         theirs.close()
@@ -390,7 +390,7 @@ async def test_a_qemu_killed_by_a_signal_is_a_crash(rig: Rig) -> None:
     served.kill(signal.SIGSEGV)
     await asyncio.wait_for(settled, 5)
     assert rig.last_exit()["reason"] == "crash"
-    crashes = rig.metrics.vm_exits.labels("crash", "")._value.get()
+    crashes = rig.metrics.vm_exits.labels("crash", "").value
     assert crashes == 1
 
 
@@ -557,10 +557,10 @@ async def test_console_serves_clients_and_closes(rig: Rig, relay: str) -> None:
         if relay == "listen":  # the stand-in accepted it on the socket it was given
             assert console.listener is not None
             assert console.listener.in_qemu
-            assert rig.metrics.vnc_clients.labels("handed_off")._value.get() == 0
+            assert rig.metrics.vnc_clients.labels("handed_off").value == 0
         else:
             outcome = "handed_off" if relay == "handoff" else "proxied"
-            assert rig.metrics.vnc_clients.labels(outcome)._value.get() == 1
+            assert rig.metrics.vnc_clients.labels(outcome).value == 1
         # A password qemu was not started for: the console stays closed.
         record = rig.store.load(UUID) | {"vnc_password": "pw"}
         assert "error" in await console.reload(record)
@@ -638,7 +638,7 @@ async def test_console_caps_sessions_and_handoffs_and_reaps_idle_relays(rig: Rig
         await until(lambda: len(handing._pending) == 2)
         reader, _ = await asyncio.open_connection("127.0.0.1", handing.port)
         assert await asyncio.wait_for(reader.read(), 2) == b""
-        assert rig.metrics.vnc_clients.labels("refused")._value.get() == 2
+        assert rig.metrics.vnc_clients.labels("refused").value == 2
         for _, writer in [*streams, *pending]:
             writer.close()
     finally:

@@ -12,7 +12,6 @@ bug: 500, logged with traceback.  The plain routes are served by the front in
 from __future__ import annotations
 
 import asyncio
-import importlib.resources
 import json
 import logging
 import math
@@ -26,7 +25,7 @@ from vmadmd.daemon.events import EventBus
 from vmadmd.daemon.http import Reply, Request, first_values
 from vmadmd.daemon.logs import req_id_var
 from vmadmd.daemon.manager import Manager
-from vmadmd.daemon.metrics import CONTENT_TYPE_LATEST, Metrics
+from vmadmd.daemon.metrics import Metrics
 from vmadmd.daemon.supervisor import parse_types
 from vmadmd.errors import (
     InvalidParameter,
@@ -259,9 +258,12 @@ class Api:
 
     async def metrics_page(self, request: Request) -> Reply:
         await self.manager.stats.refresh()
-        return Reply(200, self.metrics.render(), CONTENT_TYPE_LATEST)
+        await self.metrics.load()
+        return Reply(200, *self.metrics.render())
 
     async def openapi(self, request: Request) -> Reply:
+        import importlib.resources  # here: ~3 ms of start-up otherwise
+
         data = importlib.resources.files("vmadmd.daemon").joinpath("openapi.json").read_bytes()
         return Reply(200, data, "application/json; charset=utf-8")
 

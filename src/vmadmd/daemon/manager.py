@@ -70,7 +70,7 @@ class Manager:
         )
         metrics.watch_state(self._state_snapshot)
         self.stats = VmStatsCollector(lambda: list(self.vms.values()))
-        metrics.registry.register(self.stats)
+        metrics.add_collector(self.stats)
 
     # -- helpers -----------------------------------------------------------
 

@@ -16,10 +16,11 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
+if TYPE_CHECKING:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
 
 BLOCKSTATS_PERIOD = 15.0  # seconds between background query-blockstats, per VM
 
@@ -135,7 +136,7 @@ def snapshot(
     }
 
 
-class VmStatsCollector(Collector):
+class VmStatsCollector:
     """The per-VM series in /metrics, read at scrape time from what is cached."""
 
     def __init__(self, running: Callable[[], Iterable[StatsSource]]) -> None:
@@ -150,6 +151,9 @@ class VmStatsCollector(Collector):
         self.nic_counters = await asyncio.to_thread(nic_counters, names) if names else {}
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        # Imported at the first scrape (see vmadmd.daemon.metrics: start-up).
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         vm_labels = ["uuid", "alias"]
         cpu = CounterMetricFamily(
             "vmadmd_vm_cpu_seconds", "CPU time of the VM's qemu (user + system)", labels=vm_labels

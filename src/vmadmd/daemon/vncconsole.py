@@ -12,10 +12,8 @@ VM's supervisor.
 from __future__ import annotations
 
 import functools
-import ipaddress
 import itertools
 import logging
-import secrets
 import string
 from collections.abc import Callable
 from typing import Any
@@ -42,8 +40,10 @@ def qemu_vnc_mode(argv: list[str]) -> bool | None:
 
 
 def is_loopback(host: str) -> bool:
-    if host == "localhost":
+    if host in ("localhost", "127.0.0.1", "::1"):
         return True
+    import ipaddress  # here: not on the start-up path for the usual binds
+
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -128,6 +128,8 @@ class VncConsole:
         password = record.get("vnc_password") or None
         if password is None and self._require_password:
             if self._generated is None:
+                import secrets  # here: secrets, hmac and OpenSSL are ~1.4 ms of start-up
+
                 alphabet = string.ascii_letters + string.digits
                 self._generated = "".join(secrets.choice(alphabet) for _ in range(8))
             password = self._generated
