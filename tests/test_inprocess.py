@@ -671,3 +671,40 @@ def test_crash_log_backs_off_then_gives_up() -> None:
     assert log.crashed(UUID, 3.0) == (4, None)  # one too many within the window
     assert log.crashed("other", 3.0) == (1, 1.0), "counted per VM"
     assert log.crashed(UUID, 150.0) == (1, 1.0), "old crashes leave the window"
+
+
+async def test_api_holds_vm_states_until_the_start_up_sweep(rig: Rig) -> None:
+    """Before the sweep reaches a running VM it would read as stopped: the API
+    answers /ping at once and holds /vms (and the other VM routes) until the
+    sweep is done, so no client is told a running VM is stopped."""
+    from vmadmd.daemon.api import Api
+    from vmadmd.daemon.http import Request
+    from vmadmd.daemon.manager import Manager
+
+    await rig.serve()
+    vm = VmSettings(zones_root=rig.store.zones_root, cgroup_root=rig.shared.cgroups.root)
+    manager = Manager(DaemonSettings(vm=vm, qmp_timeout=1.0), rig.bus, rig.metrics)
+    api = Api(manager, rig.bus, dict, rig.metrics)
+
+    async def get(path: str, query: str = "") -> tuple[int, Any]:
+        route, match, allowed = api.resolve("GET", path)
+        reply = await api.dispatch(Request("GET", path, query, {}, b"", match), route, allowed)
+        return reply.status, json.loads(reply.body)
+
+    try:
+        assert (await asyncio.wait_for(get("/ping"), 5))[0] == 200
+        listing = asyncio.ensure_future(get("/vms"))
+        one = asyncio.ensure_future(get(f"/vm/{UUID}", "type=version"))
+        await asyncio.sleep(0.2)
+        assert not listing.done()
+        assert not one.done()
+        assert manager.state(UUID) == "stopped"  # what /vms would have said
+        await manager.sweep()
+        status, vms = await asyncio.wait_for(listing, 5)
+        assert status == 200
+        assert [(vm["uuid"], vm["state"]) for vm in vms] == [(UUID, "running")]
+        assert (await asyncio.wait_for(one, 5))[0] == 200
+        # Once swept, nothing waits.
+        assert (await asyncio.wait_for(get("/vms"), 1))[0] == 200
+    finally:
+        await manager.close()

@@ -48,6 +48,9 @@ MAX_QUERY = 8 * 1024
 MAX_TIMEOUT = 86400.0
 
 _METHODS = frozenset({"GET", "POST", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS"})
+BEFORE_SWEEP = frozenset({"/ping", "/openapi.json"})
+"""Routes answered at once while the start-up sweep runs; the others wait for
+it (a running VM it has not reached yet would read as stopped)."""
 WEB_ONLY = frozenset({"/events", "/vm/{uuid}/serial"})
 """Routes aiohttp serves (a stream, a WebSocket); the others are plain."""
 
@@ -199,6 +202,8 @@ class Api:
         else:
             self.metrics.api_in_flight.inc()
             try:
+                if not self.manager.swept.is_set() and route not in BEFORE_SWEEP:
+                    await self.manager.swept.wait()
                 reply = await self.call(self.routes[route][request.method], request)
             finally:
                 self.metrics.api_in_flight.dec()

@@ -29,7 +29,6 @@ from vmadmd.daemon.manager import Manager
 from vmadmd.daemon.metrics import Metrics
 from vmadmd.daemon.supervisor import CrashRestart, DaemonSettings
 from vmadmd.daemon.vncconsole import is_loopback
-from vmadmd.daemon.watch import ZonesWatcher
 from vmadmd.errors import ConfigError
 from vmadmd.vm.cgroup import MANAGERS
 from vmadmd.vm.config import (
@@ -51,6 +50,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from vmadmd.daemon.console import ConsoleServer
+    from vmadmd.daemon.watch import ZonesWatcher
 
 log = logging.getLogger("vmadmd")
 
@@ -268,7 +268,7 @@ class Daemon:
         )
         self.metrics = Metrics()
         self.manager = Manager(settings, self.bus, self.metrics)
-        self.watcher = ZonesWatcher(args.zones_root, self.manager.refresh, self._rescan)
+        self.watcher: ZonesWatcher | None = None  # made in run()
         self.autoboot = autoboot.Progress()
         self.console: ConsoleServer | None = None
         if args.console_listen:
@@ -332,16 +332,28 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
 
+        # asyncinotify's import is ~9 ms (ctypes, and ldconfig run to find
+        # libc): in a thread, while the API starts to answer.
+        watch = asyncio.ensure_future(
+            asyncio.to_thread(importlib.import_module, "vmadmd.daemon.watch")
+        )
         # Claim the API socket first: a second daemon must not touch any VM.
         sock = claim_socket(self.args.socket)
-        # Watch before scanning, so no VM that starts meanwhile is missed.
-        self.watcher.start()
-        # Serve the API at once; VMs still being picked up answer 409/504.
+        # Serve the API at once: /ping answers, what depends on the VMs'
+        # states waits for the sweep (BEFORE_SWEEP); a query to a VM not yet
+        # back on QMP waits for it (504 past the QMP timeout).
         await self.front.start(sock)
         log.info("listening on %s", self.args.socket)
         if self.console is not None:
             await self.console.start()
         # Sweep every VM: attach running ones, settle or re-arm transitions.
+        uuids = await self.manager.sweep()
+        # Then watch, and sweep again for what changed before the watch began.
+        await watch
+        from vmadmd.daemon.watch import ZonesWatcher  # loaded by now
+
+        self.watcher = ZonesWatcher(self.args.zones_root, self.manager.refresh, self._rescan)
+        self.watcher.start()
         uuids = await self.manager.scan_all()
         running = self.manager.running_uuids()
         log.info("start-up sweep done: %d VMs, %d running", len(uuids), len(running))
@@ -359,7 +371,8 @@ class Daemon:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        await self.watcher.close()
+        if self.watcher is not None:
+            await self.watcher.close()
         if self.console is not None:
             await self.console.close()
         await self.front.close(SHUTDOWN_GRACE)

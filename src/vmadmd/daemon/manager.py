@@ -59,6 +59,10 @@ class Manager:
         self._broken: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
+        # Set once the start-up sweep has looked at every VM: until then a
+        # running VM not yet reached would read as stopped, so the API holds
+        # what depends on VMs' states until this is set (see Api.dispatch).
+        self.swept = asyncio.Event()
         self._shared = Shared(
             settings=settings,
             store=self.store,
@@ -166,6 +170,13 @@ class Manager:
         uuids = self.store.list_uuids()
         await self.scan(uuids)
         return uuids
+
+    async def sweep(self) -> list[str]:
+        """The start-up sweep: ``scan_all``, then ``swept`` is set (even if it failed)."""
+        try:
+            return await self.scan_all()
+        finally:
+            self.swept.set()
 
     def running_uuids(self) -> set[str]:
         return set(self.vms)

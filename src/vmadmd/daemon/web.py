@@ -123,6 +123,9 @@ class _Streams:
                         414, "UriTooLong", "query string too long"
                     )
                 else:
+                    manager = self.api.manager
+                    if not manager.swept.is_set():
+                        await manager.swept.wait()  # see BEFORE_SWEEP
                     resp = await answer(request, handler)
             finally:
                 metrics.api_in_flight.dec()
