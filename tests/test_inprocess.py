@@ -708,3 +708,26 @@ async def test_api_holds_vm_states_until_the_start_up_sweep(rig: Rig) -> None:
         assert (await asyncio.wait_for(get("/vms"), 1))[0] == 200
     finally:
         await manager.close()
+
+
+async def test_a_sweep_that_never_ends_holds_requests_for_a_bounded_time(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vmadmd.daemon import manager as manager_mod
+    from vmadmd.daemon.api import Api
+    from vmadmd.daemon.http import Request
+
+    monkeypatch.setattr(manager_mod, "SWEEP_WAIT", 0.3)
+    vm = VmSettings(zones_root=rig.store.zones_root, cgroup_root=rig.shared.cgroups.root)
+    manager = manager_mod.Manager(DaemonSettings(vm=vm), rig.bus, rig.metrics)
+    api = Api(manager, rig.bus, dict, rig.metrics)
+    route, match, allowed = api.resolve("GET", "/vms")
+    try:
+        t0 = time.monotonic()
+        reply = await asyncio.wait_for(
+            api.dispatch(Request("GET", "/vms", "", {}, b"", match), route, allowed), 5
+        )
+        assert reply.status == 200
+        assert 0.3 <= time.monotonic() - t0 < 3
+    finally:
+        await manager.close()

@@ -203,7 +203,7 @@ class Api:
             self.metrics.api_in_flight.inc()
             try:
                 if not self.manager.swept.is_set() and route not in BEFORE_SWEEP:
-                    await self.manager.swept.wait()
+                    await self.manager.wait_swept()
                 reply = await self.call(self.routes[route][request.method], request)
             finally:
                 self.metrics.api_in_flight.dec()

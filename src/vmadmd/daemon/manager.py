@@ -41,6 +41,7 @@ from vmadmd.vm.transition import Transition, TransitionTo
 log = logging.getLogger("vmadmd.manager")
 
 CONNECT_CONCURRENCY = 64  # QMP connects in flight at once (start-up with many VMs)
+SWEEP_WAIT = 10.0  # seconds a request waits for the start-up sweep, at most
 
 
 class Manager:
@@ -171,6 +172,13 @@ class Manager:
         await self.scan(uuids)
         return uuids
 
+    async def wait_swept(self) -> None:
+        """Wait for the start-up sweep; past ``SWEEP_WAIT`` answer with what is known."""
+        try:
+            await asyncio.wait_for(self.swept.wait(), SWEEP_WAIT)
+        except TimeoutError:
+            log.warning("start-up sweep still running after %g s: answering anyway", SWEEP_WAIT)
+
     async def sweep(self) -> list[str]:
         """The start-up sweep: ``scan_all``, then ``swept`` is set (even if it failed)."""
         try:
@@ -230,7 +238,9 @@ class Manager:
         elif record.get("transition"):
             # qemu went away while no daemon watched: finish the transition.
             settled = await settle_record(self._shared, uuid, None)
-            await self._after_exit(uuid, settled)
+            # A reboot's second half boots qemu: not inside the sweep, which
+            # the API waits for.
+            self._spawn(self._after_exit(uuid, settled), f"after-exit-{uuid}")
 
     def _attach(self, uuid: str, record: VmRecord, pid: int, pidfd: int) -> None:
         sup = VmSupervisor(uuid, pid, pidfd, self._shared, self._on_exit)

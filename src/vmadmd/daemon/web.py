@@ -125,7 +125,7 @@ class _Streams:
                 else:
                     manager = self.api.manager
                     if not manager.swept.is_set():
-                        await manager.swept.wait()  # see BEFORE_SWEEP
+                        await manager.wait_swept()  # see BEFORE_SWEEP
                     resp = await answer(request, handler)
             finally:
                 metrics.api_in_flight.dec()
