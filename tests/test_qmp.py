@@ -160,3 +160,65 @@ async def test_no_greeting_is_a_protocol_error() -> None:
         await asyncio.wait_for(client.disconnect(), 1)
     finally:
         theirs.close()
+
+
+async def test_a_batch_is_one_write_and_wakes_its_caller_once(pair: Any) -> None:
+    """submit_batch: every command in one write; replies in any order, an
+    error among them, an event between them; ``done`` only with the last."""
+    client, peer, events = pair
+    batch = client.submit_batch([("a", None), ("b", {"x": 1}), ("c", None)])
+    chunk = await asyncio.get_running_loop().sock_recv(peer.sock, 65536)
+    assert chunk.count(b"\n") == 3  # one write, read whole
+    peer.buf = chunk
+    got = [await peer.read_command() for _ in range(3)]
+    assert [c["execute"] for c in got] == ["a", "b", "c"]
+    assert got[1]["arguments"] == {"x": 1}
+    await peer.reply(got[2], "C")
+    await peer.send(b'{"event": "STOP"}\n')
+    await peer.send(json.dumps({"error": {"class": "GenericError", "desc": "no"},
+                                "id": got[0]["id"]}).encode() + b"\n")  # fmt: skip
+    await asyncio.sleep(0.05)
+    assert not batch.done.done()
+    assert batch.left == 1
+    await peer.reply(got[1], "B")
+    await asyncio.wait_for(batch.done, 1)
+    assert client.value("c", batch.replies[2]) == "C"
+    assert client.value("b", batch.replies[1]) == "B"
+    with pytest.raises(QmpExecuteError):
+        client.value("a", batch.replies[0])
+    assert events == [{"event": "STOP"}]
+    for ident in batch.idents:
+        client.forget(ident)
+
+
+async def test_a_batch_cut_short_keeps_what_came_in(pair: Any) -> None:
+    client, peer, _ = pair
+    batch = client.submit_batch([("a", None), ("b", None)])
+    got = [await peer.read_command() for _ in range(2)]
+    await peer.reply(got[0], "A")
+    await asyncio.sleep(0.05)
+    peer.sock.close()
+    with pytest.raises(QmpDisconnected):
+        await asyncio.wait_for(batch.done, 1)
+    assert batch.replies[0] == {"return": "A", "id": got[0]["id"]}
+    assert batch.replies[1] is None
+    # A closed connection takes no more.
+    with pytest.raises(QmpDisconnected):
+        client.submit_batch([("c", None)])
+
+
+async def test_an_expired_batch_drops_late_replies(pair: Any) -> None:
+    client, peer, _ = pair
+    batch = client.submit_batch([("a", None), ("b", None)])
+    got = [await peer.read_command() for _ in range(2)]
+    await peer.reply(got[0], "A")
+    await asyncio.sleep(0.05)
+    batch.expire()
+    with pytest.raises(TimeoutError):
+        await batch.done
+    await peer.reply(got[1], "B")  # late: not filled in, the connection stays up
+    call = asyncio.ensure_future(client.execute("d"))
+    await peer.reply(await peer.read_command(), "D")
+    assert await asyncio.wait_for(call, 1) == "D"
+    assert batch.replies[1] is None
+    assert batch.replies[0] is not None

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.metrics import Metrics
-from vmadmd.daemon.qmp import Message, QmpClient, QmpError, QmpExecuteError
+from vmadmd.daemon.qmp import Batch, Message, QmpClient, QmpDisconnected, QmpError, QmpExecuteError
 from vmadmd.errors import (
     Forbidden,
     InvalidParameter,
@@ -53,13 +53,6 @@ OWNED_COMMANDS = frozenset({
 })  # fmt: skip
 # The same in the human monitor (by its first word).
 OWNED_HMP = frozenset({"getfd", "closefd", "set_password", "expire_password"})
-
-
-def _expire(sent: list[tuple[int, str, asyncio.Future[Any]]]) -> None:
-    """A batch's deadline: every reply still awaited fails with TimeoutError."""
-    for _, _, fut in sent:
-        if not fut.done():
-            fut.set_exception(TimeoutError())
 
 
 # What ``query()`` can ask, by the names the API uses.
@@ -315,52 +308,64 @@ class Monitor:
             return exc
 
         t0 = loop.time()
-        results: list[Any] = [None] * len(commands)  # each one filled in below
-        outcomes = ["error"] * len(commands)
-        took = [0.0] * len(commands)
-        sent: list[tuple[int, str, asyncio.Future[Message]]] = []
+        n = len(commands)
+        results: list[Any] = [None] * n  # each one filled in below
+        outcomes = ["error"] * n
+        took = [0.0] * n
+        batch: Batch | None = None
         self._in_flight += 1
         self._idle.clear()
         try:
-            for i, (cmd, arguments) in enumerate(commands):
-                self._log.debug("qmp --> %s", cmd)
-                try:
-                    ident, fut = client.submit(cmd, arguments)
-                except QmpError as err:
-                    results[i] = lost(cmd, err)
-                    continue
-                sent.append((i, ident, fut))
-            # At the deadline, every reply still awaited fails with TimeoutError
-            # (a timer, rather than cancelling the caller's task).
-            timer = loop.call_at(max(deadline, loop.time() + 0.001), _expire, sent)
+            if self._log.isEnabledFor(logging.DEBUG):
+                for cmd, _ in commands:
+                    self._log.debug("qmp --> %s", cmd)
             try:
-                for i, _, fut in sent:
-                    cmd = commands[i][0]
-                    try:
-                        results[i] = client.value(cmd, await fut)
-                        outcomes[i] = "ok"
-                    except TimeoutError:
+                batch = client.submit_batch(commands)
+            except QmpError as err:
+                for i, (cmd, _) in enumerate(commands):
+                    results[i] = lost(cmd, err)
+                return results
+            # At the deadline, the replies not in yet fail with TimeoutError
+            # (a timer, rather than cancelling the caller's task).
+            timer = loop.call_at(max(deadline, loop.time() + 0.001), batch.expire)
+            failure: BaseException | None = None
+            try:
+                await batch.done
+            except (TimeoutError, QmpError, OSError, EOFError) as err:
+                failure = err
+            finally:
+                timer.cancel()
+            for i, reply in enumerate(batch.replies):
+                cmd = commands[i][0]
+                if reply is None:
+                    took[i] = loop.time() - t0
+                    if isinstance(failure, TimeoutError):
                         outcomes[i] = "timeout"
                         results[i] = QmpTimeout(
                             f"VM {self.uuid}: qemu did not answer {cmd} within {limit:g} s"
                         )
-                    except QmpExecuteError as err:
-                        results[i] = QmpRefused(
-                            f"VM {self.uuid}: {cmd}: {err.desc}",
-                            error_class=err.error_class,
-                            desc=err.desc,
-                        )
-                    except (QmpError, OSError, EOFError) as err:
-                        results[i] = lost(cmd, err)
-                    took[i] = loop.time() - t0
-            finally:
-                timer.cancel()
+                    else:
+                        results[i] = lost(cmd, failure or QmpDisconnected("no reply"))
+                    continue
+                took[i] = batch.arrived[i] - t0
+                try:
+                    results[i] = client.value(cmd, reply)
+                    outcomes[i] = "ok"
+                except QmpExecuteError as err:
+                    results[i] = QmpRefused(
+                        f"VM {self.uuid}: {cmd}: {err.desc}",
+                        error_class=err.error_class,
+                        desc=err.desc,
+                    )
+                except QmpError as err:
+                    results[i] = lost(cmd, err)
             late = [i for i, outcome in enumerate(outcomes) if outcome == "timeout"]
             if late:
                 self._wedged(f"{commands[late[0]][0]} timed out after {limit:g} s", stalled=True)
         finally:
-            for _, ident, _ in sent:
-                client.forget(ident)
+            if batch is not None:
+                for ident in batch.idents:
+                    client.forget(ident)
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()

@@ -39,7 +39,7 @@ import asyncio
 import itertools
 import json
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from vmadmd.daemon.readbuf import read_buffer
@@ -70,6 +70,33 @@ class QmpExecuteError(QmpError):
         self.desc = desc
 
 
+class Batch:
+    """Commands sent in one write, and their replies as they come in.
+
+    One future for all of them (``done``): a reply that is not the last
+    costs no task wake-up, only a slot filled in.  ``done`` fails when the
+    connection does (the replies already in stay), and the caller's
+    deadline can fail it (``expire``).
+    """
+
+    __slots__ = ("arrived", "commands", "done", "idents", "left", "replies")
+
+    def __init__(self, commands: list[str], loop: asyncio.AbstractEventLoop) -> None:
+        self.commands = commands
+        self.idents: list[str] = []
+        self.replies: list[Message | None] = [None] * len(commands)
+        self.arrived = [0.0] * len(commands)  # loop.time() of each reply
+        self.left = len(commands)
+        self.done: asyncio.Future[None] = loop.create_future()
+        if not commands:
+            self.done.set_result(None)
+
+    def expire(self) -> None:
+        """The caller's deadline: the replies not in by now are not waited for."""
+        if not self.done.done():
+            self.done.set_exception(TimeoutError())
+
+
 class QmpClient(asyncio.BufferedProtocol):
     """One QMP connection.  ``connect`` it, ``execute`` on it, ``disconnect`` it."""
 
@@ -78,7 +105,8 @@ class QmpClient(asyncio.BufferedProtocol):
         self._transport: asyncio.Transport | None = None
         self._sock: socket.socket | None = None
         self._buf = bytearray()
-        self._pending: dict[str, asyncio.Future[Message]] = {}
+        # A command's id -> the future of its reply, or its batch and place in it.
+        self._pending: dict[str, asyncio.Future[Message] | tuple[Batch, int]] = {}
         self._ids = itertools.count(1)
         self._greeting: asyncio.Future[Message] | None = None
         self._closed: asyncio.Future[None] | None = None
@@ -154,6 +182,28 @@ class QmpClient(asyncio.BufferedProtocol):
         self._pending[ident] = fut
         transport.write(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
         return ident, fut
+
+    def submit_batch(self, commands: Sequence[tuple[str, Mapping[str, object] | None]]) -> Batch:
+        """Send several commands in one write; their ``Batch``.
+
+        The caller ``forget``s each of ``batch.idents`` once done with them.
+        """
+        transport, loop = self._transport, self._loop
+        if transport is None or loop is None or not self.running:
+            raise QmpDisconnected("QMP connection is not up")
+        batch = Batch([cmd for cmd, _ in commands], loop)
+        lines = []
+        for i, (cmd, arguments) in enumerate(commands):
+            ident = str(next(self._ids))
+            msg: dict[str, object] = {"execute": cmd, "id": ident}
+            if arguments:
+                msg["arguments"] = dict(arguments)
+            lines.append(json.dumps(msg, separators=(",", ":")).encode())
+            batch.idents.append(ident)
+            self._pending[ident] = (batch, i)
+        lines.append(b"")
+        transport.write(b"\n".join(lines))
+        return batch
 
     def forget(self, ident: str) -> None:
         self._pending.pop(ident, None)
@@ -237,16 +287,24 @@ class QmpClient(asyncio.BufferedProtocol):
             self._on_event(msg)
             return True
         if "return" in msg or "error" in msg:
-            fut = self._pending.get(str(msg.get("id")))
-            if fut is None:
+            entry = self._pending.get(str(msg.get("id")))
+            if entry is None:
                 # A reply to a command whose caller gave up (timed out) is
                 # dropped; one to a command never sent is garbage.
                 if msg.get("id") is None:
                     self._fail(QmpProtocolError("a reply to no command"))
                     return False
                 return True
-            if not fut.done():
-                fut.set_result(msg)
+            if isinstance(entry, tuple):
+                batch, i = entry
+                if batch.replies[i] is None and not batch.done.done():
+                    batch.replies[i] = msg
+                    batch.arrived[i] = batch.done.get_loop().time()
+                    batch.left -= 1
+                    if batch.left == 0:
+                        batch.done.set_result(None)
+            elif not entry.done():
+                entry.set_result(msg)
             return True
         self._fail(QmpProtocolError("the peer sent a message QMP does not have"))
         return False
@@ -257,7 +315,8 @@ class QmpClient(asyncio.BufferedProtocol):
             self._greeting.set_exception(exc)
             self._greeting.exception()  # retrieved: nobody may be awaiting it any more
         pending, self._pending = self._pending, {}
-        for fut in pending.values():
+        for entry in pending.values():
+            fut = entry[0].done if isinstance(entry, tuple) else entry
             if not fut.done():
                 fut.set_exception(exc)
         if self._transport is not None and not self._transport.is_closing():
