@@ -18,7 +18,9 @@ What it does, all of it driven from the bytes read (``buffer_updated``):
 
 - the greeting (``{"QMP": ...}``), then ``qmp_capabilities``;
 - commands with ids, any number in flight on one connection (pipelined),
-  each reply matched to its command by id;
+  each reply matched to its command by id; several sent in one write as a
+  ``Batch``, whose one future is done when the last reply is in (the
+  daemon's info queries: one syscall, one task wake-up);
 - events, each handed to a callback as it is read (no queue, no history);
 - file descriptors passed with ``SCM_RIGHTS`` on one whitespace byte;
 - faults: a line that is not JSON, a message that is neither reply nor
