@@ -113,3 +113,16 @@ def test_misuse_is_refused() -> None:
         ours.Counter("t_d", "d").inc(-1)
     with pytest.raises(ValueError, match="distinct"):
         ours.Histogram("t_h", "h", buckets=[1.0, 1.0])
+
+
+def test_qmp_command_names_are_bounded() -> None:
+    """The pass-through takes any command name: past a bound they count as "other"."""
+    m = ours.Metrics()
+    for i in range(ours.MAX_COMMAND_NAMES + 300):
+        m.qmp_command(f"bogus-{i}", "error", 0.001)
+    m.qmp_command("query-version", "ok", 0.001)  # a new name past the bound: "other" too
+    names = {key[0] for key in m.qmp_commands.series}
+    assert len(names) == ours.MAX_COMMAND_NAMES  # "other" is one of them
+    assert m.qmp_commands.labels("other", "error").value == 301
+    assert m.qmp_commands.labels("other", "ok").value == 1
+    assert m.qmp_commands.labels("bogus-0", "error").value == 1

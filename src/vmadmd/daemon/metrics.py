@@ -32,6 +32,8 @@ from typing import Any, Generic, Protocol, TypeVar
 
 __all__ = ["Collector", "Counter", "Gauge", "Histogram", "Metrics"]
 
+MAX_COMMAND_NAMES = 512  # distinct QMP command labels (qemu 7.2 has ~250 commands)
+OTHER = "other"
 _LIBRARY = "prometheus_client.core"  # imports the package, and what collectors use
 
 LATENCY_BUCKETS = (
@@ -266,6 +268,7 @@ class Metrics:
         # Label children, looked up once: these two pairs are counted on every request.
         self._api_series: dict[tuple[str, str, int], tuple[_Value, _Buckets]] = {}
         self._qmp_series: dict[tuple[str, str], tuple[_Value, _Buckets]] = {}
+        self._qmp_names: set[str] = {OTHER}
 
     def api_request(self, route: str, method: str, status: int, took: float) -> None:
         key = (route, method, status)
@@ -282,6 +285,14 @@ class Metrics:
         key = (command, outcome)
         series = self._qmp_series.get(key)
         if series is None:
+            # The pass-through sends any name a client gives: past a bound
+            # the names are counted as "other", so no client can mint
+            # series without end.
+            if command not in self._qmp_names:
+                if len(self._qmp_names) >= MAX_COMMAND_NAMES:
+                    self.qmp_command(OTHER, outcome, took)
+                    return
+                self._qmp_names.add(command)
             series = self._qmp_series[key] = (
                 self.qmp_commands.labels(command, outcome),
                 self.qmp_latency.labels(command),
