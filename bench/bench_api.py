@@ -30,7 +30,17 @@ from vmadmd.errors import VmadmError
 from vmadmd.vm.sockets import connect_unix
 
 from .bench_vnc import run_qemu, tcp, vnc_port
-from .common import BIN, KeepAliveHttp, RawQmp, World, bios_payload, pct, summary_ms, world
+from .common import (
+    BIN,
+    KeepAliveHttp,
+    RawQmp,
+    World,
+    bios_payload,
+    cpu_seconds,
+    pct,
+    summary_ms,
+    world,
+)
 
 N = 2000
 CLIENTS = 16
@@ -81,12 +91,6 @@ def raw_handoff(raw: RawQmp, n: int = 300) -> list[float]:
         c.close()
     lst.close()
     return out
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def load(w: World, uuid: str, daemon_pid: int) -> tuple[float, float, float]:

@@ -29,7 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from .common import REPO, KeepAliveHttp, RawQmp, bios_payload, world
+from .common import REPO, KeepAliveHttp, RawQmp, bios_payload, cpu_seconds, world
 
 N = 3000
 MODES = ("callbacks", "task", "task+parse+json")
@@ -112,20 +112,23 @@ asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[4]))
 """
 
 
-def timed(call: Callable[[], object]) -> float:
-    """p50 of N calls, in ms, after 300 to warm up."""
+def timed(call: Callable[[], object], pid: int | None = None) -> tuple[float, float]:
+    """p50 of N calls in ms, after 300 to warm up; and the CPU time ``pid``
+    spent per call meanwhile, in µs (0 without a pid)."""
     for _ in range(300):
         call()
     out = []
+    cpu0 = cpu_seconds(pid) if pid else 0.0
     for _ in range(N):
         t0 = time.perf_counter()
         call()
         out.append(time.perf_counter() - t0)
-    return statistics.median(out) * 1000
+    cpu = (cpu_seconds(pid) - cpu0) / N * 1e6 if pid else 0.0
+    return statistics.median(out) * 1000, cpu
 
 
 def main() -> None:
-    results: dict[str, list[float]] = {}
+    results: dict[str, list[tuple[float, float]]] = {}
     with world() as w, tempfile.TemporaryDirectory(prefix="vmadmd-ladder-") as tmp:
         script = os.path.join(tmp, "proxy.py")
         with open(script, "w") as f:
@@ -153,25 +156,27 @@ def main() -> None:
                     proxy.stdout.readline()
                     http = KeepAliveHttp(http_path)
                     results.setdefault(f"proxy: {mode}", []).append(
-                        timed(functools.partial(http.get, "/vm/x?type=version"))
+                        timed(functools.partial(http.get, "/vm/x?type=version"), proxy.pid)
                     )
                     http.sock.close()
                 finally:
                     proxy.kill()
                     proxy.wait()
-            w.start_daemon()
+            daemon = w.start_daemon()
             w.wait_qmp(uuid)
             api = KeepAliveHttp(w.socket)
             results.setdefault("vmadmd", []).append(
-                timed(functools.partial(api.get, f"/vm/{uuid}?type=version"))
+                timed(functools.partial(api.get, f"/vm/{uuid}?type=version"), daemon.pid)
             )
             api.sock.close()
             w.stop_daemon()
-    floor = statistics.median(results["raw QMP (floor)"])
-    print(f"GET ?type=version, p50 of {N} calls, one VM, two rounds")
-    for name, p50s in results.items():
-        runs = ", ".join(f"{x:.3f}" for x in p50s)
-        print(f"{name:26s} {runs} ms  ({statistics.median(p50s) / floor:.2f}x the floor)")
+    floor = statistics.median(p50 for p50, _ in results["raw QMP (floor)"])
+    print(f"GET ?type=version, p50 of {N} calls, one VM, two rounds; the server's CPU per call")
+    for name, rounds in results.items():
+        runs = ", ".join(f"{p50:.3f}" for p50, _ in rounds)
+        ratio = statistics.median(p50 for p50, _ in rounds) / floor
+        cpu = ", ".join(f"{c:.0f}" for _, c in rounds) + " µs" if rounds[0][1] else "-"
+        print(f"{name:26s} {runs} ms  ({ratio:.2f}x the floor)  CPU {cpu}")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ from typing import Any
 from harness.world import REPO, World, bios_payload, new_cgroup_parents_removed
 
 __all__ = [
-    "BIN", "REPO", "KeepAliveHttp", "RawQmp", "World", "bios_payload", "pct", "summary_ms",
-    "world",
+    "BIN", "REPO", "KeepAliveHttp", "RawQmp", "World", "bios_payload", "cpu_seconds", "pct",
+    "summary_ms", "world",
 ]  # fmt: skip
 
 BIN = Path(sys.executable).parent
@@ -29,6 +29,13 @@ def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     k = max(0, min(len(ordered) - 1, round(p / 100 * len(ordered) + 0.5) - 1))
     return ordered[k]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (clock ticks: 10 ms here)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def summary_ms(values: list[float]) -> str:
