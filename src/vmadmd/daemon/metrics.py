@@ -32,7 +32,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 __all__ = ["Collector", "Counter", "Gauge", "Histogram", "Metrics"]
 
-MAX_COMMAND_NAMES = 512  # distinct QMP command labels (qemu 7.2 has ~250 commands)
+MAX_COMMAND_NAMES = 512  # distinct QMP command labels (qemu 7.2 lists 216 commands)
 OTHER = "other"
 _LIBRARY = "prometheus_client.core"  # imports the package, and what collectors use
 
