@@ -346,15 +346,14 @@ class Daemon:
         log.info("listening on %s", self.args.socket)
         if self.console is not None:
             await self.console.start()
-        # Sweep every VM: attach running ones, settle or re-arm transitions.
-        uuids = await self.manager.sweep()
-        # Then watch, and sweep again for what changed before the watch began.
+        # Watch before sweeping, so no VM that starts meanwhile is missed.
         await watch
         from vmadmd.daemon.watch import ZonesWatcher  # loaded by now
 
         self.watcher = ZonesWatcher(self.args.zones_root, self.manager.refresh, self._rescan)
         self.watcher.start()
-        uuids = await self.manager.scan_all()
+        # Sweep every VM: attach running ones, settle or re-arm transitions.
+        uuids = await self.manager.sweep()
         running = self.manager.running_uuids()
         log.info("start-up sweep done: %d VMs, %d running", len(uuids), len(running))
         sd_notify("READY=1\nSTATUS=serving")
