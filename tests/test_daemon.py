@@ -17,7 +17,7 @@ import pytest
 
 from vmadmd.cli.client import ApiError, Client
 from vmadmd.daemon.supervisor import INFO_TYPES
-from vmadmd.errors import VmadmError
+from vmadmd.errors import DaemonUnavailable, VmadmError
 from vmadmd.vm.sockets import connect_unix
 
 from .conftest import Env, RunVm, bios_payload, frozen_and_other, guest_payload
@@ -274,6 +274,30 @@ def test_daemon_restart_never_stops_vms(env: Env, sig: int) -> None:
         env.wait_qmp(u)
     assert {u: env.pid(u) for u in (a, b)} == pids
     assert env.api("GET", f"/vm/{b}", type="vnc")[1] == {"vnc": {}}
+
+
+def test_a_restarted_daemons_first_listing_has_its_running_vms(env: Env) -> None:
+    """The first ``GET /vms`` a restarted daemon answers already has every
+    running VM as running (it waits for the start-up sweep), and a VM's own
+    route answers for it too."""
+    uuids = [env.create(bios_payload()) for _ in range(3)]
+    for u in uuids:
+        env.vmadm("start", u, check=True)
+    client = env.client(timeout=5)
+    for _ in range(3):
+        env.start_daemon(wait=False)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                status, vms = client.request("GET", "/vms")
+                break
+            except DaemonUnavailable:
+                assert time.monotonic() < deadline, env.daemon_log()
+                time.sleep(0.001)
+        assert status == 200
+        assert {vm["uuid"]: vm["state"] for vm in vms} == dict.fromkeys(uuids, "running")
+        assert env.api("GET", f"/vm/{uuids[-1]}", type="vnc")[0] == 200
+        env.stop_daemon()
 
 
 def test_socket_is_private_stale_replaced_and_second_daemon_refused(env: Env) -> None:
