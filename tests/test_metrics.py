@@ -95,6 +95,9 @@ def test_daemon_metrics_render_and_collectors_join_after_the_first_scrape() -> N
     assert first[("vmadmd_api_requests_in_flight", ())] == 0.0
 
     class Late:
+        def prepare(self) -> None:
+            pass
+
         def collect(self) -> Any:
             yield GaugeMetricFamily("t_late", "joined after the first scrape", value=4)
 
@@ -126,3 +129,33 @@ def test_qmp_command_names_are_bounded() -> None:
     assert m.qmp_commands.labels("other", "error").value == 301
     assert m.qmp_commands.labels("other", "ok").value == 1
     assert m.qmp_commands.labels("bogus-0", "error").value == 1
+
+
+def test_a_scrape_prepares_on_the_loop_and_writes_in_a_thread() -> None:
+    """``page()``: collectors copy the daemon's state on the loop's thread,
+    then the reads and formatting run in another (the loop keeps serving)."""
+    import threading
+
+    seen: dict[str, int] = {}
+
+    class Probe:
+        def prepare(self) -> None:
+            seen["prepare"] = threading.get_ident()
+
+        def collect(self) -> Any:
+            seen["collect"] = threading.get_ident()
+            yield GaugeMetricFamily("t_probe", "where it ran", value=1)
+
+    async def scrape() -> bytes:
+        seen["loop"] = threading.get_ident()
+        m = ours.Metrics()
+        m.add_collector(Probe())
+        m.watch_state(lambda: {"vms_running": 3.0})
+        page, _ = await m.page()
+        return page
+
+    got = samples(asyncio.run(scrape()).decode())
+    assert got[("t_probe", ())] == 1.0
+    assert got[("vmadmd_vms", (("state", "running"),))] == 3.0
+    assert seen["prepare"] == seen["loop"]
+    assert seen["collect"] != seen["loop"]

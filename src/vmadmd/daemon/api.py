@@ -263,8 +263,7 @@ class Api:
 
     async def metrics_page(self, request: Request) -> Reply:
         await self.manager.stats.refresh()
-        await self.metrics.load()
-        return Reply(200, *self.metrics.render())
+        return Reply(200, *await self.metrics.page())
 
     async def openapi(self, request: Request) -> Reply:
         import importlib.resources  # here: ~3 ms of start-up otherwise

@@ -35,27 +35,26 @@ class DiskStats(NamedTuple):
     write_ops: int
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of the process, all its threads, in seconds."""
+def proc_stat(pid: int) -> tuple[float, int] | None:
+    """(CPU seconds, user + system, all threads; resident bytes) of a process,
+    from one read of ``/proc/<pid>/stat`` (three syscalls: a scrape of 1,000
+    VMs makes one of these per VM)."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode(errors="replace")
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            raw = os.read(fd, 4096)
+        finally:
+            os.close(fd)
     except OSError:
         return None
-    # Fields after the comm (which may hold spaces and parentheses).
+    stat = raw.decode(errors="replace")
+    # Fields after the comm (which may hold spaces and parentheses): the
+    # 3rd field of stat(5) is fields[0].
     fields = stat[stat.rfind(")") + 2 :].split()
     try:
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime
+        seconds = (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime
+        return seconds, int(fields[21]) * _PAGE  # rss, in pages
     except (IndexError, ValueError):
-        return None
-
-
-def memory_bytes(pid: int) -> int | None:
-    """Resident memory of the process."""
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as f:
-            return int(f.read().split()[1]) * _PAGE
-    except (OSError, IndexError, ValueError):
         return None
 
 
@@ -127,22 +126,46 @@ def snapshot(
         for name, (rx, tx) in nics_now.items()
         if name in vm.nics
     }
+    got = proc_stat(vm.pid)
     return {
-        "cpu_seconds": cpu_seconds(vm.pid),
-        "memory_bytes": memory_bytes(vm.pid),
+        "cpu_seconds": got[0] if got is not None else None,
+        "memory_bytes": got[1] if got is not None else None,
         "memory_limit_bytes": memory_limit,
         "disks": {dev: d._asdict() for dev, d in vm.disk_stats.items()},
         "nics": nics,
     }
 
 
+class _Seen(NamedTuple):
+    """What a scrape needs of one running VM, copied on the event loop."""
+
+    uuid: str
+    alias: str
+    pid: int
+    nics: list[str]
+    disk_stats: dict[str, DiskStats]
+
+
 class VmStatsCollector:
-    """The per-VM series in /metrics, read at scrape time from what is cached."""
+    """The per-VM series in /metrics, read at scrape time from what is cached.
+
+    ``prepare`` (on the event loop) copies what the scrape needs of each
+    running VM; ``collect`` may then run in a thread: its ``/proc`` reads
+    and the page's formatting are ~30 ms with 1,000 VMs, which the loop
+    does not wait for.
+    """
 
     def __init__(self, running: Callable[[], Iterable[StatsSource]]) -> None:
         self._running = running
         # The taps' counters, read just before a scrape renders (see refresh).
         self.nic_counters: dict[str, tuple[int, int]] = {}
+        self._seen: list[_Seen] = []
+
+    def prepare(self) -> None:
+        """Copy what the next ``collect`` reads of the running VMs (on the loop)."""
+        self._seen = [
+            _Seen(vm.uuid, vm.alias, vm.pid, vm.nics, vm.disk_stats) for vm in self._running()
+        ]
 
     async def refresh(self) -> None:
         """Read the taps' counters off the event loop (pyroute2 runs a loop of
@@ -176,14 +199,12 @@ class VmStatsCollector:
             "vmadmd_vm_nic_transmit_bytes", "Bytes the guest sent on a nic", labels=nic_labels
         )
         counters = self.nic_counters
-        for vm in self._running():
+        for vm in self._seen:
             labels = [vm.uuid, vm.alias]
-            seconds = cpu_seconds(vm.pid)
-            if seconds is not None:
-                cpu.add_metric(labels, seconds)
-            resident = memory_bytes(vm.pid)
-            if resident is not None:
-                mem.add_metric(labels, resident)
+            got = proc_stat(vm.pid)
+            if got is not None:
+                cpu.add_metric(labels, got[0])
+                mem.add_metric(labels, got[1])
             for dev, d in vm.disk_stats.items():
                 rd.add_metric([*labels, dev], d.read_bytes)
                 wr.add_metric([*labels, dev], d.write_bytes)
