@@ -30,7 +30,7 @@ from vmadmd.vm.config import VmSettings
 from vmadmd.vm.layer import VmLayer
 from vmadmd.vm.sockets import connect_unix
 
-from .common import BIN, World, pct, world
+from .common import BIN, KeepAliveHttp, World, pct, world
 
 
 def rss_kib(pid: int) -> int:
@@ -121,20 +121,43 @@ def cpu_ms(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
 
 
-def scrape(w: World, times: int = 20) -> tuple[float, float, int]:
-    """GET /metrics: p50 wall time, the daemon's CPU per scrape, per-VM series count."""
+def scrape(
+    w: World, times: int = 20, *, pinging: bool = False
+) -> tuple[float, float, int, list[float]]:
+    """GET /metrics: p50 wall time, the daemon's CPU per scrape, per-VM series
+    count; and the latencies of GET /ping sent back to back meanwhile (what
+    a scrape costs everyone else)."""
     assert w.daemon is not None
     took = []
+    pings: list[float] = []
+    done = threading.Event()
+
+    def ping_meanwhile() -> None:
+        http = KeepAliveHttp(w.socket)
+        while not done.is_set():
+            t0 = time.monotonic()
+            http.get("/ping")
+            pings.append(time.monotonic() - t0)
+        http.sock.close()
+
+    pinger = threading.Thread(target=ping_meanwhile)
+    if pinging:
+        pinger.start()
     cpu0 = cpu_ms(w.daemon.pid)
     body = ""
-    for _ in range(times):
-        t0 = time.monotonic()
-        _, answer = w.client().request("GET", "/metrics")
-        took.append(time.monotonic() - t0)
-        body = answer["raw"]
+    try:
+        for _ in range(times):
+            t0 = time.monotonic()
+            _, answer = w.client().request("GET", "/metrics")
+            took.append(time.monotonic() - t0)
+            body = answer["raw"]
+    finally:
+        done.set()
+        if pinging:
+            pinger.join()
     cpu = (cpu_ms(w.daemon.pid) - cpu0) / times
     series = sum(1 for line in body.splitlines() if line.startswith("vmadmd_vm_"))
-    return statistics.median(took) * 1000, cpu, series
+    return statistics.median(took) * 1000, cpu, series, pings
 
 
 def one_size(n: int) -> dict[str, Any]:
@@ -173,7 +196,11 @@ def one_size(n: int) -> dict[str, Any]:
                 "rss0_mib": rss0 / 1024,
                 "rssn_mib": rss_n / 1024,
             }
-            result["scrape_ms"], result["scrape_cpu_ms"], result["series"] = scrape(w)
+            result["scrape_ms"], result["scrape_cpu_ms"], result["series"], _ = scrape(w)
+            result["busy_scrape_ms"], _, _, pings = scrape(w, pinging=True)
+            result["ping_p50_ms"] = statistics.median(pings) * 1000
+            result["ping_p99_ms"] = pct(pings, 99) * 1000
+            result["ping_max_ms"] = max(pings) * 1000
             if n >= 50:
                 ok, errors = asyncio.run(throughput(w, uuids[:50], 64, 10.0))
                 result["rps"] = ok / 10.0
@@ -219,7 +246,10 @@ def main() -> None:
     for r in rows:
         print(
             f"{r['n']:>6} VMs: GET /metrics p50 {r['scrape_ms']:.1f} ms, daemon CPU "
-            f"{r['scrape_cpu_ms']:.1f} ms per scrape, {r['series']} per-VM series"
+            f"{r['scrape_cpu_ms']:.1f} ms per scrape, {r['series']} per-VM series; with "
+            f"GET /ping sent back to back meanwhile: scrape p50 {r['busy_scrape_ms']:.1f} ms, "
+            f"/ping p50 {r['ping_p50_ms']:.2f} ms, p99 {r['ping_p99_ms']:.2f} ms, max "
+            f"{r['ping_max_ms']:.1f} ms"
         )
 
 
