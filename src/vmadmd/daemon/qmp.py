@@ -81,16 +81,15 @@ class Batch:
     deadline can fail it (``expire``).
     """
 
-    __slots__ = ("arrived", "commands", "done", "idents", "left", "replies")
+    __slots__ = ("arrived", "done", "idents", "left", "replies")
 
-    def __init__(self, commands: list[str], loop: asyncio.AbstractEventLoop) -> None:
-        self.commands = commands
+    def __init__(self, n: int, loop: asyncio.AbstractEventLoop) -> None:
         self.idents: list[str] = []
-        self.replies: list[Message | None] = [None] * len(commands)
-        self.arrived = [0.0] * len(commands)  # loop.time() of each reply
-        self.left = len(commands)
+        self.replies: list[Message | None] = [None] * n
+        self.arrived = [0.0] * n  # loop.time() of each reply
+        self.left = n
         self.done: asyncio.Future[None] = loop.create_future()
-        if not commands:
+        if not n:
             self.done.set_result(None)
 
     def expire(self) -> None:
@@ -173,16 +172,11 @@ class QmpClient(asyncio.BufferedProtocol):
         connection, and cost the caller no task each.  The caller
         ``forget``s the id once done with it (answered or given up).
         """
-        transport, loop = self._transport, self._loop
-        if transport is None or loop is None or not self.running:
-            raise QmpDisconnected("QMP connection is not up")
-        ident = str(next(self._ids))
-        msg: dict[str, object] = {"execute": cmd, "id": ident}
-        if arguments:
-            msg["arguments"] = dict(arguments)
+        transport, loop = self._up()
+        ident, line = self._command(cmd, arguments)
         fut: asyncio.Future[Message] = loop.create_future()
         self._pending[ident] = fut
-        transport.write(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
+        transport.write(line)
         return ident, fut
 
     def submit_batch(self, commands: Sequence[tuple[str, Mapping[str, object] | None]]) -> Batch:
@@ -190,22 +184,30 @@ class QmpClient(asyncio.BufferedProtocol):
 
         The caller ``forget``s each of ``batch.idents`` once done with them.
         """
+        transport, loop = self._up()
+        batch = Batch(len(commands), loop)
+        lines = []
+        for i, (cmd, arguments) in enumerate(commands):
+            ident, line = self._command(cmd, arguments)
+            lines.append(line)
+            batch.idents.append(ident)
+            self._pending[ident] = (batch, i)
+        transport.write(b"".join(lines))
+        return batch
+
+    def _up(self) -> tuple[asyncio.Transport, asyncio.AbstractEventLoop]:
         transport, loop = self._transport, self._loop
         if transport is None or loop is None or not self.running:
             raise QmpDisconnected("QMP connection is not up")
-        batch = Batch([cmd for cmd, _ in commands], loop)
-        lines = []
-        for i, (cmd, arguments) in enumerate(commands):
-            ident = str(next(self._ids))
-            msg: dict[str, object] = {"execute": cmd, "id": ident}
-            if arguments:
-                msg["arguments"] = dict(arguments)
-            lines.append(json.dumps(msg, separators=(",", ":")).encode())
-            batch.idents.append(ident)
-            self._pending[ident] = (batch, i)
-        lines.append(b"")
-        transport.write(b"\n".join(lines))
-        return batch
+        return transport, loop
+
+    def _command(self, cmd: str, arguments: Mapping[str, object] | None) -> tuple[str, bytes]:
+        """A new id, and the command's line on the wire."""
+        ident = str(next(self._ids))
+        msg: dict[str, object] = {"execute": cmd, "id": ident}
+        if arguments:
+            msg["arguments"] = dict(arguments)
+        return ident, json.dumps(msg, separators=(",", ":")).encode() + b"\n"
 
     def forget(self, ident: str) -> None:
         self._pending.pop(ident, None)
