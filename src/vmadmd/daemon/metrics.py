@@ -89,8 +89,6 @@ S = TypeVar("S", "_Value", "_Buckets")
 
 
 class _Family(Generic[S]):
-    kind = ""
-
     def __init__(self, name: str, doc: str, labelnames: Sequence[str] = ()) -> None:
         self.name = name
         self.doc = doc
@@ -114,8 +112,6 @@ class _Family(Generic[S]):
 
 
 class Counter(_Family[_Value]):
-    kind = "counter"
-
     def _new(self) -> _Value:
         return _Value()
 
@@ -126,8 +122,6 @@ class Counter(_Family[_Value]):
 
 
 class Gauge(_Family[_Value]):
-    kind = "gauge"
-
     def _new(self) -> _Value:
         return _Value()
 
@@ -142,8 +136,6 @@ class Gauge(_Family[_Value]):
 
 
 class Histogram(_Family[_Buckets]):
-    kind = "histogram"
-
     def __init__(
         self,
         name: str,
