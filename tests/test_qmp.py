@@ -15,6 +15,7 @@ import pytest
 
 from vmadmd.daemon.qmp import (
     MAX_LINE,
+    Batch,
     QmpClient,
     QmpDisconnected,
     QmpExecuteError,
@@ -191,12 +192,18 @@ async def test_a_batch_is_one_write_and_wakes_its_caller_once(pair: Any) -> None
         client.forget(ident)
 
 
-async def test_a_batch_cut_short_keeps_what_came_in(pair: Any) -> None:
-    client, peer, _ = pair
+async def half_answered(client: QmpClient, peer: Peer) -> tuple[Batch, list[dict[str, Any]]]:
+    """A batch of two commands, the first answered (and read by the client)."""
     batch = client.submit_batch([("a", None), ("b", None)])
     got = [await peer.read_command() for _ in range(2)]
     await peer.reply(got[0], "A")
     await asyncio.sleep(0.05)
+    return batch, got
+
+
+async def test_a_batch_cut_short_keeps_what_came_in(pair: Any) -> None:
+    client, peer, _ = pair
+    batch, got = await half_answered(client, peer)
     peer.sock.close()
     with pytest.raises(QmpDisconnected):
         await asyncio.wait_for(batch.done, 1)
@@ -209,10 +216,7 @@ async def test_a_batch_cut_short_keeps_what_came_in(pair: Any) -> None:
 
 async def test_an_expired_batch_drops_late_replies(pair: Any) -> None:
     client, peer, _ = pair
-    batch = client.submit_batch([("a", None), ("b", None)])
-    got = [await peer.read_command() for _ in range(2)]
-    await peer.reply(got[0], "A")
-    await asyncio.sleep(0.05)
+    batch, got = await half_answered(client, peer)
     batch.expire()
     with pytest.raises(TimeoutError):
         await batch.done
