@@ -35,6 +35,7 @@ from vmadmd.daemon.supervisor import (
 from vmadmd.errors import StartFailed, VmadmError, VmBroken, VmBusy, WrongState
 from vmadmd.vm import proc
 from vmadmd.vm.layer import VmLayer, identity_of, state_of
+from vmadmd.vm.sockets import Peer
 from vmadmd.vm.store import VmRecord
 from vmadmd.vm.transition import Transition, TransitionTo
 
@@ -385,13 +386,13 @@ class Manager:
         """A running VM's serial console (409 when it is not running)."""
         return (await self.running(uuid)).serial
 
-    async def vnc_socket(self, uuid: str) -> tuple[str, str]:
-        """Where a running VM's qemu serves VNC: (directory, name), once its
-        console has opened (in the listen mode that makes qemu bind the
-        socket anew)."""
+    async def vnc_socket(self, uuid: str) -> tuple[str, str, Peer | None]:
+        """Where a running VM's qemu serves VNC: (directory, name, the qemu
+        that must be serving it), once its console has opened (in the listen
+        mode that makes qemu bind the socket anew)."""
         sup = await self.running(uuid)
         await sup.console_settled()
-        return sup.paths.runtime_dir, sup.paths.VNC_NAME
+        return sup.paths.runtime_dir, sup.paths.VNC_NAME, sup.monitor.peer
 
     def is_running(self, uuid: str) -> bool:
         return uuid in self.vms

@@ -38,7 +38,7 @@ from vmadmd.errors import (
     QmpTimeout,
     VmadmError,
 )
-from vmadmd.vm.sockets import connect_unix_retrying
+from vmadmd.vm.sockets import Peer, WrongPeer, connect_unix_retrying
 
 log = logging.getLogger("vmadmd.qmp")
 
@@ -89,8 +89,16 @@ class Monitor:
         connect_timeout: float = 5.0,
         metrics: Metrics,
         connect_slots: asyncio.Semaphore | None = None,
+        peer: Peer | None = None,
     ) -> None:
         self._metrics = metrics
+        # The one qemu this monitor belongs to: it connects to no other
+        # server (a socket planted in root/tmp, or the next qemu of the same
+        # VM at the same path), and stops reconnecting once that qemu is
+        # gone (``qemu_gone``).  None only in tests of the wire alone.
+        self._peer = peer
+        self._gone = False
+        self._told_peer: set[int] = set()  # impostor pids already logged
         # Shared by all monitors: a daemon (re)starting with many VMs
         # connects a bounded number at a time.
         self._connect_slots = connect_slots or asyncio.Semaphore(1)
@@ -145,16 +153,28 @@ class Monitor:
         # VM that stopped, rather than wait out their timeout.
         self._ready.set()
 
+    def qemu_gone(self) -> None:
+        """This monitor's qemu has exited: never connect again (a new qemu of
+        the same VM gets a monitor of its own), and fail at once the commands
+        that wait for a connection (409: the VM is not running)."""
+        self._gone = True
+        if self._client is None:
+            self._ready.set()  # waiters wake, find no client, and fail
+
     async def _connect_loop(self) -> None:
-        """Connect, retrying with back-off until connected or closed."""
+        """Connect, retrying with back-off until connected, closed, or gone."""
         delay = 0.05
-        while not self._closed:
+        while not self._closed and not self._gone:
             client = QmpClient(self._dispatch)
             try:
                 async with self._connect_slots:
-                    sock = await connect_unix_retrying(self._directory, self._name)
+                    if self._gone:
+                        return
+                    sock = await connect_unix_retrying(self._directory, self._name, self._peer)
                     await asyncio.wait_for(client.connect(sock), self._connect_timeout)
             except (OSError, QmpError, TimeoutError, EOFError) as err:
+                if isinstance(err, WrongPeer) and self._peer is not None:
+                    self._impostor(err)
                 # OSError: socket missing or refused (qemu still starting or
                 # gone); QmpError: no or bad greeting; TimeoutError: qemu
                 # accepted but does not speak (stopped with SIGSTOP).
@@ -165,6 +185,13 @@ class Monitor:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
+            if self._closed or self._gone:
+                # Closed while the greeting was read: let go of qemu's only
+                # QMP slot at once.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.disconnect(), 1.0)
+                self._ready.set()
+                return
             self._client = client
             self.last_error = None
             self.ever_connected = True
@@ -173,6 +200,12 @@ class Monitor:
             if self._orphans:
                 self._cleanup = asyncio.create_task(self._close_orphans())
             return
+
+    def _impostor(self, err: WrongPeer) -> None:
+        """A server other than our qemu answered at vm.qmp: said once per pid."""
+        if err.pid not in self._told_peer and len(self._told_peer) < 16:
+            self._told_peer.add(err.pid)
+            self._log.warning("QMP socket refused: %s", err)
 
     async def _drop(self) -> None:
         client, self._client = self._client, None
@@ -190,6 +223,12 @@ class Monitor:
         if self._closed:
             return
         self.last_error = why
+        if self._gone:
+            # Its qemu has exited: nothing to reconnect to (and the path may
+            # already be its successor's).
+            self._client = None
+            self._ready.set()
+            return
         self._log.warning("QMP connection wedged (%s); reconnecting", why)
         old = self._client
         if stalled:
@@ -208,6 +247,11 @@ class Monitor:
 
     def _closed_error(self) -> QmpConnectionLost:
         return QmpConnectionLost(f"VM {self.uuid}: QMP connection is closed (the VM stopped)")
+
+    @property
+    def peer(self) -> Peer | None:
+        """The qemu process this monitor belongs to (its other sockets too)."""
+        return self._peer
 
     @property
     def ready(self) -> bool:
@@ -290,6 +334,8 @@ class Monitor:
             raise self._closed_error()
         client = self._client
         if client is None:
+            if self._gone:
+                raise QmpConnectionLost(f"VM {self.uuid}: its qemu has exited")
             raise QmpConnectionLost(f"VM {self.uuid}: QMP connection lost")
 
         def lost(cmd: str, err: BaseException) -> QmpConnectionLost | QmpTimeout:

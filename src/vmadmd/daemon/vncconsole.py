@@ -11,6 +11,7 @@ VM's supervisor.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import itertools
 import logging
@@ -22,7 +23,7 @@ from vmadmd.daemon.events import EventBus
 from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.metrics import Metrics
 from vmadmd.daemon.monitor import Monitor
-from vmadmd.daemon.vnc import Handoff, VncListener, file_inode
+from vmadmd.daemon.vnc import Handoff, VncListener, file_inode, listens_on
 from vmadmd.errors import VmadmError
 from vmadmd.vm.store import VmPaths, VmRecord
 
@@ -149,7 +150,7 @@ class VncConsole:
             handoff = functools.partial(self._monitor.add_vnc_client, timeout=self._qmp_timeout)
         listener = VncListener(
             self.uuid, self._paths.runtime_dir, self._paths.VNC_NAME, self._bind, port,
-            self._metrics, handoff, self.qemu_inode,
+            self._metrics, handoff, self.qemu_inode, peer=self._monitor.peer,
         )  # fmt: skip
         refusal, level = vnc_mismatch(self._qemu_auth, bool(password)), logging.WARNING
         if refusal is None and not password and not is_loopback(self._bind):
@@ -174,6 +175,13 @@ class VncConsole:
                 self._log.error("%s", listener.error)
                 return
         kept = [p for host, p in held if host == self._bind and port in (0, p)]
+        if kept and not await asyncio.to_thread(self._holds_port, kept[0]):
+            # qemu's word alone: the port is not one of its own sockets.
+            self._log.warning(
+                "qemu says it listens on port %d, but holds no such socket: not adopted",
+                kept[0],
+            )
+            kept = []
         if len(held) == 1 and kept:
             # qemu still accepts on the port it was given: the console never
             # went away, and keeps its port across the daemon's restart.
@@ -202,6 +210,10 @@ class VncConsole:
 
     async def _give(self, fd: int) -> bool:
         return await self._monitor.listen_vnc(fd, self._paths.VNC_NAME, timeout=self._qmp_timeout)
+
+    def _holds_port(self, port: int) -> bool:
+        peer = self._monitor.peer
+        return peer is None or listens_on(peer.pid, port)
 
     async def _qemu_listeners(self) -> list[tuple[str, int]]:
         """qemu's VNC TCP listeners (none when it cannot be asked)."""
