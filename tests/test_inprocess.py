@@ -10,6 +10,7 @@ tested end to end against real qemu in the other modules.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -34,6 +35,7 @@ from vmadmd.vm import proc
 from vmadmd.vm.cgroup import Cgroups
 from vmadmd.vm.config import VmSettings
 from vmadmd.vm.layer import iso_now
+from vmadmd.vm.sockets import Peer, bind_unix
 from vmadmd.vm.store import Store
 
 UUID = "5d2c6a48-33a4-4d5e-9d70-0c0f3c7b1a01"
@@ -73,11 +75,15 @@ class Rig:
         self.served = await ServedVm.start(self.paths.runtime_dir, UUID, mode)
         return self.served
 
-    def monitor(self, timeout: float = 1.0) -> Monitor:
+    def monitor(self, timeout: float = 1.0, served: ServedVm | None = None) -> Monitor:
+        """A monitor of ``served`` (the current stand-in by default), its peer
+        checked as the supervisor's is."""
+        served = served or self.served
+        peer = Peer.of(served.holder.pid) if served is not None else None
         return Monitor(
             UUID, self.paths.runtime_dir, self.paths.QMP_NAME, timeout=timeout,
             on_event=lambda name, data: self.events.append((name, data)),
-            metrics=self.metrics, connect_timeout=0.5,
+            metrics=self.metrics, connect_timeout=0.5, peer=peer,
         )  # fmt: skip
 
     def supervisor(self) -> tuple[VmSupervisor, asyncio.Future[Any]]:
@@ -124,6 +130,92 @@ async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 # -- the monitor ---------------------------------------------------------------
+
+
+class Impostor:
+    """A QMP server planted at one of a VM's socket names by someone other
+    than its qemu (the VM's user, say): greets like qemu, answers every
+    command, and records every byte it is sent."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.received = b""
+        self.server: asyncio.Server | None = None
+
+    async def start(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self.server = await asyncio.start_unix_server(self._serve, sock=bind_unix(path))
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        writer.write(b'{"QMP": {"version": {}, "capabilities": []}}\r\n')
+        with contextlib.suppress(OSError):
+            while line := await reader.readline():
+                self.received += line
+                ident = json.loads(line).get("id")
+                writer.write(json.dumps({"return": {}, "id": ident}).encode() + b"\r\n")
+        writer.close()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_monitor_refuses_a_socket_its_qemu_does_not_serve(rig: Rig) -> None:
+    """Finding 1: a QMP server planted at vm.qmp (after a daemon restart, say)
+    gets no byte: no capabilities, no VNC password, no fd; the VM's
+    commands fail as for an unreachable qemu."""
+    await rig.serve()
+    impostor = Impostor()
+    await impostor.start(rig.paths.qmp)  # replaces the stand-in's socket at that name
+    mon = rig.monitor(timeout=0.5)
+    mon.start()
+    try:
+        with pytest.raises(QmpTimeout):
+            await mon.set_vnc_password("secret")
+        await asyncio.sleep(0.3)  # a few more connection attempts
+        assert impostor.accepted >= 1  # it was reached ...
+        assert impostor.received == b""  # ... and told nothing
+        assert not mon.ready
+        assert "not by the VM's qemu" in str(mon.last_error)
+    finally:
+        impostor.close()
+        await mon.close()
+
+
+async def test_monitor_never_attaches_to_the_next_qemu_of_its_vm(rig: Rig) -> None:
+    """Issue "Stops that always end": the VM started again at once binds
+    vm.qmp anew; the previous qemu's monitor, reconnecting, must not take
+    the new qemu's only QMP slot.  Once told its qemu is gone, it stops
+    trying, and commands fail at once with 409, not 504."""
+    first = await rig.serve()
+    old = rig.monitor(timeout=2.0)
+    old.start()
+    await until(lambda: old.ready)
+    first.kill()
+    await first.holder.wait()
+    with pytest.raises((QmpConnectionLost, QmpTimeout)):
+        await old.query("status")  # the connection broke: it reconnects
+    second = await ServedVm.start(rig.paths.runtime_dir, UUID)
+    try:
+        await asyncio.sleep(0.5)  # reconnection attempts at the new socket
+        assert second.vm.commands == []  # not one byte reached the new qemu
+        new = rig.monitor(served=second)
+        new.start()
+        try:
+            await until(lambda: new.ready)
+            assert (await new.query("status"))["running"] is True
+        finally:
+            await new.close()
+        old.qemu_gone()
+        t0 = time.monotonic()
+        with pytest.raises(QmpConnectionLost):
+            await old.query("status")
+        assert time.monotonic() - t0 < 0.2
+    finally:
+        await old.close()
+        await second.close()
 
 
 async def test_monitor_typed_operations_and_events(rig: Rig) -> None:
@@ -374,6 +466,35 @@ async def test_stop_forced_by_sigterm_when_qmp_stalls(
     assert rig.last_exit()["stage"] == "sigterm"
 
 
+async def test_a_stop_is_forced_at_its_deadline_with_no_qmp_at_all(rig: Rig) -> None:
+    """A deadline is a deadline: with no QMP connection ever (half a greeting,
+    then silence) the stop is still forced on time, by signal, without
+    waiting for a `quit` that cannot be sent."""
+    await rig.serve("half")
+    sup, settled = rig.supervisor()
+    pending = await sup.request_stop(0.5, "stopped")
+    await asyncio.wait_for(settled, 8)
+    late = time.time() - pending.expire_ms / 1000
+    assert 0 <= late < 1.0, f"forced {late:.2f} s after its deadline"
+    assert rig.last_exit()["stage"] == "sigterm"
+
+
+async def test_a_stop_is_not_queued_behind_a_stuck_operation(rig: Rig) -> None:
+    """A stop is accepted, and forced on time, while another operation holds
+    the VM (a user's command waiting on a wedged qemu, here the lock held)."""
+    await rig.serve("ignore_acpi")
+    sup, settled = rig.supervisor()
+    await until(lambda: sup.monitor.ready)
+    await sup.lock.acquire()
+    try:
+        pending = await asyncio.wait_for(sup.request_stop(0.3, "stopped"), 2)
+        await asyncio.wait_for(settled, 5)
+    finally:
+        sup.lock.release()
+    assert 0 <= time.time() - pending.expire_ms / 1000 < 1.0
+    assert rig.last_exit()["stage"] == "quit"
+
+
 async def test_guest_poweroff_with_no_stop_pending(rig: Rig) -> None:
     await rig.serve()
     sup, settled = rig.supervisor()
@@ -523,13 +644,13 @@ async def test_upstream_connect_rides_out_qemu_binding_vm_vnc_anew(tmp_path: Pat
         return bind_unix(str(tmp_path / "vm.vnc"))
 
     binder = asyncio.create_task(bind_later())
-    sock = await connect_upstream(str(tmp_path), "vm.vnc")  # nothing there yet
+    sock = await connect_upstream(str(tmp_path), "vm.vnc", None)  # nothing there yet
     sock.close()
     (await binder).close()
     os.unlink(tmp_path / "vm.vnc")
     t0 = time.monotonic()
     with pytest.raises(FileNotFoundError):  # nothing comes: the error stands, soon
-        await connect_upstream(str(tmp_path), "vm.vnc")
+        await connect_upstream(str(tmp_path), "vm.vnc", None)
     assert time.monotonic() - t0 < 0.5
 
 

@@ -51,6 +51,7 @@ from vmadmd.errors import InvalidParameter, QmpRefused, QmpTimeout, VmadmError, 
 from vmadmd.vm import cgroup, launch, net, proc, transition, zonefs
 from vmadmd.vm.config import VmSettings
 from vmadmd.vm.layer import identity_of, iso_now, now_ms
+from vmadmd.vm.sockets import Peer
 from vmadmd.vm.store import Store, VmRecord
 from vmadmd.vm.transition import Transition, TransitionTo
 
@@ -241,6 +242,9 @@ class VmSupervisor:
         self._shared = shared
         self._on_exit = on_exit
         settings = shared.settings
+        # Every socket of this VM is this qemu's, or refused (the pid is the
+        # identity-checked one, its pidfd already open).
+        peer = Peer.of(pid)
         self.monitor = Monitor(
             uuid,
             self.paths.runtime_dir,
@@ -249,6 +253,7 @@ class VmSupervisor:
             on_event=self._on_qmp_event,
             metrics=shared.metrics,
             connect_slots=shared.connect_slots,
+            peer=peer,
         )
         self.exited = asyncio.Event()
         self.console = VncConsole(
@@ -258,8 +263,12 @@ class VmSupervisor:
             bus=shared.bus, metrics=shared.metrics, gone=self.exited.is_set,
             require_password=settings.vm.vnc_require_password,
         )  # fmt: skip
-        self.serial = SerialConsole(uuid, self.paths.runtime_dir, self.paths.CONSOLE_NAME)
+        self.serial = SerialConsole(uuid, self.paths.runtime_dir, self.paths.CONSOLE_NAME, peer)
         self.lock = asyncio.Lock()  # one operation at a time on this VM
+        # Stops and reboots queue among themselves only: a stop never waits
+        # behind a QMP operation (a screendump stuck on a wedged qemu must
+        # not keep its deadline from being set).
+        self._stop_lock = asyncio.Lock()
         self.transition: Transition | None = None
         self._timer: asyncio.Task[None] | None = None
         self._console_task: asyncio.Task[None] | None = None
@@ -323,6 +332,7 @@ class VmSupervisor:
     def _on_pidfd(self) -> None:
         self._close_pidfd()
         self.exited.set()
+        self.monitor.qemu_gone()
         self._on_exit(self)
 
     def ending(self, status: int | None = None) -> Ending:
@@ -539,8 +549,14 @@ class VmSupervisor:
     # -- stop / reboot -----------------------------------------------------------
 
     async def request_stop(self, timeout: float, to: TransitionTo) -> Transition:
-        """Persist the deadline, then press the power button; forced at the deadline."""
-        async with self._exclusive(LOCK_WAIT):
+        """Persist the deadline and arm it, then press the power button.
+
+        From the moment the deadline is on disk, the stop is forced at it
+        whatever else happens: the timer runs on its own (the power button
+        below may wait for a QMP connection that never comes) and forcing
+        needs nothing but this qemu's pidfd.
+        """
+        async with self._exclusive(LOCK_WAIT, self._stop_lock):
             self._alive()
             expire = now_ms() + int(timeout * 1000)
             merged: Transition | None = None
@@ -558,26 +574,26 @@ class VmSupervisor:
             self._shared.bus.emit("transition_set", self.uuid, **merged.to_json())
             what = "reboot" if to == "start" else "stop"
             self._log.info("%s requested, forced at %d", what, merged.expire_ms)
-            await self._powerdown()
             self._arm()
+            await self._powerdown()
             return merged
 
     @contextlib.asynccontextmanager
-    async def _exclusive(self, timeout: float) -> AsyncIterator[None]:
-        """This VM's operation lock, then its vm.json lock, within ``timeout``
-        in all (VmBusy past it): requests queued behind a held lock give up
+    async def _exclusive(self, timeout: float, lock: asyncio.Lock) -> AsyncIterator[None]:
+        """``lock``, then the VM's vm.json lock, within ``timeout`` in all
+        (VmBusy past it): requests queued behind a held lock give up
         together, not one wait after another."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
-            await asyncio.wait_for(self.lock.acquire(), timeout)
+            await asyncio.wait_for(lock.acquire(), timeout)
         except TimeoutError:
             raise VmBusy(f"VM {self.uuid} is busy with another operation") from None
         try:
             async with vm_lock(self._shared.store, self.uuid, max(deadline - loop.time(), 0.0)):
                 yield
         finally:
-            self.lock.release()
+            lock.release()
 
     async def _powerdown(self) -> None:
         try:
@@ -599,8 +615,10 @@ class VmSupervisor:
                 break
             if await self._wait_exit(min(left, POWERDOWN_RESEND)):
                 return
-            if self.transition.seconds_left(time.time()) > 0.5:
-                await self._powerdown()
+            if self.transition.seconds_left(time.time()) > 0.5 and self.monitor.ready:
+                # Beside the timer, never in its way: a press that waits on
+                # a slow qemu must not push the deadline back.
+                self._shared.spawn(self._powerdown(), f"powerdown-{self.uuid}")
         if not self.exited.is_set():
             await self.force_stop()
 
@@ -611,11 +629,15 @@ class VmSupervisor:
         """
         self._log.info("deadline reached; forcing the stop")
         self._shared.bus.emit("transition_forced", self.uuid)
-        self._forced = "quit"
-        with contextlib.suppress(VmadmError):
-            await self.monitor.quit(timeout=QUIT_WAIT)
-        if await self._wait_exit(QUIT_WAIT):
-            return "quit"
+        if self.monitor.ready:
+            # `quit` only over a connection that is up: waiting for one
+            # would spend the forcing ladder's time on a qemu that may never
+            # answer (the signals below need no QMP).
+            self._forced = "quit"
+            with contextlib.suppress(VmadmError):
+                await self.monitor.quit(timeout=QUIT_WAIT)
+            if await self._wait_exit(QUIT_WAIT):
+                return "quit"
         for stage, sig, wait in proc.SIGNAL_LADDER:
             self._forced = cast(ForceStage, stage)
             if self._pidfd < 0 or not proc.pidfd_signal(self._pidfd, sig):
