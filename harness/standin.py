@@ -340,8 +340,13 @@ class _FdConn:
         fd = self.sock.fileno()
         try:
             while True:
-                ready = loop.create_future()
-                loop.add_reader(fd, ready.set_result, None)
+                ready: asyncio.Future[None] = loop.create_future()
+
+                def wake(ready: asyncio.Future[None] = ready) -> None:
+                    if not ready.done():  # cancelled meanwhile (the pump is closing)
+                        ready.set_result(None)
+
+                loop.add_reader(fd, wake)
                 try:
                     await ready
                 finally:
