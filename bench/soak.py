@@ -44,6 +44,7 @@ import h11
 from harness.world import World
 from vmadmd.cli.client import Client
 from vmadmd.errors import VmadmError
+from vmadmd.vm import proc
 from vmadmd.vm.config import VmSettings
 from vmadmd.vm.layer import VmLayer
 from vmadmd.vm.sockets import connect_unix
@@ -215,7 +216,7 @@ class Soak:
                 if uuid in self.unsettled or self.down.is_set():
                     return
                 await asyncio.sleep(0.1)
-        why = "no listener"
+        why, detail = "no listener", f"{'real' if uuid in self.real else 'stand-in'} {uuid}"
         if port is not None:
             writer = None
             try:
@@ -232,7 +233,7 @@ class Soak:
         self.report.latencies["vnc banner"].append(time.monotonic() - t0)
         self.report.served += 1
         if why and uuid not in self.unsettled:
-            self.report.error(f"vnc {why}")
+            self.report.error(f"vnc {why}", detail)
 
     async def client(self) -> None:
         http = Http(self.w.socket)
@@ -290,14 +291,26 @@ class Soak:
         return float(json.loads(body)["transition"]["expire"]) / 1000
 
     async def ended(self, uuid: str, give_up: float = 30) -> float | None:
-        """When the VM's qemu was seen gone (epoch seconds), polled every 10 ms."""
-        limit = time.monotonic() + give_up
-        while await asyncio.to_thread(self.layer.is_running, uuid):
-            if time.monotonic() > limit:
-                self.report.error("stop did not end the VM in 30 s")
-                return None
-            await asyncio.sleep(0.01)
-        return time.time()
+        """When the VM's qemu exited (epoch seconds): taken by a thread blocked
+        on its pidfd, so a busy event loop here does not make it late."""
+        pid = await asyncio.to_thread(self.layer.pid, uuid)
+        if pid is None:
+            return time.time()
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return time.time()
+
+        def wait() -> float | None:
+            try:
+                return time.time() if proc.pidfd_wait(pidfd, give_up) else None
+            finally:
+                os.close(pidfd)
+
+        end = await asyncio.to_thread(wait)
+        if end is None:
+            self.report.error("stop did not end the VM in 30 s")
+        return end
 
     def landed(self, deadline: float | None, end: float | None) -> None:
         if deadline is None or end is None:
