@@ -25,10 +25,12 @@ import pytest
 
 from harness.standin import ServedVm
 from vmadmd.daemon import supervisor as supervisor_mod
+from vmadmd.daemon.ending import ending_of
 from vmadmd.daemon.events import EventBus
 from vmadmd.daemon.metrics import Metrics
-from vmadmd.daemon.monitor import Monitor
-from vmadmd.daemon.supervisor import DaemonSettings, Shared, VmSupervisor, ending_of
+from vmadmd.daemon.monitor import Monitor, Shutdown, VncClient, shutdown_of
+from vmadmd.daemon.settings import DaemonSettings, Shared
+from vmadmd.daemon.supervisor import VmSupervisor
 from vmadmd.daemon.vncconsole import VncConsole
 from vmadmd.errors import QmpConnectionLost, QmpRefused, QmpTimeout
 from vmadmd.vm import proc
@@ -39,6 +41,22 @@ from vmadmd.vm.sockets import Peer, bind_unix
 from vmadmd.vm.store import Store
 
 UUID = "5d2c6a48-33a4-4d5e-9d70-0c0f3c7b1a01"
+
+
+class Told:
+    """A monitor's owner that writes down what it is told, as (event, data)."""
+
+    def __init__(self, into: list[tuple[str, dict[str, Any]]]) -> None:
+        self.into = into
+
+    def on_shutdown(self, shutdown: Shutdown) -> None:
+        self.into.append(("shutdown", shutdown._asdict()))
+
+    def on_vnc_client(self, client: VncClient) -> None:
+        self.into.append(("vnc_client", client._asdict()))
+
+    def on_lifecycle(self, event: str, data: dict[str, Any]) -> None:
+        self.into.append((event, data))
 
 
 class Rig:
@@ -82,8 +100,7 @@ class Rig:
         peer = Peer.of(served.holder.pid) if served is not None else None
         return Monitor(
             UUID, self.paths.runtime_dir, self.paths.QMP_NAME, timeout=timeout,
-            on_event=lambda name, data: self.events.append((name, data)),
-            metrics=self.metrics, connect_timeout=0.5, peer=peer,
+            events=Told(self.events), metrics=self.metrics, connect_timeout=0.5, peer=peer,
         )  # fmt: skip
 
     def supervisor(self) -> tuple[VmSupervisor, asyncio.Future[Any]]:
@@ -312,7 +329,6 @@ async def test_monitor_half_greeting_never_connects(rig: Rig) -> None:
         with pytest.raises(QmpTimeout, match="no QMP connection"):
             await mon.query("version")
         assert not mon.ready
-        assert not mon.ever_connected
     finally:
         await mon.close()
 
@@ -437,7 +453,8 @@ async def test_stop_obeyed_by_the_guest(rig: Rig) -> None:
     cleared, ending = await asyncio.wait_for(settled, 5)
     assert cleared is not None
     assert cleared.to == "stopped"
-    assert ending == {"reason": "stop", "stage": "acpi"}
+    assert ending is not None
+    assert ending.fields() == {"reason": "stop", "stage": "acpi"}
     assert rig.last_exit()["reason"] == "stop"
     assert rig.last_exit()["stage"] == "acpi"
     assert "transition" not in rig.store.load(UUID)
@@ -614,20 +631,28 @@ async def test_an_ending_already_recorded_for_this_boot_is_kept(rig: Rig) -> Non
 
 
 def test_ending_rules() -> None:
+    def ending(shutdown: dict[str, Any] | None, *args: Any) -> dict[str, Any]:
+        told = shutdown_of(shutdown) if shutdown is not None else None
+        return ending_of(told, *args).fields()
+
     guest = {"guest": True, "reason": "guest-shutdown"}
-    assert ending_of(guest, None, pending=False) == {"reason": "poweroff"}
-    assert ending_of(guest, None, pending=True) == {"reason": "stop", "stage": "acpi"}
-    assert ending_of(None, "sigkill", pending=True) == {"reason": "stop", "stage": "sigkill"}
-    assert ending_of({"guest": True, "reason": "guest-panic"}, "quit", True)["reason"] == "panic"
-    assert ending_of(None, None, pending=False)["reason"] == "crash"
-    quit_by_host = ending_of({"guest": False, "reason": "host-qmp-quit"}, None, pending=False)
+    assert ending(guest, None, False) == {"reason": "poweroff"}
+    assert ending(guest, None, True) == {"reason": "stop", "stage": "acpi"}
+    assert ending(None, "sigkill", True) == {"reason": "stop", "stage": "sigkill"}
+    assert ending({"guest": True, "reason": "guest-panic"}, "quit", True)["reason"] == "panic"
+    assert ending(None, None, False)["reason"] == "crash"
+    quit_by_host = ending({"guest": False, "reason": "host-qmp-quit"}, None, False)
     assert quit_by_host == {"reason": "stop", "stage": "quit", "by": "host"}
+    by_signal = ending({"guest": False, "reason": "host-signal"}, None, False)
+    assert by_signal == {"reason": "stop", "stage": "sigterm", "by": "host"}
+    odd = ending({"guest": False, "reason": "host-ui"}, None, False)
+    assert odd == {"reason": "stop", "stage": "host-ui", "by": "host"}
     # With the wait status qemu's waiter recorded: which signal, which status;
     # a clean exit whose SHUTDOWN went unseen is the guest's own.
-    assert ending_of(None, None, False, 128 + 31) == {"reason": "crash", "signal": "SIGSYS"}
-    assert ending_of(None, None, False, 1) == {"reason": "crash", "status": 1}
-    assert ending_of(None, None, False, 0) == {"reason": "poweroff"}
-    assert ending_of(None, None, True, 0) == {"reason": "stop", "stage": "acpi"}
+    assert ending(None, None, False, 128 + 31) == {"reason": "crash", "signal": "SIGSYS"}
+    assert ending(None, None, False, 1) == {"reason": "crash", "status": 1}
+    assert ending(None, None, False, 0) == {"reason": "poweroff"}
+    assert ending(None, None, True, 0) == {"reason": "stop", "stage": "acpi"}
 
 
 # -- the VNC console -------------------------------------------------------------
@@ -783,7 +808,8 @@ async def test_info_returns_what_answered_and_the_error_of_what_did_not(rig: Rig
 
 
 def test_crash_log_backs_off_then_gives_up() -> None:
-    from vmadmd.daemon.supervisor import CrashLog, CrashRestart
+    from vmadmd.daemon.ending import CrashLog
+    from vmadmd.daemon.settings import CrashRestart
 
     log = CrashLog(CrashRestart(delay=1.0, max_delay=3.0, limit=3, window=100.0))
     assert log.crashed(UUID, 0.0) == (1, 1.0)

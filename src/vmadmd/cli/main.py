@@ -203,16 +203,10 @@ def _graceful(layer: VmLayer, uuid: str, args: argparse.Namespace, action: str) 
 
 def _ended(vm: dict[str, Any]) -> str:
     """How a VM stopped, in words, from its last_exit."""
-    last = vm.get("last_exit")
-    if not isinstance(last, dict):
-        return "stopped"
-    reason, stage = last.get("reason"), last.get("stage")
-    if reason == "stop" and stage == "acpi":
-        return "stopped by the guest (ACPI power button)"
-    if reason == "stop":
-        return f"forced at the deadline ({stage})"
-    return {"poweroff": "powered off by the guest", "panic": "guest kernel panic",
-            "crash": "qemu crashed"}.get(str(reason), str(reason))  # fmt: skip
+    from vmadmd.vm.ending import Ending
+
+    last = Ending.of(vm)
+    return last.words() if last is not None else "stopped"
 
 
 def _stop_all(layer: VmLayer, args: argparse.Namespace) -> None:

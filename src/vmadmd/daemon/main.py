@@ -27,7 +27,7 @@ from vmadmd.daemon.events import EventBus
 from vmadmd.daemon.http import Front
 from vmadmd.daemon.manager import Manager
 from vmadmd.daemon.metrics import Metrics
-from vmadmd.daemon.supervisor import CrashRestart, DaemonSettings
+from vmadmd.daemon.settings import CrashRestart, DaemonSettings
 from vmadmd.daemon.vncconsole import is_loopback
 from vmadmd.errors import ConfigError
 from vmadmd.vm.cgroup import MANAGERS

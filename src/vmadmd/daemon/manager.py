@@ -18,20 +18,15 @@ import time
 from collections.abc import Coroutine, Iterable
 from typing import Any, Literal
 
+from vmadmd.daemon.ending import CrashLog, Settled, settle_record
 from vmadmd.daemon.events import EventBus
 from vmadmd.daemon.locks import vm_lock
 from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.metrics import Metrics
 from vmadmd.daemon.serial import SerialConsole
+from vmadmd.daemon.settings import DaemonSettings, Shared
 from vmadmd.daemon.stats import VmStatsCollector
-from vmadmd.daemon.supervisor import (
-    CrashLog,
-    DaemonSettings,
-    Settled,
-    Shared,
-    VmSupervisor,
-    settle_record,
-)
+from vmadmd.daemon.supervisor import VmSupervisor
 from vmadmd.errors import StartFailed, VmadmError, VmBroken, VmBusy, WrongState
 from vmadmd.vm import proc
 from vmadmd.vm.layer import VmLayer, identity_of, state_of
@@ -75,7 +70,7 @@ class Manager:
             cgroups=self.layer.cgroups,
         )
         metrics.watch_state(self._state_snapshot)
-        self.stats = VmStatsCollector(lambda: list(self.vms.values()))
+        self.stats = VmStatsCollector(lambda: [sup.stats_state for sup in self.vms.values()])
         metrics.add_collector(self.stats)
 
     # -- helpers -----------------------------------------------------------
@@ -273,7 +268,7 @@ class Manager:
         if settled.cleared is not None and settled.cleared.to == "start":
             with contextlib.suppress(VmadmError):  # logged and emitted by boot()
                 await self.boot(uuid, reason="reboot")
-        elif settled.ending is not None and settled.ending.get("reason") in ("panic", "crash"):
+        elif settled.ending is not None and settled.ending.reason in ("panic", "crash"):
             self._spawn(self._restart_after_crash(uuid), f"restart-{uuid}")
 
     async def _restart_after_crash(self, uuid: str) -> None:

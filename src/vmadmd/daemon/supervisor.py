@@ -13,11 +13,10 @@ seconds (a guest still booting can miss one); at the deadline the stop is
 forced: ``quit`` over QMP, then SIGTERM, then SIGKILL through the pidfd,
 each step bounded.
 
-How the VM ended is recorded as ``last_exit`` (see ``Ending``): the daemon
-learns it from qemu's ``SHUTDOWN`` event (``guest: true`` for the guest's
-own power-off, ``reason: guest-panic`` after a pvpanic report) and from
-which forcing step, if any, it took; a qemu that goes away with no
-shutdown at all crashed.
+How the VM ended is recorded as ``last_exit`` (``vm/ending.py``): the
+daemon learns it from how the monitor says qemu shut down (the guest's own
+power-off, a panic) and from which forcing step, if any, it took; a qemu
+that goes away with no shutdown at all crashed (``daemon/ending.py``).
 """
 
 from __future__ import annotations
@@ -29,30 +28,29 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple, cast
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal, cast
 
-from vmadmd.daemon.events import EventBus
+from vmadmd.daemon.ending import (
+    SETTLE_LOCK_WAIT,
+    ForceStage,
+    Settled,
+    ending_of,
+    settle_record,
+)
 from vmadmd.daemon.locks import LOCK_WAIT, vm_lock
 from vmadmd.daemon.logs import vm_log
-from vmadmd.daemon.metrics import Metrics
-from vmadmd.daemon.monitor import QUERIES, Monitor
+from vmadmd.daemon.monitor import QUERIES, Monitor, Shutdown, VncClient
 from vmadmd.daemon.serial import SerialConsole
-from vmadmd.daemon.stats import (
-    BLOCKSTATS_PERIOD,
-    DiskStats,
-    nic_counters,
-    parse_blockstats,
-    snapshot,
-)
+from vmadmd.daemon.settings import Shared
+from vmadmd.daemon.stats import BLOCKSTATS_PERIOD, VmStats, nic_counters, snapshot
 from vmadmd.daemon.vncconsole import VncConsole, qemu_vnc_mode
 from vmadmd.errors import InvalidParameter, QmpRefused, QmpTimeout, VmadmError, VmBusy, WrongState
-from vmadmd.vm import cgroup, launch, net, proc, transition, zonefs
-from vmadmd.vm.config import VmSettings
-from vmadmd.vm.layer import identity_of, iso_now, now_ms
+from vmadmd.vm import launch, net, proc, transition, zonefs
+from vmadmd.vm.ending import Ending
+from vmadmd.vm.layer import identity_of, now_ms
 from vmadmd.vm.sockets import Peer
-from vmadmd.vm.store import Store, VmRecord
+from vmadmd.vm.store import VmRecord
 from vmadmd.vm.transition import Transition, TransitionTo
 
 log = logging.getLogger("vmadmd.supervisor")
@@ -60,74 +58,10 @@ log = logging.getLogger("vmadmd.supervisor")
 INFO_TYPES = (*QUERIES, "vnc")  # the default set
 EXTRA_TYPES = ("stats",)  # only when asked for
 
-ForceStage = Literal["quit", "sigterm", "sigkill"]
-
 POWERDOWN_RESEND = 2.0  # a guest still booting can miss one ACPI press
 QUIT_WAIT = 2.0
 DRAIN_WAIT = 0.5  # for qemu's last events once its exit is seen
-SETTLE_LOCK_WAIT = 3600.0  # an exit is recorded once the VM's lock is free
 MAX_SCREENSHOT = 64 << 20
-
-
-@dataclass
-class CrashRestart:
-    """restart_on_crash's back-off: ``delay`` doubling per crash up to
-    ``max_delay``; more than ``limit`` crashes within ``window`` s: no more."""
-
-    delay: float = 1.0
-    max_delay: float = 60.0
-    limit: int = 5
-    window: float = 600.0
-
-
-class CrashLog:
-    """restart_on_crash's decision: how long to wait before booting a crashed
-    VM again, or None when it crashed too often lately.  Pure; the clock is
-    given.  Kept in the daemon's memory (a restarted daemon starts afresh)."""
-
-    def __init__(self, policy: CrashRestart) -> None:
-        self.policy = policy
-        self._crashes: dict[str, list[float]] = {}
-
-    def crashed(self, uuid: str, now: float) -> tuple[int, float | None]:
-        """Record a crash at ``now``: (crashes in the window, delay or None)."""
-        window = self.policy.window
-        history = [t for t in self._crashes.get(uuid, []) if now - t < window]
-        history.append(now)
-        self._crashes[uuid] = history
-        if len(history) > self.policy.limit:
-            return len(history), None
-        return len(history), min(self.policy.delay * 2 ** (len(history) - 1), self.policy.max_delay)
-
-
-@dataclass
-class DaemonSettings:
-    vm: VmSettings
-    vnc_bind: str = "127.0.0.1"
-    qmp_timeout: float = 5.0
-    # "listen": qemu accepts on the console's listening socket itself (the
-    # daemon gives it over QMP; "handoff" where it cannot take it);
-    # "handoff": give each console client to qemu's VNC server over QMP,
-    # relaying only when qemu cannot take one; "proxy": always relay.
-    vnc_relay: str = "listen"
-    crash_restart: CrashRestart = field(default_factory=CrashRestart)
-
-
-@dataclass
-class Shared:
-    """What every supervisor is given by the manager."""
-
-    settings: DaemonSettings
-    store: Store
-    bus: EventBus
-    metrics: Metrics
-    connect_slots: asyncio.Semaphore
-    spawn: Callable[[Coroutine[Any, Any, Any], str], asyncio.Task[Any]]
-    cgroups: cgroup.Cgroups
-
-
-# How a VM last ended, as kept in vm.json's "last_exit" (without "time").
-Ending = dict[str, Any]
 
 
 def parse_types(raw: str | None) -> list[str]:
@@ -140,89 +74,6 @@ def parse_types(raw: str | None) -> list[str]:
         if t not in known:
             raise InvalidParameter(f"unknown info type {t!r}; known: {', '.join(known)}")
     return list(dict.fromkeys(types))
-
-
-def ending_of(
-    shutdown: dict[str, Any] | None,
-    forced: ForceStage | None,
-    pending: bool,
-    status: int | None = None,
-) -> Ending:
-    """How a VM ended, from what the daemon saw of it.
-
-    ``shutdown`` is the data of qemu's SHUTDOWN event (None when none came),
-    ``forced`` the forcing step the daemon last took, ``pending`` whether a
-    stop or reboot was asked for, ``status`` qemu's wait status as its waiter
-    recorded it (None: not known).
-    """
-    reason = str(shutdown.get("reason", "")) if shutdown is not None else ""
-    if reason == "guest-panic":
-        return {"reason": "panic"}
-    if forced is not None:
-        return {"reason": "stop", "stage": forced}
-    if shutdown is None and status != 0:
-        if status is None:
-            return {"reason": "crash",
-                    "detail": "qemu exited without shutting down (signal or abort)"}  # fmt: skip
-        return {"reason": "crash", **launch.describe_status(status)}
-    # The guest shut down, or qemu exited cleanly (status 0) with its
-    # SHUTDOWN event unseen by the monitor.
-    if shutdown is None or shutdown.get("guest") is True:
-        return {"reason": "stop", "stage": "acpi"} if pending else {"reason": "poweroff"}
-    # qemu was told to go by someone else: a `quit` on its monitor, a signal.
-    stage = {"host-qmp-quit": "quit", "host-signal": "sigterm"}.get(reason, reason or "host")
-    return {"reason": "stop", "stage": stage, "by": "host"}
-
-
-class Settled(NamedTuple):
-    """What settling an exit found: the transition it cleared, how the VM ended."""
-
-    cleared: Transition | None
-    ending: Ending | None
-
-
-async def settle_record(shared: Shared, uuid: str, ending: Ending | None) -> Settled:
-    """qemu is gone: clear the transition and record how it ended.
-
-    ``ending`` None: not known (qemu went away while no daemon watched).  An
-    ending already recorded for this boot (``vmadm stop -F`` writes its own)
-    is kept.
-    """
-    cleared: Transition | None = None
-    recorded: Ending | None = None
-
-    def change(vm: VmRecord) -> None:
-        nonlocal cleared, recorded
-        cleared = Transition.from_json(vm.pop(transition.KEY, None))
-        last = vm.get("last_exit")
-        boot = vm.get("boot_timestamp", "")
-        if isinstance(last, dict) and str(last.get("time", "")) >= str(boot):
-            recorded = {k: v for k, v in last.items() if k != "time"}
-        elif ending is not None:
-            vm["last_exit"] = {**ending, "time": iso_now()}
-            recorded = ending
-
-    try:
-        # However long another process holds the VM's lock, the exit is
-        # recorded once it lets go: waiting costs no thread.
-        async with vm_lock(shared.store, uuid, SETTLE_LOCK_WAIT):
-            await asyncio.to_thread(shared.store.update_locked, uuid, change)
-    except VmadmError as err:
-        # Deleted meanwhile, or unreadable: nothing to settle.
-        vm_log(log, uuid).info("exited; record not updated: %s", err)
-        shared.bus.emit("exited", uuid, **(ending or {}))
-        return Settled(None, None)
-    how = recorded or {}
-    reason = str(how.get("reason", "unknown"))
-    level = logging.WARNING if reason in ("panic", "crash") else logging.INFO
-    told = " ".join(f"{k}={v}" for k, v in how.items()) or "unknown"
-    vm_log(log, uuid).log(level, "exited (%s)", told, extra={"reason": reason})
-    shared.bus.emit("exited", uuid, **how)
-    if recorded is not None:
-        shared.metrics.vm_exits.labels(reason, str(how.get("stage", ""))).inc()
-    if cleared is not None:
-        shared.bus.emit("transition_cleared", uuid, to=cleared.to)
-    return Settled(cleared, recorded)
 
 
 class VmSupervisor:
@@ -250,7 +101,7 @@ class VmSupervisor:
             self.paths.runtime_dir,
             self.paths.QMP_NAME,
             timeout=settings.qmp_timeout,
-            on_event=self._on_qmp_event,
+            events=self,
             metrics=shared.metrics,
             connect_slots=shared.connect_slots,
             peer=peer,
@@ -273,14 +124,10 @@ class VmSupervisor:
         self._timer: asyncio.Task[None] | None = None
         self._console_task: asyncio.Task[None] | None = None
         self._forced: ForceStage | None = None
-        self._shutdown: dict[str, Any] | None = None
+        self._shutdown: Shutdown | None = None
         self._stats_task: asyncio.Task[None] | None = None
-        # For the statistics (see stats.py): what to call it, its taps, the
-        # last block counters.
-        self.alias = ""
-        self.nics: list[str] = []
         self._nic_records: list[Any] = []
-        self.disk_stats: dict[str, DiskStats] = {}
+        self.stats_state = VmStats(uuid, pid)  # what the statistics need of it
 
     @property
     def state(self) -> str:
@@ -288,9 +135,9 @@ class VmSupervisor:
 
     def learn(self, record: VmRecord) -> None:
         """Take what the statistics name the VM by from its (new) record."""
-        self.alias = str(record.get("alias") or "")
+        self.stats_state.alias = str(record.get("alias") or "")
         self._nic_records = list(record.get("nics", []))
-        self.nics = [
+        self.stats_state.nics = [
             str(nic["ifname"])
             for nic in record.get("nics", [])
             if isinstance(nic, dict) and nic.get("netdev") == "tap" and nic.get("ifname")
@@ -310,16 +157,18 @@ class VmSupervisor:
         if self.transition is not None:
             self._arm()
 
-    def _on_qmp_event(self, name: str, data: dict[str, Any]) -> None:
-        if name == "SHUTDOWN":
-            self._shutdown = data
-        elif name == "VNC_CONNECTED":
-            self.console.client_connected(data)
-            return
-        if name in ("SHUTDOWN", "POWERDOWN", "RESET", "STOP", "RESUME", "GUEST_PANICKED"):
-            self._log.debug("QMP event %s", name)
-            # Rate-limited: a guest in a reset loop must not flood the history.
-            self._shared.bus.emit_limited(name, "qmp_event", self.uuid, event=name, data=data)
+    # -- what the monitor tells (MonitorEvents) ---------------------------------
+
+    def on_shutdown(self, shutdown: Shutdown) -> None:
+        self._shutdown = shutdown
+
+    def on_vnc_client(self, client: VncClient) -> None:
+        self.console.client_connected(client)
+
+    def on_lifecycle(self, event: str, data: dict[str, Any]) -> None:
+        self._log.debug("QMP event %s", event)
+        # Rate-limited: a guest in a reset loop must not flood the history.
+        self._shared.bus.emit_limited(event, "qmp_event", self.uuid, event=event, data=data)
 
     # -- exit ----------------------------------------------------------------
 
@@ -374,9 +223,8 @@ class VmSupervisor:
         settled = await settle_record(self._shared, self.uuid, self.ending(status))
         self._shared.bus.forget(self.uuid)
         why = {"panic": "the guest kernel panicked", "crash": "qemu crashed"}
-        await self.serial.close(
-            why.get(str((settled.ending or {}).get("reason")), "the VM stopped")
-        )
+        reason = settled.ending.reason if settled.ending is not None else ""
+        await self.serial.close(why.get(reason, "the VM stopped"))
         await self.console.close()
         await self.monitor.close()
         # Its taps and its cgroup go with it (best effort: the next start
@@ -457,16 +305,17 @@ class VmSupervisor:
     async def stats(self) -> dict[str, Any]:
         """CPU, memory, disk and nic counters (block counters refreshed now)."""
         with contextlib.suppress(VmadmError):
-            self.disk_stats = parse_blockstats(await self.monitor.query("blockstats"))
-        nics = await asyncio.to_thread(nic_counters, self.nics) if self.nics else {}
-        return snapshot(self, self._shared.cgroups.memory_limit(self.uuid), nics)
+            self.stats_state.disks = await self.monitor.blockstats()
+        names = self.stats_state.nics
+        nics = await asyncio.to_thread(nic_counters, names) if names else {}
+        return snapshot(self.stats_state, self._shared.cgroups.memory_limit(self.uuid), nics)
 
     async def _poll_blockstats(self) -> None:
         """Keep the block counters fresh for /metrics, one query per period."""
         await asyncio.sleep(random.uniform(0, BLOCKSTATS_PERIOD))  # spread the VMs out
         while True:
             with contextlib.suppress(VmadmError):
-                self.disk_stats = parse_blockstats(await self.monitor.query("blockstats"))
+                self.stats_state.disks = await self.monitor.blockstats()
             await asyncio.sleep(BLOCKSTATS_PERIOD)
 
     async def reset(self) -> None:

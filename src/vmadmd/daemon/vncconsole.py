@@ -22,7 +22,7 @@ from typing import Any
 from vmadmd.daemon.events import EventBus
 from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.metrics import Metrics
-from vmadmd.daemon.monitor import Monitor
+from vmadmd.daemon.monitor import Monitor, VncClient
 from vmadmd.daemon.vnc import Handoff, VncListener, file_inode, listens_on
 from vmadmd.errors import VmadmError
 from vmadmd.vm.store import VmPaths, VmRecord
@@ -233,18 +233,14 @@ class VncConsole:
             self._log.warning("cannot close qemu's VNC listener: %s", err)
         self._inode = None
 
-    def client_connected(self, data: dict[str, Any]) -> None:
-        """qemu's ``VNC_CONNECTED``: counted when qemu accepted the client itself."""
+    def client_connected(self, client: VncClient) -> None:
+        """A client qemu's VNC server accepted: counted when it came to the
+        console's TCP port (a unix client is the daemon's own web relay)."""
         listener = self.listener
-        client = data.get("client")
-        if listener is None or not listener.in_qemu or not isinstance(client, dict):
+        if listener is None or not listener.in_qemu or not client.tcp:
             return
-        if client.get("family") not in ("ipv4", "ipv6"):
-            return  # a unix client: the daemon's own (web console) relay
         self._metrics.vnc_clients.labels("accepted_by_qemu").inc()
-        self._log.info(
-            "VNC client %s:%s accepted by qemu", client.get("host"), client.get("service")
-        )
+        self._log.info("VNC client %s:%s accepted by qemu", client.host, client.service)
 
     async def reload(self, record: VmRecord) -> dict[str, Any]:
         """Apply the record's VNC settings; a no-op when unchanged."""

@@ -280,13 +280,3 @@ def has_waiter(zonepath: str) -> bool:
     """Whether this qemu has a waiter to write its status (the launcher leaves
     the file empty for it; a qemu started otherwise has none)."""
     return os.path.lexists(os.path.join(zonepath, EXIT_NAME))
-
-
-def describe_status(status: int) -> dict[str, object]:
-    """``{"signal": "SIGSYS"}`` or ``{"status": 1}``, for ``last_exit``."""
-    if status > 128:
-        try:
-            return {"signal": signal.Signals(status - 128).name}
-        except ValueError:
-            return {"signal": status - 128}
-    return {"status": status}

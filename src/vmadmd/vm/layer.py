@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from vmadmd.errors import InvalidParameter, StartFailed, VmadmError, VmBroken, WrongState
-from vmadmd.vm import cgroup, net, proc, props, transition, zonefs
+from vmadmd.vm import cgroup, ending, net, proc, props, transition, zonefs
 from vmadmd.vm.config import VmSettings, resolve_accel
 from vmadmd.vm.store import Store, VmPaths, VmRecord, validate_uuid
 from vmadmd.vm.transition import Transition
@@ -333,7 +333,7 @@ class VmLayer:
             self.cgroups.remove(uuid)
             vm.pop(transition.KEY, None)
             if stage is not None:
-                vm["last_exit"] = {"reason": "stop", "stage": stage, "time": iso_now()}
+                vm[ending.KEY] = ending.Ending.stopped(stage).to_json(iso_now())
             if set_autoboot is not None:
                 vm["autoboot"] = set_autoboot
             self.store.save(uuid, vm)
