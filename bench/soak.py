@@ -151,7 +151,7 @@ def main() -> None:
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 600
     n_standins = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
     with world() as w:
-        layer = VmLayer(VmSettings(zones_root=w.zones, accel="tcg"))
+        layer = VmLayer(VmSettings(zones_root=w.zones, accel="tcg", uid_ledger=w.ledger))
         standins = [layer.create({"alias": f"s{i}", "autoboot": False}) for i in range(n_standins)]
         hub = start_hub(w)  # serves every VM present now: the stand-ins
         real = [layer.create({"alias": f"real{i}", "ram": 64, "autoboot": False})
