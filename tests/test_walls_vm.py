@@ -305,6 +305,12 @@ def test_only_zone_disks_are_disks(env: Env) -> None:
         assert res.returncode == 1, path
         assert why in res.stderr, (path, res.stderr)
         assert vm_json(env, uuid).read_bytes() == saved, path
+    # An unknown VM is that, not a disk that does not exist.
+    unknown = "0b3f1c2e-9a4d-4f5e-8b6a-1c2d3e4f5a6b"
+    res = env.vmadm("update", unknown, "-f", "-", input=json.dumps(
+        {"disks": [{"path": f"{env.zones}/{unknown}/disk0.qcow2"}]}))  # fmt: skip
+    assert res.returncode == 1
+    assert "no such VM" in res.stderr
     # The VM's own disk, however spelled, is one; kept by its canonical path.
     spelled = f"{zonepath}//root/../disk0.qcow2"
     env.vmadm("update", uuid, "-f", "-", input=json.dumps({"disks": [{"path": spelled}]}),

@@ -398,6 +398,7 @@ class VmLayer:
                 raise InvalidParameter(f"{name} cannot be changed")
         checked = props.validate(changes)
         if "disks" in checked:
+            self.store.load(uuid)  # an unknown VM is a 404, not a disk that "does not exist"
             zonepath = self.store.paths(uuid).zonepath
             for i, disk in enumerate(checked["disks"]):
                 if "path" not in disk:
