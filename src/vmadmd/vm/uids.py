@@ -119,7 +119,7 @@ def allocate(
     if size and os.pread(fd, 1, size - 1) != b"\n":
         lines.append("\n")  # a line torn by a crash: ours must start a line of its own
     lines += [f"{u} {known[u]} {when} {root}\n" for u in sorted(set(known) - taken)]
-    uid = max(taken | set(known) | {base - 1}) + 1
+    uid = max(taken | set(known) | {base - 1, 0}) + 1  # never 0 (root)
     while uid <= MAX_UID and _is_account(uid):
         uid += 1
     if uid > MAX_UID:
