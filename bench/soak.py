@@ -397,7 +397,7 @@ class Soak:
 def soak(seconds: float, n_standins: int, real: int = REAL) -> Report:
     """Run the soak in a world of its own; the report."""
     with world() as w:
-        layer = VmLayer(VmSettings(zones_root=w.zones, accel="tcg"))
+        layer = VmLayer(VmSettings(zones_root=w.zones, accel="tcg", uid_ledger=w.ledger))
         standins = [layer.create({"alias": f"s{i}", "autoboot": False}) for i in range(n_standins)]
         hub = start_hub(w)  # serves every VM present now: the stand-ins
         reals = [layer.create({"alias": f"real{i}", "ram": 64, "autoboot": False})

@@ -36,6 +36,7 @@ from vmadmd.vm.config import (
     DEFAULT_AUTOBOOT_MARKER,
     DEFAULT_QEMU,
     DEFAULT_SOCKET,
+    DEFAULT_UID_LEDGER,
     DEFAULT_VNC_BIND,
     DEFAULT_ZONE_UID_BASE,
     DEFAULT_ZONES_ROOT,
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zone-uid-base", type=int, metavar="UID",
                    default=int(env_or("VMADM_ZONE_UID_BASE", str(DEFAULT_ZONE_UID_BASE))),
                    help="the VMs' own users: uid (= gid) from here up, one per VM")  # fmt: skip
+    p.add_argument("--uid-ledger", default=env_or("VMADM_UID_LEDGER", DEFAULT_UID_LEDGER),
+                   metavar="FILE",
+                   help="every uid ever given to a VM, host-wide (never twice)")  # fmt: skip
     p.add_argument("--images-dir", default=env_or("VMADM_IMAGES_DIR", ""), metavar="DIR",
                    help="disk images by uuid (default: <zones-root>/images)")  # fmt: skip
     p.add_argument("--cgroup-manager", choices=MANAGERS,
@@ -255,6 +259,7 @@ class Daemon:
                 cgroup_root=os.environ.get("VMADM_CGROUP_ROOT", ""),
                 cgroup_manager=args.cgroup_manager,
                 zone_uid_base=args.zone_uid_base,
+                uid_ledger=args.uid_ledger,
                 nic_tags=",".join([os.environ.get("VMADM_NIC_TAGS", ""), *args.nic_tag]),
             ),
             vnc_bind=args.vnc_bind,

@@ -29,6 +29,8 @@ DEFAULT_ACCEL: Accel = "auto"
 # subordinate id ranges of containers (100000+, 65536 each), and below 2^31
 # for the tools that still take ids as signed.
 DEFAULT_ZONE_UID_BASE = 2_000_000_000
+# Every uid ever handed out to a VM, host-wide (vm/uids.py): never twice.
+DEFAULT_UID_LEDGER = "/var/lib/vmadmd/zone-uids"
 
 
 def client_socket() -> str:
@@ -85,6 +87,7 @@ class VmSettings:
         "images_dir",
         "nic_tags",
         "qemu",
+        "uid_ledger",
         "vnc_require_password",
         "zone_uid_base",
         "zones_root",
@@ -101,6 +104,7 @@ class VmSettings:
         cgroup_root: str = "",
         cgroup_manager: str = "auto",
         zone_uid_base: int = DEFAULT_ZONE_UID_BASE,
+        uid_ledger: str = DEFAULT_UID_LEDGER,
     ) -> None:
         self.zones_root = zones_root
         self.qemu = qemu
@@ -117,6 +121,8 @@ class VmSettings:
         # Who makes the VMs' cgroups: auto (systemd where it is PID 1), systemd, cgroupfs.
         self.cgroup_manager = cgroup_manager
         self.zone_uid_base = zone_uid_base
+        # The host-wide ledger of the uids handed out, shared by every zones root.
+        self.uid_ledger = uid_ledger
 
     @property
     def images(self) -> str:
@@ -134,4 +140,5 @@ class VmSettings:
             cgroup_root=os.environ.get("VMADM_CGROUP_ROOT", ""),
             cgroup_manager=env_or("VMADM_CGROUP_MANAGER", "auto"),
             zone_uid_base=int(env_or("VMADM_ZONE_UID_BASE", str(DEFAULT_ZONE_UID_BASE))),
+            uid_ledger=env_or("VMADM_UID_LEDGER", DEFAULT_UID_LEDGER),
         )

@@ -14,9 +14,10 @@ Standard library only.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import time
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from vmadmd.errors import InvalidParameter, StartFailed, VmadmError, VmBroken, WrongState
@@ -99,30 +100,23 @@ class VmLayer:
             if "image_uuid" in disk:
                 images[i] = self.find_image(disk["image_uuid"])
             elif "path" in disk:
+                # Refused, always: a disk of the zonepath cannot exist before
+                # it, and nothing else is a disk (the message says why).
                 self.check_disk_path(f"disks[{i}].path", disk["path"], zonepath)
-                if not os.path.exists(disk["path"]):
-                    raise InvalidParameter(f"disk image {disk['path']} does not exist")
-        for i, nic in enumerate(vm["nics"]):
-            if nic.get("nic_tag"):  # on a bridge: a tap of its own, made at start
-                nic.update(netdev="tap", ifname=net.tap_name(uuid, i))
         vm["create_timestamp"] = iso_now()
-        with self._uid_lock():
-            vm["zone_uid"] = self._free_uid()
-            paths = self.store.create(uuid, {**vm, "disks": []})
+        vm["zone_uid"] = self._new_uid(uuid)
+        net.name_taps(vm["nics"], vm["zone_uid"])  # on a bridge: a tap of its own, made at start
+        paths = self.store.create(uuid, {**vm, "disks": []})
         try:
             self._own(paths, vm["zone_uid"])
             for i, disk in enumerate(vm["disks"]):
+                disk["path"] = paths.disk(i)
+                disk["image_format"] = "qcow2"
                 if i in images:
                     image, fmt = images[i]
-                    disk["path"] = paths.disk(i)
-                    disk["image_format"] = "qcow2"
                     _qemu_img_overlay(disk["path"], image, fmt, disk.get("size"))
-                elif "path" not in disk:
-                    disk["path"] = paths.disk(i)
-                    disk["image_format"] = "qcow2"
+                else:
                     _qemu_img_create(disk["path"], disk["size"])
-                elif "image_format" not in disk:
-                    disk["image_format"] = _probe_format(disk["path"])
                 _own_disk(paths, disk["path"], vm["zone_uid"])
             self.store.update(uuid, lambda r: r.update(disks=vm["disks"]))
         except BaseException:
@@ -132,32 +126,22 @@ class VmLayer:
 
     # -- the VMs' own users ----------------------------------------------------
 
-    @contextlib.contextmanager
-    def _uid_lock(self) -> Iterator[None]:
-        """Serialises uid allocation across vmadm processes (one zones root)."""
-        import fcntl
+    def _new_uid(self, uuid: str) -> int:
+        """A uid no VM of this host ever had (the host-wide ledger, vm/uids.py)."""
+        from vmadmd.vm import uids
 
-        os.makedirs(self.store.zones_root, exist_ok=True)
-        path = os.path.join(self.store.zones_root, ".zone-uids.lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
-
-    def _free_uid(self) -> int:
-        """The lowest uid from the base that no VM of this zones root has."""
-        taken = set()
-        for uuid in self.store.list_uuids():
-            with contextlib.suppress(VmadmError):
-                uid = self.store.load(uuid).get("zone_uid")
-                if isinstance(uid, int):
-                    taken.add(uid)
-        uid = self.settings.zone_uid_base
-        while uid in taken:
-            uid += 1
-        return uid
+        with uids.locked(self.settings.uid_ledger) as ledger:
+            # The VMs of this zones root, read under the ledger's lock: those
+            # from before the ledger are taken into it.
+            known: dict[int, str] = {}
+            for other in self.store.list_uuids():
+                with contextlib.suppress(VmadmError):
+                    uid = self.store.load(other).get("zone_uid")
+                    if isinstance(uid, int) and uid > 0:
+                        known[uid] = other
+            return uids.allocate(
+                ledger, self.settings.zone_uid_base, uuid, self.store.zones_root, iso_now(), known
+            )
 
     @staticmethod
     def _own(paths: VmPaths, uid: int) -> None:
@@ -176,25 +160,64 @@ class VmLayer:
             f"image {image_uuid} not found in {self.settings.images} (as .qcow2 or .raw)"
         )
 
-    def check_disk_path(self, where: str, path: str, zonepath: str) -> None:
-        """A disk lives in its VM's zonepath or under the images dir; nowhere else
-        (not /dev/sda, not /etc/shadow, not another VM's disk)."""
-        real = os.path.realpath(path)
-        for allowed in (zonepath, self.settings.images):
-            base = os.path.realpath(allowed)
-            if real.startswith(base + os.sep):
-                return
-        raise InvalidParameter(
-            f"{where} {path} is outside the VM's zonepath and the images dir "
-            f"({self.settings.images}): refused"
-        )
+    def check_disk_path(self, where: str, path: str, zonepath: str) -> str:
+        """``path`` as a disk of the VM at ``zonepath``: its canonical path, or
+        InvalidParameter saying why it is none.
+
+        A disk is ``<zonepath>/disk<N>.*``, a regular file, found without
+        following a link; nothing else is (not /dev/sda, not another VM's
+        disk, not the zone's own vm.json, .vm.lock, qemu.log, qemu.exit or
+        anything under root/, which root would open read-write).  An image
+        is never a disk: it is shared by the VMs made from it, and only ever
+        opened read-only, as the backing of a disk made with ``image_uuid``.
+        """
+        name = self.disk_name(where, path, zonepath)
+        try:
+            st = _disk_lstat(zonepath, name)
+        except FileNotFoundError:
+            raise InvalidParameter(f"{where} {path} does not exist") from None
+        except OSError as err:
+            raise InvalidParameter(f"{where} {path}: {err.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidParameter(f"{where} {path} is not a regular file (links are not followed)")
+        return os.path.join(zonepath, name)
+
+    def disk_name(self, where: str, path: str, zonepath: str) -> str:
+        """The name in ``zonepath`` of the disk ``path`` names (its form only:
+        ``disk<N>.*`` right in the zonepath), else InvalidParameter.
+
+        Judged on the path as written (no link in it is followed, nothing
+        under the zone is looked at); the zones root's own links are allowed
+        for (``/zones`` a link to ``/data/zones``, say).
+        """
+        norm = os.path.normpath(path)
+        directory, name = os.path.split(norm)
+        images = self.settings.images
+        for base in {os.path.normpath(images), os.path.realpath(images)}:
+            if norm == base or norm.startswith(base + os.sep):
+                raise InvalidParameter(
+                    f"{where} {path} is in the images dir ({images}): an image is never a "
+                    "VM's disk (it is shared and read-only); give image_uuid for a "
+                    "copy-on-write disk over it"
+                )
+        if directory not in {os.path.normpath(zonepath), os.path.realpath(zonepath)}:
+            raise InvalidParameter(
+                f"{where} {path} is outside the VM's zonepath: a disk is "
+                f"{zonepath}/disk<N>.*, made from a size or an image_uuid"
+            )
+        if not is_disk_name(name):
+            raise InvalidParameter(
+                f"{where} {path} is not a disk: only {zonepath}/disk<N>.* are (vm.json, "
+                ".vm.lock, qemu.log, qemu.exit and root/ are the zone's own)"
+            )
+        return name
 
     def delete(self, uuid: str) -> None:
         """Halt the VM if it runs, then remove its zonepath."""
         with self.store.lock(uuid):
             vm = self.store.load(uuid)  # 404 for unknown VMs, before anything is killed
             proc.kill_vm(self.store.paths(uuid).pid, uuid, identity_of(vm))
-            net.remove_taps(vm.get("nics", []))
+            net.remove_taps(vm.get("nics", []), _uid_or_none(vm))
             self.cgroups.remove(uuid)
             self.store.remove(uuid)
 
@@ -215,10 +238,19 @@ class VmLayer:
             path = disk.get("path") if isinstance(disk, dict) else None
             if not isinstance(path, str):
                 raise StartFailed(f"VM {uuid}: disks[{i}] has no image path")
-            if not os.path.exists(path):
-                raise StartFailed(f"VM {uuid}: disk image {path} is missing")
+            try:
+                name = self.disk_name(f"disks[{i}].path", path, paths.zonepath)
+            except InvalidParameter as err:
+                raise StartFailed(f"VM {uuid}: {err}") from None
+            try:
+                _disk_lstat(paths.zonepath, name)
+            except OSError:
+                raise StartFailed(f"VM {uuid}: disk image {path} is missing") from None
         uid = self._ensure_uid(uuid, vm, paths)
         nics = vm.get("nics", [])
+        # Named again at every start (a record from before derived names
+        # gets them); whatever bears a name already must be this VM's tap.
+        net.name_taps(nics, uid)
         net.create_taps(nics, net.parse_nic_tags(self.settings.nic_tags), uid)
         try:
             # Its own cgroup, with SmartOS's limits, named after the uuid:
@@ -226,7 +258,7 @@ class VmLayer:
             placement = self.cgroups.prepare(uuid, cgroup.limits_of(vm))
             pid = self._spawn(vm, paths, uid, placement)
         except BaseException:
-            net.remove_taps(nics)
+            net.remove_taps(nics, uid)
             self.cgroups.remove(uuid)
             raise
         vm["boot_timestamp"] = iso_now()
@@ -243,36 +275,54 @@ class VmLayer:
         uid = vm.get("zone_uid")
         if isinstance(uid, int) and uid > 0:
             return uid
-        with self._uid_lock():
-            uid = self._free_uid()
-            vm["zone_uid"] = uid
-            self.store.save(uuid, vm)
+        uid = self._new_uid(uuid)
+        vm["zone_uid"] = uid
+        self.store.save(uuid, vm)
         self._own(paths, uid)
         for disk in vm.get("disks", []):
-            _own_disk(paths, disk["path"], uid)
+            with contextlib.suppress(InvalidParameter, OSError):  # start refuses it later
+                _own_disk(paths, disk["path"], uid)
         return uid
 
     def _open_disks(self, vm: VmRecord, paths: VmPaths) -> DiskList:
         """Each disk (and the image it is made from) opened by us, for qemu to
-        use through the fd: qemu, as the VM's user, opens no disk path itself."""
+        use through the fd: qemu, as the VM's user, opens no disk path itself.
+
+        A disk is opened read-write by name in the zonepath (a descriptor on
+        it, ``O_NOFOLLOW``) and checked after the open: a regular file with
+        one link (a hard link the VM's user made to it elsewhere, or one
+        that makes it another file too, refuses the start).  An image is
+        opened read-only, so whatever qemu is asked, it cannot write it.
+        """
         from vmadmd.vm.qemu import DiskFds
 
         out: DiskList = []
+        zfd = os.open(paths.zonepath, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             for i, disk in enumerate(vm.get("disks", [])):
+                where = f"disks[{i}].path"
                 try:
-                    self.check_disk_path(f"disks[{i}].path", disk["path"], paths.zonepath)
-                    fd = os.open(disk["path"], os.O_RDWR | os.O_CLOEXEC)
+                    name = self.disk_name(where, disk["path"], paths.zonepath)
+                    fd = _open_checked(name, zfd, os.O_RDWR, f"{where} {disk['path']}")
                     out.append(DiskFds(fd))
+                    st = os.fstat(fd)
+                    if st.st_nlink != 1:
+                        raise InvalidParameter(
+                            f"{where} {disk['path']} has {st.st_nlink} hard links: refused "
+                            "(a disk is one file of its own)"
+                        )
                     if disk.get("image_uuid"):
                         image, fmt = self.find_image(disk["image_uuid"])
-                        out[-1] = DiskFds(fd, os.open(image, os.O_RDONLY | os.O_CLOEXEC), fmt)
+                        ifd = _open_checked(image, None, os.O_RDONLY, f"image {image}")
+                        out[-1] = DiskFds(fd, ifd, fmt)
                 except (OSError, InvalidParameter) as err:
                     msg = err.strerror if isinstance(err, OSError) else str(err)
                     raise StartFailed(f"VM {vm['uuid']}: disks[{i}]: {msg}") from None
         except BaseException:
             _close_disks(out)
             raise
+        finally:
+            os.close(zfd)
         return out
 
     def _spawn(self, vm: VmRecord, paths: VmPaths, uid: int, placement: cgroup.Placement) -> int:
@@ -329,7 +379,7 @@ class VmLayer:
         with self.store.lock(uuid):
             vm = self.store.load(uuid)
             stage = proc.kill_vm(paths.pid, uuid, identity_of(vm))
-            net.remove_taps(vm.get("nics", []))
+            net.remove_taps(vm.get("nics", []), _uid_or_none(vm))
             self.cgroups.remove(uuid)
             vm.pop(transition.KEY, None)
             if stage is not None:
@@ -348,6 +398,7 @@ class VmLayer:
                 raise InvalidParameter(f"{name} cannot be changed")
         checked = props.validate(changes)
         if "disks" in checked:
+            self.store.load(uuid)  # an unknown VM is a 404, not a disk that "does not exist"
             zonepath = self.store.paths(uuid).zonepath
             for i, disk in enumerate(checked["disks"]):
                 if "path" not in disk:
@@ -355,7 +406,7 @@ class VmLayer:
                         f"disks[{i}]: an update gives every disk by its path "
                         "(new disks from a size or an image_uuid are made by create)"
                     )
-                self.check_disk_path(f"disks[{i}].path", disk["path"], zonepath)
+                disk["path"] = self.check_disk_path(f"disks[{i}].path", disk["path"], zonepath)
         if meta_set is not None:
             checked_meta = props.validate({"customer_metadata": meta_set})["customer_metadata"]
         if meta_remove is not None and (
@@ -365,6 +416,9 @@ class VmLayer:
         changed: set[str] = set()
 
         def apply(vm: VmRecord) -> None:
+            uid = vm.get("zone_uid")
+            if "nics" in checked and isinstance(uid, int) and uid > 0:
+                net.name_taps(checked["nics"], uid)
             for key, value in checked.items():
                 if vm.get(key) != value:
                     changed.add(key)
@@ -478,27 +532,68 @@ def _close_disks(disks: DiskList) -> None:
                 os.close(fd)
 
 
-def _own_disk(paths: VmPaths, path: str, uid: int) -> None:
-    """A disk in the VM's zonepath to the VM's user, 0600 (one under the
-    images dir stays as it is)."""
-    if path.startswith(paths.zonepath + os.sep):
-        _chown(path, uid, 0o600)
+def _uid_or_none(vm: VmRecord) -> int | None:
+    uid = vm.get("zone_uid")
+    return uid if isinstance(uid, int) and uid > 0 else None
 
 
-def _chown(path: str, uid: int, mode: int) -> None:
-    """``path`` to the VM's user (uid = gid), with ``mode``; never through a link."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def is_disk_name(name: str) -> bool:
+    """``disk<N>.<ext>``: the only names in a zonepath that are disks."""
+    number, dot, ext = name.removeprefix("disk").partition(".")
+    return (
+        name.startswith("disk")
+        and number.isascii()
+        and number.isdigit()
+        and bool(dot)
+        and ext.isascii()
+        and bool(ext)
+        and all(c.isalnum() or c in "._-" for c in ext)
+    )
+
+
+def _disk_lstat(zonepath: str, name: str) -> os.stat_result:
+    """``name`` in ``zonepath``, not followed if it is a link."""
+    zfd = os.open(zonepath, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.fchown(fd, uid, uid)
-        os.fchmod(fd, mode)
+        return os.stat(name, dir_fd=zfd, follow_symlinks=False)
+    finally:
+        os.close(zfd)
+
+
+def _open_checked(path: str, dir_fd: int | None, mode: int, what: str) -> int:
+    """``path`` opened with ``mode`` (in ``dir_fd``), never through a link as
+    its last component, never blocking (a FIFO), and a regular file."""
+    flags = mode | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, dir_fd=dir_fd)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise InvalidParameter(f"{what} is a symbolic link (not followed)") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InvalidParameter(f"{what} is not a regular file (not used)")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _own_disk(paths: VmPaths, path: str, uid: int) -> None:
+    """A disk of the VM's zonepath to the VM's user, 0600; opened by its name
+    there, never through a link."""
+    directory, name = os.path.split(path)
+    if directory != paths.zonepath or not is_disk_name(name):
+        return
+    zfd = os.open(paths.zonepath, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=zfd)
+    finally:
+        os.close(zfd)
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.fchown(fd, uid, uid)
+            os.fchmod(fd, 0o600)
     finally:
         os.close(fd)
-
-
-def _probe_format(path: str) -> str:
-    """qcow2 when the file starts with qcow2's magic, else raw."""
-    try:
-        with open(path, "rb") as f:
-            return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
-    except OSError as err:
-        raise InvalidParameter(f"cannot read disk image {path}: {err.strerror}") from err

@@ -246,11 +246,12 @@ def _nic(i: int, v: object) -> dict[str, Any]:
         if not _IFNAME_RE.match(tag):
             raise InvalidParameter(f"{where}.nic_tag has characters a tag cannot have")
         nic["nic_tag"] = tag
-    if netdev == "tap":
-        ifname = v.get("ifname")
-        if not isinstance(ifname, str) or not _IFNAME_RE.match(ifname):
-            raise InvalidParameter(f"{where}.ifname is required for a tap netdev (1-15 chars)")
-        nic["ifname"] = ifname
+    if "ifname" in v:
+        # Root deletes and opens the link of a tap's name: a name a payload
+        # chose could be the host's or another VM's (vm/net.py derives them).
+        raise InvalidParameter(
+            f"{where}.ifname cannot be given: tap names are derived from the VM's zone_uid"
+        )
     return nic
 
 
