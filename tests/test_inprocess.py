@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from harness.standin import ServedVm
-from vmadmd.daemon import supervisor as supervisor_mod
+from vmadmd.daemon import stopping as stopping_mod
 from vmadmd.daemon.ending import ending_of
 from vmadmd.daemon.events import EventBus
 from vmadmd.daemon.metrics import Metrics
@@ -474,7 +474,7 @@ async def test_stop_forced_at_the_deadline_by_quit(rig: Rig) -> None:
 async def test_stop_forced_by_sigterm_when_qmp_stalls(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(supervisor_mod, "QUIT_WAIT", 0.2)
+    monkeypatch.setattr(stopping_mod, "QUIT_WAIT", 0.2)
     await rig.serve("stall")
     sup, settled = rig.supervisor()
     await until(lambda: sup.monitor.ready)

@@ -27,28 +27,28 @@ import functools
 import logging
 import os
 import random
-import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal, cast
+import signal
+from collections.abc import Callable
+from typing import Any, Literal
 
 from vmadmd.daemon.ending import (
     SETTLE_LOCK_WAIT,
-    ForceStage,
     Settled,
     ending_of,
     settle_record,
 )
-from vmadmd.daemon.locks import LOCK_WAIT, vm_lock
+from vmadmd.daemon.locks import vm_lock
 from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.monitor import QUERIES, Monitor, Shutdown, VncClient
 from vmadmd.daemon.serial import SerialConsole
 from vmadmd.daemon.settings import Shared
 from vmadmd.daemon.stats import BLOCKSTATS_PERIOD, VmStats, nic_counters, snapshot
+from vmadmd.daemon.stopping import Stopping
 from vmadmd.daemon.vncconsole import VncConsole, qemu_vnc_mode
-from vmadmd.errors import InvalidParameter, QmpRefused, QmpTimeout, VmadmError, VmBusy, WrongState
-from vmadmd.vm import launch, net, proc, transition, zonefs
+from vmadmd.errors import InvalidParameter, QmpRefused, QmpTimeout, VmadmError, WrongState
+from vmadmd.vm import launch, net, proc, zonefs
 from vmadmd.vm.ending import Ending
-from vmadmd.vm.layer import identity_of, now_ms
+from vmadmd.vm.layer import identity_of
 from vmadmd.vm.sockets import Peer
 from vmadmd.vm.store import VmRecord
 from vmadmd.vm.transition import Transition, TransitionTo
@@ -58,8 +58,6 @@ log = logging.getLogger("vmadmd.supervisor")
 INFO_TYPES = (*QUERIES, "vnc")  # the default set
 EXTRA_TYPES = ("stats",)  # only when asked for
 
-POWERDOWN_RESEND = 2.0  # a guest still booting can miss one ACPI press
-QUIT_WAIT = 2.0
 DRAIN_WAIT = 0.5  # for qemu's last events once its exit is seen
 MAX_SCREENSHOT = 64 << 20
 
@@ -115,23 +113,30 @@ class VmSupervisor:
             require_password=settings.vm.vnc_require_password,
         )  # fmt: skip
         self.serial = SerialConsole(uuid, self.paths.runtime_dir, self.paths.CONSOLE_NAME, peer)
-        self.lock = asyncio.Lock()  # one operation at a time on this VM
-        # Stops and reboots queue among themselves only: a stop never waits
-        # behind a QMP operation (a screendump stuck on a wedged qemu must
-        # not keep its deadline from being set).
-        self._stop_lock = asyncio.Lock()
-        self.transition: Transition | None = None
-        self._timer: asyncio.Task[None] | None = None
+        self.lock = asyncio.Lock()  # one QMP operation at a time on this VM
+        self.stopping = Stopping(uuid, shared, self.monitor, self.exited, self._signal, self._log)
         self._console_task: asyncio.Task[None] | None = None
-        self._forced: ForceStage | None = None
         self._shutdown: Shutdown | None = None
         self._stats_task: asyncio.Task[None] | None = None
         self._nic_records: list[Any] = []
         self.stats_state = VmStats(uuid, pid)  # what the statistics need of it
 
     @property
+    def transition(self) -> Transition | None:
+        """The stop or reboot pending, if any."""
+        return self.stopping.transition
+
+    @property
     def state(self) -> str:
         return "stopping" if self.transition is not None else "running"
+
+    async def request_stop(self, timeout: float, to: TransitionTo) -> Transition:
+        """A stop or reboot with a deadline (``Stopping.request``)."""
+        return await self.stopping.request(timeout, to)
+
+    def _signal(self, sig: signal.Signals) -> bool:
+        """Signal this very qemu (through its pidfd); False once it is gone."""
+        return self._pidfd >= 0 and proc.pidfd_signal(self._pidfd, sig)
 
     def learn(self, record: VmRecord) -> None:
         """Take what the statistics name the VM by from its (new) record."""
@@ -153,9 +158,7 @@ class VmSupervisor:
         self._shared.bus.emit("started", self.uuid, pid=self.pid)
         self._console_task = self._shared.spawn(self.console.open(record), f"vnc-{self.uuid}")
         self._stats_task = self._shared.spawn(self._poll_blockstats(), f"stats-{self.uuid}")
-        self.transition = Transition.of(record)
-        if self.transition is not None:
-            self._arm()
+        self.stopping.resume(record)
 
     # -- what the monitor tells (MonitorEvents) ---------------------------------
 
@@ -186,7 +189,7 @@ class VmSupervisor:
 
     def ending(self, status: int | None = None) -> Ending:
         """How this qemu ended, from what was seen of it."""
-        return ending_of(self._shutdown, self._forced, self.transition is not None, status)
+        return ending_of(self._shutdown, self.stopping.forced, self.transition is not None, status)
 
     async def _exit_status(self) -> int | None:
         """qemu's wait status from its waiter, which writes it a moment after
@@ -210,14 +213,13 @@ class VmSupervisor:
         The caller boots the VM again when the transition it cleared went
         ``to: start`` (or after a crash, when the VM asks for that).
         """
-        if self._timer is not None and self._timer is not asyncio.current_task():
-            self._timer.cancel()
+        self.stopping.cancel()
         for task in (self._console_task, self._stats_task):
             if task is not None:
                 task.cancel()
         await self.monitor.drain(DRAIN_WAIT)
         # Only an exit nothing explains needs the status (which signal).
-        unexplained = self._shutdown is None and self._forced is None
+        unexplained = self._shutdown is None and self.stopping.forced is None
         status = await self._exit_status() if unexplained else None
         # The record first: that is what `vmadm get/stop` wait for.
         settled = await settle_record(self._shared, self.uuid, self.ending(status))
@@ -394,111 +396,3 @@ class VmSupervisor:
             if self._console_task is not None and not self._console_task.done():
                 await self._console_task
             return await self.console.reload(record)
-
-    # -- stop / reboot -----------------------------------------------------------
-
-    async def request_stop(self, timeout: float, to: TransitionTo) -> Transition:
-        """Persist the deadline and arm it, then press the power button.
-
-        From the moment the deadline is on disk, the stop is forced at it
-        whatever else happens: the timer runs on its own (the power button
-        below may wait for a QMP connection that never comes) and forcing
-        needs nothing but this qemu's pidfd.
-        """
-        async with self._exclusive(LOCK_WAIT, self._stop_lock):
-            self._alive()
-            expire = now_ms() + int(timeout * 1000)
-            merged: Transition | None = None
-
-            def change(vm: VmRecord) -> None:
-                nonlocal merged
-                merged = transition.request(Transition.of(vm), to, expire)
-                vm[transition.KEY] = merged.to_json()
-
-            # The deadline is on disk before the guest hears anything: a
-            # daemon killed from here on still forces the stop in time.
-            await asyncio.to_thread(self._shared.store.update_locked, self.uuid, change)
-            assert merged is not None
-            self.transition = merged
-            self._shared.bus.emit("transition_set", self.uuid, **merged.to_json())
-            what = "reboot" if to == "start" else "stop"
-            self._log.info("%s requested, forced at %d", what, merged.expire_ms)
-            self._arm()
-            await self._powerdown()
-            return merged
-
-    @contextlib.asynccontextmanager
-    async def _exclusive(self, timeout: float, lock: asyncio.Lock) -> AsyncIterator[None]:
-        """``lock``, then the VM's vm.json lock, within ``timeout`` in all
-        (VmBusy past it): requests queued behind a held lock give up
-        together, not one wait after another."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        try:
-            await asyncio.wait_for(lock.acquire(), timeout)
-        except TimeoutError:
-            raise VmBusy(f"VM {self.uuid} is busy with another operation") from None
-        try:
-            async with vm_lock(self._shared.store, self.uuid, max(deadline - loop.time(), 0.0)):
-                yield
-        finally:
-            lock.release()
-
-    async def _powerdown(self) -> None:
-        try:
-            await self.monitor.powerdown()
-        except VmadmError as err:
-            # The deadline still holds; the timer re-sends and then forces.
-            self._log.warning("system_powerdown failed: %s", err)
-
-    def _arm(self) -> None:
-        if self._timer is not None and not self._timer.done():
-            self._timer.cancel()
-        self._timer = self._shared.spawn(self._run_transition(), f"transition-{self.uuid}")
-
-    async def _run_transition(self) -> None:
-        while not self.exited.is_set():
-            assert self.transition is not None
-            left = self.transition.seconds_left(time.time())
-            if left <= 0:
-                break
-            if await self._wait_exit(min(left, POWERDOWN_RESEND)):
-                return
-            if self.transition.seconds_left(time.time()) > 0.5 and self.monitor.ready:
-                # Beside the timer, never in its way: a press that waits on
-                # a slow qemu must not push the deadline back.
-                self._shared.spawn(self._powerdown(), f"powerdown-{self.uuid}")
-        if not self.exited.is_set():
-            await self.force_stop()
-
-    async def force_stop(self) -> ForceStage | None:
-        """quit over QMP, then SIGTERM, then SIGKILL, each bounded.
-
-        Returns the step that ended qemu (None if it survived SIGKILL).
-        """
-        self._log.info("deadline reached; forcing the stop")
-        self._shared.bus.emit("transition_forced", self.uuid)
-        if self.monitor.ready:
-            # `quit` only over a connection that is up: waiting for one
-            # would spend the forcing ladder's time on a qemu that may never
-            # answer (the signals below need no QMP).
-            self._forced = "quit"
-            with contextlib.suppress(VmadmError):
-                await self.monitor.quit(timeout=QUIT_WAIT)
-            if await self._wait_exit(QUIT_WAIT):
-                return "quit"
-        for stage, sig, wait in proc.SIGNAL_LADDER:
-            self._forced = cast(ForceStage, stage)
-            if self._pidfd < 0 or not proc.pidfd_signal(self._pidfd, sig):
-                return self._forced  # already gone
-            if await self._wait_exit(wait):
-                return self._forced
-        self._log.error("qemu survived SIGKILL")
-        return None
-
-    async def _wait_exit(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self.exited.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True

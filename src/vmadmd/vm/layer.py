@@ -14,15 +14,21 @@ Standard library only.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
-import stat
 import time
 from typing import TYPE_CHECKING, Any
 
 from vmadmd.errors import InvalidParameter, StartFailed, VmadmError, VmBroken, WrongState
 from vmadmd.vm import cgroup, ending, net, proc, props, transition, zonefs
 from vmadmd.vm.config import VmSettings, resolve_accel
+from vmadmd.vm.disks import (
+    Disks,
+    close_disks,
+    disk_lstat,
+    own_disk,
+    qemu_img_create,
+    qemu_img_overlay,
+)
 from vmadmd.vm.store import Store, VmPaths, VmRecord, validate_uuid
 from vmadmd.vm.transition import Transition
 from vmadmd.vm.zonefs import ZoneFileError
@@ -53,6 +59,7 @@ class VmLayer:
     def __init__(self, settings: VmSettings) -> None:
         self.settings = settings
         self.store = Store(settings.zones_root)
+        self.disks = Disks(settings.images)
         self.cgroups = cgroup.Cgroups(
             settings.cgroup_root or cgroup.DEFAULT_ROOT, settings.cgroup_manager
         )
@@ -98,11 +105,11 @@ class VmLayer:
         images: dict[int, tuple[str, str]] = {}
         for i, disk in enumerate(vm["disks"]):
             if "image_uuid" in disk:
-                images[i] = self.find_image(disk["image_uuid"])
+                images[i] = self.disks.find_image(disk["image_uuid"])
             elif "path" in disk:
                 # Refused, always: a disk of the zonepath cannot exist before
                 # it, and nothing else is a disk (the message says why).
-                self.check_disk_path(f"disks[{i}].path", disk["path"], zonepath)
+                self.disks.check_disk_path(f"disks[{i}].path", disk["path"], zonepath)
         vm["create_timestamp"] = iso_now()
         vm["zone_uid"] = self._new_uid(uuid)
         net.name_taps(vm["nics"], vm["zone_uid"])  # on a bridge: a tap of its own, made at start
@@ -114,10 +121,10 @@ class VmLayer:
                 disk["image_format"] = "qcow2"
                 if i in images:
                     image, fmt = images[i]
-                    _qemu_img_overlay(disk["path"], image, fmt, disk.get("size"))
+                    qemu_img_overlay(disk["path"], image, fmt, disk.get("size"))
                 else:
-                    _qemu_img_create(disk["path"], disk["size"])
-                _own_disk(paths, disk["path"], vm["zone_uid"])
+                    qemu_img_create(disk["path"], disk["size"])
+                own_disk(paths, disk["path"], vm["zone_uid"])
             self.store.update(uuid, lambda r: r.update(disks=vm["disks"]))
         except BaseException:
             self.store.remove(uuid)
@@ -150,68 +157,6 @@ class VmLayer:
         os.chmod(paths.zonepath, 0o711)
         zonefs.own_runtime_dir(paths.zonepath, uid)
 
-    def find_image(self, image_uuid: str) -> tuple[str, str]:
-        """The image file of ``image_uuid`` in the images dir, and its format."""
-        for fmt in ("qcow2", "raw"):
-            path = os.path.join(self.settings.images, f"{validate_uuid(image_uuid)}.{fmt}")
-            if os.path.isfile(path):
-                return path, fmt
-        raise InvalidParameter(
-            f"image {image_uuid} not found in {self.settings.images} (as .qcow2 or .raw)"
-        )
-
-    def check_disk_path(self, where: str, path: str, zonepath: str) -> str:
-        """``path`` as a disk of the VM at ``zonepath``: its canonical path, or
-        InvalidParameter saying why it is none.
-
-        A disk is ``<zonepath>/disk<N>.*``, a regular file, found without
-        following a link; nothing else is (not /dev/sda, not another VM's
-        disk, not the zone's own vm.json, .vm.lock, qemu.log, qemu.exit or
-        anything under root/, which root would open read-write).  An image
-        is never a disk: it is shared by the VMs made from it, and only ever
-        opened read-only, as the backing of a disk made with ``image_uuid``.
-        """
-        name = self.disk_name(where, path, zonepath)
-        try:
-            st = _disk_lstat(zonepath, name)
-        except FileNotFoundError:
-            raise InvalidParameter(f"{where} {path} does not exist") from None
-        except OSError as err:
-            raise InvalidParameter(f"{where} {path}: {err.strerror}") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise InvalidParameter(f"{where} {path} is not a regular file (links are not followed)")
-        return os.path.join(zonepath, name)
-
-    def disk_name(self, where: str, path: str, zonepath: str) -> str:
-        """The name in ``zonepath`` of the disk ``path`` names (its form only:
-        ``disk<N>.*`` right in the zonepath), else InvalidParameter.
-
-        Judged on the path as written (no link in it is followed, nothing
-        under the zone is looked at); the zones root's own links are allowed
-        for (``/zones`` a link to ``/data/zones``, say).
-        """
-        norm = os.path.normpath(path)
-        directory, name = os.path.split(norm)
-        images = self.settings.images
-        for base in {os.path.normpath(images), os.path.realpath(images)}:
-            if norm == base or norm.startswith(base + os.sep):
-                raise InvalidParameter(
-                    f"{where} {path} is in the images dir ({images}): an image is never a "
-                    "VM's disk (it is shared and read-only); give image_uuid for a "
-                    "copy-on-write disk over it"
-                )
-        if directory not in {os.path.normpath(zonepath), os.path.realpath(zonepath)}:
-            raise InvalidParameter(
-                f"{where} {path} is outside the VM's zonepath: a disk is "
-                f"{zonepath}/disk<N>.*, made from a size or an image_uuid"
-            )
-        if not is_disk_name(name):
-            raise InvalidParameter(
-                f"{where} {path} is not a disk: only {zonepath}/disk<N>.* are (vm.json, "
-                ".vm.lock, qemu.log, qemu.exit and root/ are the zone's own)"
-            )
-        return name
-
     def delete(self, uuid: str) -> None:
         """Halt the VM if it runs, then remove its zonepath."""
         with self.store.lock(uuid):
@@ -239,11 +184,11 @@ class VmLayer:
             if not isinstance(path, str):
                 raise StartFailed(f"VM {uuid}: disks[{i}] has no image path")
             try:
-                name = self.disk_name(f"disks[{i}].path", path, paths.zonepath)
+                name = self.disks.disk_name(f"disks[{i}].path", path, paths.zonepath)
             except InvalidParameter as err:
                 raise StartFailed(f"VM {uuid}: {err}") from None
             try:
-                _disk_lstat(paths.zonepath, name)
+                disk_lstat(paths.zonepath, name)
             except OSError:
                 raise StartFailed(f"VM {uuid}: disk image {path} is missing") from None
         uid = self._ensure_uid(uuid, vm, paths)
@@ -281,49 +226,8 @@ class VmLayer:
         self._own(paths, uid)
         for disk in vm.get("disks", []):
             with contextlib.suppress(InvalidParameter, OSError):  # start refuses it later
-                _own_disk(paths, disk["path"], uid)
+                own_disk(paths, disk["path"], uid)
         return uid
-
-    def _open_disks(self, vm: VmRecord, paths: VmPaths) -> DiskList:
-        """Each disk (and the image it is made from) opened by us, for qemu to
-        use through the fd: qemu, as the VM's user, opens no disk path itself.
-
-        A disk is opened read-write by name in the zonepath (a descriptor on
-        it, ``O_NOFOLLOW``) and checked after the open: a regular file with
-        one link (a hard link the VM's user made to it elsewhere, or one
-        that makes it another file too, refuses the start).  An image is
-        opened read-only, so whatever qemu is asked, it cannot write it.
-        """
-        from vmadmd.vm.qemu import DiskFds
-
-        out: DiskList = []
-        zfd = os.open(paths.zonepath, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            for i, disk in enumerate(vm.get("disks", [])):
-                where = f"disks[{i}].path"
-                try:
-                    name = self.disk_name(where, disk["path"], paths.zonepath)
-                    fd = _open_checked(name, zfd, os.O_RDWR, f"{where} {disk['path']}")
-                    out.append(DiskFds(fd))
-                    st = os.fstat(fd)
-                    if st.st_nlink != 1:
-                        raise InvalidParameter(
-                            f"{where} {disk['path']} has {st.st_nlink} hard links: refused "
-                            "(a disk is one file of its own)"
-                        )
-                    if disk.get("image_uuid"):
-                        image, fmt = self.find_image(disk["image_uuid"])
-                        ifd = _open_checked(image, None, os.O_RDONLY, f"image {image}")
-                        out[-1] = DiskFds(fd, ifd, fmt)
-                except (OSError, InvalidParameter) as err:
-                    msg = err.strerror if isinstance(err, OSError) else str(err)
-                    raise StartFailed(f"VM {vm['uuid']}: disks[{i}]: {msg}") from None
-        except BaseException:
-            _close_disks(out)
-            raise
-        finally:
-            os.close(zfd)
-        return out
 
     def _spawn(self, vm: VmRecord, paths: VmPaths, uid: int, placement: cgroup.Placement) -> int:
         # Here, not at the top: `vmadm list/get` never start a VM, and every
@@ -343,7 +247,7 @@ class VmLayer:
             with contextlib.suppress(OSError):
                 kvm_gid = os.stat("/dev/kvm").st_gid
                 groups = (kvm_gid,) if kvm_gid else ()
-        disks = self._open_disks(vm, paths)
+        disks = self.disks.open_disks(vm, paths)
         taps: dict[int, int] = {}
         try:
             for i, nic in enumerate(vm.get("nics", [])):
@@ -365,7 +269,7 @@ class VmLayer:
             except StartFailed as err:
                 raise StartFailed(f"VM {vm['uuid']}: {err}") from None
         finally:
-            _close_disks(disks)
+            close_disks(disks)
             for fd in taps.values():
                 os.close(fd)
 
@@ -406,7 +310,9 @@ class VmLayer:
                         f"disks[{i}]: an update gives every disk by its path "
                         "(new disks from a size or an image_uuid are made by create)"
                     )
-                disk["path"] = self.check_disk_path(f"disks[{i}].path", disk["path"], zonepath)
+                disk["path"] = self.disks.check_disk_path(
+                    f"disks[{i}].path", disk["path"], zonepath
+                )
         if meta_set is not None:
             checked_meta = props.validate({"customer_metadata": meta_set})["customer_metadata"]
         if meta_remove is not None and (
@@ -476,124 +382,6 @@ def with_computed(record: VmRecord, paths: VmPaths, pid: int | None) -> dict[str
     return out
 
 
-def _qemu_img_create(path: str, size_mib: int) -> None:
-    import subprocess
-
-    res = subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", path, f"{size_mib}M"],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
-    if res.returncode != 0:
-        raise InvalidParameter(
-            f"qemu-img create failed: {res.stderr.decode(errors='replace').strip()}"
-        )
-
-
-def _qemu_img_overlay(path: str, image: str, fmt: str, size_mib: int | None) -> None:
-    """A copy-on-write qcow2 at ``path`` over ``image``.
-
-    The backing format is written into the overlay (``-F``), so qemu never
-    probes it (a raw image whose first bytes look like qcow2 must stay raw).
-    Grown to ``size_mib`` when given, which may not be smaller than the image.
-    """
-    import json
-    import subprocess
-
-    if size_mib is not None:
-        res = subprocess.run(
-            ["qemu-img", "info", "--output=json", "-f", fmt, image],
-            stdin=subprocess.DEVNULL, capture_output=True, timeout=60, check=False,
-        )  # fmt: skip
-        if res.returncode != 0:
-            raise InvalidParameter(f"cannot read image {image}: {res.stderr.decode().strip()}")
-        virtual = int(json.loads(res.stdout)["virtual-size"])
-        if size_mib * 1024 * 1024 < virtual:
-            raise InvalidParameter(
-                f"disk size {size_mib} MiB is smaller than its image ({virtual >> 20} MiB)"
-            )
-    cmd = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", image, path]
-    if size_mib is not None:
-        cmd.append(f"{size_mib}M")
-    res = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
-                         check=False)  # fmt: skip
-    if res.returncode != 0:
-        raise InvalidParameter(
-            f"qemu-img create failed: {res.stderr.decode(errors='replace').strip()}"
-        )
-
-
-def _close_disks(disks: DiskList) -> None:
-    for disk in disks:
-        for fd in (disk.fd, disk.image_fd):
-            if fd is not None:
-                os.close(fd)
-
-
 def _uid_or_none(vm: VmRecord) -> int | None:
     uid = vm.get("zone_uid")
     return uid if isinstance(uid, int) and uid > 0 else None
-
-
-def is_disk_name(name: str) -> bool:
-    """``disk<N>.<ext>``: the only names in a zonepath that are disks."""
-    number, dot, ext = name.removeprefix("disk").partition(".")
-    return (
-        name.startswith("disk")
-        and number.isascii()
-        and number.isdigit()
-        and bool(dot)
-        and ext.isascii()
-        and bool(ext)
-        and all(c.isalnum() or c in "._-" for c in ext)
-    )
-
-
-def _disk_lstat(zonepath: str, name: str) -> os.stat_result:
-    """``name`` in ``zonepath``, not followed if it is a link."""
-    zfd = os.open(zonepath, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        return os.stat(name, dir_fd=zfd, follow_symlinks=False)
-    finally:
-        os.close(zfd)
-
-
-def _open_checked(path: str, dir_fd: int | None, mode: int, what: str) -> int:
-    """``path`` opened with ``mode`` (in ``dir_fd``), never through a link as
-    its last component, never blocking (a FIFO), and a regular file."""
-    flags = mode | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags, dir_fd=dir_fd)
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise InvalidParameter(f"{what} is a symbolic link (not followed)") from None
-        raise
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise InvalidParameter(f"{what} is not a regular file (not used)")
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _own_disk(paths: VmPaths, path: str, uid: int) -> None:
-    """A disk of the VM's zonepath to the VM's user, 0600; opened by its name
-    there, never through a link."""
-    directory, name = os.path.split(path)
-    if directory != paths.zonepath or not is_disk_name(name):
-        return
-    zfd = os.open(paths.zonepath, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=zfd)
-    finally:
-        os.close(zfd)
-    try:
-        if stat.S_ISREG(os.fstat(fd).st_mode):
-            os.fchown(fd, uid, uid)
-            os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
