@@ -8,8 +8,10 @@ whether a crashed VM that asks for it (``restart_on_crash``) is booted again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from vmadmd.daemon.locks import vm_lock
 from vmadmd.daemon.logs import vm_log
@@ -17,9 +19,9 @@ from vmadmd.daemon.monitor import Shutdown
 from vmadmd.daemon.settings import CrashRestart, Shared
 from vmadmd.errors import VmadmError
 from vmadmd.vm import ending as ending_mod
-from vmadmd.vm import transition
+from vmadmd.vm import launch, net, proc, transition
 from vmadmd.vm.ending import Ending
-from vmadmd.vm.layer import iso_now
+from vmadmd.vm.layer import identity_of, iso_now
 from vmadmd.vm.store import VmRecord
 from vmadmd.vm.transition import Transition
 
@@ -127,3 +129,53 @@ async def settle_record(shared: Shared, uuid: str, ending: Ending | None) -> Set
     if cleared is not None:
         shared.bus.emit("transition_cleared", uuid, to=cleared.to)
     return Settled(cleared, recorded)
+
+
+async def waiter_status(zonepath: str) -> int | None:
+    """qemu's wait status from its waiter, which writes it a moment after
+    the exit the pidfd showed (None after a second without it, and at once
+    for a qemu with no waiter)."""
+    loop = asyncio.get_running_loop()
+    deadline, delay = loop.time() + 1.0, 0.001
+    while loop.time() < deadline:
+        status = launch.exit_status(zonepath)
+        if status is not None:
+            return status
+        if not launch.has_waiter(zonepath):
+            return None
+        await asyncio.sleep(delay)  # it comes within a few ms: look often at first
+        delay = min(delay * 2, 0.02)
+    return None
+
+
+async def release_unless_restarted(shared: Shared, uuid: str, nics: list[Any]) -> None:
+    """After an exit: the VM's taps and cgroup go with its qemu (best effort:
+    the next start redoes both).
+
+    Under the VM's lock, and not once the VM runs again: a start that came
+    as soon as the record said "stopped" has made both anew, and removing
+    them would cut its network and fail its launch.
+    """
+    vlog = vm_log(log, uuid)
+
+    def release() -> None:
+        store = shared.store
+        with contextlib.suppress(VmadmError):  # deleted meanwhile: its taps are still ours
+            record = store.load(uuid)
+            if proc.find_vm_pid(store.paths(uuid).pid, uuid, identity_of(record)):
+                vlog.info("started again before its exit was cleaned up: kept its taps")
+                return
+        for cleanup in (
+            functools.partial(net.remove_taps, nics),
+            functools.partial(shared.cgroups.remove, uuid),
+        ):
+            try:
+                cleanup()
+            except Exception:
+                vlog.exception("cleanup after exit failed")
+
+    try:
+        async with vm_lock(shared.store, uuid, SETTLE_LOCK_WAIT):
+            await asyncio.to_thread(release)
+    except Exception:
+        vlog.exception("cleanup after exit failed")

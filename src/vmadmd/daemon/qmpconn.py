@@ -117,8 +117,10 @@ class QmpConnection:
                     sock = await connect_unix_retrying(self._directory, self._name, self._peer)
                     await asyncio.wait_for(client.connect(sock), self._connect_timeout)
             except (OSError, QmpError, TimeoutError, EOFError) as err:
-                if isinstance(err, WrongPeer) and self._peer is not None:
-                    self._impostor(err)
+                told = self._told_peer
+                if isinstance(err, WrongPeer) and err.pid not in told and len(told) < 16:
+                    told.add(err.pid)  # a planted server: said once per pid
+                    self._log.warning("QMP socket refused: %s", err)
                 # OSError: socket missing or refused (qemu still starting or
                 # gone); QmpError: no or bad greeting; TimeoutError: qemu
                 # accepted but does not speak (stopped with SIGSTOP).
@@ -141,14 +143,8 @@ class QmpConnection:
             self._ready.set()
             self._log.debug("QMP connected")
             if self.orphans:
-                self._cleanup = asyncio.create_task(self._close_orphans())
+                self._cleanup = asyncio.create_task(_close_orphans(self))
             return
-
-    def _impostor(self, err: WrongPeer) -> None:
-        """A server other than our qemu answered at vm.qmp: said once per pid."""
-        if err.pid not in self._told_peer and len(self._told_peer) < 16:
-            self._told_peer.add(err.pid)
-            self._log.warning("QMP socket refused: %s", err)
 
     async def _drop(self) -> None:
         client, self._client = self._client, None
@@ -324,29 +320,10 @@ class QmpConnection:
             finally:
                 timer.cancel()
             for i, reply in enumerate(batch.replies):
-                cmd = commands[i][0]
-                if reply is None:
-                    took[i] = loop.time() - t0
-                    if isinstance(failure, TimeoutError):
-                        outcomes[i] = "timeout"
-                        results[i] = QmpTimeout(
-                            f"VM {self.uuid}: qemu did not answer {cmd} within {limit:g} s"
-                        )
-                    else:
-                        results[i] = lost(cmd, failure or QmpDisconnected("no reply"))
-                    continue
-                took[i] = batch.arrived[i] - t0
-                try:
-                    results[i] = client.value(cmd, reply)
-                    outcomes[i] = "ok"
-                except QmpExecuteError as err:
-                    results[i] = QmpRefused(
-                        f"VM {self.uuid}: {cmd}: {err.desc}",
-                        error_class=err.error_class,
-                        desc=err.desc,
-                    )
-                except QmpError as err:
-                    results[i] = lost(cmd, err)
+                took[i] = (batch.arrived[i] if reply is not None else loop.time()) - t0
+                outcomes[i], results[i] = _result(
+                    self.uuid, commands[i][0], reply, failure, limit, lost
+                )
             late = [i for i, outcome in enumerate(outcomes) if outcome == "timeout"]
             if late:
                 self._wedged(f"{commands[late[0]][0]} timed out after {limit:g} s", stalled=True)
@@ -359,20 +336,45 @@ class QmpConnection:
                 self._metrics.qmp_command(cmd, outcome, spent)
         return results
 
-    async def _close_orphans(self) -> None:
-        """Close the fds that handoffs cut short may have left in qemu.
 
-        qemu keeps an fd taken by ``getfd`` under its name across QMP
-        connections; if the command meant to use it never ran, qemu would
-        hold it (a console client's connection, say) open with nobody
-        serving it.  Run on a new connection; ``closefd`` of a name qemu does
-        not have fails harmlessly.
-        """
-        for name in sorted(self.orphans):
-            try:
-                await self.execute("closefd", {"fdname": name})
-            except QmpRefused:
-                pass  # qemu has no such name: nothing to close
-            except (QmpFailed, QmpTimeout):
-                return  # connection trouble: the next connection tries again
-            self.orphans.discard(name)
+def _result(
+    uuid: str,
+    cmd: str,
+    reply: Message | None,
+    failure: BaseException | None,
+    limit: float,
+    lost: Callable[[str, BaseException], VmadmError],
+) -> tuple[str, Any]:
+    """One command's outcome (``ok``, ``timeout``, ``error``) and result: its
+    value, or its failure as a value."""
+    if reply is None:
+        if isinstance(failure, TimeoutError):
+            return "timeout", QmpTimeout(f"VM {uuid}: qemu did not answer {cmd} within {limit:g} s")
+        return "error", lost(cmd, failure or QmpDisconnected("no reply"))
+    try:
+        return "ok", QmpClient.value(cmd, reply)
+    except QmpExecuteError as err:
+        return "error", QmpRefused(
+            f"VM {uuid}: {cmd}: {err.desc}", error_class=err.error_class, desc=err.desc
+        )
+    except QmpError as err:
+        return "error", lost(cmd, err)
+
+
+async def _close_orphans(conn: QmpConnection) -> None:
+    """Close the fds that handoffs cut short may have left in qemu.
+
+    qemu keeps an fd taken by ``getfd`` under its name across QMP
+    connections; if the command meant to use it never ran, qemu would
+    hold it (a console client's connection, say) open with nobody
+    serving it.  Run on a new connection; ``closefd`` of a name qemu does
+    not have fails harmlessly.
+    """
+    for name in sorted(conn.orphans):
+        try:
+            await conn.execute("closefd", {"fdname": name})
+        except QmpRefused:
+            pass  # qemu has no such name: nothing to close
+        except (QmpFailed, QmpTimeout):
+            return  # connection trouble: the next connection tries again
+        conn.orphans.discard(name)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import random
@@ -32,12 +31,12 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from vmadmd.daemon.ending import (
-    SETTLE_LOCK_WAIT,
     Settled,
     ending_of,
+    release_unless_restarted,
     settle_record,
+    waiter_status,
 )
-from vmadmd.daemon.locks import vm_lock
 from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.monitor import QUERIES, Monitor, Shutdown, VncClient
 from vmadmd.daemon.serial import SerialConsole
@@ -46,9 +45,8 @@ from vmadmd.daemon.stats import BLOCKSTATS_PERIOD, VmStats, nic_counters, snapsh
 from vmadmd.daemon.stopping import Stopping
 from vmadmd.daemon.vncconsole import VncConsole, qemu_vnc_mode
 from vmadmd.errors import InvalidParameter, QmpRefused, QmpTimeout, VmadmError, WrongState
-from vmadmd.vm import launch, net, proc, zonefs
+from vmadmd.vm import proc, zonefs
 from vmadmd.vm.ending import Ending
-from vmadmd.vm.layer import identity_of
 from vmadmd.vm.sockets import Peer
 from vmadmd.vm.store import VmRecord
 from vmadmd.vm.transition import Transition, TransitionTo
@@ -191,22 +189,6 @@ class VmSupervisor:
         """How this qemu ended, from what was seen of it."""
         return ending_of(self._shutdown, self.stopping.forced, self.transition is not None, status)
 
-    async def _exit_status(self) -> int | None:
-        """qemu's wait status from its waiter, which writes it a moment after
-        the exit the pidfd showed (None after a second without it, and at
-        once for a qemu with no waiter)."""
-        loop = asyncio.get_running_loop()
-        deadline, delay = loop.time() + 1.0, 0.001
-        while loop.time() < deadline:
-            status = launch.exit_status(self.paths.zonepath)
-            if status is not None:
-                return status
-            if not launch.has_waiter(self.paths.zonepath):
-                return None
-            await asyncio.sleep(delay)  # it comes within a few ms: look often at first
-            delay = min(delay * 2, 0.02)
-        return None
-
     async def settle(self) -> Settled:
         """After qemu's exit: record it, close the console and the monitor.
 
@@ -220,7 +202,7 @@ class VmSupervisor:
         await self.monitor.drain(DRAIN_WAIT)
         # Only an exit nothing explains needs the status (which signal).
         unexplained = self._shutdown is None and self.stopping.forced is None
-        status = await self._exit_status() if unexplained else None
+        status = await waiter_status(self.paths.zonepath) if unexplained else None
         # The record first: that is what `vmadm get/stop` wait for.
         settled = await settle_record(self._shared, self.uuid, self.ending(status))
         self._shared.bus.forget(self.uuid)
@@ -234,29 +216,8 @@ class VmSupervisor:
         # Under the VM's lock, and not once the VM runs again: a start that
         # came as soon as the record said "stopped" has made both anew, and
         # removing them would cut its network and fail its launch.
-        try:
-            async with vm_lock(self._shared.store, self.uuid, SETTLE_LOCK_WAIT):
-                await asyncio.to_thread(self._release_unless_restarted)
-        except Exception:
-            self._log.exception("cleanup after exit failed")
+        await release_unless_restarted(self._shared, self.uuid, self._nic_records)
         return settled
-
-    def _release_unless_restarted(self) -> None:
-        """Remove the VM's taps and cgroup, unless a new qemu of it runs (lock held)."""
-        store = self._shared.store
-        with contextlib.suppress(VmadmError):  # deleted meanwhile: its taps are still ours
-            record = store.load(self.uuid)
-            if proc.find_vm_pid(store.paths(self.uuid).pid, self.uuid, identity_of(record)):
-                self._log.info("started again before its exit was cleaned up: kept its taps")
-                return
-        for cleanup in (
-            functools.partial(net.remove_taps, self._nic_records),
-            functools.partial(self._shared.cgroups.remove, self.uuid),
-        ):
-            try:
-                cleanup()
-            except Exception:
-                self._log.exception("cleanup after exit failed")
 
     async def detach(self) -> None:
         """Let go of the VM (daemon shutdown): it keeps running."""
