@@ -56,7 +56,8 @@ def vnc_mismatch(qemu_auth: bool | None, want_password: bool) -> str | None:
         return "this qemu was started without a VNC server; the console comes with the next boot"
     if want_password and not qemu_auth:
         return (
-            "vnc_password was set after this qemu started without password auth; "
+            "this qemu was started without VNC password auth (vnc_password set since, or "
+            "started with VMADMD_VNC_NO_PASSWORD=1 while vmadmd requires one); "
             "the console stays closed until the next boot"
         )
     if not want_password and qemu_auth:
@@ -116,6 +117,10 @@ class VncConsole:
             self._inode = file_inode(self._paths.runtime_dir, self._paths.VNC_NAME)
         return self._inode
 
+    def password(self) -> str | None:
+        """The password qemu's VNC server was given (for the browser console)."""
+        return self.key[1] if self.key else None
+
     def info(self) -> dict[str, Any]:
         """The listener as it is, with the password qemu was given (if any)."""
         if self.listener is None:
@@ -124,9 +129,15 @@ class VncConsole:
 
     def key_of(self, record: VmRecord) -> VncKey:
         """(port, password) the console should have: the VM's own password, or
-        with ``--vnc-require-password`` one generated for this qemu."""
+        one generated for this qemu when passwords are required (the default;
+        ``--vnc-no-password`` opts out) or this qemu demands one anyway (it
+        was started so: without a password it would admit nobody).
+
+        The generated one lives as long as this daemon's hold on this qemu:
+        never written to disk, shown by ``vmadm info UUID vnc`` and given to
+        the browser console; a restarted daemon sets a new one."""
         password = record.get("vnc_password") or None
-        if password is None and self._require_password:
+        if password is None and (self._require_password or self._qemu_auth):
             if self._generated is None:
                 import secrets  # here: secrets, hmac and OpenSSL are ~1.4 ms of start-up
 
