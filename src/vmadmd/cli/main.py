@@ -114,9 +114,10 @@ def cmd_list(ctx: Context, args: argparse.Namespace) -> None:
 
     fields = select.field_list(args.o, LIST_FIELDS)
     rows = [
-        [select.text(next(iter(select.values_at(vm, tuple(f.split(".")))), None)) for f in fields]
+        [select.printable(select.text(next(iter(select.values_at(vm, tuple(f.split(".")))), None)))
+         for f in fields]
         for vm in _selected(ctx.layer, args)
-    ]
+    ]  # fmt: skip
     if args.p:
         for row in rows:
             print(":".join(row))
