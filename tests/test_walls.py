@@ -173,6 +173,9 @@ def test_every_seen_bypass_is_refused_and_reads_still_pass(env: Env, running_vm:
     for line in ("info status", "  info   vnc", "info block"):
         status, answer = qmp(env, uuid, {"hmp": line})
         assert status == 200, (line, answer)
+    # A line that names no command is a bad request (it was a 500).
+    for line in ("", " \t "):
+        assert qmp(env, uuid, {"hmp": line})[0] == 400, repr(line)
     res = env.vmadm("qmp", uuid, "--hmp", "migrate exec:true")
     assert res.returncode == 1
     assert "only 'info ...' passes" in res.stderr

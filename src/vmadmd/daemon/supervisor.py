@@ -38,6 +38,7 @@ from vmadmd.daemon.locks import LOCK_WAIT, vm_lock
 from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.metrics import Metrics
 from vmadmd.daemon.monitor import QUERIES, Monitor
+from vmadmd.daemon.qmppolicy import check_hmp, check_qmp
 from vmadmd.daemon.serial import SerialConsole
 from vmadmd.daemon.stats import (
     BLOCKSTATS_PERIOD,
@@ -513,6 +514,10 @@ class VmSupervisor:
         """``{"execute", "arguments"}`` or ``{"hmp"}`` from a user, serialised with
         the daemon's own operations on this VM.  Logged by command name only:
         arguments can hold secrets."""
+        if "hmp" in request:  # refused at once (400/403), not after the VM's lock
+            check_hmp(str(request["hmp"]))
+        else:
+            check_qmp(str(request["execute"]), request.get("arguments"))
         async with self.lock:
             if "hmp" in request:
                 line = str(request["hmp"])
