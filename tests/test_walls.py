@@ -371,9 +371,16 @@ def test_alias_is_printable_and_text_output_escaped(env: Env) -> None:
     assert got == [{"alias": "red\x1b[31malert\r\n"}]
 
 
-def test_text_logs_escape_what_users_chose(env: Env, running_vm: RunVm) -> None:
+def test_text_logs_escape_what_users_chose(env: Env) -> None:
     env.start_daemon("--log-format", "text")
-    uuid = running_vm()
+    # A VM from before aliases had to be printable: qemu's -name carries it.
+    uuid = env.create(bios_payload(alias="placeholder"))
+    vm_json = Path(env.zones) / uuid / "vm.json"
+    vm_json.write_text(vm_json.read_text().replace("placeholder", "old\\u001b[5malias"))
+    env.vmadm("start", uuid, check=True)
+    env.wait_qmp(uuid)
+    out = env.vmadm("qmp", uuid, "--hmp", "info name", check=True).stdout
+    assert out == "old\\x1b[5malias\n", out
     status, _ = qmp(env, uuid, {"execute": "query-\x1b[2Jx\nforged"})
     assert status == 422  # allowed by its prefix, unknown to qemu
     env.wait_for(lambda: "forged" in env.daemon_log(tail=None), what="logged")

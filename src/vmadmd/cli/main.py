@@ -394,6 +394,12 @@ def cmd_qmp(ctx: Context, args: argparse.Namespace) -> None:
     _, body = _client().request("POST", f"/vm/{uuid}/qmp", body=request)
     result = body.get("return") if isinstance(body, dict) else body
     if isinstance(result, str):
+        from vmadmd.cli.select import printable
+
+        # The human monitor's text can carry what a user or guest chose (an
+        # old alias as qemu's -name): escaped, but for its lines (qemu ends
+        # them with CRLF) and tabs.
+        result = printable(result.replace("\r\n", "\n"), keep="\n\t")
         sys.stdout.write(result if result.endswith("\n") or not result else result + "\n")
     else:
         _print_json(result)
