@@ -177,6 +177,8 @@ def test_every_seen_bypass_is_refused_and_reads_still_pass(env: Env, running_vm:
     for line in ("", " \t "):
         assert qmp(env, uuid, {"hmp": line})[0] == 400, repr(line)
     res = env.vmadm("qmp", uuid, "--hmp", "migrate exec:true")
+    env.wait_for(lambda: "refused: human monitor command 'migrate'" in env.daemon_log(None),
+                 what="the refusal logged")  # fmt: skip
     assert res.returncode == 1
     assert "only 'info ...' passes" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
