@@ -267,6 +267,17 @@ def test_vnc_requires_a_generated_password_by_default(env: Env) -> None:
         rfb.handshake(sock)
     with rfb.connect("127.0.0.1", shown["port"]) as sock:
         assert rfb.handshake(sock, password).width > 0
+    # The same after the daemon restarts (derived from the host's key, root's
+    # alone, and this qemu's identity); another one for the next boot.
+    key = Path(env.zones) / ".vnc-key"
+    assert key.stat().st_mode & 0o777 == 0o600
+    env.stop_daemon()
+    env.start_daemon()
+    assert vnc_info(env, uuid)["password"] == password
+    env.vmadm("stop", uuid, "-F", check=True)
+    env.vmadm("start", uuid, check=True)
+    env.wait_for(lambda: vnc_info(env, uuid).get("password") not in (None, password),
+                 timeout=15, what="a new password")  # fmt: skip
     # The old opt-in is accepted and changes nothing.
     other = env.create(bios_payload())
     env.vmadm("start", other, check=True, extra_env={"VMADM_VNC_REQUIRE_PASSWORD": "1"})

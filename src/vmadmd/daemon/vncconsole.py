@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import os
 import string
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,54 @@ from vmadmd.vm.store import VmPaths, VmRecord
 log = logging.getLogger("vmadmd.vnc")
 
 VncKey = tuple[int, str | None]  # (vnc_port, vnc_password) as last applied
+
+# The host's key for generated VNC passwords, in the zones root (root's, 0600).
+HOST_KEY_NAME = ".vnc-key"
+_ALPHABET = string.ascii_letters + string.digits
+
+
+def host_key(zones_root: str) -> bytes | None:
+    """The zones root's key for generated passwords, made on first need;
+    None when the file there is not root's own 32 private bytes."""
+    path = os.path.join(zones_root, HOST_KEY_NAME)
+    flags = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_RDONLY | flags)
+        except FileNotFoundError:
+            import secrets  # here: secrets, hmac and OpenSSL are ~1.4 ms of start-up
+
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | flags, 0o600)
+            except FileExistsError:
+                continue  # another daemon made it meanwhile: read that one
+            except OSError:
+                return None
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+            continue
+        except OSError:
+            return None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not (st.st_uid == os.geteuid() and st.st_mode & 0o177077 == 0o100000):
+                return None  # not a private regular file of ours
+            key = f.read(33)
+        return key if len(key) == 32 else None
+    return None
+
+
+def generated_password(key: bytes, uuid: str, identity: object) -> str:
+    """8 letters and digits for this VM's current qemu (its recorded identity:
+    pid, start time, executable): the same for a restarted daemon, another
+    one for the next boot, and nothing to keep on disk but the host's key."""
+    import hashlib
+    import hmac
+    import json
+
+    message = f"{uuid}\0{json.dumps(identity, sort_keys=True, default=str)}".encode()
+    digest = hmac.new(key, message, hashlib.sha256).digest()
+    return "".join(_ALPHABET[b % len(_ALPHABET)] for b in digest[:8])
 
 
 def qemu_vnc_mode(argv: list[str]) -> bool | None:
@@ -133,18 +182,25 @@ class VncConsole:
         ``--vnc-no-password`` opts out) or this qemu demands one anyway (it
         was started so: without a password it would admit nobody).
 
-        The generated one lives as long as this daemon's hold on this qemu:
-        never written to disk, shown by ``vmadm info UUID vnc`` and given to
-        the browser console; a restarted daemon sets a new one."""
+        The generated one is derived from the host's key and this qemu's
+        identity (``generated_password``): never written to disk, the same
+        after the daemon restarts, new at each boot; random (and new with
+        each daemon) when there is no key or no recorded identity.  Shown by
+        ``vmadm info UUID vnc`` and given to the browser console."""
         password = record.get("vnc_password") or None
         if password is None and (self._require_password or self._qemu_auth):
             if self._generated is None:
-                import secrets  # here: secrets, hmac and OpenSSL are ~1.4 ms of start-up
-
-                alphabet = string.ascii_letters + string.digits
-                self._generated = "".join(secrets.choice(alphabet) for _ in range(8))
+                self._generated = self._generate(record.get("qemu_identity"))
             password = self._generated
         return record.get("vnc_port", 0), password
+
+    def _generate(self, identity: object) -> str:
+        key = host_key(os.path.dirname(self._paths.zonepath)) if identity else None
+        if key is not None:
+            return generated_password(key, self.uuid, identity)
+        import secrets  # here: secrets, hmac and OpenSSL are ~1.4 ms of start-up
+
+        return "".join(secrets.choice(_ALPHABET) for _ in range(8))
 
     async def open(self, record: VmRecord) -> None:
         """Open the listener the record asks for (or record why it cannot)."""
