@@ -17,6 +17,7 @@ import pytest
 
 from harness.world import World, bios_payload
 from vmadmd.vm.config import DEFAULT_ZONE_UID_BASE
+from vmadmd.vm.sockets import connect_unix
 
 
 @pytest.fixture
@@ -121,14 +122,29 @@ def test_qemu_runs_confined(env: World) -> None:
 def test_sandbox_kills_a_qemu_that_would_spawn(env: World) -> None:
     """spawn=deny for real: a monitor command that makes qemu fork a program
     (a migration to ``exec:``) kills it with SIGSYS, the program never runs,
-    and the daemon records the crash with its signal (qemu's waiter saw it)."""
+    and the daemon records the crash with its signal (qemu's waiter saw it).
+
+    The API's pass-through refuses ``migrate``; a second monitor that
+    ``qemu_extra_opts`` opens (root's to use, as the VM's options are) stands
+    for a guest that broke into qemu."""
     shared = tempfile.mkdtemp(prefix="vmadmd-spawn-")
     os.chmod(shared, 0o1777)  # the VM's user could write here, if it ran anything
     marker = Path(shared) / "spawned"
     try:
         env.start_daemon()
-        uuid = env.run_vm(bios_payload())
-        env.vmadm("qmp", uuid, "--hmp", f'migrate "exec:touch {marker}"')
+        extra = "-qmp unix:extra.qmp,server=on,wait=off"
+        uuid = env.run_vm(bios_payload(qemu_extra_opts=extra))
+        res = env.vmadm("qmp", uuid, "--hmp", f'migrate "exec:touch {marker}"')
+        assert "only 'info ...' passes" in res.stderr
+        with connect_unix(str(env.runtime(uuid)), "extra.qmp") as monitor:
+            monitor.settimeout(10)
+            reader = monitor.makefile("rb")
+            reader.readline()  # the greeting
+            migrate = {"execute": "migrate", "arguments": {"uri": f"exec:touch {marker}"}}
+            for command in ({"execute": "qmp_capabilities"}, migrate):
+                monitor.sendall(json.dumps(command).encode() + b"\n")
+                with contextlib.suppress(OSError):
+                    reader.readline()
         env.wait_for(lambda: env.get(uuid)["state"] == "stopped", timeout=20, what="killed")
         last = env.get(uuid)["last_exit"]
         assert (last["reason"], last.get("signal")) == ("crash", "SIGSYS"), last

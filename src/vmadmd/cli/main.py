@@ -114,9 +114,10 @@ def cmd_list(ctx: Context, args: argparse.Namespace) -> None:
 
     fields = select.field_list(args.o, LIST_FIELDS)
     rows = [
-        [select.text(next(iter(select.values_at(vm, tuple(f.split(".")))), None)) for f in fields]
+        [select.printable(select.text(next(iter(select.values_at(vm, tuple(f.split(".")))), None)))
+         for f in fields]
         for vm in _selected(ctx.layer, args)
-    ]
+    ]  # fmt: skip
     if args.p:
         for row in rows:
             print(":".join(row))
@@ -387,6 +388,12 @@ def cmd_qmp(ctx: Context, args: argparse.Namespace) -> None:
     _, body = _client().request("POST", f"/vm/{uuid}/qmp", body=request)
     result = body.get("return") if isinstance(body, dict) else body
     if isinstance(result, str):
+        from vmadmd.cli.select import printable
+
+        # The human monitor's text can carry what a user or guest chose (an
+        # old alias as qemu's -name): escaped, but for its lines (qemu ends
+        # them with CRLF) and tabs.
+        result = printable(result.replace("\r\n", "\n"), keep="\n\t")
         sys.stdout.write(result if result.endswith("\n") or not result else result + "\n")
     else:
         _print_json(result)

@@ -322,7 +322,8 @@ class ConsoleServer:
             "token": token,
             "uuid": uuid,
             "name": self.manager.alias(uuid),
-            "password": self.manager.has_password(uuid),
+            # Sent by the page when qemu asks (the token holder has the console anyway).
+            "password": self.manager.vnc_password(uuid),
         }
         template = importlib.resources.files("vmadmd.daemon").joinpath("console.html").read_text()
         nonce = secrets.token_urlsafe(16)

@@ -37,13 +37,15 @@ from vmadmd.vm.config import (
     DEFAULT_QEMU,
     DEFAULT_SOCKET,
     DEFAULT_UID_LEDGER,
+    DEFAULT_USER_NET,
     DEFAULT_VNC_BIND,
     DEFAULT_ZONE_UID_BASE,
     DEFAULT_ZONES_ROOT,
     VmSettings,
-    env_flag,
     env_or,
     parse_accel,
+    parse_user_net,
+    vnc_password_required,
 )
 from vmadmd.vm.sockets import bind_unix, connect_unix, peer_uid, trusted_uid
 
@@ -52,10 +54,18 @@ if TYPE_CHECKING:
 
     from vmadmd.daemon.console import ConsoleServer
     from vmadmd.daemon.watch import ZonesWatcher
+    from vmadmd.vm.config import UserNet
 
 log = logging.getLogger("vmadmd")
 
 SHUTDOWN_GRACE = 5.0
+
+
+def _user_net(value: str) -> UserNet:
+    try:
+        return parse_user_net(value)
+    except ValueError as err:  # argparse's own words would name the function
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,11 +88,26 @@ def build_parser() -> argparse.ArgumentParser:
         "when it cannot take one); proxy: relay every session through the daemon",
     )
     p.add_argument(
+        "--vnc-no-password",
+        action="store_true",
+        default=not vnc_password_required(),
+        help="let a VM without a vnc_password have a console without one (by default one is "
+        "generated, shown by `vmadm info UUID vnc`); vmadm needs VMADMD_VNC_NO_PASSWORD=1 "
+        "as well",
+    )
+    p.add_argument(
         "--vnc-require-password",
         action="store_true",
-        default=env_flag("VMADM_VNC_REQUIRE_PASSWORD"),
-        help="every console requires a password: one is generated for a VM that has none "
-        "(shown by `vmadm info UUID vnc`); vmadm needs VMADM_VNC_REQUIRE_PASSWORD=1 as well",
+        help="every console requires a password: the default now, kept for old scripts "
+        "(wins over --vnc-no-password)",
+    )
+    p.add_argument(
+        "--user-net",
+        type=_user_net,
+        default=env_or("VMADM_USER_NET", DEFAULT_USER_NET),  # argparse applies the type
+        metavar="restricted|nat",
+        help="user-mode nics: restricted (restrict=on: the guest reaches neither the host nor "
+        "the outside) or nat (it reaches both, the host's 127.0.0.1 included)",
     )
     p.add_argument("--qemu", default=env_or("VMADM_QEMU", DEFAULT_QEMU))
     p.add_argument("--nic-tag", action="append", default=[], metavar="TAG=BRIDGE",
@@ -254,7 +279,8 @@ class Daemon:
                 zones_root=args.zones_root,
                 qemu=args.qemu,
                 accel=args.accel,
-                vnc_require_password=args.vnc_require_password,
+                vnc_require_password=args.vnc_require_password or not args.vnc_no_password,
+                user_net=args.user_net,
                 images_dir=args.images_dir,
                 cgroup_root=os.environ.get("VMADM_CGROUP_ROOT", ""),
                 cgroup_manager=args.cgroup_manager,

@@ -127,8 +127,12 @@ class Manager:
         """What a page may call the VM: its alias, else its uuid."""
         return str(self.load(uuid).get("alias") or uuid)
 
-    def has_password(self, uuid: str) -> bool:
-        return bool(self.load(uuid).get("vnc_password"))
+    def vnc_password(self, uuid: str) -> str | None:
+        """The password the VM's console asks for now: its own, or the one
+        generated for its qemu (the browser console sends it for the user)."""
+        sup = self.vms.get(uuid)
+        current = sup.console.password() if sup is not None else None
+        return current or self.load(uuid).get("vnc_password") or None
 
     def connection_counts(self) -> dict[str, int]:
         """How far the daemon is in picking up its running VMs."""

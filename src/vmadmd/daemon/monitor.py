@@ -21,6 +21,7 @@ from typing import Any, Literal, NamedTuple, Protocol
 from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.metrics import Metrics
 from vmadmd.daemon.qmpconn import QmpConnection
+from vmadmd.daemon.qmppolicy import check_hmp, check_qmp
 from vmadmd.errors import (
     Forbidden,
     InvalidParameter,
@@ -271,6 +272,7 @@ class Monitor:
         if cmd == "human-monitor-command":
             line = (arguments or {}).get("command-line")
             return await self.hmp(line if isinstance(line, str) else "")
+        check_qmp(cmd, arguments)  # the allowlist (403); qmppolicy.py says why
         if cmd in OWNED_COMMANDS:
             raise Forbidden(f"{cmd} belongs to vmadmd and cannot be passed through")
         try:
@@ -283,6 +285,7 @@ class Monitor:
         words = line.split(None, 1)
         if not words:
             raise InvalidParameter("the human monitor command is empty")
+        check_hmp(line)  # `info ...` only, its name read as qemu reads it (403)
         if words[0] in OWNED_HMP:
             raise Forbidden(f"{words[0]} belongs to vmadmd and cannot be passed through")
         try:

@@ -39,6 +39,7 @@ from vmadmd.daemon.ending import (
 )
 from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.monitor import QUERIES, Monitor, Shutdown, VncClient
+from vmadmd.daemon.qmppolicy import check_hmp, check_qmp
 from vmadmd.daemon.serial import SerialConsole
 from vmadmd.daemon.settings import Shared
 from vmadmd.daemon.stats import BLOCKSTATS_PERIOD, VmStats, nic_counters, snapshot
@@ -335,6 +336,14 @@ class VmSupervisor:
         """``{"execute", "arguments"}`` or ``{"hmp"}`` from a user, serialised with
         the daemon's own operations on this VM.  Logged by command name only:
         arguments can hold secrets."""
+        try:  # refused at once (400/403), not after the VM's lock
+            if "hmp" in request:
+                check_hmp(str(request["hmp"]))
+            else:
+                check_qmp(str(request["execute"]), request.get("arguments"))
+        except VmadmError as err:  # 403 off the allowlist, 400 an empty line
+            self._log.warning("monitor pass-through refused: %s", err.message)
+            raise
         async with self.lock:
             if "hmp" in request:
                 line = str(request["hmp"])

@@ -256,6 +256,7 @@ class VmLayer:
             argv = build_argv(
                 vm, paths, self.settings.qemu, accel, disk_fds=disks, tap_fds=taps,
                 require_vnc_password=self.settings.vnc_require_password,
+                user_net=self.settings.user_net,
             )  # fmt: skip
             fds = [d.fd for d in disks] + [d.image_fd for d in disks if d.image_fd is not None]
             fds += taps.values()
