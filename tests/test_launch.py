@@ -38,12 +38,16 @@ def test_programs_planted_in_root_tmp_are_never_run(env: Env, tmp_path: Path) ->
     assert os.readlink(f"/proc/{pid}/exe").startswith("/usr/")
 
 
-def test_resolve_program_takes_absolute_paths_and_the_safe_path_only(tmp_path: Path) -> None:
+def test_resolve_program_takes_absolute_paths_and_absolute_path_entries_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert launch.resolve_program("sh").startswith("/")
     here = tmp_path / "prog"
     here.write_text("#!/bin/sh\n")
     os.chmod(here, 0o755)
     assert launch.resolve_program(str(here)) == str(here)
+    monkeypatch.setenv("PATH", f".::{os.environ['PATH']}")
+    assert "." not in launch.search_path().split(":")
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
