@@ -113,6 +113,7 @@ class FakeVm:
         self.named_fds: dict[str, int] = {}
         self.listener: socket.socket | None = None  # given with display-update
         self.commands: list[str] = []  # every QMP command received, in order
+        self.arguments: list[dict[str, Any]] = []  # ... and the arguments of each
 
     def _took_fds(self, fds: list[int]) -> None:
         """As qemu does: new fds replace those not yet claimed by getfd."""
@@ -246,6 +247,8 @@ class FakeVm:
         async for msg in _json_stream(reader):
             cmd = msg.get("execute", "") if isinstance(msg, dict) else ""
             self.commands.append(str(cmd))
+            args = msg.get("arguments") if isinstance(msg, dict) else None
+            self.arguments.append(args if isinstance(args, dict) else {})
             reply: dict[str, Any]
             if self.mode == "garbage" and negotiated:
                 writer.write(b'}{"return": garbage\n')
