@@ -70,7 +70,7 @@ class VmLayer:
         """The pid of the VM's running qemu (identity-checked), else None."""
         if record is None:
             record = self.store.load(uuid)
-        return proc.find_vm_pid(self.store.paths(uuid).pid, uuid, identity_of(record))
+        return running_pid(self.store, uuid, record)
 
     def is_running(self, uuid: str) -> bool:
         return self.pid(uuid) is not None
@@ -352,6 +352,17 @@ class VmLayer:
 
 
 IDENTITY_KEY = "qemu_identity"
+
+
+def running_pid(store: Store, uuid: str, record: VmRecord) -> int | None:
+    """The pid of the VM's running qemu, identity-checked against the boot
+    recorded in ``record`` (the one lookup every caller makes), else None."""
+    return proc.find_vm_pid(store.paths(uuid).pid, uuid, identity_of(record))
+
+
+def running_pidfd(store: Store, uuid: str, record: VmRecord) -> tuple[int, int] | None:
+    """``running_pid`` with a pidfd on that very process: ``(pid, fd)``."""
+    return proc.open_vm_pidfd(store.paths(uuid).pid, uuid, identity_of(record))
 
 
 def identity_of(record: VmRecord) -> proc.Identity | None:
