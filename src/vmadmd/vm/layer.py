@@ -326,6 +326,8 @@ class VmLayer:
             uid = vm.get("zone_uid")
             if "nics" in checked and isinstance(uid, int) and uid > 0:
                 net.name_taps(checked["nics"], uid)
+            if "disks" in checked:
+                _keep_backing(vm.get("disks", []), checked["disks"])
             for key, value in checked.items():
                 if vm.get(key) != value:
                     changed.add(key)
@@ -352,6 +354,18 @@ class VmLayer:
 
 
 IDENTITY_KEY = "qemu_identity"
+
+
+def _keep_backing(old: list[Any], new: list[dict[str, Any]]) -> None:
+    """A disk's image and format belong to its file, not to the payload: a
+    disk given again by its path keeps them (without its ``image_uuid`` a
+    disk made over an image would boot with no backing, its data unreadable)."""
+    was = {d.get("path"): d for d in old if isinstance(d, dict)}
+    for disk in new:
+        before = was.get(disk["path"], {})
+        for key in ("image_uuid", "image_format"):
+            if key in before and key not in disk:
+                disk[key] = before[key]
 
 
 def running_pid(store: Store, uuid: str, record: VmRecord) -> int | None:
