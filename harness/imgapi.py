@@ -145,6 +145,9 @@ class ImgapiServer:
                                 self.wfile.write(chunk)
                                 self.wfile.flush()
                                 time.sleep(server.trickle_delay)
+                        elif fault == "truncate":  # closes halfway, Content-Length full
+                            self.wfile.write(f.read(size // 2))
+                            self.close_connection = True
                         elif fault == "flip":  # same size, one byte changed
                             data = bytearray(f.read())
                             data[len(data) // 2] ^= 0xFF

@@ -251,6 +251,7 @@ def test_bad_sources_are_one_clear_error(env: Env, server: ImgapiServer, disk: P
         ("file", "garbage", "garbage"),
         ("file_bytes", "flip", "(DownloadError)"),  # a gzip or sha1 error
         ("file", "hang", "timed out"),
+        ("file_bytes", "truncate", "truncated"),
     ):
         server.faults = {route: fault}
         t0 = time.monotonic()
@@ -291,7 +292,10 @@ def test_interrupted_import_leaves_nothing_installed(
         f"VmLayer(VmSettings.from_env()).find_image({uuid!r})")],
         env=env.environ, capture_output=True, text=True, check=False)  # fmt: skip
     assert "not found" in res.stderr, "vmadm sees no image"
-    # The next import sweeps the leftover and installs it.
+    # Vacuum sweeps the leftover silently (it was no image); the next import installs it.
+    assert visible(env) != []
+    assert ok(imgadm(env, "vacuum", "-f")) == ""
+    assert visible(env) == []
     server.faults = {}
     ok(imgadm(env, "import", "-q", uuid))
     assert visible(env) == [f"{uuid}.json", f"{uuid}.qcow2"]

@@ -357,6 +357,9 @@ def cmd_vacuum(ctx: Context, args: argparse.Namespace) -> None:
             name = _label(store.manifest(uuid))
             store.remove(uuid)
         _out(f"Deleted image {uuid} ({name})")
+    for uuid in store.leftovers():  # remains of interrupted installs: not images
+        with store.lock(uuid):
+            store.sweep(uuid)
 
 
 def cmd_update(ctx: Context, args: argparse.Namespace) -> None:
@@ -549,6 +552,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(getattr(err, "exit_code", 1))
     except ValueError as err:  # bad settings in the environment
         sys.stderr.write(f"imgadm: error: {err}\n")
+        return 1
+    except OSError as err:  # the images dir or conf cannot be made or written
+        where = f" {err.filename}" if err.filename else ""
+        sys.stderr.write(f"imgadm: error:{where}: {err.strerror or err}\n")
         return 1
     except KeyboardInterrupt:
         sys.stderr.write("imgadm: interrupted\n")

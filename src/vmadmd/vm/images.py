@@ -358,6 +358,21 @@ class ImageStore:
                     users.setdefault(image, []).append(vm)
         return users
 
+    def leftovers(self) -> list[str]:
+        """Uuids with remains of an interrupted install (temp files, a manifest
+        without its data), for ``vacuum`` to sweep."""
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return []
+        found = set()
+        for name in names:
+            if name.startswith(".") and name.endswith(".tmp") and is_uuid(name[1:37]):
+                found.add(name[1:37])
+            elif name.endswith(".json") and is_uuid(name[:-5]) and not self.data_file(name[:-5]):
+                found.add(name[:-5])
+        return sorted(found)
+
     # changes
     def sweep(self, uuid: str) -> None:
         """Leftovers of interrupted installs of ``uuid`` (caller holds its lock)."""
@@ -445,8 +460,8 @@ class ImageStore:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.manifest_path(uuid))
         _fsync_dir(self.dir)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(self.dir, f".{uuid}.lock"))
+        # The lock file stays: unlinking it while another process waits on it
+        # would let a third lock a new file and run beside that one.
 
 
 # -- the copy --------------------------------------------------------------------------

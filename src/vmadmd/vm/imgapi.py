@@ -223,8 +223,40 @@ def get_manifest(url: str, uuid: str) -> Manifest | None:
     return manifest
 
 
-def open_file(url: str, uuid: str) -> HTTPResponse:
+class FileBody:
+    """An image file's response body, read into the caller's buffer; whatever
+    the connection does (a timeout, a reset, an early close under a
+    Content-Length) is one SourceError naming the source."""
+
+    def __init__(self, response: HTTPResponse, url: str) -> None:
+        self.response = response
+        self.url = url
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        import http.client
+
+        try:
+            return self.response.readinto(buffer)
+        except TimeoutError:
+            raise SourceError(
+                f"image source {self.url}: the file stopped coming (timed out)"
+            ) from None
+        except http.client.IncompleteRead:
+            raise SourceError(
+                f"image source {self.url}: the connection closed before the whole file came"
+            ) from None
+        except (OSError, http.client.HTTPException) as err:
+            raise SourceError(f"image source {self.url}: {type(err).__name__}: {err}") from None
+
+    def __enter__(self) -> FileBody:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.response.close()
+
+
+def open_file(url: str, uuid: str) -> FileBody:
     response = _open(f"{url.rstrip('/')}/images/{uuid}/file", "image source")
     if response is None:
         raise SourceError(f"image source {url} has the manifest of {uuid} but not its file")
-    return response
+    return FileBody(response, url)
