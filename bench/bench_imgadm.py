@@ -6,7 +6,8 @@ compression); each round imports it with ``imgadm import -q`` (download,
 size and sha1 checked, fsync, 0444, rename) and runs the floor, ``curl URL |
 tee FILE | sha1sum; sync FILE`` (the same bytes fetched, hashed and written
 durably by three processes in parallel).  The image is deleted between
-rounds.  Reported: median throughput of each, the ratio (goal >= 0.8x), and
+rounds.  ``curl | sha1sum`` alone (nothing written) is shown for scale.
+Reported: median throughput of each, the ratio (goal >= 0.8x), and
 imgadm's peak RSS for a 64 MiB and a SIZE MiB image (flat: streamed).
 
 Run: ``.venv/bin/python -m bench.bench_imgadm [SIZE_MIB] [ROUNDS]`` (default 1024, 5)
@@ -70,8 +71,10 @@ def main() -> None:
             url = f"{server.url}/images/{big}/file"
             out = root / "curl.out"
             floor = ["sh", "-c", f"curl -sf {url} | tee {out} | sha1sum >/dev/null && sync {out}"]
+            fetch_only = ["sh", "-c", f"curl -sf {url} | sha1sum >/dev/null"]
             ours: list[float] = []
             theirs: list[float] = []
+            bare: list[float] = []
             rss_big = 0
             for _ in range(rounds):
                 took, rss = run([*imgadm, "import", "-q", big], env)
@@ -82,6 +85,7 @@ def main() -> None:
                 took, _ = run(floor, env)
                 theirs.append(took)
                 out.unlink()
+                bare.append(run(fetch_only, env)[0])
             _, rss_small = run([*imgadm, "import", "-q", small], env)
         mib_s_ours = size / statistics.median(ours)
         mib_s_floor = size / statistics.median(theirs)
@@ -89,6 +93,7 @@ def main() -> None:
               f"(median of {rounds}: {statistics.median(ours):.2f} s)")  # fmt: skip
         print(f"curl | tee | sha1sum; sync  {mib_s_floor:8.1f} MiB/s  "
               f"(median of {rounds}: {statistics.median(theirs):.2f} s)")  # fmt: skip
+        print(f"(curl | sha1sum, no write     {size / statistics.median(bare):8.1f} MiB/s)")
         print(f"ratio {mib_s_ours / mib_s_floor:.2f}x the floor (goal >= 0.8x)")
         print(f"imgadm peak RSS: {rss_small / 1024:.1f} MiB for 64 MiB, "
               f"{rss_big / 1024:.1f} MiB for {size} MiB")  # fmt: skip
