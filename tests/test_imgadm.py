@@ -437,3 +437,126 @@ def test_update_rereads_manifests(env: Env, server: ImgapiServer, disk: Path) ->
     assert json.loads(ok(imgadm(env, "get", uuid)))["manifest"]["description"] == "now described"
     missing = "00000000-0000-4000-8000-000000000000"
     one_error(imgadm(env, "update", missing), "ImageNotInstalled", rc=3)
+
+
+# -- pure ------------------------------------------------------------------------------
+
+
+def test_inflater_bounds_its_output_and_reads_concatenated_streams() -> None:
+    import bz2
+    import gzip
+    import lzma
+
+    from vmadmd.vm.images import CHUNK, CorruptImage, Inflater
+
+    zeros = bytes(8 << 20)
+    for name, compress in (("gzip", gzip.compress), ("bzip2", bz2.compress),
+                           ("xz", lzma.compress)):  # fmt: skip
+        packed = compress(zeros) + compress(b"tail")  # two streams, as pigz/pbzip2 write
+        inflater = Inflater(name)
+        pieces = [
+            p for i in range(0, len(packed), 4096) for p in inflater.feed(packed[i : i + 4096])
+        ]
+        inflater.finish()
+        assert b"".join(pieces) == zeros + b"tail", name
+        assert max(len(p) for p in pieces) <= CHUNK, f"{name}: never more than a chunk at once"
+        cut = Inflater(name)
+        list(cut.feed(packed[: len(packed) // 3]))
+        with pytest.raises(CorruptImage, match="truncated"):
+            cut.finish()
+        with pytest.raises(CorruptImage, match=f"not valid {name}"):
+            list(Inflater(name).feed(b"\x00" * 64))
+
+
+def test_manifests_are_checked() -> None:
+    from vmadmd.vm.images import InvalidManifest, check_manifest, output_limit
+
+    good = manifest_for("5b2f3c4d-6e7f-4a8b-9c0d-1e2f3a4b5c6d", "n", "a" * 40, 10, "gzip", "zvol")
+    assert check_manifest(good) is good
+    bad: list[object] = [
+        [], {**good, "uuid": good["uuid"].upper()}, {**good, "type": "lx-dataset"},
+        {**good, "files": []}, {**good, "files": [{"sha1": "x", "size": 1}]},
+        {**good, "files": [{"sha1": "a" * 40, "size": True}]}, {**good, "image_size": "1"},
+        {k: v for k, v in good.items() if k != "version"},
+    ]  # fmt: skip
+    for item in bad:
+        with pytest.raises(InvalidManifest):
+            check_manifest(item)
+    assert output_limit({**good, "image_size": 8}, "gzip") == 8 << 20, "raw: exactly its size"
+    assert output_limit({**good, "image_size": 8}, "none") is None
+    assert output_limit(good, "gzip") is None
+
+
+def test_sources_shim_only_rejoins_single_characters() -> None:
+    from vmadmd.cli.imgadm import _sources_shim
+
+    url = "http://127.0.0.1:1"
+    assert _sources_shim(["sources", *f" -d {url}"]) == ["sources", "-d", url]
+    assert _sources_shim(["sources", "-f", *f" -d {url}"]) == ["sources", "-f", "-d", url]
+    assert _sources_shim(["sources", "-d", url]) == ["sources", "-d", url]
+    assert _sources_shim(["list", "a", "b", "c", "d"]) == ["list", "a", "b", "c", "d"]
+
+
+# -- the progress bar, and create's backing chain ----------------------------------------
+
+
+def test_progress_bar_only_on_a_terminal(env: Env, server: ImgapiServer, disk: Path) -> None:
+    import pty
+
+    uuids = [server.publish(disk)["uuid"] for _ in range(3)]
+    add_source(env, server)
+    for uuid, quiet, shown in ((uuids[0], False, True), (uuids[1], True, False)):
+        master, slave = pty.openpty()
+        try:
+            res = subprocess.run(
+                [sys.executable, "-m", "vmadmd.cli.imgadm", "import", *(["-q"] if quiet else []),
+                 uuid], env=env.environ, stdout=subprocess.PIPE, stderr=slave, timeout=60,
+                check=True,
+            )  # fmt: skip
+            os.close(slave)
+            seen = b""
+            while True:
+                try:
+                    piece = os.read(master, 65536)
+                except OSError:
+                    break
+                if not piece:
+                    break
+                seen += piece
+        finally:
+            os.close(master)
+        assert (b"100.0%" in seen) == shown, seen
+        assert res.stdout.decode().splitlines()[-1].startswith(f"Imported image {uuid}")
+    piped = imgadm(env, "import", uuids[2])  # stderr a pipe: no bar
+    assert ok(piped)
+    assert piped.stderr == ""
+
+
+def test_create_never_follows_a_backing_file_named_in_the_disk(env: Env) -> None:
+    """The VM's user owns its disk: a header naming a host file as backing
+    must not put that file into the image."""
+    secret = env.tmp / "secret.raw"
+    secret.write_bytes(b"TOP-SECRET-HOST-BYTES" * 4096)
+    vm = env.create({"alias": "plain", "ram": 64, "autoboot": False, "disks": [{"size": 1}]})
+    path = env.get(vm)["disks"][0]["path"]
+    subprocess.run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "raw", "-b", str(secret),
+                    path], check=True)  # fmt: skip
+    out = env.tmp / "out"
+    out.mkdir()
+    made = ok(imgadm(env, "create", vm, "name=plain", "version=1", "-o", str(out)))
+    assert made.startswith("Created image ")
+    image = (out / "plain-1.qcow2").read_bytes()
+    assert b"TOP-SECRET" not in image
+    made_file = str(out / "plain-1.qcow2")
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", made_file],
+                                     capture_output=True, check=True).stdout)  # fmt: skip
+    assert "backing-filename" not in info
+    assert info["virtual-size"] == 1 << 20
+    # Bad input: one line each, nothing written.
+    for args, code in ((["name=x"], "InvalidParameter"), (["version=1"], "InvalidParameter"),
+                       (["name=x", "version=1", "files=[]"], "InvalidParameter"),
+                       (["name=x", "version=1", "-c", "lz4"], "Usage")):  # fmt: skip
+        one_error(imgadm(env, "create", vm, *args, "-o", str(out)), code)
+    missing = "00000000-0000-4000-8000-000000000000"
+    one_error(imgadm(env, "create", missing, "name=x", "version=1"), "VmNotFound")
+    assert sorted(os.listdir(out)) == ["plain-1.imgmanifest", "plain-1.qcow2"]

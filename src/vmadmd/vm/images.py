@@ -205,7 +205,7 @@ class Inflater:
         elif self.compression == "bzip2":
             self.d = bz2.BZ2Decompressor()
         elif self.compression == "xz":
-            self.d = lzma.LZMADecompressor()
+            self.d = lzma.LZMADecompressor(lzma.FORMAT_XZ)  # not AUTO: zeros parse as .lzma
         else:
             raise ValueError(self.compression)
 
