@@ -426,6 +426,25 @@ def test_vm_from_an_imported_image(
     assert ok(imgadm(env, "vacuum", "-f")) == ""
 
 
+def test_an_image_under_a_disk_not_yet_recorded_stays(
+    env: Env, server: ImgapiServer, disk: Path
+) -> None:
+    """``vmadm create`` makes a disk's overlay before it writes the disk into
+    ``vm.json``: an image in that window is in use all the same."""
+    uuid = server.publish(disk)["uuid"]
+    add_source(env, server)
+    ok(imgadm(env, "import", "-q", uuid))
+    vm = env.create({"alias": "window", "ram": 64, "autoboot": False,
+                     "disks": [{"image_uuid": uuid}]})  # fmt: skip
+    vm_json = Path(env.zones) / vm / "vm.json"
+    record = json.loads(vm_json.read_text())
+    record["disks"] = []  # as between the overlay's making and its record
+    vm_json.write_text(json.dumps(record))
+    assert vm in one_error(imgadm(env, "delete", uuid), "ImageHasDependentClones")
+    assert ok(imgadm(env, "vacuum", "-f")) == ""
+    assert (images_dir(env) / f"{uuid}.qcow2").exists()
+
+
 def test_update_rereads_manifests(env: Env, server: ImgapiServer, disk: Path) -> None:
     manifest = server.publish(disk)
     uuid = manifest["uuid"]

@@ -321,7 +321,11 @@ class ImageStore:
         Read from every ``vm.json`` of the zones root (root's files, not the
         zones' own).  A ``vm.json`` that does not parse is counted as using
         every wanted image whose uuid appears in its bytes: an unreadable VM
-        must not lose its backing image to a vacuum.
+        must not lose its backing image to a vacuum.  The VM's disk files are
+        asked too (the backing file named in a qcow2 header): ``vmadm create``
+        makes a disk's overlay before it records the disk in ``vm.json``, and
+        an image must not go in between.  A header can only add a use, never
+        hide one, so a disk's user writing it gains nothing.
         """
         users: dict[str, list[str]] = {}
         wanted_set = set(wanted) if wanted is not None else None
@@ -353,10 +357,30 @@ class ImageStore:
                 text = raw.decode("utf-8", "replace")
                 pool = wanted_set if wanted_set is not None else set(self.installed())
                 used = {u for u in pool if u in text}
-            for image in used:
+            used |= self._backing_images(os.path.join(self.zones_root, vm))
+            for image in sorted(used):
                 if wanted_set is None or image in wanted_set:
                     users.setdefault(image, []).append(vm)
         return users
+
+    def _backing_images(self, zonepath: str) -> set[str]:
+        """Images named as backing files by the qcow2 disks of a zonepath."""
+        found: set[str] = set()
+        dirs = {self.dir, os.path.realpath(self.dir)}
+        try:
+            names = os.listdir(zonepath)
+        except OSError:
+            return found
+        for name in names:
+            if not (name.startswith("disk") and name.endswith(".qcow2")):
+                continue
+            backing = _qcow2_backing(os.path.join(zonepath, name))
+            if backing is None or os.path.dirname(backing) not in dirs:
+                continue
+            stem, _, ext = os.path.basename(backing).rpartition(".")
+            if ext in ("qcow2", "raw") and is_uuid(stem):
+                found.add(stem)
+        return found
 
     def leftovers(self) -> list[str]:
         """Uuids with remains of an interrupted install (temp files, a manifest
@@ -568,6 +592,34 @@ def _check_qcow2(path: str, fd: int) -> None:
         raise CorruptImage(
             "the qcow2 image names a backing or data file: an image must stand alone"
         )
+
+
+def _qcow2_backing(path: str) -> str | None:
+    """The backing file a qcow2's header names (None: none, or not a qcow2).
+
+    The file is the VM user's: opened without following a link or blocking,
+    a regular file only, and only the header's few bytes read."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        head = os.pread(fd, 20, 0)
+        if len(head) < 20 or head[:4] != QCOW2_MAGIC:
+            return None
+        offset = int.from_bytes(head[8:16], "big")
+        size = int.from_bytes(head[16:20], "big")
+        if not offset or not 0 < size <= 1023:
+            return None
+        return os.pread(fd, size, offset).decode("utf-8", "replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _seal(fd: int) -> None:
