@@ -456,6 +456,14 @@ def test_update_rereads_manifests(env: Env, server: ImgapiServer, disk: Path) ->
     assert json.loads(ok(imgadm(env, "get", uuid)))["manifest"]["description"] == "now described"
     missing = "00000000-0000-4000-8000-000000000000"
     one_error(imgadm(env, "update", missing), "ImageNotInstalled", rc=3)
+    # An image put in the images dir by hand (as before imgadm): listed, and
+    # update gives it the manifest its source serves.
+    by_hand = server.publish(disk, name="by-hand")
+    (images_dir(env) / f"{by_hand['uuid']}.qcow2").write_bytes(disk.read_bytes())
+    rows = ok(imgadm(env, "list", "-H", "-o", "uuid,name,type", f"uuid={by_hand['uuid']}"))
+    assert rows.split() == [by_hand["uuid"], "-", "qcow2"]
+    assert "Updated image" in ok(imgadm(env, "update"))
+    assert json.loads(ok(imgadm(env, "get", by_hand["uuid"])))["manifest"] == by_hand
 
 
 # -- pure ------------------------------------------------------------------------------
