@@ -373,14 +373,22 @@ def test_vm_from_an_imported_image(
 ) -> None:
     manifest = server.publish(disk, compression="gzip", image_size=32)
     uuid = manifest["uuid"]
+    # And an uncompressed zvol (raw bytes) for a second disk.
+    raw = env.tmp / "second.raw"
+    make_disk(raw, 8, MARKER + b"-SECOND", fmt="raw")
+    zvol = server.publish(raw, kind="zvol", name="second")["uuid"]
     add_source(env, server)
     ok(imgadm(env, "import", "-q", uuid))
+    ok(imgadm(env, "import", "-q", zvol))
     env.start_daemon()
-    vm = env.run_vm(guest_payload(guest, disks=[{"image_uuid": uuid}]), ready=True)
-    # The guest reads the image's bytes through its disk.
-    seen = serial_read(env, vm, b"dd if=/dev/vda bs=1M skip=1 count=1 2>/dev/null | head -c 64;"
-                       b" echo; echo done-$((40+2))\n", b"done-42")  # fmt: skip
-    assert MARKER in seen, seen[-500:]
+    disks = [{"image_uuid": uuid}, {"image_uuid": zvol}]
+    vm = env.run_vm(guest_payload(guest, disks=disks), ready=True)
+    # The guest reads the images' bytes through its disks.
+    seen = serial_read(env, vm, b"for d in vda vdb; do dd if=/dev/$d bs=1M skip=1 count=1"
+                       b" 2>/dev/null | head -c 64; echo; done; echo done-$((40+2))\n",
+                       b"done-42")  # fmt: skip
+    assert MARKER + b"\x00" in seen, seen[-500:]
+    assert MARKER + b"-SECOND" in seen, seen[-500:]
     # qemu holds the image read-only.
     pid = env.pid(vm)
     assert pid is not None
@@ -419,7 +427,9 @@ def test_vm_from_an_imported_image(
     # Vacuum: nothing while both are in use; each image once its VM is gone.
     assert ok(imgadm(env, "vacuum", "-f")) == ""
     env.vmadm("delete", vm, check=True)
-    assert ok(imgadm(env, "vacuum", "-f")) == f"Deleted image {uuid} (test-image@1.0.0)\n"
+    deleted = ok(imgadm(env, "vacuum", "-f")).splitlines()
+    assert sorted(deleted) == sorted([f"Deleted image {uuid} (test-image@1.0.0)",
+                                      f"Deleted image {zvol} (second@1.0.0)"])  # fmt: skip
     env.vmadm("delete", vm2, check=True)
     assert ok(imgadm(env, "delete", new_uuid)) == f"Deleted image {new_uuid}\n"
     assert visible(env) == []
