@@ -86,8 +86,8 @@ def create_image(
                 raise InvalidParameter(f"VM {vm_uuid} has no disk to make an image of")
             disk = disks[0]
             zonepath = layer.store.paths(vm_uuid).zonepath
-            layer.check_disk_path("disks[0].path", disk["path"], zonepath)
-            backing = layer.find_image(disk["image_uuid"]) if disk.get("image_uuid") else None
+            layer.disks.check_disk_path("disks[0].path", disk["path"], zonepath)
+            backing = layer.disks.find_image(disk["image_uuid"]) if disk.get("image_uuid") else None
             res = subprocess.run(
                 ["qemu-img", "convert", "-O", "qcow2",
                  _source_spec(disk["path"], disk.get("image_format", "qcow2"), backing), flat],

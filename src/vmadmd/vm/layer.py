@@ -100,6 +100,19 @@ class VmLayer:
         vm["uuid"] = uuid
         if self.store.exists(uuid) or os.path.exists(self.store.paths(uuid).zonepath):
             raise InvalidParameter(f"a VM with uuid {uuid} already exists")
+        # The images used stay while their overlays are made and recorded:
+        # `imgadm delete` takes the same lock, then looks for users.
+        with contextlib.ExitStack() as held:
+            used = {str(d["image_uuid"]) for d in vm["disks"] if "image_uuid" in d}
+            if used:
+                from vmadmd.vm.images import ImageStore
+
+                store = ImageStore(self.settings.images, self.settings.zones_root)
+                for image_uuid in sorted(used):
+                    held.enter_context(store.lock(validate_uuid(image_uuid)))
+            return self._create(uuid, vm)
+
+    def _create(self, uuid: str, vm: VmRecord) -> str:
         # Everything that can be refused is refused before anything is made.
         zonepath = self.store.paths(uuid).zonepath
         images: dict[int, tuple[str, str]] = {}
@@ -135,20 +148,7 @@ class VmLayer:
 
     def _new_uid(self, uuid: str) -> int:
         """A uid no VM of this host ever had (the host-wide ledger, vm/uids.py)."""
-        from vmadmd.vm import uids
-
-        with uids.locked(self.settings.uid_ledger) as ledger:
-            # The VMs of this zones root, read under the ledger's lock: those
-            # from before the ledger are taken into it.
-            known: dict[int, str] = {}
-            for other in self.store.list_uuids():
-                with contextlib.suppress(VmadmError):
-                    uid = self.store.load(other).get("zone_uid")
-                    if isinstance(uid, int) and uid > 0:
-                        known[uid] = other
-            return uids.allocate(
-                ledger, self.settings.zone_uid_base, uuid, self.store.zones_root, iso_now(), known
-            )
+        return new_zone_uid(self.settings, self.store, uuid)
 
     @staticmethod
     def _own(paths: VmPaths, uid: int) -> None:
@@ -354,6 +354,24 @@ class VmLayer:
 
 
 IDENTITY_KEY = "qemu_identity"
+
+
+def new_zone_uid(settings: VmSettings, store: Store, uuid: str) -> int:
+    """A uid no VM of this host ever had (the host-wide ledger, vm/uids.py)."""
+    from vmadmd.vm import uids
+
+    with uids.locked(settings.uid_ledger) as ledger:
+        # The VMs of this zones root, read under the ledger's lock: those
+        # from before the ledger are taken into it.
+        known: dict[int, str] = {}
+        for other in store.list_uuids():
+            with contextlib.suppress(VmadmError):
+                uid = store.load(other).get("zone_uid")
+                if isinstance(uid, int) and uid > 0:
+                    known[uid] = other
+        return uids.allocate(
+            ledger, settings.zone_uid_base, uuid, store.zones_root, iso_now(), known
+        )
 
 
 def _keep_backing(old: list[Any], new: list[dict[str, Any]]) -> None:
