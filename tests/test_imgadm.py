@@ -289,7 +289,7 @@ def test_interrupted_import_leaves_nothing_installed(
     assert json.loads(ok(imgadm(env, "list", "-j"))) == []
     res = subprocess.run([sys.executable, "-c", (
         "import sys; from vmadmd.vm.layer import VmLayer; from vmadmd.vm.config import VmSettings\n"
-        f"VmLayer(VmSettings.from_env()).find_image({uuid!r})")],
+        f"VmLayer(VmSettings.from_env()).disks.find_image({uuid!r})")],
         env=env.environ, capture_output=True, text=True, check=False)  # fmt: skip
     assert "not found" in res.stderr, "vmadm sees no image"
     # Vacuum sweeps the leftover silently (it was no image); the next import installs it.
