@@ -616,8 +616,16 @@ class ServedVm:
 
     @classmethod
     async def start(
-        cls, runtime_dir: str, uuid: str, mode: str = "normal", *, vnc: bool = True
+        cls,
+        runtime_dir: str,
+        uuid: str,
+        mode: str = "normal",
+        *,
+        vnc: bool = True,
+        vnc_password: bool = False,
     ) -> ServedVm:
+        """``vnc_password``: as a qemu started with VNC password auth (what
+        vmadm does by default), so a daemon that requires one serves it."""
         os.makedirs(runtime_dir, exist_ok=True)
         holder: list[asyncio.subprocess.Process] = []
 
@@ -630,7 +638,8 @@ class ServedVm:
         if vnc:
             servers.append(await _serve_unix(os.path.join(runtime_dir, "vm.vnc"), vm.vnc_client))
         # qemu's identity and VNC mode are read off the command line.
-        argv = ["-uuid", uuid, *(["-vnc", "unix:vm.vnc"] if vnc else [])]
+        vnc_spec = "unix:vm.vnc,password=on" if vnc_password else "unix:vm.vnc"
+        argv = ["-uuid", uuid, *(["-vnc", vnc_spec] if vnc else [])]
         # The holder calls listen() on the sockets too: the kernel then names
         # it as their server (SO_PEERCRED), as qemu is for its own sockets,
         # and the daemon's peer check sees the VM's "qemu" serving them.
@@ -667,7 +676,8 @@ async def hub(zones_root: str, uuids: list[str]) -> None:
     from vmadmd.vm.store import Store
 
     store = Store(zones_root)
-    served = [await ServedVm.start(store.paths(u).runtime_dir, u) for u in uuids]
+    # As vmadm starts qemu by default: with VNC password auth.
+    served = [await ServedVm.start(store.paths(u).runtime_dir, u, vnc_password=True) for u in uuids]
     print(f"standin hub: {len(uuids)} VMs up", flush=True)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
