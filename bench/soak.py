@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import signal
@@ -23,15 +24,13 @@ import sys
 import time
 from collections import defaultdict
 
-import aiohttp
-
 from vmadmd.cli.client import Client
 from vmadmd.errors import WrongState
 from vmadmd.vm.config import VmSettings
 from vmadmd.vm.layer import VmLayer
 
 from .bench_scale import ping, rss_kib, start_hub
-from .common import pct, world
+from .common import AsyncHttp, pct, world
 
 REAL = 8
 CLIENTS = 32
@@ -48,20 +47,19 @@ async def soak(seconds: float, socket_path: str, real: list[str], standins: list
     samples: dict[str, list[str]] = defaultdict(list)
     served = 0
     stopped: set[str] = set()
-    conn = aiohttp.UnixConnector(path=socket_path, limit=CLIENTS + 4)
+    session = AsyncHttp(socket_path, CLIENTS + 4)
     deadline = time.monotonic() + seconds
-    async with aiohttp.ClientSession(connector=conn) as session:
+    try:
 
         async def call(route: str, method: str, url: str, uuid: str) -> None:
             nonlocal served
             t0 = time.monotonic()
-            async with session.request(method, f"http://x{url}") as resp:
-                body = await resp.read()
+            status, body = await session.request(method, url)
             latencies[route].append(time.monotonic() - t0)
             served += 1
-            caught_stopped = resp.status == 409 and uuid in stopped
-            if resp.status >= 500 or (resp.status >= 400 and not caught_stopped):
-                key = f"{route} {resp.status}"
+            caught_stopped = status == 409 and uuid in stopped
+            if status >= 500 or (status >= 400 and not caught_stopped):
+                key = f"{route} {status}"
                 errors[key] += 1
                 if len(samples[key]) < 3:
                     samples[key].append(body.decode(errors="replace")[:200])
@@ -73,8 +71,8 @@ async def soak(seconds: float, socket_path: str, real: list[str], standins: list
             port = None
             give_up = t0 + 5  # a VM just booted opens its listener a moment later
             while port is None and time.monotonic() < give_up:
-                async with session.get(f"http://x/vm/{uuid}?type=vnc") as resp:
-                    body = await resp.json() if resp.status == 200 else {}
+                status, raw = await session.request("GET", f"/vm/{uuid}?type=vnc")
+                body = json.loads(raw) if status == 200 else {}
                 port = body.get("vnc", {}).get("port")
                 if port is None:
                     if uuid in stopped:
@@ -134,14 +132,15 @@ async def soak(seconds: float, socket_path: str, real: list[str], standins: list
                 # Until the daemon has picked the new qemu up, a 409 is right.
                 give_up = time.monotonic() + 30
                 while time.monotonic() < give_up:
-                    async with session.get(f"http://x/vm/{uuid}?type=status") as resp:
-                        await resp.read()
-                        if resp.status == 200:
-                            break
+                    status, _ = await session.request("GET", f"/vm/{uuid}?type=status")
+                    if status == 200:
+                        break
                     await asyncio.sleep(0.05)
                 stopped.discard(uuid)
 
         await asyncio.gather(chaos(), *(client() for _ in range(CLIENTS)))
+    finally:
+        await session.close()
     for key, texts in samples.items():
         print(f"  sample of {key}: {texts}")
     return latencies, errors, served
