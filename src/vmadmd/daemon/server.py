@@ -231,6 +231,8 @@ class HttpProtocol(asyncio.BufferedProtocol):
 
     def _advance(self) -> None:
         """Read events until a request is whole (then serve it) or more bytes are needed."""
+        if self.refused or self.gone:
+            return  # a refused connection is only drained until it closes
         conn = self.conn
         while True:
             try:
