@@ -424,3 +424,35 @@ def test_both_channels_end_after_the_idle_timeout(env: Env) -> None:
     serial_took, screen_took = asyncio.run(scenario())
     assert 1.2 < screen_took < 4, screen_took
     assert 3.5 < serial_took < 7, serial_took  # typed for 2.5 s, then idle
+
+
+def test_static_files_never_leave_their_directory(env: Env) -> None:
+    """noVNC's and xterm.js's files: served with their type; no link followed,
+    no ``..``, no encoded slash, nothing but regular files; JSON 404 otherwise."""
+    novnc = env.tmp / "novnc"
+    (novnc / "core").mkdir(parents=True)
+    (novnc / "core" / "rfb.js").write_text("export default 1;\n")
+    (novnc / "secret-link").symlink_to("/etc/passwd")
+    (novnc / "dir-link").symlink_to(novnc / "core")
+    os.mkfifo(novnc / "fifo")
+    (env.tmp / "outside.js").write_text("no")
+    env.start_daemon("--console-listen", "127.0.0.1:0", "--novnc-dir", str(novnc))
+    uuid = env.run_vm()
+    base = console_url(env, uuid).split("/console/")[0]
+    status, headers, body = fetch(base + "/novnc/core/rfb.js")
+    assert (status, body) == (200, b"export default 1;\n")
+    assert headers["Content-Type"] == "text/javascript"
+    for path in (
+        "/novnc/secret-link",
+        "/novnc/dir-link/rfb.js",
+        "/novnc/fifo",
+        "/novnc/core",
+        "/novnc/core/",
+        "/novnc/../outside.js",
+        "/novnc/%2E%2E/outside.js",
+        "/novnc/core%2F..%2F..%2Foutside.js",
+        "/novnc/nothing.js",
+    ):
+        status, headers, body = fetch(base + path)
+        assert status == 404, (path, status, body)
+        assert json.loads(body)["error"]["code"] == "NotFound", (path, body)

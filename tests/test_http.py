@@ -228,6 +228,12 @@ def test_odd_paths_and_malformed_heads_get_json_errors(env: Env) -> None:
         ),
         f"GET /ping HTTP/1.1\r\nHost: x\r\nX: {'y' * 40000}\r\n\r\n": (431, "HeadTooLarge"),
     }
+    # A request id that cannot go back out in a header is replaced, not echoed.
+    reply = env.raw_http(
+        b"GET /ping HTTP/1.1\r\nHost: x\r\nX-Request-Id: caf\xe9\r\n" + close.encode() + b"\r\n"
+    )
+    assert reply.startswith(b"HTTP/1.1 200 "), reply[:200]
+    assert b"caf" not in reply.partition(b"\r\n\r\n")[0]
     for request, (want_status, want_code) in cases.items():
         reply = env.raw_http(request.encode("latin-1"))
         head, _, body = reply.partition(b"\r\n\r\n")

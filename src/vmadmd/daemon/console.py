@@ -34,14 +34,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmadmd.daemon.http import Reply, Request, Router, Service, json_reply, require_websocket
+from vmadmd.daemon.http import (
+    Reply,
+    Request,
+    Router,
+    Service,
+    error_reply,
+    json_reply,
+    require_websocket,
+)
 from vmadmd.daemon.http import websocket_reply as accept
 from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.manager import Manager
 from vmadmd.daemon.server import HttpServer
 from vmadmd.daemon.vnc import open_upstream
 from vmadmd.daemon.websocket import WebSocket, idle_side, run_session, serial_relay
-from vmadmd.errors import Forbidden, Unreachable, VmNotFound
+from vmadmd.errors import Forbidden, Unreachable
 
 log = logging.getLogger("vmadmd.console")
 
@@ -184,6 +192,10 @@ def script_json(value: object) -> str:
 MAX_STATIC = 16 << 20
 
 
+class NoFile(Exception):
+    """What ``read_static`` raises for anything it will not serve."""
+
+
 def read_static(root: str, relative: str) -> tuple[bytes, str]:
     """A file under ``root`` (noVNC's, xterm.js's), and its content type.
 
@@ -193,29 +205,24 @@ def read_static(root: str, relative: str) -> tuple[bytes, str]:
     """
     parts = relative.split("/")
     if any(p in ("", ".", "..") or "\0" in p for p in parts):
-        raise VmNotFound("no such file")
+        raise NoFile(relative)
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    walk = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fds: list[int] = []
     try:
-        fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        raise VmNotFound("no such file") from None
-    try:
+        fds.append(os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
         for part in parts[:-1]:
-            try:
-                nxt = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                              dir_fd=fd)  # fmt: skip
-            finally:
-                os.close(fd)
-            fd = nxt
-        leaf = os.open(parts[-1], flags, dir_fd=fd)
+            fds.append(os.open(part, walk, dir_fd=fds[-1]))
+        leaf = os.open(parts[-1], flags, dir_fd=fds[-1])
     except OSError:
-        raise VmNotFound("no such file") from None
+        raise NoFile(relative) from None
     finally:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
     try:
         info = os.fstat(leaf)
         if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_STATIC:
-            raise VmNotFound("no such file")
+            raise NoFile(relative)
         with os.fdopen(leaf, "rb", closefd=False) as f:
             data = f.read(MAX_STATIC + 1)
     finally:
@@ -283,7 +290,10 @@ class ConsoleServer:
 
     def _static(self, directory: str) -> Callable[[Request], Any]:
         async def static(request: Request) -> Reply:
-            data, kind = await asyncio.to_thread(read_static, directory, request.match["path"])
+            try:
+                data, kind = await asyncio.to_thread(read_static, directory, request.match["path"])
+            except NoFile:
+                return error_reply(404, "NotFound", "Not Found")
             return Reply(200, data, kind, {"X-Content-Type-Options": "nosniff"})
 
         return static

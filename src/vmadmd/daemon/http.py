@@ -178,7 +178,7 @@ def pretty(reply: Reply) -> None:
 def request_id(given: str | None) -> str:
     """The client's X-Request-Id (bounded), or a new one."""
     given = (given or "")[:64]
-    if given and given.isprintable():
+    if given and given.isascii() and given.isprintable():  # it goes back out in a header
         return given
     return f"{random.getrandbits(64):016x}"  # no syscall, unlike uuid4
 
