@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from vmadmd.daemon.http import Reply, Request, Router, Service
-from vmadmd.daemon.server import HttpServer
+from vmadmd.daemon.server import MAX_HEAD, HttpServer
 from vmadmd.vm.sockets import connect_unix
 
 from .conftest import Env, bios_payload
@@ -398,6 +398,83 @@ async def test_pipelined_requests_past_an_upgrade_refusal_are_not_smuggled(tmp_p
         assert served == []
     finally:
         await server.close(1.0)
+
+
+def test_a_trickled_chunked_body_is_cut_off_at_the_client_timeout(env: Env) -> None:
+    """A chunk every 0.2 s never ends the body: the daemon closes the
+    connection at --client-timeout (it used to stay open past 45 s)."""
+    env.start_daemon("--client-timeout", "1")
+    sock = connect(env)
+    sock.sendall(b"POST /vms HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    t0 = time.monotonic()
+    closed = None
+    while time.monotonic() - t0 < 10:
+        try:
+            sock.sendall(b"1\r\nx\r\n")
+            sock.settimeout(0.2)
+            if sock.recv(65536) == b"":
+                closed = time.monotonic() - t0
+                break
+        except TimeoutError:
+            continue
+        except OSError:  # reset under the trickle: closed all the same
+            closed = time.monotonic() - t0
+            break
+    sock.close()
+    assert closed is not None, "still open after 10 s"
+    assert 0.8 < closed < 2.5, closed
+    assert env.api("GET", "/ping")[0] == 200
+
+
+async def test_a_client_far_ahead_of_its_answers_is_not_read_further(tmp_path: Path) -> None:
+    """Pipelined requests sent faster than they are served, answers read: the
+    server's buffer of requests not yet served stays bounded (it used to be
+    bounded only while the client also left its answers unread)."""
+    most = 0
+    server: HttpServer | None = None
+
+    async def slow(request: Request) -> Reply:
+        nonlocal most
+        assert server is not None
+        for conn in server.connections:
+            most = max(most, len(conn.conn.trailing_data[0]))
+        await asyncio.sleep(0.001)
+        return Reply(200, b"{}")
+
+    router = Router()
+    router.add("/slow", "GET", slow)
+    server = HttpServer(Service(router), client_timeout=10, max_body=1024)
+    path = str(tmp_path / "api.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    await server.start(listener)
+    count = 4000
+    request = b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    def client() -> int:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(path)
+        sock.settimeout(30)
+
+        def send() -> None:
+            sock.sendall(request * count)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        got = b""
+        while got.count(b"HTTP/1.1 200") < count:
+            chunk = sock.recv(65536)
+            assert chunk
+            got += chunk
+        sender.join()
+        sock.close()
+        return got.count(b"HTTP/1.1 200")
+
+    try:
+        assert await asyncio.to_thread(client) == count
+    finally:
+        await server.close(1.0)
+    assert most <= MAX_HEAD + 1024 + 64 * 1024, most  # the bound, plus one read
 
 
 def test_a_full_backlog_of_idle_clients_does_not_stop_a_new_one(env: Env) -> None:

@@ -109,7 +109,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
         self.client = ""
         self.admitted = False
         self.busy = False  # a request of this connection is being served
-        self.ahead = 0  # bytes received while busy
+        self.ahead = 0  # bytes read past the request being served (in h11's buffer)
         self.read_paused = False
         self.write_paused = False
         self.drained: asyncio.Future[None] | None = None
@@ -166,10 +166,13 @@ class HttpProtocol(asyncio.BufferedProtocol):
         self.conn.receive_data(data)
         if self.busy or self.write_paused:
             self.ahead += nbytes
-            if self.ahead > MAX_HEAD + self.server.max_body:
+            if self._too_far_ahead():
                 self.pause_reading()  # a client far ahead of its answers
             return
         self._advance()
+
+    def _too_far_ahead(self) -> bool:
+        return self.ahead > MAX_HEAD + self.server.max_body
 
     def eof_received(self) -> bool | None:
         if self.ws is not None:
@@ -191,7 +194,8 @@ class HttpProtocol(asyncio.BufferedProtocol):
         if self.drained is not None and not self.drained.done():
             self.drained.set_result(None)
         if not self.busy and not self.gone and self.ws is None:
-            self.resume_reading()
+            if not self._too_far_ahead():
+                self.resume_reading()
             self._advance()
 
     # -- for streams and sessions -------------------------------------------------
@@ -345,7 +349,10 @@ class HttpProtocol(asyncio.BufferedProtocol):
         self.body = bytearray()
         self.request = None
         self.busy = True
-        self.ahead = 0
+        # What is buffered past this request (pipelined ones): usually nothing.
+        self.ahead = len(self.conn.trailing_data[0])
+        if self._too_far_ahead():
+            self.pause_reading()
         self._disarm()  # served, never cut off
         route, match, allowed = self.server.service.resolve(request.method, request.path)
         request.match = match
@@ -400,8 +407,8 @@ class HttpProtocol(asyncio.BufferedProtocol):
         self._arm()
         if self.write_paused:
             return  # resume_writing goes on
-        self.resume_reading()
-        self.ahead = 0
+        if not self._too_far_ahead():
+            self.resume_reading()
         self._advance()
 
     async def _stream(self, reply: Reply) -> None:
