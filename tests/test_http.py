@@ -582,3 +582,12 @@ def test_a_directory_with_content_at_the_api_path_is_refused_clearly(env: Env) -
     assert "is a directory that cannot be removed" in log, log
     assert "Traceback" not in log, log
     assert (path / "something").read_text() == "not ours"
+
+
+def test_an_unbindable_api_path_is_one_clear_line(env: Env) -> None:
+    missing = env.tmp / "no-such-dir" / "vmadmd.sock"
+    daemon = env.start_daemon("--socket", str(missing), wait=False)
+    assert daemon.wait(timeout=20) == 1
+    log = env.daemon_log(tail=None)
+    assert f"vmadmd: cannot bind the API socket {missing}: No such file or directory" in log, log
+    assert "Traceback" not in log, log

@@ -265,6 +265,8 @@ def claim_socket(path: str) -> socket.socket:
     old_umask = os.umask(0o177)
     try:
         return bind_unix(path, socket.SOMAXCONN)
+    except OSError as err:  # something put back there meanwhile, a missing directory
+        raise ConfigError(f"cannot bind the API socket {path}: {err.strerror}") from err
     finally:
         os.umask(old_umask)
 
