@@ -38,7 +38,7 @@ def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
     runs = int(sys.argv[2]) if len(sys.argv) > 2 else 10
     with world() as w:
-        layer = VmLayer(VmSettings(zones_root=w.zones))
+        layer = VmLayer(VmSettings(zones_root=w.zones, uid_ledger=w.ledger))
         uuids = [layer.create({"alias": f"v{i}", "ram": 64 + i % 5, "autoboot": False})
                  for i in range(n)]  # fmt: skip
         loop = asyncio.new_event_loop()

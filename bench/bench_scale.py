@@ -168,7 +168,7 @@ def one_size(n: int) -> dict[str, Any]:
         rss0 = rss_kib(w.daemon.pid)
         w.stop_daemon()
 
-        layer = VmLayer(VmSettings(zones_root=w.zones))
+        layer = VmLayer(VmSettings(zones_root=w.zones, uid_ledger=w.ledger))
         uuids = [layer.create({"alias": f"s{i}", "ram": 64, "autoboot": False}) for i in range(n)]
         hub = start_hub(w)
         try:

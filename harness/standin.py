@@ -112,6 +112,8 @@ class FakeVm:
         self.received_fds: list[int] = []  # with the last message that carried any
         self.named_fds: dict[str, int] = {}
         self.listener: socket.socket | None = None  # given with display-update
+        self.commands: list[str] = []  # every QMP command received, in order
+        self.arguments: list[dict[str, Any]] = []  # ... and the arguments of each
 
     def _took_fds(self, fds: list[int]) -> None:
         """As qemu does: new fds replace those not yet claimed by getfd."""
@@ -244,6 +246,9 @@ class FakeVm:
         negotiated = False
         async for msg in _json_stream(reader):
             cmd = msg.get("execute", "") if isinstance(msg, dict) else ""
+            self.commands.append(str(cmd))
+            args = msg.get("arguments") if isinstance(msg, dict) else None
+            self.arguments.append(args if isinstance(args, dict) else {})
             reply: dict[str, Any]
             if self.mode == "garbage" and negotiated:
                 writer.write(b'}{"return": garbage\n')
@@ -338,8 +343,13 @@ class _FdConn:
         fd = self.sock.fileno()
         try:
             while True:
-                ready = loop.create_future()
-                loop.add_reader(fd, ready.set_result, None)
+                ready: asyncio.Future[None] = loop.create_future()
+
+                def wake(ready: asyncio.Future[None] = ready) -> None:
+                    if not ready.done():  # cancelled meanwhile (the pump is closing)
+                        ready.set_result(None)
+
+                loop.add_reader(fd, wake)
                 try:
                     await ready
                 finally:
@@ -567,10 +577,22 @@ def run_as_qemu(argv: list[str]) -> int:
 # -- hub mode: many VMs from one process ---------------------------------------
 
 
+# A stand-in VM's "qemu" process: listens on the sockets it inherited (so it
+# is their server to SO_PEERCRED, as qemu is of its own sockets), then
+# becomes a busybox shell (same pid, a few hundred KiB: a hub runs a
+# thousand) that says so and lives until killed.
+HOLDER = (
+    "import os, socket, sys\n"
+    "for fd in filter(None, sys.argv[1].split(',')):\n"
+    "    socket.socket(fileno=int(fd)).listen(64)\n"
+    "os.execvp('busybox', ['busybox', 'sh', '-c', 'echo up; read x', *sys.argv[2:]])\n"
+)
+
+
 class ServedVm:
     """One stand-in VM served from the caller's event loop.
 
-    Its "qemu" is a holder process (``busybox sh``) whose command line
+    Its "qemu" is a holder process (``HOLDER``) whose command line
     carries ``-uuid <uuid>`` and whose pid is written to ``vm.pid``, so the
     daemon's identity check and pidfd see it as they see qemu; the VM
     "exits" when the holder does (a quit or a powerdown kills it).  Used by
@@ -594,8 +616,16 @@ class ServedVm:
 
     @classmethod
     async def start(
-        cls, runtime_dir: str, uuid: str, mode: str = "normal", *, vnc: bool = True
+        cls,
+        runtime_dir: str,
+        uuid: str,
+        mode: str = "normal",
+        *,
+        vnc: bool = True,
+        vnc_password: bool = False,
     ) -> ServedVm:
+        """``vnc_password``: as a qemu started with VNC password auth (what
+        vmadm does by default), so a daemon that requires one serves it."""
         os.makedirs(runtime_dir, exist_ok=True)
         holder: list[asyncio.subprocess.Process] = []
 
@@ -608,19 +638,21 @@ class ServedVm:
         if vnc:
             servers.append(await _serve_unix(os.path.join(runtime_dir, "vm.vnc"), vm.vnc_client))
         # qemu's identity and VNC mode are read off the command line.
-        argv = ["-uuid", uuid, *(["-vnc", "unix:vm.vnc"] if vnc else [])]
+        vnc_spec = "unix:vm.vnc,password=on" if vnc_password else "unix:vm.vnc"
+        argv = ["-uuid", uuid, *(["-vnc", vnc_spec] if vnc else [])]
+        # The holder calls listen() on the sockets too: the kernel then names
+        # it as their server (SO_PEERCRED), as qemu is for its own sockets,
+        # and the daemon's peer check sees the VM's "qemu" serving them.
+        fds = [server.fileno() for server in servers]
         proc = await asyncio.create_subprocess_exec(
-            "busybox", "sh", "-c", "read x", *argv, stdin=asyncio.subprocess.PIPE
-        )
+            sys.executable, "-S", "-c", HOLDER, ",".join(map(str, fds)), *argv,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, pass_fds=fds,
+        )  # fmt: skip
         holder.append(proc)
-        # Until the child has exec'd, /proc shows the parent's command line:
-        # publish the pid only once it is the holder's, as qemu writes its
-        # pidfile only once it is up.
-        for _ in range(500):
-            with open(f"/proc/{proc.pid}/cmdline", "rb") as cmdline:
-                if uuid.encode() in cmdline.read():
-                    break
-            await asyncio.sleep(0.002)
+        # It says so once it listens (and has exec'd: its command line is
+        # its own), as qemu writes its pidfile only once it is up.
+        assert proc.stdout is not None
+        await proc.stdout.readline()
         with open(os.path.join(runtime_dir, "vm.pid"), "w") as f:
             f.write(f"{proc.pid}\n")
         return cls(vm, proc, servers)
@@ -644,7 +676,8 @@ async def hub(zones_root: str, uuids: list[str]) -> None:
     from vmadmd.vm.store import Store
 
     store = Store(zones_root)
-    served = [await ServedVm.start(store.paths(u).runtime_dir, u) for u in uuids]
+    # As vmadm starts qemu by default: with VNC password auth.
+    served = [await ServedVm.start(store.paths(u).runtime_dir, u, vnc_password=True) for u in uuids]
     print(f"standin hub: {len(uuids)} VMs up", flush=True)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)

@@ -171,6 +171,9 @@ class World:
         self.zones = str(zones)
         self.socket = str(root / "vmadmd.sock")
         self.marker = str(root / "autoboot.marker")
+        # The world's own uid ledger: no test or bench touches the host's
+        # (/var/lib/vmadmd/zone-uids); two worlds may share one (extra_env).
+        self.ledger = str(root / "zone-uids")
         self.log_level = log_level
         self.daemons: list[subprocess.Popen[bytes]] = []
         self.started_in: float | None = None  # seconds from exec to the first answer
@@ -188,6 +191,7 @@ class World:
             VMADM_ZONES_ROOT=self.zones,
             VMADMD_SOCKET=self.socket,
             VMADMD_AUTOBOOT_MARKER=self.marker,
+            VMADM_UID_LEDGER=self.ledger,
             VMADM_ACCEL="tcg",
         )
         env.update(self.extra_env)

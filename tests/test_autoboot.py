@@ -38,13 +38,9 @@ def test_first_start_boots_flagged_vms_and_writes_marker(env: Env, tmp_path: Any
     for uuid in flagged:
         env.vmadm("update", uuid, "autoboot=true", check=True)
     unflagged = env.create(bios_payload(alias="off"))
-    images = Path(env.zones) / "images"
-    images.mkdir()
-    disk = images / "gone.img"
-    disk.write_bytes(b"\0" * 65536)
-    broken = env.create(bios_payload(alias="broken", disks=[{"path": str(disk)}]))
+    broken = env.create(bios_payload(alias="broken", disks=[{"size": 1}]))
     env.vmadm("update", broken, "autoboot=true", check=True)
-    disk.unlink()
+    Path(env.get(broken)["disks"][0]["path"]).unlink()
     # A record with a disk entry that names no image at all (as an update
     # could once store): one VM's bad data, never the whole autoboot's.
     pathless = env.create(bios_payload(alias="pathless", autoboot=False))

@@ -10,6 +10,7 @@ tested end to end against real qemu in the other modules.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -23,20 +24,39 @@ from typing import Any
 import pytest
 
 from harness.standin import ServedVm
-from vmadmd.daemon import supervisor as supervisor_mod
+from vmadmd.daemon import stopping as stopping_mod
+from vmadmd.daemon.ending import ending_of
 from vmadmd.daemon.events import EventBus
 from vmadmd.daemon.metrics import Metrics
-from vmadmd.daemon.monitor import Monitor
-from vmadmd.daemon.supervisor import DaemonSettings, Shared, VmSupervisor, ending_of
+from vmadmd.daemon.monitor import Monitor, Shutdown, VncClient, shutdown_of
+from vmadmd.daemon.settings import DaemonSettings, Shared
+from vmadmd.daemon.supervisor import VmSupervisor
 from vmadmd.daemon.vncconsole import VncConsole
 from vmadmd.errors import QmpConnectionLost, QmpRefused, QmpTimeout
 from vmadmd.vm import proc
 from vmadmd.vm.cgroup import Cgroups
 from vmadmd.vm.config import VmSettings
 from vmadmd.vm.layer import iso_now
+from vmadmd.vm.sockets import Peer, bind_unix
 from vmadmd.vm.store import Store
 
 UUID = "5d2c6a48-33a4-4d5e-9d70-0c0f3c7b1a01"
+
+
+class Told:
+    """A monitor's owner that writes down what it is told, as (event, data)."""
+
+    def __init__(self, into: list[tuple[str, dict[str, Any]]]) -> None:
+        self.into = into
+
+    def on_shutdown(self, shutdown: Shutdown) -> None:
+        self.into.append(("shutdown", shutdown._asdict()))
+
+    def on_vnc_client(self, client: VncClient) -> None:
+        self.into.append(("vnc_client", client._asdict()))
+
+    def on_lifecycle(self, event: str, data: dict[str, Any]) -> None:
+        self.into.append((event, data))
 
 
 class Rig:
@@ -73,11 +93,14 @@ class Rig:
         self.served = await ServedVm.start(self.paths.runtime_dir, UUID, mode)
         return self.served
 
-    def monitor(self, timeout: float = 1.0) -> Monitor:
+    def monitor(self, timeout: float = 1.0, served: ServedVm | None = None) -> Monitor:
+        """A monitor of ``served`` (the current stand-in by default), its peer
+        checked as the supervisor's is."""
+        served = served or self.served
+        peer = Peer.of(served.holder.pid) if served is not None else None
         return Monitor(
             UUID, self.paths.runtime_dir, self.paths.QMP_NAME, timeout=timeout,
-            on_event=lambda name, data: self.events.append((name, data)),
-            metrics=self.metrics, connect_timeout=0.5,
+            events=Told(self.events), metrics=self.metrics, connect_timeout=0.5, peer=peer,
         )  # fmt: skip
 
     def supervisor(self) -> tuple[VmSupervisor, asyncio.Future[Any]]:
@@ -126,8 +149,96 @@ async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
 # -- the monitor ---------------------------------------------------------------
 
 
-async def test_monitor_typed_operations_and_events(rig: Rig) -> None:
+class Impostor:
+    """A QMP server planted at one of a VM's socket names by someone other
+    than its qemu (the VM's user, say): greets like qemu, answers every
+    command, and records every byte it is sent."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.received = b""
+        self.server: asyncio.Server | None = None
+
+    async def start(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self.server = await asyncio.start_unix_server(self._serve, sock=bind_unix(path))
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        writer.write(b'{"QMP": {"version": {}, "capabilities": []}}\r\n')
+        with contextlib.suppress(OSError):
+            while line := await reader.readline():
+                self.received += line
+                ident = json.loads(line).get("id")
+                writer.write(json.dumps({"return": {}, "id": ident}).encode() + b"\r\n")
+        writer.close()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_monitor_refuses_a_socket_its_qemu_does_not_serve(rig: Rig) -> None:
+    """Finding 1: a QMP server planted at vm.qmp (after a daemon restart, say)
+    gets no byte: no capabilities, no VNC password, no fd; the VM's
+    commands fail as for an unreachable qemu."""
     await rig.serve()
+    impostor = Impostor()
+    await impostor.start(rig.paths.qmp)  # replaces the stand-in's socket at that name
+    mon = rig.monitor(timeout=0.5)
+    mon.start()
+    try:
+        with pytest.raises(QmpTimeout):
+            await mon.set_vnc_password("secret")
+        await asyncio.sleep(0.3)  # a few more connection attempts
+        assert impostor.accepted >= 1  # it was reached ...
+        assert impostor.received == b""  # ... and told nothing
+        assert not mon.ready
+        assert "not by the VM's qemu" in str(mon.last_error)
+    finally:
+        impostor.close()
+        await mon.close()
+
+
+async def test_monitor_never_attaches_to_the_next_qemu_of_its_vm(rig: Rig) -> None:
+    """Issue "Stops that always end": the VM started again at once binds
+    vm.qmp anew; the previous qemu's monitor, reconnecting, must not take
+    the new qemu's only QMP slot.  Once told its qemu is gone, it stops
+    trying, and commands fail at once with 409, not 504."""
+    first = await rig.serve()
+    old = rig.monitor(timeout=2.0)
+    old.start()
+    await until(lambda: old.ready)
+    first.kill()
+    await first.holder.wait()
+    with pytest.raises((QmpConnectionLost, QmpTimeout)):
+        await old.query("status")  # the connection broke: it reconnects
+    second = await ServedVm.start(rig.paths.runtime_dir, UUID)
+    try:
+        await asyncio.sleep(0.5)  # reconnection attempts at the new socket
+        assert second.vm.commands == []  # not one byte reached the new qemu
+        new = rig.monitor(served=second)
+        new.start()
+        try:
+            await until(lambda: new.ready)
+            assert (await new.query("status"))["running"] is True
+        finally:
+            await new.close()
+        old.qemu_gone()
+        t0 = time.monotonic()
+        with pytest.raises(QmpConnectionLost):
+            await old.query("status")
+        assert time.monotonic() - t0 < 0.2
+    finally:
+        await old.close()
+        await second.close()
+
+
+async def test_monitor_typed_operations_and_events(rig: Rig) -> None:
+    """Each typed operation sends its one command with its arguments, and
+    what qemu tells comes back typed (a lifecycle event, how it shut down)."""
+    served = await rig.serve()
     mon = rig.monitor()
     mon.start()
     try:
@@ -138,10 +249,21 @@ async def test_monitor_typed_operations_and_events(rig: Rig) -> None:
         await until(lambda: any(name == "RESET" for name, _ in rig.events))
         await mon.inject_nmi()
         await mon.set_vnc_password("secret")
+        await mon.wake_display()
+        await mon.powerdown()  # the stand-in's guest obeys: SHUTDOWN (guest)
+        await until(lambda: any(name == "shutdown" for name, _ in rig.events))
     finally:
         await mon.close()
-    ok = rig.metrics.qmp_commands.labels("query-version", "ok").value
-    assert ok == 1
+    sent = list(zip(served.vm.commands, served.vm.arguments, strict=True))
+    assert sent[0] == ("qmp_capabilities", {})
+    assert ("system_reset", {}) in sent
+    assert ("inject-nmi", {}) in sent
+    assert ("set_password", {"protocol": "vnc", "password": "secret"}) in sent
+    assert ("send-key", {"keys": [{"type": "qcode", "data": "shift"}]}) in sent
+    assert ("system_powerdown", {}) in sent
+    shutdown = next(data for name, data in rig.events if name == "shutdown")
+    assert shutdown == {"cause": "guest", "detail": "guest-shutdown"}
+    assert rig.metrics.qmp_commands.labels("query-version", "ok").value == 1
 
 
 async def test_monitor_refusal_is_typed_with_qemus_class(rig: Rig) -> None:
@@ -220,7 +342,6 @@ async def test_monitor_half_greeting_never_connects(rig: Rig) -> None:
         with pytest.raises(QmpTimeout, match="no QMP connection"):
             await mon.query("version")
         assert not mon.ready
-        assert not mon.ever_connected
     finally:
         await mon.close()
 
@@ -323,7 +444,16 @@ async def test_monitor_does_not_hand_off_where_qemu_cannot_take_it(rig: Rig, mod
         assert not await mon.add_vnc_client(theirs.fileno(), timeout=1.0)
         assert served.vm.named_fds == {}
         assert mon.ready
-        if mode == "refuseadd":
+        sent = served.vm.commands
+        assert "query-commands" in sent
+        if mode in ("yes", "error"):
+            # qemu cannot say it has getfd and add_client: nothing is passed.
+            assert "getfd" not in sent
+        elif mode == "nofds":
+            # The fd never reached qemu: getfd fails, add_client is refused.
+            assert sent[-2:] == ["getfd", "add_client"]
+        else:  # refuseadd: getfd took the fd, add_client refused it, closefd let it go
+            assert sent[-3:] == ["getfd", "add_client", "closefd"]
             assert rig.metrics.qmp_commands.labels("closefd", "ok").value == 1
     finally:
         ours.close()
@@ -345,7 +475,8 @@ async def test_stop_obeyed_by_the_guest(rig: Rig) -> None:
     cleared, ending = await asyncio.wait_for(settled, 5)
     assert cleared is not None
     assert cleared.to == "stopped"
-    assert ending == {"reason": "stop", "stage": "acpi"}
+    assert ending is not None
+    assert ending.fields() == {"reason": "stop", "stage": "acpi"}
     assert rig.last_exit()["reason"] == "stop"
     assert rig.last_exit()["stage"] == "acpi"
     assert "transition" not in rig.store.load(UUID)
@@ -365,13 +496,42 @@ async def test_stop_forced_at_the_deadline_by_quit(rig: Rig) -> None:
 async def test_stop_forced_by_sigterm_when_qmp_stalls(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(supervisor_mod, "QUIT_WAIT", 0.2)
+    monkeypatch.setattr(stopping_mod, "QUIT_WAIT", 0.2)
     await rig.serve("stall")
     sup, settled = rig.supervisor()
     await until(lambda: sup.monitor.ready)
     await sup.request_stop(0.2, "stopped")  # powerdown is not answered: bounded
     await asyncio.wait_for(settled, 8)
     assert rig.last_exit()["stage"] == "sigterm"
+
+
+async def test_a_stop_is_forced_at_its_deadline_with_no_qmp_at_all(rig: Rig) -> None:
+    """A deadline is a deadline: with no QMP connection ever (half a greeting,
+    then silence) the stop is still forced on time, by signal, without
+    waiting for a `quit` that cannot be sent."""
+    await rig.serve("half")
+    sup, settled = rig.supervisor()
+    pending = await sup.request_stop(0.5, "stopped")
+    await asyncio.wait_for(settled, 8)
+    late = time.time() - pending.expire_ms / 1000
+    assert 0 <= late < 1.0, f"forced {late:.2f} s after its deadline"
+    assert rig.last_exit()["stage"] == "sigterm"
+
+
+async def test_a_stop_is_not_queued_behind_a_stuck_operation(rig: Rig) -> None:
+    """A stop is accepted, and forced on time, while another operation holds
+    the VM (a user's command waiting on a wedged qemu, here the lock held)."""
+    await rig.serve("ignore_acpi")
+    sup, settled = rig.supervisor()
+    await until(lambda: sup.monitor.ready)
+    await sup.lock.acquire()
+    try:
+        pending = await asyncio.wait_for(sup.request_stop(0.3, "stopped"), 2)
+        await asyncio.wait_for(settled, 5)
+    finally:
+        sup.lock.release()
+    assert 0 <= time.time() - pending.expire_ms / 1000 < 1.0
+    assert rig.last_exit()["stage"] == "quit"
 
 
 async def test_guest_poweroff_with_no_stop_pending(rig: Rig) -> None:
@@ -493,20 +653,28 @@ async def test_an_ending_already_recorded_for_this_boot_is_kept(rig: Rig) -> Non
 
 
 def test_ending_rules() -> None:
+    def ending(shutdown: dict[str, Any] | None, *args: Any) -> dict[str, Any]:
+        told = shutdown_of(shutdown) if shutdown is not None else None
+        return ending_of(told, *args).fields()
+
     guest = {"guest": True, "reason": "guest-shutdown"}
-    assert ending_of(guest, None, pending=False) == {"reason": "poweroff"}
-    assert ending_of(guest, None, pending=True) == {"reason": "stop", "stage": "acpi"}
-    assert ending_of(None, "sigkill", pending=True) == {"reason": "stop", "stage": "sigkill"}
-    assert ending_of({"guest": True, "reason": "guest-panic"}, "quit", True)["reason"] == "panic"
-    assert ending_of(None, None, pending=False)["reason"] == "crash"
-    quit_by_host = ending_of({"guest": False, "reason": "host-qmp-quit"}, None, pending=False)
+    assert ending(guest, None, False) == {"reason": "poweroff"}
+    assert ending(guest, None, True) == {"reason": "stop", "stage": "acpi"}
+    assert ending(None, "sigkill", True) == {"reason": "stop", "stage": "sigkill"}
+    assert ending({"guest": True, "reason": "guest-panic"}, "quit", True)["reason"] == "panic"
+    assert ending(None, None, False)["reason"] == "crash"
+    quit_by_host = ending({"guest": False, "reason": "host-qmp-quit"}, None, False)
     assert quit_by_host == {"reason": "stop", "stage": "quit", "by": "host"}
+    by_signal = ending({"guest": False, "reason": "host-signal"}, None, False)
+    assert by_signal == {"reason": "stop", "stage": "sigterm", "by": "host"}
+    odd = ending({"guest": False, "reason": "host-ui"}, None, False)
+    assert odd == {"reason": "stop", "stage": "host-ui", "by": "host"}
     # With the wait status qemu's waiter recorded: which signal, which status;
     # a clean exit whose SHUTDOWN went unseen is the guest's own.
-    assert ending_of(None, None, False, 128 + 31) == {"reason": "crash", "signal": "SIGSYS"}
-    assert ending_of(None, None, False, 1) == {"reason": "crash", "status": 1}
-    assert ending_of(None, None, False, 0) == {"reason": "poweroff"}
-    assert ending_of(None, None, True, 0) == {"reason": "stop", "stage": "acpi"}
+    assert ending(None, None, False, 128 + 31) == {"reason": "crash", "signal": "SIGSYS"}
+    assert ending(None, None, False, 1) == {"reason": "crash", "status": 1}
+    assert ending(None, None, False, 0) == {"reason": "poweroff"}
+    assert ending(None, None, True, 0) == {"reason": "stop", "stage": "acpi"}
 
 
 # -- the VNC console -------------------------------------------------------------
@@ -523,13 +691,13 @@ async def test_upstream_connect_rides_out_qemu_binding_vm_vnc_anew(tmp_path: Pat
         return bind_unix(str(tmp_path / "vm.vnc"))
 
     binder = asyncio.create_task(bind_later())
-    sock = await connect_upstream(str(tmp_path), "vm.vnc")  # nothing there yet
+    sock = await connect_upstream(str(tmp_path), "vm.vnc", None)  # nothing there yet
     sock.close()
     (await binder).close()
     os.unlink(tmp_path / "vm.vnc")
     t0 = time.monotonic()
     with pytest.raises(FileNotFoundError):  # nothing comes: the error stands, soon
-        await connect_upstream(str(tmp_path), "vm.vnc")
+        await connect_upstream(str(tmp_path), "vm.vnc", None)
     assert time.monotonic() - t0 < 0.5
 
 
@@ -662,7 +830,8 @@ async def test_info_returns_what_answered_and_the_error_of_what_did_not(rig: Rig
 
 
 def test_crash_log_backs_off_then_gives_up() -> None:
-    from vmadmd.daemon.supervisor import CrashLog, CrashRestart
+    from vmadmd.daemon.ending import CrashLog
+    from vmadmd.daemon.settings import CrashRestart
 
     log = CrashLog(CrashRestart(delay=1.0, max_delay=3.0, limit=3, window=100.0))
     assert log.crashed(UUID, 0.0) == (1, 1.0)

@@ -68,7 +68,8 @@ def test_props_validation() -> None:
         {"vnc_port": 70000},
         {"disks": [{"model": "virtio"}]},
         {"disks": [{"size": 10, "model": "floppy"}]},
-        {"nics": [{"netdev": "tap"}]},
+        {"nics": [{"netdev": "tap", "ifname": "tap0"}]},  # tap names are derived
+        {"nics": [{"nic_tag": "admin", "ifname": "eth0"}]},
         {"nics": [{"mac": "zz:zz"}]},
         {"brand": "bhyve"},
         {"cpu_type": "host; rm -rf /"},
@@ -88,9 +89,7 @@ def test_build_argv() -> None:
             "vcpus": 2,
             "vnc_password": "secret",
             "disks": [{"path": "/d/a.img", "model": "scsi", "boot": True, "image_format": "raw"}],
-            "nics": [
-                {"model": "e1000", "mac": "02:08:20:00:00:01", "netdev": "tap", "ifname": "tap0"}
-            ],
+            "nics": [{"model": "e1000", "mac": "02:08:20:00:00:01", "netdev": "tap"}],
             "qemu_extra_opts": "-kernel /k -append 'console=ttyS0 quiet'",
         }
     )
@@ -323,16 +322,15 @@ def test_update_and_list_formats(env: Env) -> None:
 
 
 def test_start_failure_reports_qemu_reason(env: Env, tmp_path: Path) -> None:
-    (Path(env.zones) / "images").mkdir()
-    disk = Path(env.zones) / "images" / "d.img"
-    disk.write_bytes(b"\0" * 1024 * 1024)
-    uuid = env.create(bios_payload(disks=[{"path": str(disk)}]))
-    disk.unlink()
+    uuid = env.create(bios_payload(disks=[{"size": 1}]))
+    disk = Path(env.get(uuid)["disks"][0]["path"])
+    aside = tmp_path / "aside.qcow2"
+    disk.rename(aside)
     res = env.vmadm("start", uuid)
     assert res.returncode == 1
     assert "missing" in res.stderr
     env.vmadm("update", uuid, "qemu_extra_opts=-no-such-option", check=True)
-    disk.write_bytes(b"\0" * 1024 * 1024)
+    aside.rename(disk)
     res = env.vmadm("start", uuid)
     assert res.returncode == 1
     assert "no-such-option" in res.stderr

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything vmadmd needs on a fresh Debian machine, idempotently:
-# Debian packages (qemu, qemu-img, busybox-static, socat), a venv with the
+# Debian packages (qemu, qemu-img, busybox-static, socat, curl), a venv with the
 # package and its dev tools in .venv, noVNC (npm) in .cache/novnc, and the
 # test guest in .cache/guest.  --with-browser adds Debian's chromium and
 # chromium-driver, for the browser-console test.
@@ -16,6 +16,7 @@ command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v socat >/dev/null || need+=(socat)
 command -v cpio >/dev/null || need+=(cpio)
 command -v npm >/dev/null || need+=(npm)
+command -v curl >/dev/null || need+=(curl)  # bench_imgadm's floor
 if ((with_browser)); then
     command -v chromium >/dev/null || need+=(chromium)
     command -v chromedriver >/dev/null || need+=(chromium-driver)

@@ -69,6 +69,20 @@ def text(value: Any) -> str:
     return str(value)
 
 
+def printable(value: str, keep: str = "") -> str:
+    """``value`` safe for a terminal: every character that is not printable
+    (controls such as ESC, which start terminal sequences, line and
+    paragraph separators, bidi overrides) written as its escape, ``\x1b``.
+
+    Text output only: JSON output is escaped by json itself, and filters
+    compare the raw text.  ``keep``: characters let through as they are
+    (a monitor's multi-line answer keeps its newlines).
+    """
+    if value.isprintable():
+        return value
+    return "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in value)
+
+
 def matches(vm: dict[str, Any], filters: list[Filter]) -> bool:
     for f in filters:
         found = [text(v) for v in values_at(vm, f.path)]

@@ -334,7 +334,8 @@ class ConsoleServer:
             "token": token,
             "uuid": uuid,
             "name": self.manager.alias(uuid),
-            "password": self.manager.has_password(uuid),
+            # Sent by the page when qemu asks (the token holder has the console anyway).
+            "password": self.manager.vnc_password(uuid),
         }
         template = importlib.resources.files("vmadmd.daemon").joinpath("console.html").read_text()
         nonce = secrets.token_urlsafe(16)
@@ -385,11 +386,11 @@ class ConsoleServer:
         if uuid is None:
             self._refusals.warn("console token %s refused", shown(token))
             raise Forbidden("invalid, used or expired console token")
-        directory, name = await self.manager.vnc_socket(uuid)  # 409 when not running
+        directory, name, peer = await self.manager.vnc_socket(uuid)  # 409 when not running
         # Connect to qemu before accepting the WebSocket: a refused session
         # gets a plain HTTP error, and no byte reaches qemu without a token.
         try:
-            reader, writer = await open_upstream(directory, name)
+            reader, writer = await open_upstream(directory, name, peer)
         except OSError as err:
             raise Unreachable(f"cannot reach the VM's console: {err}") from err
 

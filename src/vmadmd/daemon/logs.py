@@ -77,13 +77,36 @@ class ContextFilter(logging.Filter):
         return True
 
 
+def escape_controls(text: str) -> str:
+    """Every non-printable character of ``text`` as its escape (``\x1b``).
+
+    A message carries what users and guests chose (an alias, a QMP command
+    name): on a terminal a raw ESC would start a sequence, a newline would
+    forge a log line.  (JSON lines are escaped by json.)
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class TextFormatter(logging.Formatter):
+    """``--log-format text``: one line per record, its message escaped
+    (tracebacks, our own text, keep their lines)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return self._style._fmt % {**record.__dict__, "message": escape_controls(record.message)}
+
+
 def setup(level: str = "info", fmt: LogFormat = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(ContextFilter())
     if fmt == "json":
         handler.setFormatter(BunyanFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

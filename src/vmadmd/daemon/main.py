@@ -28,7 +28,7 @@ from vmadmd.daemon.events import EventBus
 from vmadmd.daemon.manager import Manager
 from vmadmd.daemon.metrics import Metrics
 from vmadmd.daemon.server import HttpServer
-from vmadmd.daemon.supervisor import CrashRestart, DaemonSettings
+from vmadmd.daemon.settings import CrashRestart, DaemonSettings
 from vmadmd.daemon.vncconsole import is_loopback
 from vmadmd.errors import ConfigError
 from vmadmd.vm.cgroup import MANAGERS
@@ -37,23 +37,34 @@ from vmadmd.vm.config import (
     DEFAULT_AUTOBOOT_MARKER,
     DEFAULT_QEMU,
     DEFAULT_SOCKET,
+    DEFAULT_UID_LEDGER,
+    DEFAULT_USER_NET,
     DEFAULT_VNC_BIND,
     DEFAULT_ZONE_UID_BASE,
     DEFAULT_ZONES_ROOT,
     VmSettings,
-    env_flag,
     env_or,
     parse_accel,
+    parse_user_net,
+    vnc_password_required,
 )
 from vmadmd.vm.sockets import bind_unix, connect_unix, peer_uid, trusted_uid
 
 if TYPE_CHECKING:
     from vmadmd.daemon.console import ConsoleServer
     from vmadmd.daemon.watch import ZonesWatcher
+    from vmadmd.vm.config import UserNet
 
 log = logging.getLogger("vmadmd")
 
 SHUTDOWN_GRACE = 5.0
+
+
+def _user_net(value: str) -> UserNet:
+    try:
+        return parse_user_net(value)
+    except ValueError as err:  # argparse's own words would name the function
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,11 +87,26 @@ def build_parser() -> argparse.ArgumentParser:
         "when it cannot take one); proxy: relay every session through the daemon",
     )
     p.add_argument(
+        "--vnc-no-password",
+        action="store_true",
+        default=not vnc_password_required(),
+        help="let a VM without a vnc_password have a console without one (by default one is "
+        "generated, shown by `vmadm info UUID vnc`); vmadm needs VMADMD_VNC_NO_PASSWORD=1 "
+        "as well",
+    )
+    p.add_argument(
         "--vnc-require-password",
         action="store_true",
-        default=env_flag("VMADM_VNC_REQUIRE_PASSWORD"),
-        help="every console requires a password: one is generated for a VM that has none "
-        "(shown by `vmadm info UUID vnc`); vmadm needs VMADM_VNC_REQUIRE_PASSWORD=1 as well",
+        help="every console requires a password: the default now, kept for old scripts "
+        "(wins over --vnc-no-password)",
+    )
+    p.add_argument(
+        "--user-net",
+        type=_user_net,
+        default=env_or("VMADM_USER_NET", DEFAULT_USER_NET),  # argparse applies the type
+        metavar="restricted|nat",
+        help="user-mode nics: restricted (restrict=on: the guest reaches neither the host nor "
+        "the outside) or nat (it reaches both, the host's 127.0.0.1 included)",
     )
     p.add_argument("--qemu", default=env_or("VMADM_QEMU", DEFAULT_QEMU))
     p.add_argument("--nic-tag", action="append", default=[], metavar="TAG=BRIDGE",
@@ -88,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zone-uid-base", type=int, metavar="UID",
                    default=int(env_or("VMADM_ZONE_UID_BASE", str(DEFAULT_ZONE_UID_BASE))),
                    help="the VMs' own users: uid (= gid) from here up, one per VM")  # fmt: skip
+    p.add_argument("--uid-ledger", default=env_or("VMADM_UID_LEDGER", DEFAULT_UID_LEDGER),
+                   metavar="FILE",
+                   help="every uid ever given to a VM, host-wide (never twice)")  # fmt: skip
     p.add_argument("--images-dir", default=env_or("VMADM_IMAGES_DIR", ""), metavar="DIR",
                    help="disk images by uuid (default: <zones-root>/images)")  # fmt: skip
     p.add_argument("--cgroup-manager", choices=MANAGERS,
@@ -280,11 +309,13 @@ class Daemon:
                 zones_root=args.zones_root,
                 qemu=args.qemu,
                 accel=args.accel,
-                vnc_require_password=args.vnc_require_password,
+                vnc_require_password=args.vnc_require_password or not args.vnc_no_password,
+                user_net=args.user_net,
                 images_dir=args.images_dir,
                 cgroup_root=os.environ.get("VMADM_CGROUP_ROOT", ""),
                 cgroup_manager=args.cgroup_manager,
                 zone_uid_base=args.zone_uid_base,
+                uid_ledger=args.uid_ledger,
                 nic_tags=",".join([os.environ.get("VMADM_NIC_TAGS", ""), *args.nic_tag]),
             ),
             vnc_bind=args.vnc_bind,

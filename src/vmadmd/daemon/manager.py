@@ -18,23 +18,19 @@ import time
 from collections.abc import Coroutine, Iterable
 from typing import Any, Literal
 
+from vmadmd.daemon.ending import CrashLog, Settled, settle_record
 from vmadmd.daemon.events import EventBus
 from vmadmd.daemon.locks import vm_lock
 from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.metrics import Metrics
 from vmadmd.daemon.serial import SerialConsole
+from vmadmd.daemon.settings import DaemonSettings, Shared
 from vmadmd.daemon.stats import VmStatsCollector
-from vmadmd.daemon.supervisor import (
-    CrashLog,
-    DaemonSettings,
-    Settled,
-    Shared,
-    VmSupervisor,
-    settle_record,
-)
+from vmadmd.daemon.supervisor import VmSupervisor
 from vmadmd.errors import StartFailed, VmadmError, VmBroken, VmBusy, WrongState
-from vmadmd.vm import proc
-from vmadmd.vm.layer import VmLayer, identity_of, state_of
+from vmadmd.vm import transition
+from vmadmd.vm.layer import VmLayer, running_pidfd, state_of
+from vmadmd.vm.sockets import Peer
 from vmadmd.vm.store import VmRecord
 from vmadmd.vm.transition import Transition, TransitionTo
 
@@ -74,7 +70,7 @@ class Manager:
             cgroups=self.layer.cgroups,
         )
         metrics.watch_state(self._state_snapshot)
-        self.stats = VmStatsCollector(lambda: list(self.vms.values()))
+        self.stats = VmStatsCollector(lambda: [sup.stats_state for sup in self.vms.values()])
         metrics.add_collector(self.stats)
 
     # -- helpers -----------------------------------------------------------
@@ -131,8 +127,12 @@ class Manager:
         """What a page may call the VM: its alias, else its uuid."""
         return str(self.load(uuid).get("alias") or uuid)
 
-    def has_password(self, uuid: str) -> bool:
-        return bool(self.load(uuid).get("vnc_password"))
+    def vnc_password(self, uuid: str) -> str | None:
+        """The password the VM's console asks for now: its own, or the one
+        generated for its qemu (the browser console sends it for the user)."""
+        sup = self.vms.get(uuid)
+        current = sup.console.password() if sup is not None else None
+        return current or self.load(uuid).get("vnc_password") or None
 
     def connection_counts(self) -> dict[str, int]:
         """How far the daemon is in picking up its running VMs."""
@@ -229,13 +229,13 @@ class Manager:
             return
         self._broken.discard(uuid)
         try:
-            found = proc.open_vm_pidfd(self.store.paths(uuid).pid, uuid, identity_of(record))
+            found = running_pidfd(self.store, uuid, record)
         except VmadmError as err:  # a file planted at vm.pid: not this VM's qemu
             vm_log(log, uuid).warning("not picked up: %s", err)
             return
         if found is not None:
             self._attach(uuid, record, *found)
-        elif record.get("transition"):
+        elif record.get(transition.KEY):
             # qemu went away while no daemon watched: finish the transition.
             settled = await settle_record(self._shared, uuid, None)
             # A reboot's second half boots qemu: not inside the sweep, which
@@ -272,7 +272,7 @@ class Manager:
         if settled.cleared is not None and settled.cleared.to == "start":
             with contextlib.suppress(VmadmError):  # logged and emitted by boot()
                 await self.boot(uuid, reason="reboot")
-        elif settled.ending is not None and settled.ending.get("reason") in ("panic", "crash"):
+        elif settled.ending is not None and settled.ending.reason in ("panic", "crash"):
             self._spawn(self._restart_after_crash(uuid), f"restart-{uuid}")
 
     async def _restart_after_crash(self, uuid: str) -> None:
@@ -385,13 +385,13 @@ class Manager:
         """A running VM's serial console (409 when it is not running)."""
         return (await self.running(uuid)).serial
 
-    async def vnc_socket(self, uuid: str) -> tuple[str, str]:
-        """Where a running VM's qemu serves VNC: (directory, name), once its
-        console has opened (in the listen mode that makes qemu bind the
-        socket anew)."""
+    async def vnc_socket(self, uuid: str) -> tuple[str, str, Peer | None]:
+        """Where a running VM's qemu serves VNC: (directory, name, the qemu
+        that must be serving it), once its console has opened (in the listen
+        mode that makes qemu bind the socket anew)."""
         sup = await self.running(uuid)
         await sup.console_settled()
-        return sup.paths.runtime_dir, sup.paths.VNC_NAME
+        return sup.paths.runtime_dir, sup.paths.VNC_NAME, sup.monitor.peer
 
     def is_running(self, uuid: str) -> bool:
         return uuid in self.vms

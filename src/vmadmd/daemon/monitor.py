@@ -1,19 +1,12 @@
-"""One VM's QMP connection (``daemon/qmp.py``): timeouts, wedge recovery, events.
+"""One VM's qemu, as typed operations and typed events (the QMP wire stays in here).
 
-qemu serves one QMP client per socket at a time, so this connection is the
-only way in while the daemon runs; it is kept open for the VM's lifetime.
-Every command is bounded by a timeout.  A command that times out marks the
-connection wedged: it is dropped and re-established in the background (a
-qemu stopped with SIGSTOP answers again after SIGCONT), and until then
-commands wait for the connection up to their own timeout.  Nothing here
-touches another VM.
-
-This module is the only one that speaks QMP: the rest of the daemon calls
-one typed method per operation (``powerdown()``, ``query("block")``,
-``add_vnc_client(fd)``...), as libvirt's ``qemu_monitor.c`` keeps JSON away
-from its driver.  Failures come back typed: ``QmpRefused`` (qemu answered
-with an error, so it surely did not act), ``QmpConnectionLost`` (whether it
-acted is unknown) and ``QmpTimeout``.
+The rest of the daemon calls one method per operation (``powerdown()``,
+``query("block")``, ``add_vnc_client(fd)``...) and is told of what qemu
+does through typed callbacks (``MonitorEvents``: how the VM shut down, a
+VNC client qemu accepted), as libvirt's ``qemu_monitor.c`` keeps JSON away
+from its driver: no QMP command name, event name or reply field is read
+outside this module and ``qmpconn.py``/``qmp.py``.  The connection itself
+(its one qemu, timeouts, wedges, reconnects) is ``QmpConnection``'s.
 """
 
 from __future__ import annotations
@@ -23,11 +16,12 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple, Protocol
 
 from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.metrics import Metrics
-from vmadmd.daemon.qmp import Batch, Message, QmpClient, QmpDisconnected, QmpError, QmpExecuteError
+from vmadmd.daemon.qmpconn import QmpConnection
+from vmadmd.daemon.qmppolicy import check_hmp, check_qmp
 from vmadmd.errors import (
     Forbidden,
     InvalidParameter,
@@ -36,13 +30,10 @@ from vmadmd.errors import (
     QmpFailed,
     QmpRefused,
     QmpTimeout,
-    VmadmError,
 )
-from vmadmd.vm.sockets import connect_unix_retrying
+from vmadmd.vm.sockets import Peer
 
 log = logging.getLogger("vmadmd.qmp")
-
-EventCallback = Callable[[str, dict[str, Any]], None]
 
 # Commands the daemon owns: a user passing them through would break the
 # daemon's own use of this connection (capabilities, fd passing for console
@@ -67,6 +58,90 @@ QUERIES: dict[str, str] = {
     "status": "query-status",
 }
 
+# qemu's events that the event stream publishes (``qmp_event``), rate-limited.
+LIFECYCLE_EVENTS = frozenset({"SHUTDOWN", "POWERDOWN", "RESET", "STOP", "RESUME",
+                              "GUEST_PANICKED"})  # fmt: skip
+
+
+class Shutdown(NamedTuple):
+    """How qemu says the VM shut down (its ``SHUTDOWN`` event), in our terms.
+
+    ``cause``: ``guest`` (the guest powered off), ``panic`` (a pvpanic
+    report, then the shutdown ``-action panic=shutdown`` asks for),
+    ``quit`` (a ``quit`` on a monitor), ``signal`` (qemu was sent SIGTERM or
+    the like), or ``host`` for any other reason qemu gives (in ``detail``).
+    """
+
+    cause: Literal["guest", "panic", "quit", "signal", "host"]
+    detail: str = ""
+
+
+def shutdown_of(data: Mapping[str, Any]) -> Shutdown:
+    reason = str(data.get("reason", ""))
+    if reason == "guest-panic":
+        return Shutdown("panic")
+    if data.get("guest") is True:
+        return Shutdown("guest", reason)
+    if reason == "host-qmp-quit":
+        return Shutdown("quit")
+    if reason == "host-signal":
+        return Shutdown("signal")
+    return Shutdown("host", reason)
+
+
+class VncClient(NamedTuple):
+    """A client qemu's own VNC server accepted (``VNC_CONNECTED``)."""
+
+    family: str  # ipv4, ipv6, unix
+    host: str
+    service: str
+
+    @property
+    def tcp(self) -> bool:
+        return self.family in ("ipv4", "ipv6")
+
+
+class MonitorEvents(Protocol):
+    """What a monitor's owner is told of its qemu."""
+
+    def on_shutdown(self, shutdown: Shutdown) -> None: ...
+
+    def on_vnc_client(self, client: VncClient) -> None: ...
+
+    def on_lifecycle(self, event: str, data: dict[str, Any]) -> None:
+        """One of ``LIFECYCLE_EVENTS`` as qemu sent it (for the event stream)."""
+
+
+class DiskStats(NamedTuple):
+    read_bytes: int
+    write_bytes: int
+    read_ops: int
+    write_ops: int
+
+
+def blockstats_of(reply: object) -> dict[str, DiskStats]:
+    """``query-blockstats`` -> per device counters (nothing from a malformed reply)."""
+    out: dict[str, DiskStats] = {}
+    if not isinstance(reply, list):
+        return out
+    for entry in reply:
+        if not isinstance(entry, dict) or not isinstance(entry.get("stats"), dict):
+            continue
+        name = entry.get("device") or entry.get("node-name") or entry.get("qdev")
+        if not isinstance(name, str) or not name:
+            continue
+        s = entry["stats"]
+        try:
+            out[name] = DiskStats(
+                int(s.get("rd_bytes", 0)),
+                int(s.get("wr_bytes", 0)),
+                int(s.get("rd_operations", 0)),
+                int(s.get("wr_operations", 0)),
+            )
+        except (TypeError, ValueError):
+            continue
+    return out
+
 
 def _command_names(reply: object) -> set[str]:
     """The names in a ``query-commands`` reply (nothing from a malformed one)."""
@@ -76,7 +151,7 @@ def _command_names(reply: object) -> set[str]:
 
 
 class Monitor:
-    """The daemon's QMP connection to one VM's qemu."""
+    """One VM's qemu, through its QMP connection."""
 
     def __init__(
         self,
@@ -85,333 +160,108 @@ class Monitor:
         name: str,
         *,
         timeout: float,
-        on_event: EventCallback,
-        connect_timeout: float = 5.0,
+        events: MonitorEvents,
         metrics: Metrics,
+        connect_timeout: float = 5.0,
         connect_slots: asyncio.Semaphore | None = None,
+        peer: Peer | None = None,
     ) -> None:
-        self._metrics = metrics
-        # Shared by all monitors: a daemon (re)starting with many VMs
-        # connects a bounded number at a time.
-        self._connect_slots = connect_slots or asyncio.Semaphore(1)
         self.uuid = uuid
         self._log = vm_log(log, uuid)
-        self._directory = directory
-        self._name = name
-        self.timeout = timeout
-        self._connect_timeout = connect_timeout
-        self._on_event = on_event
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._client: QmpClient | None = None
-        self._dropped: QmpClient | None = None  # the last one dropped as wedged
-        self._ready = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._closed = False
-        self.last_error: str | None = None
-        # qemu keeps only the file descriptors of the last message that
-        # carried any, until a getfd takes them: one handoff at a time.
+        self._events = events
+        self._conn = QmpConnection(
+            uuid, directory, name, timeout=timeout, on_event=self._dispatch, metrics=metrics,
+            connect_timeout=connect_timeout, connect_slots=connect_slots, peer=peer,
+        )  # fmt: skip
         self._fd_lock = asyncio.Lock()
-        # Commands sent and not yet answered.  An fd rides on one byte
-        # written straight to the socket, so it may only be sent while no
-        # command's bytes can still sit in the transport's buffer: when
-        # every command sent has been answered (qemu read it whole).  The
-        # gate holds new commands back for that moment.
-        self._in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._gate = asyncio.Event()
-        self._gate.set()
-        self.ever_connected = False
         self._fd_names = itertools.count(1)
         self._commands: set[str] | None = None  # from query-commands, once
         self._told_missing: set[str] = set()  # commands already logged as missing
-        # Names of fds a cut-short handoff may have left registered in qemu.
-        self._orphans: set[str] = set()
-        self._cleanup: asyncio.Task[None] | None = None
 
-    # -- lifecycle ---------------------------------------------------------
+    # -- the connection --------------------------------------------------------
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._connect_loop(), name=f"qmp-{self.uuid}")
+        self._conn.start()
 
     async def close(self) -> None:
-        self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self._drop()
-        # Wake commands waiting for a (re)connection: they fail now, as for a
-        # VM that stopped, rather than wait out their timeout.
-        self._ready.set()
+        await self._conn.close()
 
-    async def _connect_loop(self) -> None:
-        """Connect, retrying with back-off until connected or closed."""
-        delay = 0.05
-        while not self._closed:
-            client = QmpClient(self._dispatch)
-            try:
-                async with self._connect_slots:
-                    sock = await connect_unix_retrying(self._directory, self._name)
-                    await asyncio.wait_for(client.connect(sock), self._connect_timeout)
-            except (OSError, QmpError, TimeoutError, EOFError) as err:
-                # OSError: socket missing or refused (qemu still starting or
-                # gone); QmpError: no or bad greeting; TimeoutError: qemu
-                # accepted but does not speak (stopped with SIGSTOP).
-                self.last_error = f"QMP connect failed: {err or type(err).__name__}"
-                self._log.debug("%s", self.last_error)
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(client.disconnect(), 1.0)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-                continue
-            self._client = client
-            self.last_error = None
-            self.ever_connected = True
-            self._ready.set()
-            self._log.debug("QMP connected")
-            if self._orphans:
-                self._cleanup = asyncio.create_task(self._close_orphans())
-            return
+    def qemu_gone(self) -> None:
+        """Its qemu has exited (see ``QmpConnection.qemu_gone``)."""
+        self._conn.qemu_gone()
 
-    async def _drop(self) -> None:
-        client, self._client = self._client, None
-        self._ready.clear()
-        if client is not None:
-            with contextlib.suppress(Exception):
-                # After `quit` qemu resets the socket rather than closing it
-                # cleanly (qemu 7.2), so disconnect may raise; it may also
-                # hang on a stopped peer.  Bounded either way.
-                await asyncio.wait_for(client.disconnect(), 1.0)
+    async def drain(self, timeout: float) -> None:
+        """Once qemu has exited: until every event it sent is dispatched."""
+        await self._conn.drain(timeout)
 
-    def _wedged(self, why: str, *, stalled: bool = False) -> None:
-        """Drop the connection and reconnect in the background (``stalled``:
-        because qemu stopped answering on it)."""
-        if self._closed:
-            return
-        self.last_error = why
-        self._log.warning("QMP connection wedged (%s); reconnecting", why)
-        old = self._client
-        if stalled:
-            self._dropped = old
-        self._client = None
-        self._ready.clear()
-
-        async def reconnect() -> None:
-            if old is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(old.disconnect(), 1.0)
-            await self._connect_loop()
-
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(reconnect(), name=f"qmp-{self.uuid}")
-
-    def _closed_error(self) -> QmpConnectionLost:
-        return QmpConnectionLost(f"VM {self.uuid}: QMP connection is closed (the VM stopped)")
+    @property
+    def peer(self) -> Peer | None:
+        """The qemu process this monitor belongs to (its other sockets too)."""
+        return self._conn.peer
 
     @property
     def ready(self) -> bool:
-        return self._client is not None
+        return self._conn.ready
 
-    async def drain(self, timeout: float) -> None:
-        """Once qemu has exited: wait until every event it sent is dispatched.
+    @property
+    def last_error(self) -> str | None:
+        return self._conn.last_error
 
-        The pidfd can report the exit before the loop has read the last
-        events (``SHUTDOWN`` says how the VM ended); qemu closed the socket
-        after them, so the connection leaves RUNNING only once they are
-        handed on.  Bounded: a connection that never was up has nothing.
-        """
-        client = self._client
-        if client is None:
+    @property
+    def timeout(self) -> float:
+        return self._conn.timeout
+
+    def _dispatch(self, name: str, data: dict[str, Any]) -> None:
+        if name == "SHUTDOWN":
+            self._events.on_shutdown(shutdown_of(data))
+        elif name == "VNC_CONNECTED":
+            client = data.get("client")
+            if isinstance(client, dict):
+                self._events.on_vnc_client(VncClient(str(client.get("family", "")),
+                                                     str(client.get("host", "")),
+                                                     str(client.get("service", ""))))  # fmt: skip
             return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await client.wait_closed()
-
-    def _dispatch(self, msg: Message) -> None:
-        name = str(msg.get("event", ""))
-        data = msg.get("data", {})
-        try:
-            self._on_event(name, data if isinstance(data, dict) else {})
-        except Exception:
-            self._log.exception("QMP event handler failed")
-
-    # -- commands ----------------------------------------------------------
-
-    async def _execute(
-        self,
-        cmd: str,
-        arguments: Mapping[str, object] | None = None,
-        *,
-        timeout: float | None = None,
-        through_gate: bool = False,
-    ) -> Any:
-        """Run one command; raises QmpTimeout, QmpRefused or QmpConnectionLost."""
-        (result,) = await self._execute_all(
-            [(cmd, arguments)], timeout=timeout, through_gate=through_gate
-        )
-        if isinstance(result, VmadmError):
-            raise result
-        return result
-
-    async def _execute_all(
-        self,
-        commands: Sequence[tuple[str, Mapping[str, object] | None]],
-        *,
-        timeout: float | None = None,
-        through_gate: bool = False,
-    ) -> list[Any]:
-        """Run commands pipelined under one deadline: each one's result, or
-        its QmpTimeout / QmpRefused / QmpConnectionLost as a value.
-
-        Raises (for all) only when there is no connection to send them on.
-        All are sent before any reply is awaited, from the caller's own task:
-        no task per command.
-        """
-        limit = self.timeout if timeout is None else timeout
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-        deadline = loop.time() + limit
-        if self._closed:
-            raise self._closed_error()
-        try:
-            # (Awaited only when needed: the common case costs no task.)
-            if not self._ready.is_set():
-                await asyncio.wait_for(self._ready.wait(), limit)
-            if not through_gate and not self._gate.is_set():
-                await asyncio.wait_for(self._gate.wait(), max(deadline - loop.time(), 0.001))
-        except TimeoutError:
-            raise QmpTimeout(
-                f"VM {self.uuid}: no QMP connection within {limit:g} s"
-                + (f" ({self.last_error})" if self.last_error else "")
-            ) from None
-        if self._closed:
-            raise self._closed_error()
-        client = self._client
-        if client is None:
-            raise QmpConnectionLost(f"VM {self.uuid}: QMP connection lost")
-
-        def lost(cmd: str, err: BaseException) -> QmpConnectionLost | QmpTimeout:
-            # The connection broke under the command (qemu exited, or the
-            # peer sent something that is not QMP) or was dropped because
-            # qemu stopped answering another command on it: then this one
-            # was not answered either (504, not 409).
-            exc: QmpConnectionLost | QmpTimeout
-            if client is self._dropped:
-                exc = QmpTimeout(f"VM {self.uuid}: qemu did not answer {cmd} ({self.last_error})")
-            else:
-                if client is self._client:
-                    self._wedged(f"{cmd}: {type(err).__name__}")
-                exc = QmpConnectionLost(f"VM {self.uuid}: {cmd} failed: connection lost")
-            exc.__cause__ = err
-            return exc
-
-        t0 = loop.time()
-        n = len(commands)
-        results: list[Any] = [None] * n  # each one filled in below
-        outcomes = ["error"] * n
-        took = [0.0] * n
-        batch: Batch | None = None
-        self._in_flight += 1
-        self._idle.clear()
-        try:
-            if self._log.isEnabledFor(logging.DEBUG):
-                for cmd, _ in commands:
-                    self._log.debug("qmp --> %s", cmd)
-            try:
-                batch = client.submit_batch(commands)
-            except QmpError as err:
-                for i, (cmd, _) in enumerate(commands):
-                    results[i] = lost(cmd, err)
-                return results
-            # At the deadline, the replies not in yet fail with TimeoutError
-            # (a timer, rather than cancelling the caller's task).
-            timer = loop.call_at(max(deadline, loop.time() + 0.001), batch.expire)
-            failure: BaseException | None = None
-            try:
-                await batch.done
-            except (TimeoutError, QmpError, OSError, EOFError) as err:
-                failure = err
-            finally:
-                timer.cancel()
-            for i, reply in enumerate(batch.replies):
-                cmd = commands[i][0]
-                if reply is None:
-                    took[i] = loop.time() - t0
-                    if isinstance(failure, TimeoutError):
-                        outcomes[i] = "timeout"
-                        results[i] = QmpTimeout(
-                            f"VM {self.uuid}: qemu did not answer {cmd} within {limit:g} s"
-                        )
-                    else:
-                        results[i] = lost(cmd, failure or QmpDisconnected("no reply"))
-                    continue
-                took[i] = batch.arrived[i] - t0
-                try:
-                    results[i] = client.value(cmd, reply)
-                    outcomes[i] = "ok"
-                except QmpExecuteError as err:
-                    results[i] = QmpRefused(
-                        f"VM {self.uuid}: {cmd}: {err.desc}",
-                        error_class=err.error_class,
-                        desc=err.desc,
-                    )
-                except QmpError as err:
-                    results[i] = lost(cmd, err)
-            late = [i for i, outcome in enumerate(outcomes) if outcome == "timeout"]
-            if late:
-                self._wedged(f"{commands[late[0]][0]} timed out after {limit:g} s", stalled=True)
-        finally:
-            if batch is not None:
-                for ident in batch.idents:
-                    client.forget(ident)
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
-            for (cmd, _), outcome, spent in zip(commands, outcomes, took, strict=True):
-                self._log.debug("qmp <-- %s %s in %.3f ms", cmd, outcome, spent * 1000)
-                self._metrics.qmp_command(cmd, outcome, spent)
-        return results
+        if name in LIFECYCLE_EVENTS:
+            self._events.on_lifecycle(name, data)
 
     # -- operations ----------------------------------------------------------
 
     async def query(self, what: str) -> Any:
         """One of ``QUERIES`` (the API's info types), as qemu returns it."""
-        return await self._execute(QUERIES[what])
+        return await self._conn.execute(QUERIES[what])
 
     async def query_all(self, whats: Sequence[str]) -> list[Any]:
         """Several of ``QUERIES``, pipelined: each result, or its error as a value."""
-        return await self._execute_all([(QUERIES[what], None) for what in whats])
+        return await self._conn.execute_all([(QUERIES[what], None) for what in whats])
 
     async def query_commands(self, *, timeout: float | None = None) -> set[str]:
         """The names of the commands this qemu has (empty from a malformed reply)."""
-        return _command_names(await self._execute("query-commands", timeout=timeout))
+        return _command_names(await self._conn.execute("query-commands", timeout=timeout))
 
     async def powerdown(self) -> None:
         """Press the ACPI power button."""
-        await self._execute("system_powerdown")
+        await self._conn.execute("system_powerdown")
 
     async def quit(self, *, timeout: float) -> None:
         """Ask qemu to exit at once (the guest is not asked)."""
-        await self._execute("quit", timeout=timeout)
+        await self._conn.execute("quit", timeout=timeout)
 
     async def reset(self) -> None:
-        await self._execute("system_reset")
+        await self._conn.execute("system_reset")
 
     async def inject_nmi(self) -> None:
-        await self._execute("inject-nmi")
+        await self._conn.execute("inject-nmi")
 
     async def wake_display(self) -> None:
         """Press shift, as a user would to wake a blanked console."""
-        await self._execute("send-key", {"keys": [{"type": "qcode", "data": "shift"}]})
+        await self._conn.execute("send-key", {"keys": [{"type": "qcode", "data": "shift"}]})
 
     async def screendump(self, filename: str, fmt: Literal["ppm", "png"]) -> None:
         """Write the display to ``filename`` (a path qemu opens)."""
         args: dict[str, Any] = {"filename": filename}
         if fmt == "png":
             args["format"] = "png"  # qemu >= 7.1
-        await self._execute("screendump", args)
+        await self._conn.execute("screendump", args)
 
     async def passthrough(self, cmd: str, arguments: Mapping[str, object] | None) -> Any:
         """A user's own command (``vmadm qmp``), on this connection, same timeout.
@@ -422,10 +272,11 @@ class Monitor:
         if cmd == "human-monitor-command":
             line = (arguments or {}).get("command-line")
             return await self.hmp(line if isinstance(line, str) else "")
+        check_qmp(cmd, arguments)  # the allowlist (403); qmppolicy.py says why
         if cmd in OWNED_COMMANDS:
             raise Forbidden(f"{cmd} belongs to vmadmd and cannot be passed through")
         try:
-            return await self._execute(cmd, arguments)
+            return await self._conn.execute(cmd, arguments)
         except QmpRefused as err:
             raise QmpCommandFailed(err.message, err.error_class, err.desc) from err
 
@@ -434,36 +285,23 @@ class Monitor:
         words = line.split(None, 1)
         if not words:
             raise InvalidParameter("the human monitor command is empty")
+        check_hmp(line)  # `info ...` only, its name read as qemu reads it (403)
         if words[0] in OWNED_HMP:
             raise Forbidden(f"{words[0]} belongs to vmadmd and cannot be passed through")
         try:
-            out = await self._execute("human-monitor-command", {"command-line": line})
+            out = await self._conn.execute("human-monitor-command", {"command-line": line})
         except QmpRefused as err:
             raise QmpCommandFailed(err.message, err.error_class, err.desc) from err
         return out if isinstance(out, str) else str(out)
 
+    async def blockstats(self) -> dict[str, DiskStats]:
+        """Each disk's counters, by device."""
+        return blockstats_of(await self._conn.execute("query-blockstats"))
+
     async def set_vnc_password(self, password: str) -> None:
-        await self._execute("set_password", {"protocol": "vnc", "password": password})
+        await self._conn.execute("set_password", {"protocol": "vnc", "password": password})
 
     # -- handing a console client to qemu ------------------------------------
-
-    async def _close_orphans(self) -> None:
-        """Close the fds that handoffs cut short may have left in qemu.
-
-        qemu keeps an fd taken by ``getfd`` under its name across QMP
-        connections; if ``add_client`` never ran, qemu would hold the
-        client's connection open with nobody serving it.  Run on a new
-        connection, when the old one's commands are all done or dropped;
-        ``closefd`` of a name qemu does not have fails harmlessly.
-        """
-        for name in sorted(self._orphans):
-            try:
-                await self._execute("closefd", {"fdname": name})
-            except QmpRefused:
-                pass  # qemu has no such name: nothing to close
-            except (QmpFailed, QmpTimeout):
-                return  # connection trouble: the next connection tries again
-            self._orphans.discard(name)
 
     async def add_vnc_client(self, fd: int, *, timeout: float) -> bool:
         """Give a connected client socket to qemu's own VNC server.
@@ -509,7 +347,7 @@ class Monitor:
     async def unlisten_vnc(self, unix_path: str, *, timeout: float) -> None:
         """Have qemu's VNC server listen on ``unix_path`` only (it closes the
         TCP listener it was given)."""
-        await self._execute(
+        await self._conn.execute(
             "display-update",
             {"type": "vnc", "addresses": [{"type": "unix", "path": unix_path}]},
             timeout=timeout,
@@ -517,7 +355,7 @@ class Monitor:
 
     async def vnc_tcp_listeners(self, *, timeout: float) -> list[tuple[str, int]]:
         """(host, port) of each TCP listener qemu's VNC server has."""
-        servers = await self._execute("query-vnc-servers", timeout=timeout)
+        servers = await self._conn.execute("query-vnc-servers", timeout=timeout)
         out: list[tuple[str, int]] = []
         for server in servers if isinstance(servers, list) else []:
             for entry in server.get("server", []) if isinstance(server, dict) else []:
@@ -553,9 +391,13 @@ class Monitor:
         *,
         timeout: float,
     ) -> bool:
-        """Pass ``fd`` to qemu (``getfd``) for ``cmd`` to use under its name."""
-        client = self._client
-        if client is None or self._closed:
+        """Pass ``fd`` to qemu for ``cmd`` to use: ``getfd`` and ``cmd``
+        pipelined, the fd on their bytes (one ``sendmsg``).
+
+        False when qemu surely did not take the fd; raises when that is
+        unknown (the name is then remembered, to be closed on reconnection).
+        """
+        if not self._conn.ready:
             return False  # not waiting: the caller has a way that works now
         has = await self._has({"getfd", cmd}, timeout)
         if not has:
@@ -563,58 +405,28 @@ class Monitor:
                 self._told_missing.add(cmd)  # once, not once per console client
                 self._log.info("qemu has no %s: the daemon does without it", cmd)
             return False
+        # qemu keeps only the fds of the last read that carried any, until a
+        # getfd takes them: one at a time.
         async with self._fd_lock:
-            self._gate.clear()
+            name = f"vnc-{next(self._fd_names)}"
             try:
-                return await self._hand_fd(client, fd, cmd, arguments, timeout)
-            finally:
-                self._gate.set()
-
-    async def _hand_fd(
-        self,
-        client: QmpClient,
-        fd: int,
-        cmd: str,
-        arguments: Callable[[str], dict[str, Any]],
-        timeout: float,
-    ) -> bool:
-        """Send ``fd``, then ``getfd`` and ``cmd`` pipelined (gate closed).
-
-        False when qemu surely did not take the fd; raises when that is
-        unknown (the name is then remembered, to be closed on reconnection).
-        """
-        if not self._idle.is_set():
-            try:
-                await asyncio.wait_for(self._idle.wait(), timeout)
-            except TimeoutError:
-                return False  # commands still unanswered: the byte could land inside one
-        if client is not self._client:
-            return False
-        name = f"vnc-{next(self._fd_names)}"
-        try:
-            client.send_fd_scm(fd)
-        except (OSError, QmpError) as err:
-            self._log.debug("cannot pass an fd for %s: %s", cmd, err)
-            return False
-        try:
-            got, added = await self._execute_all(
-                [("getfd", {"fdname": name}), (cmd, arguments(name))],
-                timeout=timeout,
-                through_gate=True,
-            )
-        except (QmpConnectionLost, QmpTimeout):
-            self._orphans.add(name)
-            raise
-        for result in (got, added):
-            if isinstance(result, (QmpConnectionLost, QmpTimeout)):
-                self._orphans.add(name)
-                raise result
-        if isinstance(got, QmpRefused):
-            return False  # qemu got no fd (and so could not add it)
-        if isinstance(added, QmpRefused):
-            # qemu said no (it closes what it was given); do not leave the
-            # name behind.
-            with contextlib.suppress(QmpFailed, QmpTimeout):
-                await self._execute("closefd", {"fdname": name}, timeout=timeout, through_gate=True)
-            return False
-        return True
+                got, added = await self._conn.execute_all(
+                    [("getfd", {"fdname": name}), (cmd, arguments(name))],
+                    timeout=timeout,
+                    fd=fd,
+                )
+            except (QmpConnectionLost, QmpTimeout):
+                return False  # raised, not returned: no connection, nothing was sent
+            for result in (got, added):
+                if isinstance(result, (QmpConnectionLost, QmpTimeout)):
+                    self._conn.orphans.add(name)
+                    raise result
+            if isinstance(got, QmpRefused):
+                return False  # qemu got no fd (and so could not add it)
+            if isinstance(added, QmpRefused):
+                # qemu said no (it closes what it was given); do not leave the
+                # name behind.
+                with contextlib.suppress(QmpFailed, QmpTimeout):
+                    await self._conn.execute("closefd", {"fdname": name}, timeout=timeout)
+                return False
+            return True

@@ -22,7 +22,10 @@ What it does, all of it driven from the bytes read (``buffer_updated``):
   ``Batch``, whose one future is done when the last reply is in (the
   daemon's info queries: one syscall, one task wake-up);
 - events, each handed to a callback as it is read (no queue, no history);
-- file descriptors passed with ``SCM_RIGHTS`` on one whitespace byte;
+- a file descriptor passed with ``SCM_RIGHTS`` on the very bytes of the
+  command that takes it (``submit_batch(..., fd=N)``: one ``sendmsg``), as
+  libvirt's monitor does, so no layer above has to keep fds and commands
+  apart;
 - faults: a line that is not JSON, a message that is neither reply nor
   event, a reply to no command, a line past ``MAX_LINE``: the connection
   is closed and every command in flight fails with ``QmpProtocolError``;
@@ -179,20 +182,46 @@ class QmpClient(asyncio.BufferedProtocol):
         transport.write(line)
         return ident, fut
 
-    def submit_batch(self, commands: Sequence[tuple[str, Mapping[str, object] | None]]) -> Batch:
+    def submit_batch(
+        self,
+        commands: Sequence[tuple[str, Mapping[str, object] | None]],
+        fd: int | None = None,
+    ) -> Batch:
         """Send several commands in one write; their ``Batch``.
+
+        With ``fd``, the fd rides on the first byte of these commands
+        (``SCM_RIGHTS``), for the first of them to take (``getfd``): qemu
+        keeps the fds of the last read that carried any until a command
+        takes them.  That needs the transport's buffer empty (the bytes go
+        straight to the socket, and must not overtake a command still
+        queued there): QmpError otherwise, with nothing sent.
 
         The caller ``forget``s each of ``batch.idents`` once done with them.
         """
         transport, loop = self._up()
+        if fd is not None and (self._sock is None or transport.get_write_buffer_size()):
+            raise QmpError("commands are still being written: cannot pass an fd now")
         batch = Batch(len(commands), loop)
         lines = []
-        for i, (cmd, arguments) in enumerate(commands):
+        for cmd, arguments in commands:
             ident, line = self._command(cmd, arguments)
             lines.append(line)
             batch.idents.append(ident)
+        payload = b"".join(lines)
+        if fd is not None:
+            assert self._sock is not None
+            fds = array.array("i", [fd])
+            try:
+                sent = self._sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            except BlockingIOError:
+                raise QmpError("qemu's socket is full: cannot pass an fd now") from None
+            except OSError as err:
+                raise QmpDisconnected(f"cannot send to qemu: {err}") from err
+            payload = payload[sent:]  # the rest, if any, queued behind as usual
+        for i, ident in enumerate(batch.idents):
             self._pending[ident] = (batch, i)
-        transport.write(b"".join(lines))
+        if payload:
+            transport.write(payload)
         return batch
 
     def _up(self) -> tuple[asyncio.Transport, asyncio.AbstractEventLoop]:
@@ -221,19 +250,6 @@ class QmpClient(asyncio.BufferedProtocol):
                 raise QmpProtocolError(f"malformed error reply to {cmd}")
             raise QmpExecuteError(str(err.get("class", "")), str(err.get("desc", "")))
         return reply["return"]
-
-    def send_fd_scm(self, fd: int) -> None:
-        """Pass ``fd`` to qemu on one space byte (``getfd`` then names it).
-
-        Written straight to the socket: only while nothing of ours is still
-        in the transport's buffer, or the byte would land inside a command.
-        """
-        if self._sock is None or self._transport is None or not self.running:
-            raise QmpDisconnected("QMP connection is not up")
-        if self._transport.get_write_buffer_size():
-            raise QmpError("commands are still being written: cannot pass an fd now")
-        fds = array.array("i", [fd])
-        self._sock.sendmsg([b" "], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
 
     # -- asyncio.Protocol ------------------------------------------------------
 

@@ -24,7 +24,7 @@ import logging
 
 from vmadmd.daemon.logs import vm_log
 from vmadmd.errors import WrongState
-from vmadmd.vm.sockets import connect_unix_retrying
+from vmadmd.vm.sockets import Peer, connect_unix_retrying
 
 log = logging.getLogger("vmadmd.serial")
 
@@ -64,8 +64,9 @@ class Viewer:
 
 
 class SerialConsole:
-    def __init__(self, uuid: str, directory: str, name: str) -> None:
+    def __init__(self, uuid: str, directory: str, name: str, peer: Peer | None = None) -> None:
         self.uuid = uuid
+        self._peer = peer  # the qemu that must serve the port (no planted socket)
         self._directory = directory
         self._name = name
         self._log = vm_log(log, uuid)
@@ -87,7 +88,7 @@ class SerialConsole:
         delay = RECONNECT_DELAY
         while not self._closed:
             try:
-                sock = await connect_unix_retrying(self._directory, self._name)
+                sock = await connect_unix_retrying(self._directory, self._name, self._peer)
                 reader, writer = await asyncio.open_connection(sock=sock)
             except OSError as err:
                 # qemu not listening yet, or going away (its pidfd decides), or

@@ -178,8 +178,8 @@ class HttpProtocol(asyncio.BufferedProtocol):
         if self.ws is not None:
             self.ws.feed(None)
             return True
-        if self.refused:
-            self.close()
+        if self.refused or self._streaming:
+            self.close()  # a stream's client that hangs up is gone: end it now
             return True
         self.conn.receive_data(b"")
         if not self.busy and not self.write_paused:

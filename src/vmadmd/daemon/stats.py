@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from vmadmd.daemon.monitor import DiskStats
 
 if TYPE_CHECKING:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -26,13 +28,6 @@ BLOCKSTATS_PERIOD = 15.0  # seconds between background query-blockstats, per VM
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-class DiskStats(NamedTuple):
-    read_bytes: int
-    write_bytes: int
-    read_ops: int
-    write_ops: int
 
 
 def proc_stat(pid: int) -> tuple[float, int] | None:
@@ -83,42 +78,22 @@ def nic_counters(names: Iterable[str]) -> dict[str, tuple[int, int]]:
     return out
 
 
-def parse_blockstats(reply: object) -> dict[str, DiskStats]:
-    """``query-blockstats`` -> per device counters (nothing from a malformed reply)."""
-    out: dict[str, DiskStats] = {}
-    if not isinstance(reply, list):
-        return out
-    for entry in reply:
-        if not isinstance(entry, dict) or not isinstance(entry.get("stats"), dict):
-            continue
-        name = entry.get("device") or entry.get("node-name") or entry.get("qdev")
-        if not isinstance(name, str) or not name:
-            continue
-        s = entry["stats"]
-        try:
-            out[name] = DiskStats(
-                int(s.get("rd_bytes", 0)),
-                int(s.get("wr_bytes", 0)),
-                int(s.get("rd_operations", 0)),
-                int(s.get("wr_operations", 0)),
-            )
-        except (TypeError, ValueError):
-            continue
-    return out
+class VmStats:
+    """What the statistics need of one running VM, kept by its supervisor:
+    what to call it, its taps, its last block counters."""
 
+    __slots__ = ("alias", "disks", "nics", "pid", "uuid")
 
-class StatsSource(Protocol):
-    """What a running VM offers the collector (its supervisor)."""
-
-    uuid: str
-    pid: int
-    alias: str
-    nics: list[str]
-    disk_stats: dict[str, DiskStats]
+    def __init__(self, uuid: str, pid: int) -> None:
+        self.uuid = uuid
+        self.pid = pid
+        self.alias = ""
+        self.nics: list[str] = []
+        self.disks: dict[str, DiskStats] = {}
 
 
 def snapshot(
-    vm: StatsSource, memory_limit: int | None, nics_now: dict[str, tuple[int, int]]
+    vm: VmStats, memory_limit: int | None, nics_now: dict[str, tuple[int, int]]
 ) -> dict[str, Any]:
     """The ``stats`` info of one VM (the API's shape); ``nics_now`` from ``nic_counters``."""
     nics = {
@@ -131,7 +106,7 @@ def snapshot(
         "cpu_seconds": got[0] if got is not None else None,
         "memory_bytes": got[1] if got is not None else None,
         "memory_limit_bytes": memory_limit,
-        "disks": {dev: d._asdict() for dev, d in vm.disk_stats.items()},
+        "disks": {dev: d._asdict() for dev, d in vm.disks.items()},
         "nics": nics,
     }
 
@@ -155,7 +130,7 @@ class VmStatsCollector:
     does not wait for.
     """
 
-    def __init__(self, running: Callable[[], Iterable[StatsSource]]) -> None:
+    def __init__(self, running: Callable[[], Iterable[VmStats]]) -> None:
         self._running = running
         # The taps' counters, read just before a scrape renders (see refresh).
         self.nic_counters: dict[str, tuple[int, int]] = {}
@@ -163,9 +138,7 @@ class VmStatsCollector:
 
     def prepare(self) -> None:
         """Copy what the next ``collect`` reads of the running VMs (on the loop)."""
-        self._seen = [
-            _Seen(vm.uuid, vm.alias, vm.pid, vm.nics, vm.disk_stats) for vm in self._running()
-        ]
+        self._seen = [_Seen(vm.uuid, vm.alias, vm.pid, vm.nics, vm.disks) for vm in self._running()]
 
     async def refresh(self) -> None:
         """Read the taps' counters off the event loop (pyroute2 runs a loop of

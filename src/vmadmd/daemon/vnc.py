@@ -36,7 +36,7 @@ from typing import Any
 
 from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.metrics import Metrics
-from vmadmd.vm.sockets import connect_unix_retrying
+from vmadmd.vm.sockets import Peer, connect_unix_retrying
 
 log = logging.getLogger("vmadmd.vnc")
 
@@ -56,8 +56,9 @@ REBIND_TRIES = 10  # ... 5 ms apart: qemu binds vm.vnc anew on display-update
 REBIND_DELAY = 0.005
 
 
-async def connect_upstream(directory: str, name: str) -> socket.socket:
-    """A fresh connection to qemu's VNC socket.
+async def connect_upstream(directory: str, name: str, peer: Peer | None) -> socket.socket:
+    """A fresh connection to qemu's VNC socket, served by ``peer`` (the VM's
+    qemu: a socket planted at that name is refused, ``WrongPeer``).
 
     ``display-update`` (the listen mode) makes qemu unlink ``vm.vnc`` and
     bind it again: a connection that lands in between is tried again a few
@@ -65,17 +66,17 @@ async def connect_upstream(directory: str, name: str) -> socket.socket:
     """
     for _ in range(REBIND_TRIES - 1):
         try:
-            return await connect_unix_retrying(directory, name)
+            return await connect_unix_retrying(directory, name, peer)
         except (FileNotFoundError, ConnectionRefusedError):
             await asyncio.sleep(REBIND_DELAY)
-    return await connect_unix_retrying(directory, name)
+    return await connect_unix_retrying(directory, name, peer)
 
 
 async def open_upstream(
-    directory: str, name: str
+    directory: str, name: str, peer: Peer | None
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """``connect_upstream`` as asyncio streams (for the WebSocket relay)."""
-    sock = await connect_upstream(directory, name)
+    sock = await connect_upstream(directory, name, peer)
     try:
         return await asyncio.open_connection(sock=sock)
     except BaseException:
@@ -89,6 +90,43 @@ def file_inode(directory: str, name: str) -> int | None:
         return os.stat(os.path.join(directory, name)).st_ino
     except OSError:
         return None
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds a TCP socket listening on ``port``.
+
+    What qemu says over QMP (``query-vnc-servers``) is qemu's word, and a
+    qemu taken over by its guest may claim any port (another VM's console,
+    say): a port is adopted as this VM's console only when the kernel shows
+    the listening socket among that very process's fds.
+    """
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, encoding="ascii", errors="replace") as f:
+                next(f, None)  # the header
+                for line in f:
+                    fields = line.split()
+                    # local_address is HEX_ADDR:HEX_PORT; state 0A is LISTEN.
+                    listening = len(fields) > 9 and fields[3] == "0A"
+                    if listening and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(fields[9])
+        except (OSError, ValueError):
+            continue
+    if not inodes:
+        return False
+    wanted = {f"socket:[{inode}]" for inode in inodes}
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in wanted:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 class _Pump:
@@ -237,7 +275,9 @@ class _Session:
 
     async def _connect(self) -> None:
         try:
-            upstream = await connect_upstream(self.listener.directory, self.listener.name)
+            upstream = await connect_upstream(
+                self.listener.directory, self.listener.name, self.listener.peer
+            )
         except OSError as err:
             vm_log(log, self.listener.uuid).warning("VNC upstream connect failed: %s", err)
             self.close()
@@ -285,8 +325,10 @@ class VncListener:
         max_sessions: int = MAX_SESSIONS,
         max_pending: int = MAX_PENDING,
         idle_timeout: float = RELAY_IDLE,
+        peer: Peer | None = None,
     ) -> None:
         self.uuid = uuid
+        self.peer = peer  # the qemu that must serve vm.vnc
         self.max_sessions = max_sessions
         self.max_pending = max_pending
         self.idle_timeout = idle_timeout

@@ -11,9 +11,11 @@ VM's supervisor.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import itertools
 import logging
+import os
 import string
 from collections.abc import Callable
 from typing import Any
@@ -21,14 +23,62 @@ from typing import Any
 from vmadmd.daemon.events import EventBus
 from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.metrics import Metrics
-from vmadmd.daemon.monitor import Monitor
-from vmadmd.daemon.vnc import Handoff, VncListener, file_inode
+from vmadmd.daemon.monitor import Monitor, VncClient
+from vmadmd.daemon.vnc import Handoff, VncListener, file_inode, listens_on
 from vmadmd.errors import VmadmError
 from vmadmd.vm.store import VmPaths, VmRecord
 
 log = logging.getLogger("vmadmd.vnc")
 
 VncKey = tuple[int, str | None]  # (vnc_port, vnc_password) as last applied
+
+# The host's key for generated VNC passwords, in the zones root (root's, 0600).
+HOST_KEY_NAME = ".vnc-key"
+_ALPHABET = string.ascii_letters + string.digits
+
+
+def host_key(zones_root: str) -> bytes | None:
+    """The zones root's key for generated passwords, made on first need;
+    None when the file there is not root's own 32 private bytes."""
+    path = os.path.join(zones_root, HOST_KEY_NAME)
+    flags = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_RDONLY | flags)
+        except FileNotFoundError:
+            import secrets  # here: secrets, hmac and OpenSSL are ~1.4 ms of start-up
+
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | flags, 0o600)
+            except FileExistsError:
+                continue  # another daemon made it meanwhile: read that one
+            except OSError:
+                return None
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+            continue
+        except OSError:
+            return None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not (st.st_uid == os.geteuid() and st.st_mode & 0o177077 == 0o100000):
+                return None  # not a private regular file of ours
+            key = f.read(33)
+        return key if len(key) == 32 else None
+    return None
+
+
+def generated_password(key: bytes, uuid: str, identity: object) -> str:
+    """8 letters and digits for this VM's current qemu (its recorded identity:
+    pid, start time, executable): the same for a restarted daemon, another
+    one for the next boot, and nothing to keep on disk but the host's key."""
+    import hashlib
+    import hmac
+    import json
+
+    message = f"{uuid}\0{json.dumps(identity, sort_keys=True, default=str)}".encode()
+    digest = hmac.new(key, message, hashlib.sha256).digest()
+    return "".join(_ALPHABET[b % len(_ALPHABET)] for b in digest[:8])
 
 
 def qemu_vnc_mode(argv: list[str]) -> bool | None:
@@ -56,7 +106,8 @@ def vnc_mismatch(qemu_auth: bool | None, want_password: bool) -> str | None:
         return "this qemu was started without a VNC server; the console comes with the next boot"
     if want_password and not qemu_auth:
         return (
-            "vnc_password was set after this qemu started without password auth; "
+            "this qemu was started without VNC password auth (vnc_password set since, or "
+            "started with VMADMD_VNC_NO_PASSWORD=1 while vmadmd requires one); "
             "the console stays closed until the next boot"
         )
     if not want_password and qemu_auth:
@@ -116,6 +167,10 @@ class VncConsole:
             self._inode = file_inode(self._paths.runtime_dir, self._paths.VNC_NAME)
         return self._inode
 
+    def password(self) -> str | None:
+        """The password qemu's VNC server was given (for the browser console)."""
+        return self.key[1] if self.key else None
+
     def info(self) -> dict[str, Any]:
         """The listener as it is, with the password qemu was given (if any)."""
         if self.listener is None:
@@ -124,16 +179,29 @@ class VncConsole:
 
     def key_of(self, record: VmRecord) -> VncKey:
         """(port, password) the console should have: the VM's own password, or
-        with ``--vnc-require-password`` one generated for this qemu."""
-        password = record.get("vnc_password") or None
-        if password is None and self._require_password:
-            if self._generated is None:
-                import secrets  # here: secrets, hmac and OpenSSL are ~1.4 ms of start-up
+        one generated for this qemu when passwords are required (the default;
+        ``--vnc-no-password`` opts out) or this qemu demands one anyway (it
+        was started so: without a password it would admit nobody).
 
-                alphabet = string.ascii_letters + string.digits
-                self._generated = "".join(secrets.choice(alphabet) for _ in range(8))
+        The generated one is derived from the host's key and this qemu's
+        identity (``generated_password``): never written to disk, the same
+        after the daemon restarts, new at each boot; random (and new with
+        each daemon) when there is no key or no recorded identity.  Shown by
+        ``vmadm info UUID vnc`` and given to the browser console."""
+        password = record.get("vnc_password") or None
+        if password is None and (self._require_password or self._qemu_auth):
+            if self._generated is None:
+                self._generated = self._generate(record.get("qemu_identity"))
             password = self._generated
         return record.get("vnc_port", 0), password
+
+    def _generate(self, identity: object) -> str:
+        key = host_key(os.path.dirname(self._paths.zonepath)) if identity else None
+        if key is not None:
+            return generated_password(key, self.uuid, identity)
+        import secrets  # here: secrets, hmac and OpenSSL are ~1.4 ms of start-up
+
+        return "".join(secrets.choice(_ALPHABET) for _ in range(8))
 
     async def open(self, record: VmRecord) -> None:
         """Open the listener the record asks for (or record why it cannot)."""
@@ -149,7 +217,7 @@ class VncConsole:
             handoff = functools.partial(self._monitor.add_vnc_client, timeout=self._qmp_timeout)
         listener = VncListener(
             self.uuid, self._paths.runtime_dir, self._paths.VNC_NAME, self._bind, port,
-            self._metrics, handoff, self.qemu_inode,
+            self._metrics, handoff, self.qemu_inode, peer=self._monitor.peer,
         )  # fmt: skip
         refusal, level = vnc_mismatch(self._qemu_auth, bool(password)), logging.WARNING
         if refusal is None and not password and not is_loopback(self._bind):
@@ -174,6 +242,13 @@ class VncConsole:
                 self._log.error("%s", listener.error)
                 return
         kept = [p for host, p in held if host == self._bind and port in (0, p)]
+        if kept and not await asyncio.to_thread(self._holds_port, kept[0]):
+            # qemu's word alone: the port is not one of its own sockets.
+            self._log.warning(
+                "qemu says it listens on port %d, but holds no such socket: not adopted",
+                kept[0],
+            )
+            kept = []
         if len(held) == 1 and kept:
             # qemu still accepts on the port it was given: the console never
             # went away, and keeps its port across the daemon's restart.
@@ -203,6 +278,10 @@ class VncConsole:
     async def _give(self, fd: int) -> bool:
         return await self._monitor.listen_vnc(fd, self._paths.VNC_NAME, timeout=self._qmp_timeout)
 
+    def _holds_port(self, port: int) -> bool:
+        peer = self._monitor.peer
+        return peer is None or listens_on(peer.pid, port)
+
     async def _qemu_listeners(self) -> list[tuple[str, int]]:
         """qemu's VNC TCP listeners (none when it cannot be asked)."""
         try:
@@ -221,18 +300,14 @@ class VncConsole:
             self._log.warning("cannot close qemu's VNC listener: %s", err)
         self._inode = None
 
-    def client_connected(self, data: dict[str, Any]) -> None:
-        """qemu's ``VNC_CONNECTED``: counted when qemu accepted the client itself."""
+    def client_connected(self, client: VncClient) -> None:
+        """A client qemu's VNC server accepted: counted when it came to the
+        console's TCP port (a unix client is the daemon's own web relay)."""
         listener = self.listener
-        client = data.get("client")
-        if listener is None or not listener.in_qemu or not isinstance(client, dict):
+        if listener is None or not listener.in_qemu or not client.tcp:
             return
-        if client.get("family") not in ("ipv4", "ipv6"):
-            return  # a unix client: the daemon's own (web console) relay
         self._metrics.vnc_clients.labels("accepted_by_qemu").inc()
-        self._log.info(
-            "VNC client %s:%s accepted by qemu", client.get("host"), client.get("service")
-        )
+        self._log.info("VNC client %s:%s accepted by qemu", client.host, client.service)
 
     async def reload(self, record: VmRecord) -> dict[str, Any]:
         """Apply the record's VNC settings; a no-op when unchanged."""

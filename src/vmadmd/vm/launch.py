@@ -76,6 +76,48 @@ class Confinement(NamedTuple):
     prefix: tuple[str, ...] = ()
 
 
+# The launcher runs as root with the VM's root/tmp as its working directory:
+# nothing it runs may be found through a PATH entry that is relative (".",
+# or empty, which means the same), or it would run what the VM's user put
+# there.  Every program is resolved to an absolute path beforehand, in our
+# own working directory, from the absolute entries of our PATH (root's own
+# choice: a test's fake systemd-run, say), else from SAFE_PATH; the
+# launcher gets a fixed environment.
+SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Passed through to qemu: its own variables, and the test stand-in's.
+PASSED_ENV_PREFIXES = ("QEMU_", "VMADMD_STANDIN_")
+
+
+def search_path() -> str:
+    """Our PATH without its relative entries (SAFE_PATH when none is left)."""
+    entries = [p for p in os.environ.get("PATH", "").split(os.pathsep) if os.path.isabs(p)]
+    return os.pathsep.join(entries) or SAFE_PATH
+
+
+def resolve_program(name: str) -> str:
+    """``name`` as an absolute path: looked up in ``search_path()`` when it is
+    a bare name, made absolute (against our working directory, never the
+    VM's) when it is a path.  StartFailed when there is no such program."""
+    import shutil
+
+    if os.sep in name:
+        path = os.path.abspath(name)
+        if not os.access(path, os.X_OK):
+            raise StartFailed(f"{name} is not an executable program")
+        return path
+    found = shutil.which(name, path=search_path())
+    if found is None:
+        raise StartFailed(f"{name} not found in {search_path()}")
+    return found
+
+
+def launcher_env() -> dict[str, str]:
+    """The launcher's whole environment: fixed, whatever ours is."""
+    env = {"PATH": SAFE_PATH, "LC_ALL": "C"}
+    env.update((k, v) for k, v in os.environ.items() if k.startswith(PASSED_ENV_PREFIXES))
+    return env
+
+
 def setpriv_argv(confine: Confinement) -> list[str]:
     groups = (
         f"--groups={','.join(str(g) for g in confine.groups)}"
@@ -83,7 +125,7 @@ def setpriv_argv(confine: Confinement) -> list[str]:
         else "--clear-groups"
     )
     return [
-        "setpriv", f"--reuid={confine.uid}", f"--regid={confine.gid}", groups,
+        resolve_program("setpriv"), f"--reuid={confine.uid}", f"--regid={confine.gid}", groups,
         "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", "--",
     ]  # fmt: skip
 
@@ -104,6 +146,10 @@ def launch(
 
     if confine.uid == 0 or confine.gid == 0:
         raise StartFailed("refusing to run a VM's qemu as root")
+    # Resolved here, in our own working directory, never in the VM's.
+    argv = [resolve_program(argv[0]), *argv[1:]]
+    prefix = [resolve_program(confine.prefix[0]), *confine.prefix[1:]] if confine.prefix else []
+    setpriv = setpriv_argv(confine)
     dfd = zonefs.open_dir(zonepath, "root", "tmp")
     try:
         log_path = os.path.join(zonepath, LOG_NAME)
@@ -126,10 +172,11 @@ def launch(
         try:
             res = subprocess.run(
                 ["/bin/sh", "-c", LAUNCHER, "sh", exit_path, *confine.cgroup_procs, "--",
-                 *confine.prefix, *setpriv_argv(confine), *argv],
+                 *prefix, *setpriv, *argv],
                 # The runtime dir as opened without following links, not by
                 # its path (root/ is the VM's user's to rename and re-link).
                 cwd=f"/proc/self/fd/{dfd}",
+                env=launcher_env(),
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_fd,
                 pass_fds=tuple(pass_fds), start_new_session=True, timeout=10, check=False,
             )  # fmt: skip
@@ -241,13 +288,3 @@ def has_waiter(zonepath: str) -> bool:
     """Whether this qemu has a waiter to write its status (the launcher leaves
     the file empty for it; a qemu started otherwise has none)."""
     return os.path.lexists(os.path.join(zonepath, EXIT_NAME))
-
-
-def describe_status(status: int) -> dict[str, object]:
-    """``{"signal": "SIGSYS"}`` or ``{"status": 1}``, for ``last_exit``."""
-    if status > 128:
-        try:
-            return {"signal": signal.Signals(status - 128).name}
-        except ValueError:
-            return {"signal": status - 128}
-    return {"status": status}

@@ -16,12 +16,19 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from vmadmd.errors import InvalidParameter, StartFailed, VmadmError, VmBroken, WrongState
-from vmadmd.vm import cgroup, net, proc, props, transition, zonefs
+from vmadmd.vm import cgroup, ending, net, proc, props, transition, zonefs
 from vmadmd.vm.config import VmSettings, resolve_accel
+from vmadmd.vm.disks import (
+    Disks,
+    close_disks,
+    disk_lstat,
+    own_disk,
+    qemu_img_create,
+    qemu_img_overlay,
+)
 from vmadmd.vm.store import Store, VmPaths, VmRecord, validate_uuid
 from vmadmd.vm.transition import Transition
 from vmadmd.vm.zonefs import ZoneFileError
@@ -52,6 +59,7 @@ class VmLayer:
     def __init__(self, settings: VmSettings) -> None:
         self.settings = settings
         self.store = Store(settings.zones_root)
+        self.disks = Disks(settings.images)
         self.cgroups = cgroup.Cgroups(
             settings.cgroup_root or cgroup.DEFAULT_ROOT, settings.cgroup_manager
         )
@@ -62,7 +70,7 @@ class VmLayer:
         """The pid of the VM's running qemu (identity-checked), else None."""
         if record is None:
             record = self.store.load(uuid)
-        return proc.find_vm_pid(self.store.paths(uuid).pid, uuid, identity_of(record))
+        return running_pid(self.store, uuid, record)
 
     def is_running(self, uuid: str) -> bool:
         return self.pid(uuid) is not None
@@ -92,38 +100,44 @@ class VmLayer:
         vm["uuid"] = uuid
         if self.store.exists(uuid) or os.path.exists(self.store.paths(uuid).zonepath):
             raise InvalidParameter(f"a VM with uuid {uuid} already exists")
+        # The images used stay while their overlays are made and recorded:
+        # `imgadm delete` takes the same lock, then looks for users.
+        with contextlib.ExitStack() as held:
+            used = {str(d["image_uuid"]) for d in vm["disks"] if "image_uuid" in d}
+            if used:
+                from vmadmd.vm.images import ImageStore
+
+                store = ImageStore(self.settings.images, self.settings.zones_root)
+                for image_uuid in sorted(used):
+                    held.enter_context(store.lock(validate_uuid(image_uuid)))
+            return self._create(uuid, vm)
+
+    def _create(self, uuid: str, vm: VmRecord) -> str:
         # Everything that can be refused is refused before anything is made.
         zonepath = self.store.paths(uuid).zonepath
         images: dict[int, tuple[str, str]] = {}
         for i, disk in enumerate(vm["disks"]):
             if "image_uuid" in disk:
-                images[i] = self.find_image(disk["image_uuid"])
+                images[i] = self.disks.find_image(disk["image_uuid"])
             elif "path" in disk:
-                self.check_disk_path(f"disks[{i}].path", disk["path"], zonepath)
-                if not os.path.exists(disk["path"]):
-                    raise InvalidParameter(f"disk image {disk['path']} does not exist")
-        for i, nic in enumerate(vm["nics"]):
-            if nic.get("nic_tag"):  # on a bridge: a tap of its own, made at start
-                nic.update(netdev="tap", ifname=net.tap_name(uuid, i))
+                # Refused, always: a disk of the zonepath cannot exist before
+                # it, and nothing else is a disk (the message says why).
+                self.disks.check_disk_path(f"disks[{i}].path", disk["path"], zonepath)
         vm["create_timestamp"] = iso_now()
-        with self._uid_lock():
-            vm["zone_uid"] = self._free_uid()
-            paths = self.store.create(uuid, {**vm, "disks": []})
+        vm["zone_uid"] = self._new_uid(uuid)
+        net.name_taps(vm["nics"], vm["zone_uid"])  # on a bridge: a tap of its own, made at start
+        paths = self.store.create(uuid, {**vm, "disks": []})
         try:
             self._own(paths, vm["zone_uid"])
             for i, disk in enumerate(vm["disks"]):
+                disk["path"] = paths.disk(i)
+                disk["image_format"] = "qcow2"
                 if i in images:
                     image, fmt = images[i]
-                    disk["path"] = paths.disk(i)
-                    disk["image_format"] = "qcow2"
-                    _qemu_img_overlay(disk["path"], image, fmt, disk.get("size"))
-                elif "path" not in disk:
-                    disk["path"] = paths.disk(i)
-                    disk["image_format"] = "qcow2"
-                    _qemu_img_create(disk["path"], disk["size"])
-                elif "image_format" not in disk:
-                    disk["image_format"] = _probe_format(disk["path"])
-                _own_disk(paths, disk["path"], vm["zone_uid"])
+                    qemu_img_overlay(disk["path"], image, fmt, disk.get("size"))
+                else:
+                    qemu_img_create(disk["path"], disk["size"])
+                own_disk(paths, disk["path"], vm["zone_uid"])
             self.store.update(uuid, lambda r: r.update(disks=vm["disks"]))
         except BaseException:
             self.store.remove(uuid)
@@ -132,32 +146,9 @@ class VmLayer:
 
     # -- the VMs' own users ----------------------------------------------------
 
-    @contextlib.contextmanager
-    def _uid_lock(self) -> Iterator[None]:
-        """Serialises uid allocation across vmadm processes (one zones root)."""
-        import fcntl
-
-        os.makedirs(self.store.zones_root, exist_ok=True)
-        path = os.path.join(self.store.zones_root, ".zone-uids.lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
-
-    def _free_uid(self) -> int:
-        """The lowest uid from the base that no VM of this zones root has."""
-        taken = set()
-        for uuid in self.store.list_uuids():
-            with contextlib.suppress(VmadmError):
-                uid = self.store.load(uuid).get("zone_uid")
-                if isinstance(uid, int):
-                    taken.add(uid)
-        uid = self.settings.zone_uid_base
-        while uid in taken:
-            uid += 1
-        return uid
+    def _new_uid(self, uuid: str) -> int:
+        """A uid no VM of this host ever had (the host-wide ledger, vm/uids.py)."""
+        return new_zone_uid(self.settings, self.store, uuid)
 
     @staticmethod
     def _own(paths: VmPaths, uid: int) -> None:
@@ -166,35 +157,12 @@ class VmLayer:
         os.chmod(paths.zonepath, 0o711)
         zonefs.own_runtime_dir(paths.zonepath, uid)
 
-    def find_image(self, image_uuid: str) -> tuple[str, str]:
-        """The image file of ``image_uuid`` in the images dir, and its format."""
-        for fmt in ("qcow2", "raw"):
-            path = os.path.join(self.settings.images, f"{validate_uuid(image_uuid)}.{fmt}")
-            if os.path.isfile(path):
-                return path, fmt
-        raise InvalidParameter(
-            f"image {image_uuid} not found in {self.settings.images} (as .qcow2 or .raw)"
-        )
-
-    def check_disk_path(self, where: str, path: str, zonepath: str) -> None:
-        """A disk lives in its VM's zonepath or under the images dir; nowhere else
-        (not /dev/sda, not /etc/shadow, not another VM's disk)."""
-        real = os.path.realpath(path)
-        for allowed in (zonepath, self.settings.images):
-            base = os.path.realpath(allowed)
-            if real.startswith(base + os.sep):
-                return
-        raise InvalidParameter(
-            f"{where} {path} is outside the VM's zonepath and the images dir "
-            f"({self.settings.images}): refused"
-        )
-
     def delete(self, uuid: str) -> None:
         """Halt the VM if it runs, then remove its zonepath."""
         with self.store.lock(uuid):
             vm = self.store.load(uuid)  # 404 for unknown VMs, before anything is killed
             proc.kill_vm(self.store.paths(uuid).pid, uuid, identity_of(vm))
-            net.remove_taps(vm.get("nics", []))
+            net.remove_taps(vm.get("nics", []), _uid_or_none(vm))
             self.cgroups.remove(uuid)
             self.store.remove(uuid)
 
@@ -215,10 +183,19 @@ class VmLayer:
             path = disk.get("path") if isinstance(disk, dict) else None
             if not isinstance(path, str):
                 raise StartFailed(f"VM {uuid}: disks[{i}] has no image path")
-            if not os.path.exists(path):
-                raise StartFailed(f"VM {uuid}: disk image {path} is missing")
+            try:
+                name = self.disks.disk_name(f"disks[{i}].path", path, paths.zonepath)
+            except InvalidParameter as err:
+                raise StartFailed(f"VM {uuid}: {err}") from None
+            try:
+                disk_lstat(paths.zonepath, name)
+            except OSError:
+                raise StartFailed(f"VM {uuid}: disk image {path} is missing") from None
         uid = self._ensure_uid(uuid, vm, paths)
         nics = vm.get("nics", [])
+        # Named again at every start (a record from before derived names
+        # gets them); whatever bears a name already must be this VM's tap.
+        net.name_taps(nics, uid)
         net.create_taps(nics, net.parse_nic_tags(self.settings.nic_tags), uid)
         try:
             # Its own cgroup, with SmartOS's limits, named after the uuid:
@@ -226,7 +203,7 @@ class VmLayer:
             placement = self.cgroups.prepare(uuid, cgroup.limits_of(vm))
             pid = self._spawn(vm, paths, uid, placement)
         except BaseException:
-            net.remove_taps(nics)
+            net.remove_taps(nics, uid)
             self.cgroups.remove(uuid)
             raise
         vm["boot_timestamp"] = iso_now()
@@ -243,37 +220,14 @@ class VmLayer:
         uid = vm.get("zone_uid")
         if isinstance(uid, int) and uid > 0:
             return uid
-        with self._uid_lock():
-            uid = self._free_uid()
-            vm["zone_uid"] = uid
-            self.store.save(uuid, vm)
+        uid = self._new_uid(uuid)
+        vm["zone_uid"] = uid
+        self.store.save(uuid, vm)
         self._own(paths, uid)
         for disk in vm.get("disks", []):
-            _own_disk(paths, disk["path"], uid)
+            with contextlib.suppress(InvalidParameter, OSError):  # start refuses it later
+                own_disk(paths, disk["path"], uid)
         return uid
-
-    def _open_disks(self, vm: VmRecord, paths: VmPaths) -> DiskList:
-        """Each disk (and the image it is made from) opened by us, for qemu to
-        use through the fd: qemu, as the VM's user, opens no disk path itself."""
-        from vmadmd.vm.qemu import DiskFds
-
-        out: DiskList = []
-        try:
-            for i, disk in enumerate(vm.get("disks", [])):
-                try:
-                    self.check_disk_path(f"disks[{i}].path", disk["path"], paths.zonepath)
-                    fd = os.open(disk["path"], os.O_RDWR | os.O_CLOEXEC)
-                    out.append(DiskFds(fd))
-                    if disk.get("image_uuid"):
-                        image, fmt = self.find_image(disk["image_uuid"])
-                        out[-1] = DiskFds(fd, os.open(image, os.O_RDONLY | os.O_CLOEXEC), fmt)
-                except (OSError, InvalidParameter) as err:
-                    msg = err.strerror if isinstance(err, OSError) else str(err)
-                    raise StartFailed(f"VM {vm['uuid']}: disks[{i}]: {msg}") from None
-        except BaseException:
-            _close_disks(out)
-            raise
-        return out
 
     def _spawn(self, vm: VmRecord, paths: VmPaths, uid: int, placement: cgroup.Placement) -> int:
         # Here, not at the top: `vmadm list/get` never start a VM, and every
@@ -293,7 +247,7 @@ class VmLayer:
             with contextlib.suppress(OSError):
                 kvm_gid = os.stat("/dev/kvm").st_gid
                 groups = (kvm_gid,) if kvm_gid else ()
-        disks = self._open_disks(vm, paths)
+        disks = self.disks.open_disks(vm, paths)
         taps: dict[int, int] = {}
         try:
             for i, nic in enumerate(vm.get("nics", [])):
@@ -302,6 +256,7 @@ class VmLayer:
             argv = build_argv(
                 vm, paths, self.settings.qemu, accel, disk_fds=disks, tap_fds=taps,
                 require_vnc_password=self.settings.vnc_require_password,
+                user_net=self.settings.user_net,
             )  # fmt: skip
             fds = [d.fd for d in disks] + [d.image_fd for d in disks if d.image_fd is not None]
             fds += taps.values()
@@ -315,7 +270,7 @@ class VmLayer:
             except StartFailed as err:
                 raise StartFailed(f"VM {vm['uuid']}: {err}") from None
         finally:
-            _close_disks(disks)
+            close_disks(disks)
             for fd in taps.values():
                 os.close(fd)
 
@@ -329,11 +284,11 @@ class VmLayer:
         with self.store.lock(uuid):
             vm = self.store.load(uuid)
             stage = proc.kill_vm(paths.pid, uuid, identity_of(vm))
-            net.remove_taps(vm.get("nics", []))
+            net.remove_taps(vm.get("nics", []), _uid_or_none(vm))
             self.cgroups.remove(uuid)
             vm.pop(transition.KEY, None)
             if stage is not None:
-                vm["last_exit"] = {"reason": "stop", "stage": stage, "time": iso_now()}
+                vm[ending.KEY] = ending.Ending.stopped(stage).to_json(iso_now())
             if set_autoboot is not None:
                 vm["autoboot"] = set_autoboot
             self.store.save(uuid, vm)
@@ -348,6 +303,7 @@ class VmLayer:
                 raise InvalidParameter(f"{name} cannot be changed")
         checked = props.validate(changes)
         if "disks" in checked:
+            self.store.load(uuid)  # an unknown VM is a 404, not a disk that "does not exist"
             zonepath = self.store.paths(uuid).zonepath
             for i, disk in enumerate(checked["disks"]):
                 if "path" not in disk:
@@ -355,7 +311,9 @@ class VmLayer:
                         f"disks[{i}]: an update gives every disk by its path "
                         "(new disks from a size or an image_uuid are made by create)"
                     )
-                self.check_disk_path(f"disks[{i}].path", disk["path"], zonepath)
+                disk["path"] = self.disks.check_disk_path(
+                    f"disks[{i}].path", disk["path"], zonepath
+                )
         if meta_set is not None:
             checked_meta = props.validate({"customer_metadata": meta_set})["customer_metadata"]
         if meta_remove is not None and (
@@ -365,6 +323,11 @@ class VmLayer:
         changed: set[str] = set()
 
         def apply(vm: VmRecord) -> None:
+            uid = vm.get("zone_uid")
+            if "nics" in checked and isinstance(uid, int) and uid > 0:
+                net.name_taps(checked["nics"], uid)
+            if "disks" in checked:
+                _keep_backing(vm.get("disks", []), checked["disks"])
             for key, value in checked.items():
                 if vm.get(key) != value:
                     changed.add(key)
@@ -391,6 +354,47 @@ class VmLayer:
 
 
 IDENTITY_KEY = "qemu_identity"
+
+
+def new_zone_uid(settings: VmSettings, store: Store, uuid: str) -> int:
+    """A uid no VM of this host ever had (the host-wide ledger, vm/uids.py)."""
+    from vmadmd.vm import uids
+
+    with uids.locked(settings.uid_ledger) as ledger:
+        # The VMs of this zones root, read under the ledger's lock: those
+        # from before the ledger are taken into it.
+        known: dict[int, str] = {}
+        for other in store.list_uuids():
+            with contextlib.suppress(VmadmError):
+                uid = store.load(other).get("zone_uid")
+                if isinstance(uid, int) and uid > 0:
+                    known[uid] = other
+        return uids.allocate(
+            ledger, settings.zone_uid_base, uuid, store.zones_root, iso_now(), known
+        )
+
+
+def _keep_backing(old: list[Any], new: list[dict[str, Any]]) -> None:
+    """A disk's image and format belong to its file, not to the payload: a
+    disk given again by its path keeps them (without its ``image_uuid`` a
+    disk made over an image would boot with no backing, its data unreadable)."""
+    was = {d.get("path"): d for d in old if isinstance(d, dict)}
+    for disk in new:
+        before = was.get(disk["path"], {})
+        for key in ("image_uuid", "image_format"):
+            if key in before and key not in disk:
+                disk[key] = before[key]
+
+
+def running_pid(store: Store, uuid: str, record: VmRecord) -> int | None:
+    """The pid of the VM's running qemu, identity-checked against the boot
+    recorded in ``record`` (the one lookup every caller makes), else None."""
+    return proc.find_vm_pid(store.paths(uuid).pid, uuid, identity_of(record))
+
+
+def running_pidfd(store: Store, uuid: str, record: VmRecord) -> tuple[int, int] | None:
+    """``running_pid`` with a pidfd on that very process: ``(pid, fd)``."""
+    return proc.open_vm_pidfd(store.paths(uuid).pid, uuid, identity_of(record))
 
 
 def identity_of(record: VmRecord) -> proc.Identity | None:
@@ -422,83 +426,6 @@ def with_computed(record: VmRecord, paths: VmPaths, pid: int | None) -> dict[str
     return out
 
 
-def _qemu_img_create(path: str, size_mib: int) -> None:
-    import subprocess
-
-    res = subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", path, f"{size_mib}M"],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
-    if res.returncode != 0:
-        raise InvalidParameter(
-            f"qemu-img create failed: {res.stderr.decode(errors='replace').strip()}"
-        )
-
-
-def _qemu_img_overlay(path: str, image: str, fmt: str, size_mib: int | None) -> None:
-    """A copy-on-write qcow2 at ``path`` over ``image``.
-
-    The backing format is written into the overlay (``-F``), so qemu never
-    probes it (a raw image whose first bytes look like qcow2 must stay raw).
-    Grown to ``size_mib`` when given, which may not be smaller than the image.
-    """
-    import json
-    import subprocess
-
-    if size_mib is not None:
-        res = subprocess.run(
-            ["qemu-img", "info", "--output=json", "-f", fmt, image],
-            stdin=subprocess.DEVNULL, capture_output=True, timeout=60, check=False,
-        )  # fmt: skip
-        if res.returncode != 0:
-            raise InvalidParameter(f"cannot read image {image}: {res.stderr.decode().strip()}")
-        virtual = int(json.loads(res.stdout)["virtual-size"])
-        if size_mib * 1024 * 1024 < virtual:
-            raise InvalidParameter(
-                f"disk size {size_mib} MiB is smaller than its image ({virtual >> 20} MiB)"
-            )
-    cmd = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", image, path]
-    if size_mib is not None:
-        cmd.append(f"{size_mib}M")
-    res = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
-                         check=False)  # fmt: skip
-    if res.returncode != 0:
-        raise InvalidParameter(
-            f"qemu-img create failed: {res.stderr.decode(errors='replace').strip()}"
-        )
-
-
-def _close_disks(disks: DiskList) -> None:
-    for disk in disks:
-        for fd in (disk.fd, disk.image_fd):
-            if fd is not None:
-                os.close(fd)
-
-
-def _own_disk(paths: VmPaths, path: str, uid: int) -> None:
-    """A disk in the VM's zonepath to the VM's user, 0600 (one under the
-    images dir stays as it is)."""
-    if path.startswith(paths.zonepath + os.sep):
-        _chown(path, uid, 0o600)
-
-
-def _chown(path: str, uid: int, mode: int) -> None:
-    """``path`` to the VM's user (uid = gid), with ``mode``; never through a link."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        os.fchown(fd, uid, uid)
-        os.fchmod(fd, mode)
-    finally:
-        os.close(fd)
-
-
-def _probe_format(path: str) -> str:
-    """qcow2 when the file starts with qcow2's magic, else raw."""
-    try:
-        with open(path, "rb") as f:
-            return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
-    except OSError as err:
-        raise InvalidParameter(f"cannot read disk image {path}: {err.strerror}") from err
+def _uid_or_none(vm: VmRecord) -> int | None:
+    uid = vm.get("zone_uid")
+    return uid if isinstance(uid, int) and uid > 0 else None

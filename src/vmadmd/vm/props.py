@@ -124,6 +124,40 @@ SMARTOS_NIC_KEPT = frozenset({
 NIC_KEPT = ("ip", "netmask", "gateway", "primary", "vlan_id")  # kept as given, for now
 
 
+def _alias(v: object) -> str:
+    """Printable text: an alias is shown in tables, logs and page titles, where a
+    control character (ESC starting a terminal sequence, a newline forging a
+    line) would act rather than show."""
+    s = _str("alias", ALIAS_MAX)(v)
+    if not s.isprintable():
+        raise InvalidParameter(
+            "alias must be printable text (no control, format or line-separator characters)"
+        )
+    return s
+
+
+# Each SmartOS property kept as given: at most this much JSON (tags and
+# internal_metadata get customer_metadata's room); vm.json as a whole is
+# capped by the store (MAX_VM_JSON).
+KEPT_MAX_BYTES = 64 * 1024
+KEPT_LARGE = frozenset({"tags", "internal_metadata"})
+ALIAS_MAX = 256
+
+
+def _kept(where: str, value: object, limit: int = KEPT_MAX_BYTES) -> object:
+    import json  # here: the CLI's start-up time
+
+    try:
+        size = len(json.dumps(value, ensure_ascii=False).encode())
+    except (TypeError, ValueError) as err:  # not JSON (only a Python caller can do that)
+        raise InvalidParameter(f"{where} is not JSON: {err}") from None
+    if size > limit:
+        raise InvalidParameter(
+            f"{where} is {size} bytes of JSON, more than the {limit // 1024} KiB allowed"
+        )
+    return value
+
+
 def _vnc_password(v: object) -> str:
     s = _str("vnc_password", VNC_PASSWORD_MAX)(v)
     if not s.isprintable():
@@ -188,7 +222,7 @@ def _disk(i: int, v: object) -> dict[str, Any]:
     unknown = set(v) - ours - SMARTOS_DISK_KEPT
     if unknown:
         raise InvalidParameter(f"{where}: unknown property {sorted(unknown)[0]!r}")
-    disk: dict[str, Any] = {k: v[k] for k in SMARTOS_DISK_KEPT if k in v}
+    disk: dict[str, Any] = {k: _kept(f"{where}.{k}", v[k]) for k in SMARTOS_DISK_KEPT if k in v}
     if "size" in v:
         disk["size"] = _int(f"{where}.size", 1, 16 * 1024 * 1024)(v["size"])
     if "path" in v:
@@ -228,7 +262,7 @@ def _nic(i: int, v: object) -> dict[str, Any]:
     unknown = set(v) - ours - SMARTOS_NIC_KEPT
     if unknown:
         raise InvalidParameter(f"{where}: unknown property {sorted(unknown)[0]!r}")
-    kept = {k: v[k] for k in (*SMARTOS_NIC_KEPT, *NIC_KEPT) if k in v}
+    kept = {k: _kept(f"{where}.{k}", v[k]) for k in (*SMARTOS_NIC_KEPT, *NIC_KEPT) if k in v}
     model = v.get("model")  # else the VM's nic_driver
     if model is not None and model not in NIC_MODELS:
         raise InvalidParameter(f"{where}.model must be one of {', '.join(NIC_MODELS)}")
@@ -246,11 +280,12 @@ def _nic(i: int, v: object) -> dict[str, Any]:
         if not _IFNAME_RE.match(tag):
             raise InvalidParameter(f"{where}.nic_tag has characters a tag cannot have")
         nic["nic_tag"] = tag
-    if netdev == "tap":
-        ifname = v.get("ifname")
-        if not isinstance(ifname, str) or not _IFNAME_RE.match(ifname):
-            raise InvalidParameter(f"{where}.ifname is required for a tap netdev (1-15 chars)")
-        nic["ifname"] = ifname
+    if "ifname" in v:
+        # Root deletes and opens the link of a tap's name: a name a payload
+        # chose could be the host's or another VM's (vm/net.py derives them).
+        raise InvalidParameter(
+            f"{where}.ifname cannot be given: tap names are derived from the VM's zone_uid"
+        )
     return nic
 
 
@@ -268,7 +303,7 @@ def _nics(v: object) -> list[dict[str, Any]]:
 
 VALIDATORS: dict[str, Callable[[object], Any]] = {
     "uuid": _str("uuid", 36),
-    "alias": _str("alias", 256),
+    "alias": _alias,
     "brand": _brand,
     "ram": _int("ram", 16, 1024 * 1024),
     "vcpus": _int("vcpus", 1, 256),
@@ -335,7 +370,9 @@ def validate(props: Mapping[str, object]) -> dict[str, Any]:
         if name in COMPUTED or name in INTERNAL:
             raise InvalidParameter(f"{name} is read-only")
         if name in SMARTOS_KEPT:
-            out[name] = value  # SmartOS's, meaning nothing here: kept as given
+            # SmartOS's, meaning nothing here: kept as given, within a bound.
+            limit = METADATA_MAX_BYTES if name in KEPT_LARGE else KEPT_MAX_BYTES
+            out[name] = _kept(name, value, limit)
             continue
         check = VALIDATORS.get(name)
         if check is None:

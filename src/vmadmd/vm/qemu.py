@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from vmadmd.vm.store import VmPaths
+
+if TYPE_CHECKING:
+    from vmadmd.vm.config import UserNet
 
 NIC_DEVICES = {"virtio": "virtio-net-pci", "e1000": "e1000", "rtl8139": "rtl8139"}
 
@@ -113,11 +116,19 @@ def build_argv(
     *,
     disk_fds: Sequence[DiskFds],
     tap_fds: Mapping[int, int] | None = None,
-    require_vnc_password: bool = False,
+    require_vnc_password: bool = True,
+    user_net: UserNet = "restricted",
 ) -> list[str]:
     """The full argv for ``vm``; run it with ``cwd=paths.runtime_dir`` and
     ``disk_fds`` (one per disk) and ``tap_fds`` (nic index -> an fd on its
-    tap, for every tap nic) open."""
+    tap, for every tap nic) open.
+
+    ``require_vnc_password``: qemu's VNC server demands a password even when
+    the VM sets none (the daemon gives it a generated one).  ``user_net``:
+    ``restricted`` starts user-mode nics with ``restrict=on``, so the guest
+    reaches neither the host (whose 127.0.0.1 slirp maps to 10.0.2.2) nor
+    the outside; ``nat`` lets it reach both.
+    """
     uuid = vm["uuid"]
     cpu = vm.get("cpu_type") or ("host" if accel == "kvm" else "qemu64")
     argv = [
@@ -165,6 +176,8 @@ def build_argv(
             netdev = f"tap,id=net{i},fd={tap_fds[i]}"
         else:
             netdev = f"user,id=net{i}"
+            if user_net != "nat":
+                netdev += ",restrict=on"
         argv += [
             "-netdev", netdev,
             "-device", f"{NIC_DEVICES[nic.get('model', 'virtio')]},netdev=net{i},mac={nic['mac']}",

@@ -58,13 +58,72 @@ def connect_with(sock: S, directory: str, name: str, *, blocking: bool = True) -
     return sock
 
 
-def peer_uid(sock: _socket.socket) -> int:
-    """The uid of the process at the other end of a connected unix socket."""
+def peer_cred(sock: _socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end of a connected unix socket:
+    for a listening server, the process that called ``listen()``."""
     import struct
 
     creds = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
+    pid, uid, _gid = struct.unpack("3i", creds)
+    return int(pid), int(uid)
+
+
+def peer_uid(sock: _socket.socket) -> int:
+    """The uid of the process at the other end of a connected unix socket."""
+    return peer_cred(sock)[1]
+
+
+class WrongPeer(ConnectionRefusedError):
+    """A VM's socket is served by some other process than its qemu.
+
+    A ``ConnectionRefusedError``: to whoever retries a connection, a socket
+    planted by the VM's user is worth exactly as much as no socket.
+    """
+
+    def __init__(self, message: str, pid: int) -> None:
+        super().__init__(message)
+        self.pid = pid  # the server that answered instead
+
+
+class Peer:
+    """The one process a VM's sockets may be served by: its qemu (pid, uid).
+
+    Everything under a VM's ``root/`` is the VM's user's to replace: a
+    socket there, or ``root/tmp`` itself, may be a link to another VM's
+    socket, the daemon's own API, or a server the VM's user runs.  No
+    socket is trusted by its name: a connection whose server is not the
+    recorded qemu is closed before a byte is sent (``check``).
+    """
+
+    __slots__ = ("pid", "uid")
+
+    def __init__(self, pid: int, uid: int) -> None:
+        self.pid = pid
+        self.uid = uid
+
+    @classmethod
+    def of(cls, pid: int) -> Peer:
+        """The process ``pid`` (already identity-checked by the caller) with
+        the uid it runs as now (qemu is started as its VM's user)."""
+        try:
+            uid = os.stat(f"/proc/{pid}").st_uid
+        except OSError:
+            uid = -1  # gone: nothing will match
+        return cls(pid, uid)
+
+    def check(self, sock: _socket.socket, name: str) -> None:
+        """Close ``sock`` and raise WrongPeer unless its server is this process."""
+        pid, uid = peer_cred(sock)
+        if pid != self.pid or uid != self.uid:
+            sock.close()
+            raise WrongPeer(
+                f"{name} is served by pid {pid} (uid {uid}), not by the VM's qemu "
+                f"(pid {self.pid}, uid {self.uid}): refused",
+                pid,
+            )
+
+    def __repr__(self) -> str:
+        return f"Peer(pid={self.pid}, uid={self.uid})"
 
 
 def trusted_uid(uid: int) -> bool:
@@ -95,18 +154,26 @@ EAGAIN_TRIES = 200
 EAGAIN_DELAY = 0.005
 
 
-async def connect_unix_retrying(directory: str, name: str) -> socket.socket:
+async def connect_unix_retrying(
+    directory: str, name: str, peer: Peer | None = None
+) -> socket.socket:
     """A non-blocking ``connect_unix``, retrying EAGAIN for up to a second.
 
     qemu's unix sockets have tiny listen backlogs: under a burst of
     connections a non-blocking connect fails with EAGAIN, which means "try
-    again", not "refused".  Other errors are raised at once.
+    again", not "refused".  Other errors are raised at once.  With ``peer``,
+    the server must be that process (``Peer.check``: WrongPeer otherwise,
+    nothing sent).
     """
     import asyncio  # not at the top: the CLI imports this module
 
     for _ in range(EAGAIN_TRIES):
         try:
-            return connect_unix(directory, name, blocking=False)
+            sock = connect_unix(directory, name, blocking=False)
         except BlockingIOError:
             await asyncio.sleep(EAGAIN_DELAY)
+            continue
+        if peer is not None:
+            peer.check(sock, name)
+        return sock
     raise OSError(f"the listen backlog of {name} stayed full")

@@ -18,12 +18,15 @@ import json
 import os
 from collections.abc import Callable, Iterator
 
-from vmadmd.errors import VmBroken, VmExists, VmNotFound
+from vmadmd.errors import InvalidParameter, VmBroken, VmExists, VmNotFound
 from vmadmd.vm.ids import is_uuid, validate_uuid
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (vmadm start-up)
 FORMAT_VERSION = 1
 FORMAT_KEY = "format_version"
+# vm.json is read whole by every vmadm call and daemon lookup: a record
+# bigger than this is never written (a 10 MB ``tags`` once was).
+MAX_VM_JSON = 1024 * 1024
 
 __all__ = ["Store", "VmPaths", "is_uuid", "validate_uuid"]
 
@@ -112,15 +115,20 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write_json(path: str, data: object) -> None:
-    """Write ``data`` to ``path`` so a reader sees the old or the new file, whole.
+def encode_json(data: object) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
+def atomic_write_json(path: str, data: object | bytes) -> None:
+    """Write ``data`` (or bytes encoded already) to ``path`` so a reader sees
+    the old or the new file, whole.
 
     On any failure (disk full included) the old file is left untouched and the
     temp file removed.
     """
     directory = os.path.dirname(path)
     tmp = f"{path}.tmp.{os.getpid()}"
-    payload = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+    payload = data if isinstance(data, bytes) else encode_json(data)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -205,10 +213,32 @@ class Store:
         return parse_record(uuid, raw)
 
     def save(self, uuid: str, record: VmRecord) -> None:
-        """Write the record (caller holds the lock)."""
+        """Write the record (caller holds the lock); InvalidParameter, and
+        nothing written, when it would make vm.json too big."""
+        path = self.paths(uuid).vm_json
+        atomic_write_json(path, self._encode(uuid, record, path))
+
+    def _encode(self, uuid: str, record: VmRecord, path: str | None = None) -> bytes:
+        """The record as vm.json's bytes, within MAX_VM_JSON.
+
+        A vm.json already past the cap (written before there was one) may
+        still be rewritten no bigger than it is, so it can be shrunk.
+        """
         data = {k: v for k, v in record.items() if k != FORMAT_KEY}
         data[FORMAT_KEY] = FORMAT_VERSION
-        atomic_write_json(self.paths(uuid).vm_json, data)
+        payload = encode_json(data)
+        if len(payload) > MAX_VM_JSON:
+            try:
+                old = os.stat(path).st_size if path else 0
+            except OSError:
+                old = 0
+            if len(payload) > old:
+                raise InvalidParameter(
+                    f"VM {uuid}: vm.json would be {len(payload)} bytes, more than the "
+                    f"{MAX_VM_JSON // 1024} KiB allowed: make metadata, tags or other "
+                    "properties smaller"
+                )
+        return payload
 
     def update(self, uuid: str, change: Callable[[VmRecord], None]) -> VmRecord:
         """Load, change in place, and save the record, all under the VM's lock."""
@@ -225,6 +255,7 @@ class Store:
     def create(self, uuid: str, record: VmRecord) -> VmPaths:
         """Make the zonepath and write the first record; fails if it exists."""
         paths = self.paths(uuid)
+        self._encode(uuid, record)  # too big: refused before anything is made
         os.makedirs(self.zones_root, exist_ok=True)
         try:
             os.mkdir(paths.zonepath, 0o700)

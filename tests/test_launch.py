@@ -1,0 +1,61 @@
+"""The launcher finds its programs by absolute path, whatever PATH says (real qemu).
+
+It runs as root with the VM's ``root/tmp`` as its working directory, which
+the VM's user writes: a PATH with ``.`` (or an empty entry) in it must not
+make it run a ``setpriv`` or a ``qemu-system-x86_64`` planted there.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from vmadmd.errors import StartFailed
+from vmadmd.vm import launch
+
+from .conftest import Env, bios_payload
+
+PLANT = "#!/bin/sh\ntouch {marker}\nexec /bin/false\n"
+
+
+def test_programs_planted_in_root_tmp_are_never_run(env: Env, tmp_path: Path) -> None:
+    uuid = env.create(bios_payload())
+    runtime = env.runtime(uuid)
+    uid = env.get(uuid)["zone_uid"]
+    marker = tmp_path / "ran-as-root"
+    for name in ("setpriv", "qemu-system-x86_64"):
+        planted = runtime / name
+        planted.write_text(PLANT.format(marker=marker))
+        os.chmod(planted, 0o755)
+        os.chown(planted, uid, uid)  # the VM's user could have put it there
+    res = env.vmadm("start", uuid, extra_env={"PATH": f".::{os.environ['PATH']}"})
+    assert res.returncode == 0, res.stderr
+    assert not marker.exists(), "a program planted in the VM's root/tmp was run"
+    pid = env.pid(uuid)
+    assert pid is not None
+    assert os.readlink(f"/proc/{pid}/exe").startswith("/usr/")
+
+
+def test_resolve_program_takes_absolute_paths_and_absolute_path_entries_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert launch.resolve_program("sh").startswith("/")
+    here = tmp_path / "prog"
+    here.write_text("#!/bin/sh\n")
+    os.chmod(here, 0o755)
+    assert launch.resolve_program(str(here)) == str(here)
+    monkeypatch.setenv("PATH", f".::{os.environ['PATH']}")
+    assert "." not in launch.search_path().split(":")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        # A bare name is never looked up in the working directory.
+        with pytest.raises(StartFailed, match="not found"):
+            launch.resolve_program("prog")
+    finally:
+        os.chdir(cwd)
+    env = launch.launcher_env()
+    assert env["PATH"] == launch.SAFE_PATH
+    assert all(k in ("PATH", "LC_ALL") or k.startswith(launch.PASSED_ENV_PREFIXES) for k in env)
