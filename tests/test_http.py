@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from vmadmd.daemon.http import Reply, Request, Router, Service
+from vmadmd.daemon.http import Reply, Request, Router, Service, Stream
 from vmadmd.daemon.server import MAX_HEAD, HttpServer
 from vmadmd.vm.sockets import connect_unix
 
@@ -475,6 +475,38 @@ async def test_a_client_far_ahead_of_its_answers_is_not_read_further(tmp_path: P
     finally:
         await server.close(1.0)
     assert most <= MAX_HEAD + 1024 + 64 * 1024, most  # the bound, plus one read
+
+
+async def test_a_stream_ends_as_soon_as_its_client_hangs_up(tmp_path: Path) -> None:
+    """A quiet event stream notices its client's close at once, not at its
+    next write (a subscriber would be counted meanwhile)."""
+    ended = asyncio.Event()
+
+    async def quiet(request: Request) -> Reply:
+        async def stream(out: Stream) -> None:
+            try:
+                await out.send(b": hello\n\n")
+                await asyncio.sleep(60)
+            finally:
+                ended.set()
+
+        return Reply(200, b"", "text/event-stream", stream=stream)
+
+    router = Router()
+    router.add("/events", "GET", quiet, stream=True)
+    server = HttpServer(Service(router), client_timeout=30, max_body=1024)
+    path = str(tmp_path / "api.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    await server.start(listener)
+    try:
+        reader, writer = await asyncio.open_unix_connection(path)
+        writer.write(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b": hello" in await asyncio.wait_for(reader.readuntil(b": hello\n\n"), 5)
+        writer.close()
+        await asyncio.wait_for(ended.wait(), 2)
+    finally:
+        await server.close(1.0)
 
 
 def test_a_full_backlog_of_idle_clients_does_not_stop_a_new_one(env: Env) -> None:
