@@ -19,6 +19,7 @@ import pytest
 from harness.imgapi import ImgapiServer, make_disk, manifest_for, pack
 
 from .conftest import Env, guest_payload
+from .wsclient import WsClient
 
 MARKER = b"IMGADM-MARKER-" + str(os.getpid()).encode()
 
@@ -332,24 +333,20 @@ def test_two_imports_at_once_make_one_image(env: Env, server: ImgapiServer, disk
 
 
 def serial_read(env: Env, uuid: str, command: bytes, until: bytes) -> bytes:
-    import aiohttp
-
     async def run() -> bytes:
-        connector = aiohttp.UnixConnector(path=env.socket)
-        async with (
-            aiohttp.ClientSession(connector=connector) as session,
-            session.ws_connect(f"http://vmadmd/vm/{uuid}/serial") as ws,
-        ):
+        ws = await WsClient.connect(f"/vm/{uuid}/serial", unix=env.socket)
+        try:
             seen = b""
-            await ws.send_bytes(command)
+            await ws.send(command)
             async with asyncio.timeout(60):
                 while until not in seen:
-                    msg = await ws.receive()
-                    if msg.type == aiohttp.WSMsgType.BINARY:
-                        seen += msg.data
-                    elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+                    data = await ws.receive(60)
+                    if data is None:
                         raise AssertionError(f"console closed: {seen!r}")
+                    seen += data
             return seen
+        finally:
+            await ws.close()
 
     return asyncio.run(run())
 
