@@ -594,3 +594,20 @@ def test_create_never_follows_a_backing_file_named_in_the_disk(env: Env) -> None
     missing = "00000000-0000-4000-8000-000000000000"
     one_error(imgadm(env, "create", missing, "name=x", "version=1"), "VmNotFound")
     assert sorted(os.listdir(out)) == ["plain-1.imgmanifest", "plain-1.qcow2"]
+
+
+def test_create_never_reads_an_external_data_file_named_in_the_disk(env: Env) -> None:
+    """The review: a header with an external data file (data_file=/etc/shadow,
+    data_file_raw=on) made root's qemu-img copy that host file into the image."""
+    vm = env.create({"alias": "plain", "ram": 64, "autoboot": False, "disks": [{"size": 1}]})
+    path = env.get(vm)["disks"][0]["path"]
+    secret = env.tmp / "secret.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                    f"data_file={secret},data_file_raw=on", path, "1M"], check=True)  # fmt: skip
+    with open(secret, "r+b") as f:
+        f.write(b"TOP-SECRET-HOST-BYTES" * 4096)
+    out = env.tmp / "out"
+    out.mkdir()
+    one_error(imgadm(env, "create", vm, "name=plain", "version=1", "-o", str(out)),
+              "InvalidParameter")  # fmt: skip
+    assert os.listdir(out) == []

@@ -32,6 +32,30 @@ if TYPE_CHECKING:
 RESERVED = ("uuid", "files", "type")
 
 
+QCOW2_MAGIC = b"QFI\xfb"
+QCOW2_INCOMPAT_DATA_FILE = 1 << 2
+
+
+def qcow2_data_file(path: str) -> bool:
+    """Whether the qcow2 at ``path`` keeps its data in an external file its
+    header names (incompatible feature bit 2, qcow2 version 3).  Read
+    without following a link or blocking."""
+    import struct
+
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        head = os.pread(fd, 80, 0)
+    finally:
+        os.close(fd)
+    if len(head) < 80 or head[:4] != QCOW2_MAGIC:
+        return False
+    (version,) = struct.unpack_from(">I", head, 4)
+    if version < 3:
+        return False
+    (incompatible,) = struct.unpack_from(">Q", head, 72)
+    return bool(incompatible & QCOW2_INCOMPAT_DATA_FILE)
+
+
 def _source_spec(path: str, fmt: str, backing: tuple[str, str] | None) -> str:
     spec: dict[str, Any] = {"driver": fmt, "file": {"driver": "file", "filename": path}}
     if fmt == "qcow2":
@@ -87,6 +111,15 @@ def create_image(
             disk = disks[0]
             zonepath = layer.store.paths(vm_uuid).zonepath
             layer.disks.check_disk_path("disks[0].path", disk["path"], zonepath)
+            # Root reads the disk for qemu-img: whatever its header names
+            # besides the data itself would be read as root too.  The backing
+            # is spelled out below; an external data file is refused (the VM
+            # is stopped and its lock held: nothing of its user runs to
+            # change the header meanwhile).
+            if qcow2_data_file(disk["path"]):
+                raise InvalidParameter(
+                    f"VM {vm_uuid}'s disk names an external data file: not made into an image"
+                )
             backing = layer.disks.find_image(disk["image_uuid"]) if disk.get("image_uuid") else None
             res = subprocess.run(
                 ["qemu-img", "convert", "-O", "qcow2",
