@@ -27,7 +27,9 @@ guest-panic); ``nofds`` (fds passed over QMP are lost, so ``getfd`` fails);
 (``add_client`` is never answered, and the fd stays registered, as in qemu,
 across connections); ``refuseadd`` (``add_client`` refused, its fd left
 registered); ``stalllisten`` (``display-update`` is never answered, the
-fd left registered); ``refuselisten`` (``display-update`` refused).  Like
+fd left registered); ``refuselisten`` (``display-update`` refused); ``hostile`` (an NMI makes it
+send huge events, forged VNC client fields and a SHUTDOWN with a made-up
+reason, then exit: a qemu its guest has taken over).  Like
 qemu, it takes client sockets passed over QMP (SCM_RIGHTS, ``getfd``,
 ``add_client``) and serves them as VNC clients, and accepts VNC clients
 itself on a listening socket given with ``display-update`` (telling of each
@@ -274,6 +276,19 @@ class FakeVm:
                 writer.write(json.dumps({"return": {}, **_id(msg)}).encode() + b"\n")
                 writer.write(_event("GUEST_PANICKED", action="pause"))
                 writer.write(_event("SHUTDOWN", **GUEST_PANIC))
+                await writer.drain()
+                self.on_quit()
+                return
+            elif cmd == "inject-nmi" and self.mode == "hostile":
+                # A qemu taken over by its guest: huge events, forged fields,
+                # terminal escapes; then it goes, saying whatever it likes.
+                writer.write(json.dumps({"return": {}, **_id(msg)}).encode() + b"\n")
+                for _ in range(8):
+                    writer.write(_event("RESET", guest=True, junk="x" * (1 << 20)))
+                writer.write(_event("VNC_CONNECTED", client={
+                    "family": "ipv4", "host": "\x1b]52;c;ZXZpbA==\x07" + "h" * 5000,
+                    "service": "5900", "websocket": False}))  # fmt: skip
+                writer.write(_event("SHUTDOWN", guest=False, reason="\x1b[2J\x1b]0;pwned\x07"))
                 await writer.drain()
                 self.on_quit()
                 return

@@ -534,6 +534,27 @@ async def test_a_stop_is_not_queued_behind_a_stuck_operation(rig: Rig) -> None:
     assert rig.last_exit()["stage"] == "quit"
 
 
+async def test_a_hostile_qemu_costs_bounded_memory_and_forges_nothing(rig: Rig) -> None:
+    """The review: a qemu taken over by its guest sends 1 MiB events (they
+    were kept whole in the event history), a VNC client with terminal
+    escapes, and a SHUTDOWN whose reason (kept as last_exit's stage, printed
+    by `vmadm stop --all`) is an escape sequence."""
+    from vmadmd.vm.ending import Ending
+
+    await rig.serve("hostile")
+    sup, settled = rig.supervisor()
+    await until(lambda: sup.monitor.ready)
+    await sup.nmi()
+    await asyncio.wait_for(settled, 5)
+    kept = [e.as_dict() for e in rig.bus.since(0) if e.type == "qmp_event"]
+    assert any(e["event"] == "RESET" for e in kept), kept
+    assert all(len(json.dumps(e)) < 8192 for e in kept)
+    last = Ending.of(rig.store.load(UUID))
+    assert last is not None
+    assert last.fields() == {"reason": "stop", "stage": "unknown", "by": "host"}
+    assert all(c.isprintable() for c in last.words())
+
+
 async def test_guest_poweroff_with_no_stop_pending(rig: Rig) -> None:
     await rig.serve()
     sup, settled = rig.supervisor()
