@@ -186,6 +186,9 @@ def test_install_from_local_files(env: Env, disk: Path) -> None:
     out = ok(imgadm(env, "install", "-m", str(mpath), "-f", str(packed)))
     assert out == f"Installed image {uuid} (local@1.0.0)\n"
     assert (images_dir(env) / f"{uuid}.qcow2").read_bytes() == disk.read_bytes()
+    # Root's alone: no VM's user reads another tenant's image by path (qemu
+    # gets images as fds).
+    assert os.stat(images_dir(env)).st_mode & 0o777 == 0o700
     again = ok(imgadm(env, "install", "-m", str(mpath), "-f", str(packed)))
     assert "is already installed, skipping" in again
 

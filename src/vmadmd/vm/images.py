@@ -255,7 +255,13 @@ class ImageStore:
         return os.path.join(self.dir, f"{uuid}.json")
 
     def ensure_dir(self) -> None:
-        os.makedirs(self.dir, mode=0o755, exist_ok=True)
+        # Root's alone: qemu gets each image as a read-only fd the launcher
+        # opens, so no VM's user needs a path into it, and none may read
+        # another tenant's image (one made from its VM, say).
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        st = os.stat(self.dir)
+        if st.st_uid == os.getuid() and st.st_mode & 0o077:
+            os.chmod(self.dir, 0o700)
 
     @contextlib.contextmanager
     def lock(self, uuid: str) -> Iterator[None]:

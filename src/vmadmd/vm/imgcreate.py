@@ -15,7 +15,6 @@ Standard library only.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -98,8 +97,15 @@ def create_image(
     suffix = {"none": "", "gzip": ".gz", "xz": ".xz"}[compression]
     manifest_path = prefix + ".imgmanifest"
     file_path = prefix + ".qcow2" + suffix
-    flat = f"{prefix}.{os.getpid()}.flat.tmp"
-    packed = f"{file_path}.{os.getpid()}.tmp"
+    # The work files in a directory of our own (0700) beside the output: not
+    # at names anyone could guess and plant a link at (the output may be /tmp).
+    import shutil
+    import tempfile
+
+    work = tempfile.mkdtemp(prefix=".imgadm-", dir=os.path.dirname(os.path.abspath(prefix)))
+    flat = os.path.join(work, "flat.qcow2")
+    packed = os.path.join(work, "packed")
+    manifest_tmp = os.path.join(work, "manifest")
     try:
         with layer.store.lock(vm_uuid):
             vm = layer.store.load(vm_uuid)
@@ -152,16 +158,16 @@ def create_image(
         from vmadmd.vm.images import check_manifest
 
         check_manifest(manifest)
+        os.chmod(packed, 0o600)
         os.rename(packed, file_path)
-        with open(manifest_path + ".tmp", "w") as f:
+        fd = os.open(manifest_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with open(fd, "w") as f:
             f.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        os.rename(manifest_path + ".tmp", manifest_path)
+        os.rename(manifest_tmp, manifest_path)
     except OSError as err:
         raise VmadmError(f"imgadm create: {err.filename or prefix}: {err.strerror}") from None
     finally:
-        for path in (flat, packed, manifest_path + ".tmp"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        shutil.rmtree(work, ignore_errors=True)
     return manifest, manifest_path, file_path
 
 
