@@ -19,6 +19,7 @@ import socket
 import ssl
 import stat
 import sys
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -274,14 +275,21 @@ def claim_socket(path: str) -> socket.socket:
             log.warning("%s was bound by uid %d, not by root: replacing it", path, uid)
             os.unlink(path)
     elif info is not None and stat.S_ISDIR(info.st_mode):
+        # Not ours to empty, and not to stop the daemon either (anyone may
+        # make one in /tmp): an empty one goes, any other is moved aside.
+        aside = f"{path}.moved-{os.getpid()}-{int(time.time())}"
         try:
             os.rmdir(path)
-        except OSError as err:
-            raise ConfigError(
-                f"{path} (the API socket's path) is a directory that cannot be removed "
-                f"({err.strerror}); remove it or choose another --socket"
-            ) from err
-        log.warning("%s was an empty directory, not a socket: replaced", path)
+            log.warning("%s was an empty directory, not a socket: replaced", path)
+        except OSError:
+            try:
+                os.rename(path, aside)
+            except OSError as err:
+                raise ConfigError(
+                    f"{path} (the API socket's path) is a directory that cannot be moved "
+                    f"aside ({err.strerror}); remove it or choose another --socket"
+                ) from err
+            log.warning("%s was a directory (uid %d): moved to %s", path, info.st_uid, aside)
     elif info is not None:
         kind = "a symbolic link" if stat.S_ISLNK(info.st_mode) else "not a socket"
         try:
