@@ -27,10 +27,12 @@ class Planted:
     """A server at one of a VM's socket names, run by someone other than its
     qemu: greets like QMP and records every byte anyone sends it."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, owner: int | None = None) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         self.sock = bind_unix(path)
+        if owner is not None:  # made by the VM's user, as its qemu makes its own
+            os.chown(path, owner, owner)
         self.sock.settimeout(0.2)
         self.received = b""
         self.accepted = 0
@@ -62,8 +64,8 @@ class Planted:
 
 
 @contextlib.contextmanager
-def planted(path: str) -> Iterator[Planted]:
-    server = Planted(path)
+def planted(path: str, owner: int | None = None) -> Iterator[Planted]:
+    server = Planted(path, owner)
     try:
         yield server
     finally:
@@ -82,7 +84,8 @@ def test_a_planted_qmp_server_is_told_nothing_after_a_restart(env: Env) -> None:
     # qemu keeps listening on its socket under another name; the name is
     # the impostor's now.
     os.rename(runtime / "vm.qmp", runtime / "vm.qmp.moved")
-    with planted(str(runtime / "vm.qmp")) as impostor:
+    uid = env.get(uuid)["zone_uid"]
+    with planted(str(runtime / "vm.qmp"), owner=uid) as impostor:
         env.start_daemon("--qmp-timeout", "1")
         env.wait_for(lambda: impostor.accepted >= 1, timeout=10, what="a connection attempt")
         res = env.vmadm("qmp", uuid, json.dumps({"execute": "query-status"}))
@@ -105,7 +108,8 @@ def test_a_planted_vnc_socket_is_never_reached(env: Env) -> None:
     port = env.api("GET", f"/vm/{uuid}", type="vnc")[1]["vnc"]["port"]
     with rfb.connect("127.0.0.1", port) as sock:
         assert rfb.banner(sock) == b"RFB 003.008\n"
-    with planted(str(env.runtime(uuid) / "vm.vnc")) as impostor:
+    uid = env.get(uuid)["zone_uid"]
+    with planted(str(env.runtime(uuid) / "vm.vnc"), owner=uid) as impostor:
         with rfb.connect("127.0.0.1", port) as sock:
             sock.settimeout(5)
             with contextlib.suppress(ConnectionResetError):
@@ -116,3 +120,31 @@ def test_a_planted_vnc_socket_is_never_reached(env: Env) -> None:
             assert got == b""  # closed, with nothing from the impostor
         assert impostor.received == b""
     assert "not by the VM's qemu" in env.daemon_log()
+
+
+def test_root_never_connects_where_the_zone_points(env: Env) -> None:
+    """vm.qmp replaced by a link to a socket elsewhere (root's, here one the
+    test serves), or root/tmp itself by a link: the daemon never connects
+    there (a socket elsewhere might start a service on each connection)."""
+    env.start_daemon()
+    uuid = env.run_vm(bios_payload())
+    env.stop_daemon()
+    runtime = env.runtime(uuid)
+    elsewhere = env.tmp / "elsewhere.sock"
+    with planted(str(elsewhere)) as target:
+        os.rename(runtime / "vm.qmp", runtime / "vm.qmp.moved")
+        os.symlink(elsewhere, runtime / "vm.qmp")
+        env.start_daemon("--qmp-timeout", "1")
+        assert env.api("GET", f"/vm/{uuid}", type="version")[0] == 504
+        assert target.accepted == 0
+        # root/tmp as a whole: a link to a directory holding such a socket.
+        env.stop_daemon()
+        os.unlink(runtime / "vm.qmp")
+        os.rename(runtime / "vm.qmp.moved", runtime / "vm.qmp")
+        os.rename(runtime, runtime.parent / "tmp.real")
+        os.symlink(env.tmp, runtime)
+        os.symlink(elsewhere, env.tmp / "vm.qmp")
+        env.start_daemon("--qmp-timeout", "1")
+        assert env.api("GET", f"/vm/{uuid}", type="version")[0] == 504
+        assert target.accepted == 0
+    assert "links are not followed" in env.daemon_log()
