@@ -10,8 +10,10 @@ to any path that user can write (``screendump``, ``dump-guest-memory``,
 What passes is what only reads qemu's state, or acts on the guest alone:
 
 - ``query-*`` and ``x-query-*``: qemu's read-only introspection;
-- ``qom-list``, ``qom-get``, ``qom-list-types``: QOM is read through
-  getters, which change nothing (a secret's ``data`` has no getter);
+- ``qom-list``, ``qom-list-types``: the shape of qemu's object tree, no
+  values (``qom-get`` is refused: on qemu 7.2 it reads a ``secret``
+  object's ``data``, and host paths such as a memory backend's
+  ``mem-path``);
 - ``send-key``, ``input-send-event``: keystrokes and pointer moves to the
   guest, what a VNC viewer sends;
 - ``system_wakeup``, ``inject-nmi``: the guest's own wake-up and NMI.
@@ -38,7 +40,7 @@ from collections.abc import Mapping
 from vmadmd.errors import Forbidden, InvalidParameter
 
 ALLOWED_QMP = frozenset({
-    "qom-list", "qom-get", "qom-list-types",
+    "qom-list", "qom-list-types",
     "send-key", "input-send-event",
     "system_wakeup", "inject-nmi",
 })  # fmt: skip
