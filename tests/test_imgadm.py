@@ -614,3 +614,16 @@ def test_create_never_reads_an_external_data_file_named_in_the_disk(env: Env) ->
     one_error(imgadm(env, "create", vm, "name=plain", "version=1", "-o", str(out)),
               "InvalidParameter")  # fmt: skip
     assert os.listdir(out) == []
+
+
+def test_what_a_source_says_is_printed_escaped(env: Env, server: ImgapiServer, disk: Path) -> None:
+    """Names and versions come from image sources: their terminal escapes are
+    written out as escapes, never sent to root's terminal (review finding 8)."""
+    manifest = server.publish(disk, name="evil\x1b]0;pwned\x07\x1b[2J", version="1\u202e")
+    uuid = manifest["uuid"]
+    add_source(env, server)
+    for args in (["avail"], ["import", "-q", uuid], ["list"]):
+        out = ok(imgadm(env, *args))
+        assert "\x1b" not in out
+        assert "\u202e" not in out
+        assert "evil\\x1b]0;pwned\\x07" in out, out

@@ -66,7 +66,11 @@ class Context:
 
 
 def _out(line: str) -> None:
-    sys.stdout.write(line + "\n")
+    """One line of text output, control characters escaped: names, versions
+    and table cells come from image sources, which may send anything."""
+    from vmadmd.cli.select import printable
+
+    sys.stdout.write(printable(line) + "\n")
     sys.stdout.flush()
 
 
