@@ -188,6 +188,37 @@ def test_every_seen_bypass_is_refused_and_reads_still_pass(env: Env, running_vm:
 # -- finding 2: user-mode nics and VNC passwords -------------------------------------
 
 
+@pytest.mark.parametrize(("mode", "on_host"), [(None, False), ("nat", True)])
+def test_qemu_opens_nothing_on_the_hosts_network_unless_nat(
+    env: Env, mode: str | None, on_host: bool
+) -> None:
+    """The second review: qemu itself (a guest that took it over, or
+    qemu_extra_opts) could listen on the host's loopback, squatting another
+    VM's console port, and reach every loopback service.  By default
+    (restricted) qemu runs in a network namespace of its own: its -gdb
+    listener is not on the host, whose VNC console still works (the
+    listening socket is given to qemu as an fd)."""
+    if mode is not None:
+        env.extra_env["VMADM_USER_NET"] = mode
+    env.start_daemon()
+    port = free_port()
+    uuid = env.run_vm(bios_payload(qemu_extra_opts=f"-gdb tcp:127.0.0.1:{port}"))
+    pid = env.pid(uuid)
+    assert pid is not None
+    own_ns = os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
+    assert own_ns is not on_host
+    reached = True
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        reached = False
+    assert reached is on_host
+    env.wait_for(lambda: "port" in env.api("GET", f"/vm/{uuid}", type="vnc")[1]["vnc"])
+    info = env.api("GET", f"/vm/{uuid}", type="vnc")[1]["vnc"]
+    with rfb.connect("127.0.0.1", info["port"]) as sock:
+        rfb.handshake(sock, info["password"])
+
+
 @pytest.mark.parametrize(("mode", "reaches"), [(None, False), ("nat", True)])
 def test_user_nic_reaches_the_hosts_loopback_only_with_nat(
     env: Env, guest: dict[str, str], mode: str | None, reaches: bool

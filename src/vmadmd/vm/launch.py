@@ -67,13 +67,15 @@ LAUNCHER = (
 class Confinement(NamedTuple):
     """Who qemu runs as, and the cgroup it is born in: ``cgroup_procs`` to
     join before the fork, or ``prefix`` to run it under (``systemd-run
-    --scope ... --``, which registers its own pid and exec's the rest)."""
+    --scope ... --``, which registers its own pid and exec's the rest).
+    ``netns``: in a network namespace of its own (loopback only)."""
 
     uid: int
     gid: int
     groups: tuple[int, ...] = ()
     cgroup_procs: tuple[str, ...] = ()
     prefix: tuple[str, ...] = ()
+    netns: bool = False
 
 
 # The launcher runs as root with the VM's root/tmp as its working directory:
@@ -150,6 +152,12 @@ def launch(
     argv = [resolve_program(argv[0]), *argv[1:]]
     prefix = [resolve_program(confine.prefix[0]), *confine.prefix[1:]] if confine.prefix else []
     setpriv = setpriv_argv(confine)
+    # A network namespace of its own: nothing qemu opens (a -gdb or -qmp tcp
+    # listener, a socket a guest that took qemu over opens) reaches the
+    # host's network or its loopback.  Taps and the VNC listener reach it
+    # as fds, its other sockets are unix ones: it needs none of the host's.
+    if confine.netns:
+        setpriv = [resolve_program("unshare"), "--net", "--", *setpriv]
     dfd = zonefs.open_dir(zonepath, "root", "tmp")
     try:
         log_path = os.path.join(zonepath, LOG_NAME)

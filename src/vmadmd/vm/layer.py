@@ -260,11 +260,14 @@ class VmLayer:
             )  # fmt: skip
             fds = [d.fd for d in disks] + [d.image_fd for d in disks if d.image_fd is not None]
             fds += taps.values()
+            # User-mode nics that reach nothing (restricted) need no host
+            # network either: qemu gets a namespace of its own (vm/launch.py).
+            netns = self.settings.user_net != "nat"
             try:
                 return launch.launch(
                     argv, zonepath=paths.zonepath, pass_fds=fds, timeout=START_TIMEOUT,
                     confine=launch.Confinement(uid, uid, groups, placement.procs,
-                                               placement.prefix),
+                                               placement.prefix, netns=netns),
                     qmp_name=paths.QMP_NAME, pid_name=paths.PID_NAME,
                 )  # fmt: skip
             except StartFailed as err:
