@@ -41,6 +41,7 @@ from vmadmd.errors import (
     WrongState,
 )
 from vmadmd.vm.store import validate_uuid
+from vmadmd.vm.transition import TransitionTo
 
 if TYPE_CHECKING:
     from vmadmd.daemon.console import ConsoleServer
@@ -183,7 +184,7 @@ class Api:
         params = params_of(request)
         raw = params.get("type", params.get("types"))
         types = parse_types(raw)
-        return json_reply(await self.manager.info(uuid, types))
+        return json_reply(await (await self.manager.running(uuid)).info(types))
 
     async def qmp(self, request: Request) -> Reply:
         uuid = validate_uuid(request.match["uuid"])
@@ -199,14 +200,15 @@ class Api:
                 raise InvalidParameter('a QMP request has "execute" and "arguments" only')
             if args is not None and not isinstance(args, dict):
                 raise InvalidParameter('"arguments" must be an object')
-        return json_reply({"return": await self.manager.passthrough(uuid, body)})
+        vm = await self.manager.running(uuid)
+        return json_reply({"return": await vm.passthrough(body)})
 
     async def serial(self, request: Request) -> Reply:
         """The serial console as a WebSocket (binary frames both ways)."""
         from vmadmd.daemon.websocket import serial_relay
 
         uuid = validate_uuid(request.match["uuid"])
-        console = await self.manager.serial(uuid)  # 404 / 409 before any upgrade
+        console = (await self.manager.running(uuid)).serial  # 404 / 409 before any upgrade
         require_websocket(request)
         viewer = console.attach()
 
@@ -257,7 +259,7 @@ class Api:
 
     async def screenshot_png(self, request: Request) -> Reply:
         uuid = validate_uuid(request.match["uuid"])
-        data = await self.manager.screenshot_png(uuid)
+        data = await (await self.manager.running(uuid)).screenshot_png()
         return Reply(200, data, "image/png")
 
     async def action(self, request: Request) -> Reply:
@@ -267,22 +269,22 @@ class Api:
         m = self.manager
         if action == "stop" or action == "reboot":
             timeout = parse_timeout(params.get("timeout"))
-            transition = await m.request_stop(
-                uuid, timeout, "start" if action == "reboot" else "stopped"
-            )
+            to: TransitionTo = "start" if action == "reboot" else "stopped"
+            transition = await (await m.running(uuid)).request_stop(timeout, to)
             return json_reply({"uuid": uuid, "transition": transition.to_json()}, status=202)
         if action == "reset":
-            await m.reset(uuid)
+            await (await m.running(uuid)).reset()
             return json_reply({"uuid": uuid, "action": "reset"})
         if action == "sysrq":
             request_kind = params.get("request")
+            if request_kind not in ("nmi", "screenshot"):
+                raise InvalidParameter("request must be nmi or screenshot")
+            vm = await m.running(uuid)
             if request_kind == "nmi":
-                await m.nmi(uuid)
+                await vm.nmi()
                 return json_reply({"uuid": uuid, "request": "nmi"})
-            if request_kind == "screenshot":
-                path = await m.screenshot(uuid, "ppm")
-                return json_reply({"uuid": uuid, "request": "screenshot", "path": path})
-            raise InvalidParameter("request must be nmi or screenshot")
+            path = await vm.screenshot("ppm")
+            return json_reply({"uuid": uuid, "request": "screenshot", "path": path})
         if action in ("reload_vnc", "reload_display"):
             vnc = await m.reload_vnc(uuid)
             return json_reply({"uuid": uuid, "vnc": vnc})

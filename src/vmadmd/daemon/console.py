@@ -32,7 +32,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from vmadmd.daemon.http import (
     Reply,
@@ -45,11 +45,13 @@ from vmadmd.daemon.http import (
 )
 from vmadmd.daemon.http import websocket_reply as accept
 from vmadmd.daemon.logs import vm_log
-from vmadmd.daemon.manager import Manager
+from vmadmd.daemon.metrics import Metrics
+from vmadmd.daemon.serial import SerialConsole
 from vmadmd.daemon.server import HttpServer
 from vmadmd.daemon.vnc import open_upstream
 from vmadmd.daemon.websocket import WebSocket, idle_side, run_session, serial_relay
 from vmadmd.errors import Forbidden, Unreachable
+from vmadmd.vm.sockets import Peer
 
 log = logging.getLogger("vmadmd.console")
 
@@ -233,10 +235,34 @@ def read_static(root: str, relative: str) -> tuple[bytes, str]:
     return data, kind
 
 
+class RunningVm(Protocol):
+    @property
+    def serial(self) -> SerialConsole: ...
+
+
+class ConsoleHost(Protocol):
+    """What the browser consoles need of the daemon (its Manager)."""
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    def is_running(self, uuid: str) -> bool: ...
+
+    async def running(self, uuid: str) -> RunningVm:
+        """The running VM (404 unknown, 409 not running)."""
+
+    def alias(self, uuid: str) -> str: ...
+
+    def vnc_password(self, uuid: str) -> str | None: ...
+
+    async def vnc_socket(self, uuid: str) -> tuple[str, str, Peer | None]:
+        """Where its qemu serves VNC, and the qemu that must be serving it."""
+
+
 class ConsoleServer:
     def __init__(
         self,
-        manager: Manager,
+        manager: ConsoleHost,
         host: str,
         port: int,
         novnc_dir: str | None,
@@ -369,7 +395,7 @@ class ConsoleServer:
         if uuid is None:
             self._refusals.warn("console token %s refused (serial)", shown(token))
             raise Forbidden("invalid, used or expired console token")
-        console = await self.manager.serial(uuid)  # 409 when not running
+        console = (await self.manager.running(uuid)).serial  # 409 when not running
         viewer = console.attach()
 
         async def session(ws: WebSocket) -> None:

@@ -16,14 +16,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Coroutine, Iterable
-from typing import Any, Literal
+from typing import Any
 
 from vmadmd.daemon.ending import CrashLog, Settled, settle_record
 from vmadmd.daemon.events import EventBus
 from vmadmd.daemon.locks import vm_lock
 from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.metrics import Metrics
-from vmadmd.daemon.serial import SerialConsole
 from vmadmd.daemon.settings import DaemonSettings, Shared
 from vmadmd.daemon.stats import VmStatsCollector
 from vmadmd.daemon.supervisor import VmSupervisor
@@ -32,7 +31,6 @@ from vmadmd.vm import transition
 from vmadmd.vm.layer import VmLayer, running_pidfd, state_of
 from vmadmd.vm.sockets import Peer
 from vmadmd.vm.store import VmRecord
-from vmadmd.vm.transition import Transition, TransitionTo
 
 log = logging.getLogger("vmadmd.manager")
 
@@ -51,11 +49,11 @@ class Manager:
         # VMs whose qemu exited and whose exit is being settled: a refresh
         # must not settle it a second time.
         self._exiting: set[str] = set()
-        self._crashes = CrashLog(settings.crash_restart)
+        self._restarts = CrashRestarts(self, CrashLog(settings.crash_restart))
         # VMs whose vm.json could not be read the last time it was looked at.
         self._broken: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._closing = False
+        self.closing = False
         # Set once the start-up sweep has looked at every VM: until then a
         # running VM not yet reached would read as stopped, so the API holds
         # what depends on VMs' states until this is set (see Api.dispatch).
@@ -136,31 +134,11 @@ class Manager:
 
     def connection_counts(self) -> dict[str, int]:
         """How far the daemon is in picking up its running VMs."""
-        return {
-            "running_vms": len(self.vms),
-            "qmp_ready": sum(1 for sup in self.vms.values() if sup.monitor.ready),
-            "vnc_listeners": sum(
-                1
-                for sup in self.vms.values()
-                if sup.console.listener is not None and sup.console.listener.port is not None
-            ),
-        }
+        return connection_counts(self.vms.values())
 
     def _state_snapshot(self) -> dict[str, float]:
-        stopping = sum(1 for sup in self.vms.values() if sup.transition is not None)
-        total = len(self.store.list_uuids())
-        broken = len(self._broken)
         return {
-            "vms_running": len(self.vms) - stopping,
-            "vms_stopping": stopping,
-            "vms_stopped": max(0, total - len(self.vms) - broken),
-            "vms_broken": broken,
-            "vnc_sessions": sum(
-                len(sup.console.listener.sessions)
-                for sup in self.vms.values()
-                if sup.console.listener is not None
-            ),
-            "vnc_listeners": self.connection_counts()["vnc_listeners"],
+            **state_counts(self.vms.values(), len(self.store.list_uuids()), len(self._broken)),
             "event_subscribers": self.bus.subscribers,
         }
 
@@ -209,7 +187,7 @@ class Manager:
 
     async def refresh(self, uuid: str) -> None:
         """Bring our view of one VM in line with reality.  Idempotent."""
-        if self._closing:
+        if self.closing:
             return
         if uuid in self._exiting:
             return  # its pidfd has told us it exited
@@ -258,7 +236,7 @@ class Manager:
             settled = await sup.settle()
         finally:
             self._exiting.discard(sup.uuid)
-        if self._closing:
+        if self.closing:
             return
         # `vmadm start` may have booted a new qemu while this exit was being
         # settled; its vm.json event was ignored meanwhile.
@@ -273,37 +251,7 @@ class Manager:
             with contextlib.suppress(VmadmError):  # logged and emitted by boot()
                 await self.boot(uuid, reason="reboot")
         elif settled.ending is not None and settled.ending.reason in ("panic", "crash"):
-            self._spawn(self._restart_after_crash(uuid), f"restart-{uuid}")
-
-    async def _restart_after_crash(self, uuid: str) -> None:
-        """Boot a VM that asks for it (``restart_on_crash``) again, with back-off
-        (``CrashLog``): past the limit the VM stays down (a crash loop must not
-        burn the host)."""
-        try:
-            if not self.load(uuid).get("restart_on_crash"):
-                return
-        except VmadmError:
-            return
-        crashes, delay = self._crashes.crashed(uuid, time.monotonic())
-        if delay is None:
-            vm_log(log, uuid).error("crashed %d times within %.0f s: not restarted again",
-                                    crashes, self._crashes.policy.window)  # fmt: skip
-            self.metrics.crash_restarts.labels("given_up").inc()
-            self.bus.emit("restart_given_up", uuid, crashes=crashes)
-            return
-        vm_log(log, uuid).warning("restarting after a crash in %.1f s (crash %d of at most %d)",
-                                  delay, crashes, self._crashes.policy.limit)  # fmt: skip
-        self.bus.emit("restart_scheduled", uuid, delay=delay, crashes=crashes)
-        await asyncio.sleep(delay)
-        try:
-            wanted = self.load(uuid).get("restart_on_crash")
-        except VmadmError:
-            return
-        if self._closing or uuid in self.vms or not wanted:
-            return
-        with contextlib.suppress(VmadmError):  # logged and emitted by boot()
-            await self.boot(uuid, reason="restart after a crash")
-            self.metrics.crash_restarts.labels("restarted").inc()
+            self._spawn(self._restarts.run(uuid), f"restart-{uuid}")
 
     async def boot(self, uuid: str, *, reason: str) -> float:
         """Start the VM through the VM layer; returns how long qemu took to come up."""
@@ -330,34 +278,12 @@ class Manager:
 
     # -- what the API asks of one VM -------------------------------------------
 
-    async def info(self, uuid: str, types: list[str]) -> dict[str, Any]:
-        return await (await self.running(uuid)).info(types)
-
-    async def reset(self, uuid: str) -> None:
-        await (await self.running(uuid)).reset()
-
-    async def nmi(self, uuid: str) -> None:
-        await (await self.running(uuid)).nmi()
-
-    async def screenshot(self, uuid: str, fmt: Literal["ppm", "png"] = "ppm") -> str:
-        return await (await self.running(uuid)).screenshot(fmt)
-
-    async def screenshot_png(self, uuid: str) -> bytes:
-        return await (await self.running(uuid)).screenshot_png()
-
-    async def passthrough(self, uuid: str, request: dict[str, Any]) -> Any:
-        return await (await self.running(uuid)).passthrough(request)
-
     async def reload_vnc(self, uuid: str) -> dict[str, Any]:
         record = self.load(uuid)
         sup = self.vms.get(uuid)
         if sup is None:
             return {}
         return await sup.reload_vnc(record)
-
-    async def request_stop(self, uuid: str, timeout: float, to: TransitionTo) -> Transition:
-        self.load(uuid)
-        return await (await self.running(uuid)).request_stop(timeout, to)
 
     async def stop_all(self, timeout: float) -> list[str]:
         """Host shutdown: a graceful stop of every running VM at once.
@@ -381,10 +307,6 @@ class Manager:
         self.bus.emit("stop_all", None, uuids=accepted, timeout=timeout)
         return sorted(accepted)
 
-    async def serial(self, uuid: str) -> SerialConsole:
-        """A running VM's serial console (409 when it is not running)."""
-        return (await self.running(uuid)).serial
-
     async def vnc_socket(self, uuid: str) -> tuple[str, str, Peer | None]:
         """Where a running VM's qemu serves VNC: (directory, name, the qemu
         that must be serving it), once its console has opened (in the listen
@@ -400,10 +322,77 @@ class Manager:
 
     async def close(self) -> None:
         """Let go of every VM (they keep running)."""
-        self._closing = True
+        self.closing = True
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*(sup.detach() for sup in self.vms.values()), return_exceptions=True)
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=2.0)
         self.vms.clear()
+
+
+def connection_counts(vms: Iterable[VmSupervisor]) -> dict[str, int]:
+    """How many running VMs there are, and how many have QMP and a console."""
+    vms = list(vms)
+    return {
+        "running_vms": len(vms),
+        "qmp_ready": sum(1 for sup in vms if sup.monitor.ready),
+        "vnc_listeners": sum(
+            1
+            for sup in vms
+            if sup.console.listener is not None and sup.console.listener.port is not None
+        ),
+    }
+
+
+def state_counts(vms: Iterable[VmSupervisor], total: int, broken: int) -> dict[str, float]:
+    """The VMs by state, and the console sessions, for /metrics."""
+    vms = list(vms)
+    stopping = sum(1 for sup in vms if sup.transition is not None)
+    return {
+        "vms_running": len(vms) - stopping,
+        "vms_stopping": stopping,
+        "vms_stopped": max(0, total - len(vms) - broken),
+        "vms_broken": broken,
+        "vnc_sessions": sum(
+            len(sup.console.listener.sessions) for sup in vms if sup.console.listener is not None
+        ),
+        "vnc_listeners": connection_counts(vms)["vnc_listeners"],
+    }
+
+
+class CrashRestarts:
+    """Boots a crashed VM again when it asks for it (``restart_on_crash``),
+    with back-off (``CrashLog``): past the limit the VM stays down (a crash
+    loop must not burn the host)."""
+
+    def __init__(self, manager: Manager, crashes: CrashLog) -> None:
+        self._manager = manager
+        self._crashes = crashes
+
+    def _wanted(self, uuid: str) -> bool:
+        try:
+            return bool(self._manager.load(uuid).get("restart_on_crash"))
+        except VmadmError:
+            return False
+
+    async def run(self, uuid: str) -> None:
+        m = self._manager
+        if not self._wanted(uuid):
+            return
+        crashes, delay = self._crashes.crashed(uuid, time.monotonic())
+        if delay is None:
+            vm_log(log, uuid).error("crashed %d times within %.0f s: not restarted again",
+                                    crashes, self._crashes.policy.window)  # fmt: skip
+            m.metrics.crash_restarts.labels("given_up").inc()
+            m.bus.emit("restart_given_up", uuid, crashes=crashes)
+            return
+        vm_log(log, uuid).warning("restarting after a crash in %.1f s (crash %d of at most %d)",
+                                  delay, crashes, self._crashes.policy.limit)  # fmt: skip
+        m.bus.emit("restart_scheduled", uuid, delay=delay, crashes=crashes)
+        await asyncio.sleep(delay)
+        if m.closing or m.is_running(uuid) or not self._wanted(uuid):
+            return
+        with contextlib.suppress(VmadmError):  # logged and emitted by boot()
+            await m.boot(uuid, reason="restart after a crash")
+            m.metrics.crash_restarts.labels("restarted").inc()

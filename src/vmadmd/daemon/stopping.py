@@ -125,7 +125,7 @@ class Stopping:
             await self._monitor.powerdown()
         except VmadmError as err:
             # The deadline still holds; the timer re-sends and then forces.
-            self._log.warning("system_powerdown failed: %s", err)
+            self._log.warning("the power button press failed: %s", err)
 
     def arm(self) -> None:
         if self._timer is not None and not self._timer.done():
