@@ -441,3 +441,17 @@ def test_a_disk_given_again_by_its_path_keeps_its_image(env: Env) -> None:
     after = env.get(uuid)["disks"][0]
     assert after["model"] == "ide"
     assert (after["image_uuid"], after["image_format"]) == (IMAGE, disk["image_format"])
+
+
+def test_a_zone_closing_its_disks_in_a_loop_costs_no_rescan(env: Env) -> None:
+    """The second review: the VM's user opens and closes its own disk by path
+    as fast as it can; each close was an inotify event on the zonepath,
+    overflowing the queue and forcing a rescan of every VM each time."""
+    uuid = env.create(bios_payload(disks=[{"size": 1}, {"size": 1}]))
+    disks = [d["path"] for d in env.get(uuid)["disks"]]
+    env.start_daemon()
+    for _ in range(50000):  # two in turn: the kernel merges only repeats of one
+        for disk in disks:
+            os.close(os.open(disk, os.O_WRONLY))
+    assert env.api("GET", "/ping")[0] == 200
+    assert "inotify queue overflowed" not in env.daemon_log(tail=None)

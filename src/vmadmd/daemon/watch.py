@@ -23,7 +23,11 @@ from vmadmd.vm.store import is_uuid
 log = logging.getLogger("vmadmd.watch")
 
 ROOT_MASK = Mask.CREATE | Mask.DELETE | Mask.MOVED_TO | Mask.MOVED_FROM | Mask.ONLYDIR
-ZONE_MASK = Mask.MOVED_TO | Mask.CLOSE_WRITE | Mask.DELETE | Mask.ONLYDIR
+# vm.json is only ever renamed into place (MOVED_TO).  No CLOSE_WRITE: the
+# VM's user may open and close its own disks in the zonepath as fast as it
+# likes, and each close would be an event (the second review flooded the
+# queue that way, forcing a rescan of every VM each time).
+ZONE_MASK = Mask.MOVED_TO | Mask.DELETE | Mask.ONLYDIR
 
 
 class ZonesWatcher:
@@ -43,6 +47,7 @@ class ZonesWatcher:
         self._pending: dict[str, asyncio.Task[None]] = {}
         self._dirty: set[str] = set()
         self._overflow_task: asyncio.Task[None] | None = None
+        self._rescan_again = False
 
     def start(self) -> None:
         """Start watching (synchronously: nothing is missed after this returns)."""
@@ -83,8 +88,12 @@ class ZonesWatcher:
 
     def _handle(self, mask: Mask, watch: Watch | None, name: os.PathLike[str] | None) -> None:
         if mask & Mask.Q_OVERFLOW:
+            # One rescan at a time, and one more after it at most.
+            if self._overflow_task is not None and not self._overflow_task.done():
+                self._rescan_again = True
+                return
             log.warning("inotify queue overflowed; rescanning every VM")
-            self._overflow_task = asyncio.create_task(self._on_overflow())
+            self._overflow_task = asyncio.create_task(self._rescan())
             return
         if mask & Mask.IGNORED:
             return
@@ -101,6 +110,16 @@ class ZonesWatcher:
         uuid = self._watch_uuid.get(watch) if watch is not None else None
         if uuid is not None and entry == "vm.json":
             self._notify(uuid)
+
+    async def _rescan(self) -> None:
+        while True:
+            self._rescan_again = False
+            try:
+                await self._on_overflow()
+            except Exception:
+                log.exception("rescan after an inotify overflow failed")
+            if not self._rescan_again:
+                return
 
     def _notify(self, uuid: str) -> None:
         """Coalesce: at most one refresh running per VM, and one more queued."""
