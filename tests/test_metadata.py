@@ -31,6 +31,8 @@ from vmadmd.vm import qemu
 from vmadmd.vm.sockets import Peer, bind_unix
 from vmadmd.vm.store import Store, VmPaths
 
+from .conftest import Env, RunVm, bios_payload, guest_payload
+
 UUID = "7e3c1c7a-5a8e-4c0e-9f0a-2d6b1f3e4a01"
 OTHER = "7e3c1c7a-5a8e-4c0e-9f0a-2d6b1f3e4a02"
 CLOUD_INIT = "/usr/lib/python3/dist-packages"
@@ -538,3 +540,88 @@ def rig_uuid(rig: Any) -> str:
     from tests.test_inprocess import UUID as RIG_UUID
 
     return RIG_UUID
+
+
+# -- vmadm update: SmartOS's set_/remove_ for every map the guest reads ----------------
+
+
+def test_vmadm_update_sets_and_removes_internal_metadata_and_tags(env: Env) -> None:
+    uuid = env.create(bios_payload(tags={"keep": 1, "old": "x"}))
+    payload = {
+        "set_internal_metadata": {"root_pw": "a", "acme:k": "v"},
+        "set_tags": {"role": "db"},
+        "remove_tags": ["old"],
+        "set_customer_metadata": {"user-script": "#!/bin/sh\n"},
+    }
+    res = env.vmadm("update", uuid, "-f", "-", input=json.dumps(payload))
+    assert res.returncode == 0, res.stderr
+    vm = env.get(uuid)
+    assert vm["internal_metadata"] == {"root_pw": "a", "acme:k": "v"}
+    assert vm["tags"] == {"keep": 1, "role": "db"}
+    assert vm["customer_metadata"] == {"user-script": "#!/bin/sh\n"}
+    res = env.vmadm("update", uuid, "-f", "-",
+                    input=json.dumps({"remove_internal_metadata": ["root_pw"]}))  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert env.get(uuid)["internal_metadata"] == {"acme:k": "v"}
+    for bad in ({"set_tags": ["x"]}, {"remove_internal_metadata": "root_pw"},
+                {"set_internal_metadata": {"k": "x" * (300 << 10)}}):  # fmt: skip
+        res = env.vmadm("update", uuid, "-f", "-", input=json.dumps(bad))
+        assert res.returncode == 1, bad
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert env.get(uuid)["internal_metadata"] == {"acme:k": "v"}
+
+
+# -- a real qemu: the guest's own ttyS1 ---------------------------------------------------
+
+RELAY = "relay.sock"
+
+
+def test_cloud_init_through_a_real_guests_ttyS1(
+    env: Env, running_vm: RunVm, guest: dict[str, str]
+) -> None:
+    """The busybox test guest relays its ttyS1 (the metadata port) to a
+    third serial port the test holds; cloud-init's client, on that port,
+    talks to the daemon's agent through the guest's real UART.  The guest's
+    DMI says SmartOS's identity."""
+    from .test_operator import SerialClient
+
+    payload = guest_payload(guest, customer_metadata={"user-script": "#!/bin/sh\nid\n"},
+                            hostname="meta01")  # fmt: skip
+    payload["qemu_extra_opts"] += (
+        f" -chardev socket,id=relay,path={RELAY},server=on,wait=off -serial chardev:relay"
+    )
+    uuid = running_vm(payload, ready=True)
+
+    async def relay() -> None:
+        async with SerialClient(env, uuid) as console:
+            await console.until(b"VMTEST-READY")
+            await console.type(
+                b"D=/sys/class/dmi/id; echo dmi=$(cat $D/product_name)/$(cat $D/sys_vendor)"
+                b"/$(cat $D/product_serial)\n"
+                b"stty -F /dev/ttyS1 raw -echo; stty -F /dev/ttyS2 raw -echo; "
+                b"cat /dev/ttyS2 >/dev/ttyS1 & cat /dev/ttyS1 >/dev/ttyS2 & echo relay-$((6*7))\n"
+            )
+            await console.until(b"relay-42")
+            assert f"dmi=SmartDC HVM/Joyent/{uuid}".encode() in console.seen, console.seen
+
+    asyncio.run(relay())
+    from vmadmd.vm.sockets import connect_unix
+
+    sock = connect_unix(str(env.runtime(uuid)), RELAY)
+    try:
+        client = serial_client(sock, legacy=True)
+        assert client.get("sdc:uuid", strip=True) == uuid
+        assert client.get("sdc:hostname") == "meta01"
+        assert client.get("user-script") == "#!/bin/sh\nid\n"
+        assert client.list() == ["user-script"]
+        nics = client.get_json("sdc:nics")
+        assert nics == []
+        # A vmadm update is seen by the guest's next request; its PUT by vmadm get.
+        res = env.vmadm("update", uuid, "-f", "-",
+                        input=json.dumps({"set_customer_metadata": {"k": "v1"}}))  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        assert client.get("k") == "v1"
+        assert client.put("from-guest", "hello") == "OK"
+        assert env.get(uuid)["customer_metadata"]["from-guest"] == "hello"
+    finally:
+        sock.close()
