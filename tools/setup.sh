@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything vmadmd needs on a fresh Debian machine, idempotently:
-# Debian packages (qemu, qemu-img, busybox-static, socat), a venv with the
+# Debian packages (qemu, qemu-img, busybox-static, socat, cloud-init), a venv with the
 # package and its dev tools in .venv, noVNC (npm) in .cache/novnc, and the
 # test guest in .cache/guest.  --with-browser adds Debian's chromium and
 # chromium-driver, for the browser-console test.
@@ -16,6 +16,13 @@ command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v socat >/dev/null || need+=(socat)
 command -v cpio >/dev/null || need+=(cpio)
 command -v npm >/dev/null || need+=(npm)
+# cloud-init's own SmartOS client classes drive the metadata tests (Debian
+# packages it; it is not on PyPI).  Installed, not run: see below.
+new_cloud_init=0
+if [[ ! -f /usr/lib/python3/dist-packages/cloudinit/sources/DataSourceSmartOS.py ]]; then
+    need+=(cloud-init)
+    new_cloud_init=1
+fi
 if ((with_browser)); then
     command -v chromium >/dev/null || need+=(chromium)
     command -v chromedriver >/dev/null || need+=(chromium-driver)
@@ -25,6 +32,10 @@ if ((${#need[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    if ((new_cloud_init)); then
+        # The tests import its modules; this host must not run it at boot.
+        mkdir -p /etc/cloud && touch /etc/cloud/cloud-init.disabled
+    fi
 fi
 
 if [[ ! -x .venv/bin/python ]]; then
