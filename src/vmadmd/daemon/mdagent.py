@@ -22,15 +22,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 
 from vmadmd.daemon import metadata
 from vmadmd.daemon.locks import vm_lock
 from vmadmd.daemon.logs import vm_log
-from vmadmd.errors import VmadmError
+from vmadmd.errors import VmadmError, VmBroken, VmNotFound
 from vmadmd.vm.qemu import TTYB_NAME
 from vmadmd.vm.sockets import Peer, connect_unix_retrying
-from vmadmd.vm.store import Store
+from vmadmd.vm.store import Store, VmRecord
 
 log = logging.getLogger("vmadmd.metadata")
 
@@ -95,12 +96,15 @@ class Bucket:
 
 
 class MetadataAgent:
-    def __init__(self, uuid: str, store: Store, peer: Peer | None) -> None:
+    def __init__(self, uuid: str, store: Store, peer: Peer | None, rate: float = RATE) -> None:
         self.uuid = uuid
+        self.rate = rate
         self._store = store
         self._directory = store.paths(uuid).runtime_dir
         self._peer = peer  # the qemu that must serve vm.ttyb (no planted socket)
         self._log = vm_log(log, uuid)
+        self._vm_json = store.paths(uuid).vm_json
+        self._cached: tuple[tuple[int, int, int], VmRecord] | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self.lines = 0  # lines taken from the guest (tests)
@@ -142,7 +146,7 @@ class MetadataAgent:
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Answer every request on one connection, until it ends."""
         lines = LineReader()
-        bucket = Bucket()
+        bucket = Bucket(self.rate)
         while chunk := await reader.read(CHUNK):
             for line in lines.feed(chunk):
                 self.lines += 1
@@ -164,13 +168,33 @@ class MetadataAgent:
             return parsed
         self.served += 1
         try:
-            record = await asyncio.to_thread(self._store.load, self.uuid)
+            record = await self._record()
         except VmadmError as err:
             return metadata.failure(parsed, f"Unable to load metadata: {err.message}")
         out = metadata.answer(parsed, record)
         if isinstance(out, bytes):
             return out
         return await self._write(out)
+
+    async def _record(self) -> VmRecord:
+        """The VM's record as ``vm.json`` holds it now.
+
+        Read again (in a thread) whenever the file is another one than last
+        time: every writer replaces it by a rename, so a new inode, size or
+        mtime means new contents, and a ``stat`` (of root's file, outside
+        the VM's ``root/``) is all an unchanged record costs a request.
+        """
+        try:
+            st = os.stat(self._vm_json)
+        except FileNotFoundError:
+            raise VmNotFound(f"no such VM: {self.uuid}") from None
+        except OSError as err:
+            raise VmBroken(f"VM {self.uuid}: cannot read vm.json: {err.strerror}") from err
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if self._cached is None or self._cached[0] != stamp:
+            record = await asyncio.to_thread(self._store.load, self.uuid)
+            self._cached = (stamp, record)
+        return self._cached[1]
 
     async def _write(self, change: metadata.Change) -> bytes:
         """A guest's PUT or DELETE, made to vm.json under the VM's lock."""
