@@ -623,5 +623,16 @@ def test_cloud_init_through_a_real_guests_ttyS1(
         assert client.get("k") == "v1"
         assert client.put("from-guest", "hello") == "OK"
         assert env.get(uuid)["customer_metadata"]["from-guest"] == "hello"
+        # A daemon restarted while the VM runs serves it again (found at start-up).
+        # (What the guest sends while no daemon holds the port, qemu drops:
+        # once the new daemon holds it, the client resynchronises as cloud-init
+        # does on opening the port.)
+        env.stop_daemon()
+        env.start_daemon()
+        second = env.tmp / f"vmadmd.{len(env.daemons) - 1}.log"
+        env.wait_for(lambda: "metadata port connected" in second.read_text(), 15,
+                     "the new daemon's agent on vm.ttyb")  # fmt: skip
+        client.open_transport()
+        assert client.get("from-guest") == "hello"
     finally:
         sock.close()

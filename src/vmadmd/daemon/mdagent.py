@@ -135,6 +135,7 @@ class MetadataAgent:
                 delay = min(delay * 2, MAX_RECONNECT_DELAY)
                 continue
             delay = RECONNECT_DELAY
+            self._log.debug("metadata port connected")
             try:
                 await self.serve(reader, writer)
             except OSError as err:
