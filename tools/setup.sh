@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything vmadmd needs on a fresh Debian machine, idempotently:
-# Debian packages (qemu, qemu-img, busybox-static, socat, cloud-init), a venv with the
+# Debian packages (qemu, qemu-img, busybox-static, socat, cloud-init, mmdebstrap, genisoimage), a venv with the
 # package and its dev tools in .venv, noVNC (npm) in .cache/novnc, and the
 # test guest in .cache/guest.  --with-browser adds Debian's chromium and
 # chromium-driver, for the browser-console test.
@@ -18,6 +18,8 @@ command -v cpio >/dev/null || need+=(cpio)
 command -v npm >/dev/null || need+=(npm)
 # cloud-init's own SmartOS client classes drive the metadata tests (Debian
 # packages it; it is not on PyPI).  Installed, not run: see below.
+command -v mmdebstrap >/dev/null || need+=(mmdebstrap)      # the Debian e2e guest
+command -v genisoimage >/dev/null || need+=(genisoimage)    # its NoCloud seed (bench)
 new_cloud_init=0
 if [[ ! -f /usr/lib/python3/dist-packages/cloudinit/sources/DataSourceSmartOS.py ]]; then
     need+=(cloud-init)
@@ -66,6 +68,8 @@ fi
 .venv/bin/python -m compileall -q src >/dev/null
 
 ./tools/build-guest.sh .cache/guest >&2
+# The Debian 12 cloud guest of the metadata end-to-end test (~1-2 min, once).
+./tools/build-debian-guest.sh .cache/debian >&2
 
 # Where systemd runs, install (not enable) the unit, pointing at this checkout.
 if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null; then
