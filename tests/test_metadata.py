@@ -487,6 +487,28 @@ async def test_a_flood_costs_bounded_memory_and_spares_other_vms(guest_rig: Gues
     sock.close()
 
 
+async def test_writes_are_rate_bounded(guest_rig: Guest) -> None:
+    """A guest's PUTs (each a vm.json rewrite) come at most WRITE_RATE a
+    second past a burst, whatever the guest sends; reads are not held up."""
+    _, sock = await guest_rig.boot(UUID, {"alias": "writer"})
+    guest_rig.agents[-1]._writes = Bucket(50.0, 5)  # 50 a second, for a quick test
+    lines = b"".join(put(f"k{i}", "v") + b"\n" for i in range(30))
+
+    def scenario() -> float:
+        sock.setblocking(True)
+        t0 = time.monotonic()
+        sock.sendall(lines)
+        got = b""
+        while got.count(b"\n") < 30:
+            got += recv_until(sock, b"\n")
+        return time.monotonic() - t0
+
+    took = await in_thread(scenario)
+    assert took >= (30 - 5) / 50 * 0.9, took
+    assert len(guest_rig.store.load(UUID)["customer_metadata"]) == 30
+    sock.close()
+
+
 async def test_a_planted_ttyb_is_refused(tmp_path: Path) -> None:
     """A socket at vm.ttyb that the VM's qemu does not serve gets no byte."""
     store = Store(str(tmp_path / "zones"))

@@ -11,7 +11,8 @@ VM's lock, as ``vmadm update`` does.
 
 Whatever the guest writes costs the daemon bounded memory and time: a line
 longer than ``MAX_LINE`` is discarded as it arrives (never held whole), and
-requests are taken at most ``RATE`` a second (``BURST`` at once).  Past the
+requests are taken at most ``RATE`` a second (``BURST`` at once), and
+writes to ``vm.json`` at most ``WRITE_RATE`` a second (``WRITE_BURST``).  Past the
 rate the agent stops reading: the guest's serial port fills and its writes
 wait, so a flood slows the guest that sends it, and no one else.  Nothing
 the guest sends is logged but escaped and cut short.
@@ -37,6 +38,10 @@ log = logging.getLogger("vmadmd.metadata")
 
 RATE = 200.0  # requests a second, per VM
 BURST = 50
+# A write is a vm.json rewrite (fsync, and the daemon's own refresh of the
+# VM on seeing it): fewer of those.
+WRITE_RATE = 10.0
+WRITE_BURST = 20
 CHUNK = 65536
 RECONNECT_DELAY = 0.05
 MAX_RECONNECT_DELAY = 5.0
@@ -96,9 +101,17 @@ class Bucket:
 
 
 class MetadataAgent:
-    def __init__(self, uuid: str, store: Store, peer: Peer | None, rate: float = RATE) -> None:
+    def __init__(
+        self,
+        uuid: str,
+        store: Store,
+        peer: Peer | None,
+        rate: float = RATE,
+        write_rate: float = WRITE_RATE,
+    ) -> None:
         self.uuid = uuid
         self.rate = rate
+        self._writes = Bucket(write_rate, WRITE_BURST)
         self._store = store
         self._directory = store.paths(uuid).runtime_dir
         self._peer = peer  # the qemu that must serve vm.ttyb (no planted socket)
@@ -200,6 +213,9 @@ class MetadataAgent:
     async def _write(self, change: metadata.Change) -> bytes:
         """A guest's PUT or DELETE, made to vm.json under the VM's lock."""
         request = change.request
+        wait = self._writes.take()
+        if wait > 0:
+            await asyncio.sleep(wait)
         verb = "PUT" if change.value is not None else "DELETE"
         self._log.info("guest %s of %s key %s", verb, change.which,
                        metadata.printable(change.key))  # fmt: skip
