@@ -11,7 +11,10 @@ Three uses, one protocol implementation:
   tell it from qemu.
 * **In process** (``ServedVm``): the same VM served from a test's own event
   loop, for the in-process tests of the monitor, the supervisor and the
-  console (no daemon process, deterministic).
+  console (no daemon process, deterministic).  Its ``vm.ttyb`` (the guest's
+  ``ttyS1``, the metadata port) hands each connection to the test
+  (``ServedVm.ttyb``), which plays the guest; as the qemu binary, the port
+  is served by a guest that never asks.
 * **As a hub for scale runs** (``python -m harness.standin hub ...``): one
   process serves many VMs (``ServedVm`` each).
 
