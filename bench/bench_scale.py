@@ -23,14 +23,12 @@ import threading
 import time
 from typing import Any
 
-import aiohttp
-
 from vmadmd.cli.client import Client
 from vmadmd.vm.config import VmSettings
 from vmadmd.vm.layer import VmLayer
 from vmadmd.vm.sockets import connect_unix
 
-from .common import BIN, KeepAliveHttp, World, pct, world
+from .common import BIN, AsyncHttp, KeepAliveHttp, World, pct, world
 
 
 def rss_kib(pid: int) -> int:
@@ -94,8 +92,8 @@ class EventWatch:
 
 async def throughput(w: World, uuids: list[str], clients: int, seconds: float) -> tuple[int, int]:
     ok = errors = 0
-    conn = aiohttp.UnixConnector(path=w.socket, limit=clients)
-    async with aiohttp.ClientSession(connector=conn) as session:
+    session = AsyncHttp(w.socket, clients)
+    try:
         deadline = time.monotonic() + seconds
 
         async def worker(i: int) -> None:
@@ -104,14 +102,15 @@ async def throughput(w: World, uuids: list[str], clients: int, seconds: float) -
             while time.monotonic() < deadline:
                 uuid = uuids[n % len(uuids)]
                 n += clients
-                async with session.get(f"http://x/vm/{uuid}") as resp:
-                    await resp.read()
-                    if resp.status == 200:
-                        ok += 1
-                    else:
-                        errors += 1
+                status, _ = await session.request("GET", f"/vm/{uuid}")
+                if status == 200:
+                    ok += 1
+                else:
+                    errors += 1
 
         await asyncio.gather(*(worker(i) for i in range(clients)))
+    finally:
+        await session.close()
     return ok, errors
 
 

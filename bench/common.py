@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -17,8 +18,8 @@ from typing import Any
 from harness.world import REPO, World, bios_payload, new_cgroup_parents_removed
 
 __all__ = [
-    "BIN", "REPO", "KeepAliveHttp", "RawQmp", "World", "bios_payload", "cpu_seconds", "pct",
-    "summary_ms", "world",
+    "BIN", "REPO", "AsyncHttp", "KeepAliveHttp", "RawQmp", "World", "bios_payload", "cpu_seconds",
+    "pct", "summary_ms", "world",
 ]  # fmt: skip
 
 BIN = Path(sys.executable).parent
@@ -125,3 +126,54 @@ class KeepAliveHttp:
             self.buf += self.sock.recv(65536)
         body, self.buf = self.buf[:length], self.buf[length:]
         return status, body
+
+
+class AsyncHttp:
+    """Up to ``limit`` kept-alive HTTP/1.1 connections over the API socket, for
+    the load generators (h11's client side: the daemon's own dependency)."""
+
+    def __init__(self, path: str, limit: int) -> None:
+        self.path = path
+        self.slots = asyncio.Semaphore(limit)
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, Any]] = []
+        self.open: set[asyncio.StreamWriter] = set()
+
+    async def request(self, method: str, target: str) -> tuple[int, bytes]:
+        import h11
+
+        async with self.slots:
+            if self.idle:
+                reader, writer, conn = self.idle.pop()
+            else:
+                reader, writer = await asyncio.open_unix_connection(self.path)
+                conn = h11.Connection(h11.CLIENT)
+                self.open.add(writer)
+            head = [("Host", "x"), ("Content-Length", "0")]
+            writer.write(
+                conn.send(h11.Request(method=method, target=target, headers=head))
+                + conn.send(h11.EndOfMessage())
+            )
+            status, body = 0, bytearray()
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await reader.read(65536))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                    break
+            if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                conn.start_next_cycle()
+                self.idle.append((reader, writer, conn))
+            else:
+                writer.close()
+                self.open.discard(writer)
+            return status, bytes(body)
+
+    async def close(self) -> None:
+        for writer in self.open:
+            writer.close()
+        self.open.clear()
+        self.idle.clear()

@@ -14,7 +14,7 @@ of seconds, does one of:
   (``vmadm stop -F``) right behind it;
 * ``start x4``: a stopped VM started from 4 clients at once (exactly one
   may boot it);
-* ``daemon kill``: a stop with a 2 s deadline, then the daemon SIGKILLed
+* ``daemon kill``: a stop with a 5 s deadline, then the daemon SIGKILLed
   and started again: the new daemon must force that stop on time.
 
 Errors: any 5xx; a 4xx other than the 409 a VM caught stopping or starting
@@ -181,6 +181,7 @@ class Soak:
         # VMs the chaos loop is stopping or starting: a 409 for them is right.
         self.unsettled: set[str] = set()
         self.down = asyncio.Event()  # set while the daemon is being restarted
+        self.restarted = -1e9  # monotonic time the last restart ended
 
     # -- requests --------------------------------------------------------------
 
@@ -208,7 +209,11 @@ class Soak:
         """Find the VM's console port, connect, and read the RFB banner."""
         t0 = time.monotonic()
         port = None
-        give_up = t0 + 5  # a VM just booted opens its listener a moment later
+        # A VM just booted opens its listener a moment later; after a daemon
+        # restart every console is opened anew (a stand-in's listening socket
+        # is held by the hub, not by its "qemu", so it is not adopted as a
+        # real qemu's is, but bound and given again): longer then.
+        give_up = t0 + (15 if time.monotonic() - self.restarted < 15 else 5)
         while port is None and time.monotonic() < give_up:
             status, body = await self.call(http, "GET vnc", "GET", f"/vm/{uuid}?type=vnc", uuid)
             port = json.loads(body).get("vnc", {}).get("port") if status == 200 else None
@@ -364,7 +369,9 @@ class Soak:
             self.report.error("a start race did not boot the VM exactly once", str(booted))
 
     async def daemon_kill(self, http: Http, uuid: str) -> None:
-        deadline = await self.stop(http, uuid, 2)
+        # The new daemon must force this stop at its deadline, which it is
+        # up before (the restart and its sweep take ~1 s on a busy host).
+        deadline = await self.stop(http, uuid, 5)
         self.down.set()
         try:
             old = self.w.daemon
@@ -372,8 +379,11 @@ class Soak:
             old.kill()
             await asyncio.to_thread(old.wait)
             await asyncio.sleep(0.2)
+            t0 = time.monotonic()
             await asyncio.to_thread(self.w.start_daemon)
+            self.report.latencies["daemon restart"].append(time.monotonic() - t0)
         finally:
+            self.restarted = time.monotonic()
             self.down.clear()
         self.landed(deadline, await self.ended(uuid))
         await self.start(uuid)

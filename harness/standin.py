@@ -30,7 +30,9 @@ guest-panic); ``nofds`` (fds passed over QMP are lost, so ``getfd`` fails);
 (``add_client`` is never answered, and the fd stays registered, as in qemu,
 across connections); ``refuseadd`` (``add_client`` refused, its fd left
 registered); ``stalllisten`` (``display-update`` is never answered, the
-fd left registered); ``refuselisten`` (``display-update`` refused).  Like
+fd left registered); ``refuselisten`` (``display-update`` refused); ``hostile`` (an NMI makes it
+send huge events, forged VNC client fields and a SHUTDOWN with a made-up
+reason, then exit: a qemu its guest has taken over).  Like
 qemu, it takes client sockets passed over QMP (SCM_RIGHTS, ``getfd``,
 ``add_client``) and serves them as VNC clients, and accepts VNC clients
 itself on a listening socket given with ``display-update`` (telling of each
@@ -116,6 +118,7 @@ class FakeVm:
         self.named_fds: dict[str, int] = {}
         self.listener: socket.socket | None = None  # given with display-update
         self.commands: list[str] = []  # every QMP command received, in order
+        self.arguments: list[dict[str, Any]] = []  # ... and the arguments of each
 
     def _took_fds(self, fds: list[int]) -> None:
         """As qemu does: new fds replace those not yet claimed by getfd."""
@@ -249,6 +252,8 @@ class FakeVm:
         async for msg in _json_stream(reader):
             cmd = msg.get("execute", "") if isinstance(msg, dict) else ""
             self.commands.append(str(cmd))
+            args = msg.get("arguments") if isinstance(msg, dict) else None
+            self.arguments.append(args if isinstance(args, dict) else {})
             reply: dict[str, Any]
             if self.mode == "garbage" and negotiated:
                 writer.write(b'}{"return": garbage\n')
@@ -274,6 +279,19 @@ class FakeVm:
                 writer.write(json.dumps({"return": {}, **_id(msg)}).encode() + b"\n")
                 writer.write(_event("GUEST_PANICKED", action="pause"))
                 writer.write(_event("SHUTDOWN", **GUEST_PANIC))
+                await writer.drain()
+                self.on_quit()
+                return
+            elif cmd == "inject-nmi" and self.mode == "hostile":
+                # A qemu taken over by its guest: huge events, forged fields,
+                # terminal escapes; then it goes, saying whatever it likes.
+                writer.write(json.dumps({"return": {}, **_id(msg)}).encode() + b"\n")
+                for _ in range(8):
+                    writer.write(_event("RESET", guest=True, junk="x" * (1 << 20)))
+                writer.write(_event("VNC_CONNECTED", client={
+                    "family": "ipv4", "host": "\x1b]52;c;ZXZpbA==\x07" + "h" * 5000,
+                    "service": "5900", "websocket": False}))  # fmt: skip
+                writer.write(_event("SHUTDOWN", guest=False, reason="\x1b[2J\x1b]0;pwned\x07"))
                 await writer.drain()
                 self.on_quit()
                 return
@@ -633,8 +651,16 @@ class ServedVm:
 
     @classmethod
     async def start(
-        cls, runtime_dir: str, uuid: str, mode: str = "normal", *, vnc: bool = True
+        cls,
+        runtime_dir: str,
+        uuid: str,
+        mode: str = "normal",
+        *,
+        vnc: bool = True,
+        vnc_password: bool = False,
     ) -> ServedVm:
+        """``vnc_password``: as a qemu started with VNC password auth (what
+        vmadm does by default), so a daemon that requires one serves it."""
         os.makedirs(runtime_dir, exist_ok=True)
         holder: list[asyncio.subprocess.Process] = []
 
@@ -651,7 +677,8 @@ class ServedVm:
         ttyb: asyncio.Queue[socket.socket] = asyncio.Queue()
         servers.append(await _serve_unix(os.path.join(runtime_dir, "vm.ttyb"), ttyb.put_nowait))
         # qemu's identity and VNC mode are read off the command line.
-        argv = ["-uuid", uuid, *(["-vnc", "unix:vm.vnc"] if vnc else [])]
+        vnc_spec = "unix:vm.vnc,password=on" if vnc_password else "unix:vm.vnc"
+        argv = ["-uuid", uuid, *(["-vnc", vnc_spec] if vnc else [])]
         # The holder calls listen() on the sockets too: the kernel then names
         # it as their server (SO_PEERCRED), as qemu is for its own sockets,
         # and the daemon's peer check sees the VM's "qemu" serving them.
@@ -690,7 +717,8 @@ async def hub(zones_root: str, uuids: list[str]) -> None:
     from vmadmd.vm.store import Store
 
     store = Store(zones_root)
-    served = [await ServedVm.start(store.paths(u).runtime_dir, u) for u in uuids]
+    # As vmadm starts qemu by default: with VNC password auth.
+    served = [await ServedVm.start(store.paths(u).runtime_dir, u, vnc_password=True) for u in uuids]
     print(f"standin hub: {len(uuids)} VMs up", flush=True)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)

@@ -265,7 +265,13 @@ class World:
         )
 
     def pid(self, uuid: str) -> int | None:
-        return proc.find_vm_pid(str(self.runtime(uuid) / "vm.pid"), uuid)
+        from vmadmd.vm.layer import identity_of
+
+        try:
+            record = json.loads((Path(self.zones) / uuid / "vm.json").read_text())
+        except (OSError, ValueError):
+            record = {}
+        return proc.find_vm_pid(str(self.runtime(uuid) / "vm.pid"), uuid, identity_of(record))
 
     # -- the daemon -------------------------------------------------------
 

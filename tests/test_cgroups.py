@@ -161,9 +161,11 @@ esac
 """
 
 
-def fake_systemd(bindir: Path) -> None:
+def fake_systemd(bindir: Path, tree: Path) -> None:
+    """The fakes, their tree written in (the launcher gives the programs it
+    runs a fixed environment: no FAKE_CGROUP_ROOT reaches them)."""
     run = bindir / "systemd-run"
-    run.write_text(FAKE_SYSTEMD)
+    run.write_text(FAKE_SYSTEMD.replace("#!/bin/sh\n", f"#!/bin/sh\nFAKE_CGROUP_ROOT={tree}\n", 1))
     run.chmod(0o755)
     (bindir / "systemctl").symlink_to(run)
 
@@ -179,11 +181,10 @@ def test_systemd_scope_against_a_fake_systemd(env: Env, tmp_path: Path) -> None:
     (tree / "cgroup.controllers").write_text("cpu memory pids\n")
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    fake_systemd(bindir)
+    fake_systemd(bindir, tree)
     env.extra_env.update(
         VMADM_CGROUP_MANAGER="systemd",
         VMADM_CGROUP_ROOT=str(tree),
-        FAKE_CGROUP_ROOT=str(tree),
         PATH=f"{bindir}:{os.environ['PATH']}",
     )
     env.start_daemon()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import re
@@ -12,17 +13,18 @@ import ssl
 import struct
 import subprocess
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from vmadmd.daemon.console import TokenStore
 
 from . import rfb
 from .conftest import Env, bios_payload, guest_payload
+from .wsclient import Refused, WsClient
 
 U1 = "0b3f1c2e-9a4d-4f5e-8b6a-1c2d3e4f5a6b"
 
@@ -64,45 +66,72 @@ def console_url(env: Env, uuid: str) -> str:
     return url
 
 
+def split_url(url: str) -> tuple[int, str]:
+    """(port, path) of a console URL on 127.0.0.1."""
+    parts = urllib.parse.urlsplit(url)
+    assert parts.port is not None
+    return parts.port, parts.path + (f"?{parts.query}" if parts.query else "")
+
+
+async def open_ws(url: str, channel: str = "/ws", **kw: Any) -> WsClient:
+    port, path = split_url(url)
+    return await WsClient.connect(path + channel, port=port, subprotocols=("binary",), **kw)
+
+
 async def ws_server_name(url: str, password: str, query: str = "") -> str:
     """Open the console WebSocket, pass qemu's VNC auth with ``password`` and
     read the RFB ServerInit name."""
-    ws_url = url.replace("http://", "ws://") + "/ws" + query
-    async with (
-        aiohttp.ClientSession() as session,
-        session.ws_connect(ws_url, protocols=("binary",)) as ws,
-    ):
-        buf = b""
+    ws = await open_ws(url, "/ws" + query)
+    assert ws.subprotocol == "binary"
+    buf = b""
 
-        async def need(n: int) -> bytes:
-            nonlocal buf
-            while len(buf) < n:
-                msg = await ws.receive(timeout=10)
-                assert msg.type == aiohttp.WSMsgType.BINARY, msg
-                buf += msg.data
-            out, buf = buf[:n], buf[n:]
-            return out
+    async def need(n: int) -> bytes:
+        nonlocal buf
+        while len(buf) < n:
+            data = await ws.receive(10)
+            assert data is not None, (ws.close_code, ws.close_reason)
+            buf += data
+        out, buf = buf[:n], buf[n:]
+        return out
 
+    try:
         assert await need(12) == b"RFB 003.008\n"
-        await ws.send_bytes(b"RFB 003.008\n")
+        await ws.send(b"RFB 003.008\n")
         count = (await need(1))[0]
         assert 2 in await need(count)  # VNC auth: a password is required by default
-        await ws.send_bytes(b"\x02")
-        await ws.send_bytes(rfb.vnc_auth_response(password, await need(16)))
+        await ws.send(b"\x02")
+        await ws.send(rfb.vnc_auth_response(password, await need(16)))
         assert await need(4) == b"\0\0\0\0"
-        await ws.send_bytes(b"\x01")
+        await ws.send(b"\x01")
         await need(4 + 16)
         (length,) = struct.unpack(">I", await need(4))
         return (await need(length)).decode()
+    finally:
+        await ws.close()
 
 
-async def ws_status(url: str) -> int:
-    async with aiohttp.ClientSession() as session:
-        try:
-            async with session.ws_connect(url.replace("http://", "ws://") + "/ws"):
-                return 101
-        except aiohttp.WSServerHandshakeError as err:
-            return err.status
+async def ws_status(url: str, channel: str = "/ws", **kw: Any) -> int:
+    try:
+        ws = await open_ws(url, channel, **kw)
+    except Refused as err:
+        return err.status if err.error["code"] else 0  # always a JSON error
+    await ws.close()
+    return 101
+
+
+def fetch(url: str, tls: ssl.SSLContext | None = None) -> tuple[int, dict[str, str], bytes]:
+    port, path = split_url(url)
+    conn: http.client.HTTPConnection
+    if tls is not None:
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=tls, timeout=10)
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
 
 
 def test_tokens_refused_and_bound_to_their_vm(env: Env) -> None:
@@ -271,12 +300,9 @@ def test_page_headers_origin_and_a_hostile_alias(env: Env) -> None:
     env.wait_qmp(uuid)
     url = console_url(env, uuid)
 
-    async def fetch() -> tuple[dict[str, str], str]:
-        async with aiohttp.ClientSession() as session, session.get(url) as resp:
-            assert resp.status == 200
-            return dict(resp.headers), await resp.text()
-
-    headers, body = asyncio.run(fetch())
+    status, headers, raw_body = fetch(url)
+    assert status == 200
+    body = raw_body.decode()
     assert headers["X-Frame-Options"] == "DENY"
     csp = headers["Content-Security-Policy"]
     assert "frame-ancestors 'none'" in csp
@@ -290,19 +316,9 @@ def test_page_headers_origin_and_a_hostile_alias(env: Env) -> None:
     assert body.count("<script") == 3  # the page's own, and no more
 
     # A WebSocket from another page's origin is refused; the token stays unspent.
-    async def from_origin(origin: str) -> int:
-        async with aiohttp.ClientSession() as session:
-            try:
-                async with session.ws_connect(
-                    url.replace("http://", "ws://") + "/ws", headers={"Origin": origin}
-                ):
-                    return 101
-            except aiohttp.WSServerHandshakeError as err:
-                return err.status
-
-    assert asyncio.run(from_origin("http://evil.example")) == 403
+    assert asyncio.run(ws_status(url, origin="http://evil.example")) == 403
     own = url.split("/console/")[0]
-    assert asyncio.run(from_origin(own)) == 101
+    assert asyncio.run(ws_status(url, origin=own)) == 101
 
 
 def test_bad_tokens_are_warned_about_sparingly(env: Env) -> None:
@@ -358,19 +374,94 @@ def test_tls_consoles_and_no_clear_text_on_the_network(env: Env) -> None:
     url = console_url(env, uuid)
     assert url.startswith("https://127.0.0.1:")
 
-    async def fetch() -> int:
-        ctx = ssl.create_default_context(cafile=str(cert))
-        ctx.check_hostname = False
-        async with (
-            aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as session,
-            session.get(url) as resp,
-        ):
-            return resp.status
+    ctx = ssl.create_default_context(cafile=str(cert))
+    ctx.check_hostname = False
+    status, headers, body = fetch(url, ctx)
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/html")
+    assert b"/novnc/core/rfb.js" in body
+    # The WebSocket over TLS: qemu's RFB greeting through it.
+    port, path = split_url(url)
 
-    assert asyncio.run(fetch()) == 200
+    async def greeting() -> bytes | None:
+        ws = await WsClient.connect(path + "/ws", port=port, tls=ctx, subprotocols=("binary",))
+        try:
+            return await ws.receive(10)
+        finally:
+            await ws.close()
+
+    assert asyncio.run(greeting()) == b"RFB 003.008\n"
     # Plain HTTP on a non-loopback address: refused at start, unless insisted on.
     env.stop_daemon()
     refused = env.start_daemon("--console-listen", "0.0.0.0:0", wait=False)
     assert refused.wait(timeout=20) == 1
     assert "in clear" in env.daemon_log(tail=None)
     env.start_daemon("--console-listen", "0.0.0.0:0", "--console-insecure")
+
+
+def test_both_channels_end_after_the_idle_timeout(env: Env) -> None:
+    """The screen and the serial console of a token close alike, with the
+    reason, once the viewer typed nothing for --console-idle-timeout; typing
+    keeps a channel open."""
+    env.start_daemon("--console-listen", "127.0.0.1:0", "--console-idle-timeout", "1.5")
+    uuid = env.run_vm()
+    url = console_url(env, uuid)
+
+    async def until_closed(ws: WsClient, typing: bool) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 15:
+            if typing and time.monotonic() - t0 < 2.5:
+                await ws.send(b" ")
+            try:
+                if await ws.receive(0.5) is None:
+                    break
+            except TimeoutError:
+                continue
+        assert ws.close_reason == "idle timeout", (ws.close_code, ws.close_reason)
+        return time.monotonic() - t0
+
+    async def scenario() -> tuple[float, float]:
+        serial = await open_ws(url, "/serial")
+        screen = await open_ws(url, "/ws")
+        try:
+            took = await asyncio.gather(until_closed(serial, True), until_closed(screen, False))
+        finally:
+            await serial.close()
+            await screen.close()
+        return took[0], took[1]
+
+    serial_took, screen_took = asyncio.run(scenario())
+    assert 1.2 < screen_took < 4, screen_took
+    assert 3.5 < serial_took < 7, serial_took  # typed for 2.5 s, then idle
+
+
+def test_static_files_never_leave_their_directory(env: Env) -> None:
+    """noVNC's and xterm.js's files: served with their type; no link followed,
+    no ``..``, no encoded slash, nothing but regular files; JSON 404 otherwise."""
+    novnc = env.tmp / "novnc"
+    (novnc / "core").mkdir(parents=True)
+    (novnc / "core" / "rfb.js").write_text("export default 1;\n")
+    (novnc / "secret-link").symlink_to("/etc/passwd")
+    (novnc / "dir-link").symlink_to(novnc / "core")
+    os.mkfifo(novnc / "fifo")
+    (env.tmp / "outside.js").write_text("no")
+    env.start_daemon("--console-listen", "127.0.0.1:0", "--novnc-dir", str(novnc))
+    uuid = env.run_vm()
+    base = console_url(env, uuid).split("/console/")[0]
+    status, headers, body = fetch(base + "/novnc/core/rfb.js")
+    assert (status, body) == (200, b"export default 1;\n")
+    assert headers["Content-Type"] == "text/javascript"
+    for path in (
+        "/novnc/secret-link",
+        "/novnc/dir-link/rfb.js",
+        "/novnc/fifo",
+        "/novnc/core",
+        "/novnc/core/",
+        "/novnc/../outside.js",
+        "/novnc/%2E%2E/outside.js",
+        "/novnc/core%2F..%2F..%2Foutside.js",
+        "/novnc/nothing.js",
+    ):
+        status, headers, body = fetch(base + path)
+        assert status == 404, (path, status, body)
+        assert json.loads(body)["error"]["code"] == "NotFound", (path, body)

@@ -94,7 +94,8 @@ def test_info_screenshot_reset_nmi_on_real_guest(
     assert info["version"]["qemu"]["major"] >= 7
     assert info["status"]["status"] == "running"
     assert [c["cpu-index"] for c in info["cpus"]] == [0]
-    assert info["kvm"] == {"enabled": False, "present": info["kvm"]["present"]}
+    # TCG here; KVM is built into Debian's qemu (present), not in use (enabled).
+    assert info["kvm"] == {"enabled": False, "present": True}
     assert any(b["device"] == "" or "disk0" in json.dumps(b) for b in info["block"])
     assert any(c["label"] == "serial0" for c in info["chardev"])
     assert info["pci"][0]["devices"]

@@ -1,4 +1,4 @@
-"""The API socket's HTTP front (``vmadmd.daemon.http``) and its hand-over to aiohttp."""
+"""The daemon's HTTP server (``vmadmd.daemon.server``, h11) on the API socket."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ import contextlib
 import json
 import os
 import socket
+import stat
 import threading
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
-from vmadmd.daemon.http import Front, Reply, Request
+import pytest
+
+from vmadmd.daemon.http import Reply, Request, Router, Service, Stream
+from vmadmd.daemon.server import MAX_HEAD, HttpServer
 from vmadmd.vm.sockets import connect_unix
 
 from .conftest import Env, bios_payload
@@ -77,7 +79,7 @@ def test_pipelined_requests_answered_in_order_on_one_connection(env: Env) -> Non
     uuid = env.create(bios_payload())
     sock = connect(env)
     replies = Responses(sock)
-    # Four requests in one write: the front serves them one after another.
+    # Four requests in one write: served one after another.
     sock.sendall(
         b"GET /ping HTTP/1.1\r\nHost: x\r\nX-Request-Id: first\r\n\r\n"
         + f"GET /vm/{uuid}?type=version HTTP/1.1\r\nHost: x\r\n".encode()
@@ -94,7 +96,7 @@ def test_pipelined_requests_answered_in_order_on_one_connection(env: Env) -> Non
     assert (status, code(body)) == (404, "NotFound")
     assert headers["x-request-id"]  # one is made up when the client gave none
     status, headers, body = replies.next()
-    assert (status, code(body), headers["allow"]) == (405, "MethodNotAllowed", "GET")
+    assert (status, code(body), headers["allow"]) == (405, "MethodNotAllowed", "GET,HEAD")
     # Still open, still served.
     sock.sendall(b"GET /vms HTTP/1.1\r\nHost: x\r\n\r\n")
     status, _, body = replies.next()
@@ -125,10 +127,9 @@ def test_a_request_trickled_in_pieces_is_served(env: Env) -> None:
     sock.close()
 
 
-def test_unusual_requests_go_to_aiohttp_with_the_same_answers(env: Env) -> None:
-    """Chunked bodies, percent-encoded paths, HTTP/1.0, HEAD and other methods
-    are handed over whole; the answers are the ones the front gives, and the
-    connection goes on being served after the hand-over."""
+def test_unusual_requests_get_the_same_answers(env: Env) -> None:
+    """Chunked bodies, percent-encoded paths, HTTP/1.0 and HEAD are served by the
+    one parser and the one envelope: the same answers as the plain request."""
     env.start_daemon()
     uuid = env.create(bios_payload())
     form = "Content-Type: application/x-www-form-urlencoded\r\n"
@@ -139,7 +140,7 @@ def test_unusual_requests_go_to_aiohttp_with_the_same_answers(env: Env) -> None:
         "Transfer-Encoding: chunked\r\n\r\n6\r\naction\r\n6\r\n=reset\r\n0\r\n\r\n",
         "percent-encoded": f"POST /%76m/{uuid} HTTP/1.1\r\nHost: x\r\n{form}"
         "Content-Length: 12\r\n\r\naction=reset",
-        "http/1.0": f"POST /vm/{uuid} HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n{form}"
+        "expect": f"POST /vm/{uuid} HTTP/1.1\r\nHost: x\r\n{form}Expect: 100-continue\r\n"
         "Content-Length: 12\r\n\r\naction=reset",
     }
     answers: dict[str, tuple[int, str]] = {}
@@ -148,28 +149,46 @@ def test_unusual_requests_go_to_aiohttp_with_the_same_answers(env: Env) -> None:
         replies = Responses(sock)
         sock.sendall(request.encode())
         status, headers, body = replies.next()
+        if status == 100:
+            status, headers, body = replies.next()
         answers[name] = (status, code(body))
         assert headers["x-request-id"], name
-        # The same connection serves the next request (aiohttp's, after a hand-over).
+        # The same connection serves the next request.
         sock.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
         assert replies.next()[0] == 200, name
         sock.close()
     assert set(answers.values()) == {(409, "WrongState")}, answers
-    # HEAD is a GET without a body; an unknown method on a known path is a 405.
+    # HTTP/1.0: answered (JSON), then closed: 1.0 has no keep-alive here.
+    reply = env.raw_http(
+        f"POST /vm/{uuid} HTTP/1.0\r\nConnection: keep-alive\r\n{form}"
+        "Content-Length: 12\r\n\r\naction=reset".encode()
+    )
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 409 "), head
+    assert code(body) == "WrongState"
+    reply = env.raw_http(b"GET /nope HTTP/1.0\r\n\r\n")
+    assert code(reply.partition(b"\r\n\r\n")[2]) == "NotFound"
+    # HEAD is a GET without a body, errors included; an unknown method on a
+    # known path is a 405.
     sock = connect(env)
     replies = Responses(sock)
     sock.sendall(b"HEAD /ping HTTP/1.1\r\nHost: x\r\n\r\n")
     status, headers, _ = replies.next(head_only=True)
     assert status == 200
     assert headers["content-type"].startswith("application/json")
+    assert int(headers["content-length"]) > 0
+    sock.sendall(f"HEAD /vm/{uuid}%0A HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    status, headers, _ = replies.next(head_only=True)
+    assert status == 404
+    assert headers["content-type"].startswith("application/json")
     sock.sendall(b"HEAD /events HTTP/1.1\r\nHost: x\r\n\r\n")
     status, headers, _ = replies.next(head_only=True)
     assert (status, headers["allow"]) == (405, "GET")
     sock.sendall(b"PUT /vms HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
     status, headers, body = replies.next()
-    assert (status, code(body), headers["allow"]) == (405, "MethodNotAllowed", "GET,POST")
+    assert (status, code(body), headers["allow"]) == (405, "MethodNotAllowed", "GET,HEAD,POST")
     sock.close()
-    # A bad JSON body is the same 400 on both sides.
+    # A bad JSON body is the same 400 however it is framed.
     for extra in (
         "Content-Length: 5\r\n\r\n{nope",
         "Transfer-Encoding: chunked\r\n\r\n5\r\n{nope\r\n0\r\n\r\n",
@@ -182,6 +201,47 @@ def test_unusual_requests_go_to_aiohttp_with_the_same_answers(env: Env) -> None:
         status, _, body = Responses(sock).next()
         assert (status, code(body)) == (400, "InvalidParameter"), extra
         sock.close()
+
+
+def test_odd_paths_and_malformed_heads_get_json_errors(env: Env) -> None:
+    """What aiohttp used to answer in plain text (``404: Not Found``) or
+    with its own 400: every one a JSON error, with a request id."""
+    env.start_daemon()
+    uuid = env.create(bios_payload())
+    close = "Connection: close\r\n"
+    cases = {
+        f"GET /vm/{uuid}%0A HTTP/1.1\r\nHost: x\r\n{close}\r\n": (404, "InvalidUuid"),
+        f"GET /vm/{uuid}%2Finfo HTTP/1.1\r\nHost: x\r\n{close}\r\n": (404, "InvalidUuid"),
+        f"GET /ping%0A HTTP/1.1\r\nHost: x\r\n{close}\r\n": (404, "NotFound"),
+        "GET /p ing HTTP/1.1\r\nHost: x\r\n\r\n": (400, "BadRequest"),
+        "GET /ping HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n": (400, "BadRequest"),
+        "GET /ping HTTP/1.1\r\nHost: x\r\nX: a\rInjected: b\r\n\r\n": (400, "BadRequest"),
+        "GET /ping HTTP/1.1\r\n\r\n": (400, "BadRequest"),  # no Host
+        "GET /ping HTTP/9.9\r\nHost: x\r\n\r\n": (505, "HttpVersionNotSupported"),
+        "\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n": (400, "BadRequest"),
+        "POST /vms HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n": (400, "BadRequest"),
+        "POST /vms HTTP/1.1\r\nHost: x\r\nContent-Length: 1, 2\r\n\r\nab": (400, "BadRequest"),
+        "POST /vms HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n": (
+            400,
+            "BadRequest",
+        ),
+        f"GET /ping HTTP/1.1\r\nHost: x\r\nX: {'y' * 40000}\r\n\r\n": (431, "HeadTooLarge"),
+    }
+    # A request id that cannot go back out in a header is replaced, not echoed.
+    reply = env.raw_http(
+        b"GET /ping HTTP/1.1\r\nHost: x\r\nX-Request-Id: caf\xe9\r\n" + close.encode() + b"\r\n"
+    )
+    assert reply.startswith(b"HTTP/1.1 200 "), reply[:200]
+    assert b"caf" not in reply.partition(b"\r\n\r\n")[0]
+    for request, (want_status, want_code) in cases.items():
+        reply = env.raw_http(request.encode("latin-1"))
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(f"HTTP/1.1 {want_status} ".encode()), (request[:60], reply[:300])
+        assert b"application/json" in head, (request[:60], head)
+        assert b"X-Request-Id: " in head, head
+        assert code(body) == want_code, (request[:60], body)
+    assert env.api("GET", "/ping")[0] == 200
 
 
 def test_no_header_injection_through_the_request_id(env: Env) -> None:
@@ -233,116 +293,248 @@ def test_a_client_that_never_reads_its_answers_costs_bounded_memory(env: Env) ->
     greedy.close()
 
 
-# -- the front alone, in process ------------------------------------------------
+# -- the server alone, in process ------------------------------------------------
 
 
-class _Recorder(asyncio.Protocol):
-    """Stands in for aiohttp's protocol: records what it is given."""
-
-    def __init__(self) -> None:
-        self.data = b""
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.data += data
-        if self.data.endswith(b"done"):
-            assert self.transport is not None
-            self.transport.write(b"recorder got it all")
-            self.transport.close()
-
-
-async def _front(
-    tmp_path: Path, web: Callable[[], Awaitable[Any]], *, client_timeout: float
-) -> tuple[Front, str, list[str]]:
-    """A front on its own socket, answering every GET with ``{}``; the paths it served."""
+async def _server(tmp_path: Path, *, client_timeout: float) -> tuple[HttpServer, str, list[str]]:
+    """A server on its own socket, answering every request with ``{}``; the paths it served."""
     served: list[str] = []
 
-    async def dispatch(request: Request, route: str | None, allowed: frozenset[str]) -> Reply:
+    async def answer(request: Request) -> Reply:
         served.append(request.path)
         return Reply(200, b"{}")
 
-    def resolve(method: str, path: str) -> tuple[str | None, dict[str, str], frozenset[str]]:
-        return path, {}, frozenset({"GET"})
-
-    front = Front(
-        dispatch, resolve, web, web_only=frozenset(), client_timeout=client_timeout, max_body=1024
-    )
+    router = Router()
+    router.add("/{path*}", "GET", answer)
+    router.add("/{path*}", "POST", answer)
+    server = HttpServer(Service(router), client_timeout=client_timeout, max_body=1024)
     path = str(tmp_path / "api.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
-    await front.start(listener)
-    return front, path, served
+    await server.start(listener)
+    return server, path, served
 
 
-async def test_hand_over_gives_aiohttp_every_byte_from_the_request_on(tmp_path: Path) -> None:
-    """The front answers what it parses; at the first request it does not,
-    the other server gets that request and everything after it, in order,
-    including bytes that arrive later; the front never parses them again."""
-    recorders: list[_Recorder] = []
-
-    async def web() -> Any:
-        def factory() -> asyncio.Protocol:
-            recorders.append(_Recorder())
-            return recorders[-1]
-
-        return factory
-
-    front, path, served = await _front(tmp_path, web, client_timeout=5)
-    try:
-        reader, writer = await asyncio.open_unix_connection(path)
-        handed = b"GET /two HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /three"
-        writer.write(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n" + handed)
-        await writer.drain()
-        head = await asyncio.wait_for(reader.readuntil(b"{}"), 5)
-        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
-        writer.write(b" HTTP/1.1\r\n\r\ndone")
-        await writer.drain()
-        rest = await asyncio.wait_for(reader.read(), 5)
-        assert rest == b"recorder got it all"
-        writer.close()
-        assert served == ["/one"]
-        assert len(recorders) == 1
-        assert recorders[0].data == handed + b" HTTP/1.1\r\n\r\ndone"
-    finally:
-        await front.close(1.0)
+async def _trickle(path: str, data: bytes, every: float, limit: float) -> float:
+    """Send ``data`` a byte every ``every`` s; how long until the server closed."""
+    reader, writer = await asyncio.open_unix_connection(path)
+    t0 = time.monotonic()
+    for byte in data:
+        if reader.at_eof() or writer.is_closing():
+            break
+        try:
+            writer.write(bytes([byte]))
+        except ConnectionError:  # closed under the trickle: what is wanted
+            break
+        await asyncio.sleep(every)
+        if time.monotonic() - t0 > limit:
+            break
+    with contextlib.suppress(ConnectionError):
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    return time.monotonic() - t0
 
 
-async def test_front_closes_idle_and_trickling_clients(tmp_path: Path) -> None:
-    async def web() -> Any:
-        raise AssertionError("nothing here is handed over")
-
-    front, path, _ = await _front(tmp_path, web, client_timeout=0.3)
+async def test_server_closes_idle_and_trickling_clients(tmp_path: Path) -> None:
+    """One deadline per request, from when it may begin to its last body byte:
+    idle, a trickled head and a trickled chunked body are all closed at it."""
+    server, path, served = await _server(tmp_path, client_timeout=0.5)
     try:
         # Served, then idle past the bound: closed.
         reader, writer = await asyncio.open_unix_connection(path)
-        writer.write(b"GET /a HTTP/1.1\r\n\r\n")
+        writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (await reader.readuntil(b"{}")).startswith(b"HTTP/1.1 200")
         t0 = time.monotonic()
         assert await asyncio.wait_for(reader.read(), 5) == b""
-        assert 0.2 < time.monotonic() - t0 < 2
+        assert 0.4 < time.monotonic() - t0 < 2
+        writer.close()
         # A byte every 0.1 s never completes a head: closed at the bound all the same.
+        head = b"GET /slow HTTP/1.1\r\nHost: x\r\nX: " + b"y" * 100
+        assert await _trickle(path, head, 0.1, 5) < 1.5
+        # A chunked body trickled a chunk at a time: closed at the bound too.
+        body = b"POST /body HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
         reader, writer = await asyncio.open_unix_connection(path)
+        writer.write(body)
         t0 = time.monotonic()
-        for byte in b"GET /slow HTTP/1.1\r\nX: y\r\n":
-            if reader.at_eof() or writer.is_closing():
-                break
+        closed = None
+        while time.monotonic() - t0 < 5:
             try:
-                writer.write(bytes([byte]))
-            except ConnectionError:  # closed under the trickle: what is wanted
+                writer.write(b"1\r\nx\r\n")
+                await writer.drain()
+            except ConnectionError:
+                closed = time.monotonic() - t0
                 break
-            await asyncio.sleep(0.1)
-            if time.monotonic() - t0 > 3:
+            if reader.at_eof():
+                closed = time.monotonic() - t0
                 break
-        with contextlib.suppress(ConnectionError):
-            assert await asyncio.wait_for(reader.read(), 5) == b""
-        assert time.monotonic() - t0 < 1.5
-        assert not front.connections
+            with contextlib.suppress(TimeoutError):
+                if await asyncio.wait_for(reader.read(1), 0.1) == b"":
+                    closed = time.monotonic() - t0
+                    break
+        writer.close()
+        assert closed is not None
+        assert closed < 1.5
+        assert served == ["/a"]
+        await asyncio.sleep(0.1)
+        assert not server.connections
     finally:
-        await front.close(1.0)
+        await server.close(1.0)
+
+
+async def test_pipelined_requests_past_an_upgrade_refusal_are_not_smuggled(tmp_path: Path) -> None:
+    """A request the server refuses ends the connection: bytes after it are
+    never read as a request of their own."""
+    server, path, served = await _server(tmp_path, client_timeout=5)
+    try:
+        reader, writer = await asyncio.open_unix_connection(path)
+        writer.write(
+            b"POST /one HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        reply = await asyncio.wait_for(reader.read(), 5)
+        assert reply.startswith(b"HTTP/1.1 400 "), reply
+        assert reply.count(b"HTTP/1.1") == 1
+        writer.close()
+        assert served == []
+    finally:
+        await server.close(1.0)
+
+
+def test_a_trickled_chunked_body_is_cut_off_at_the_client_timeout(env: Env) -> None:
+    """A chunk every 0.2 s never ends the body: the daemon closes the
+    connection at --client-timeout (it used to stay open past 45 s)."""
+    env.start_daemon("--client-timeout", "1")
+    sock = connect(env)
+    sock.sendall(b"POST /vms HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    t0 = time.monotonic()
+    closed = None
+    while time.monotonic() - t0 < 10:
+        try:
+            sock.sendall(b"1\r\nx\r\n")
+            sock.settimeout(0.2)
+            if sock.recv(65536) == b"":
+                closed = time.monotonic() - t0
+                break
+        except TimeoutError:
+            continue
+        except OSError:  # reset under the trickle: closed all the same
+            closed = time.monotonic() - t0
+            break
+    sock.close()
+    assert closed is not None, "still open after 10 s"
+    assert 0.8 < closed < 2.5, closed
+    assert env.api("GET", "/ping")[0] == 200
+
+
+async def test_a_client_far_ahead_of_its_answers_is_not_read_further(tmp_path: Path) -> None:
+    """Pipelined requests sent faster than they are served, answers read: the
+    server's buffer of requests not yet served stays bounded (it used to be
+    bounded only while the client also left its answers unread)."""
+    most = 0
+    server: HttpServer | None = None
+
+    async def slow(request: Request) -> Reply:
+        nonlocal most
+        assert server is not None
+        for conn in server.connections:
+            most = max(most, len(conn.conn.trailing_data[0]))
+        await asyncio.sleep(0.001)
+        return Reply(200, b"{}")
+
+    router = Router()
+    router.add("/slow", "GET", slow)
+    server = HttpServer(Service(router), client_timeout=10, max_body=1024)
+    path = str(tmp_path / "api.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    await server.start(listener)
+    count = 4000
+    request = b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    def client() -> int:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(path)
+        sock.settimeout(30)
+
+        def send() -> None:
+            sock.sendall(request * count)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        got = b""
+        while got.count(b"HTTP/1.1 200") < count:
+            chunk = sock.recv(65536)
+            assert chunk
+            got += chunk
+        sender.join()
+        sock.close()
+        return got.count(b"HTTP/1.1 200")
+
+    try:
+        assert await asyncio.to_thread(client) == count
+    finally:
+        await server.close(1.0)
+    assert most <= MAX_HEAD + 1024 + 64 * 1024, most  # the bound, plus one read
+
+
+async def test_a_stream_ends_as_soon_as_its_client_hangs_up(tmp_path: Path) -> None:
+    """A quiet event stream notices its client's close at once, not at its
+    next write (a subscriber would be counted meanwhile)."""
+    ended = asyncio.Event()
+
+    async def quiet(request: Request) -> Reply:
+        async def stream(out: Stream) -> None:
+            try:
+                await out.send(b": hello\n\n")
+                await asyncio.sleep(60)
+            finally:
+                ended.set()
+
+        return Reply(200, b"", "text/event-stream", stream=stream)
+
+    router = Router()
+    router.add("/events", "GET", quiet, stream=True)
+    server = HttpServer(Service(router), client_timeout=30, max_body=1024)
+    path = str(tmp_path / "api.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    await server.start(listener)
+    try:
+        reader, writer = await asyncio.open_unix_connection(path)
+        writer.write(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b": hello" in await asyncio.wait_for(reader.readuntil(b": hello\n\n"), 5)
+        writer.close()
+        await asyncio.wait_for(ended.wait(), 2)
+    finally:
+        await server.close(1.0)
+
+
+def test_a_full_backlog_of_idle_clients_does_not_stop_a_new_one(env: Env) -> None:
+    """300 clients connect and say nothing: a new client's non-blocking
+    connect still succeeds (the backlog is SOMAXCONN, and the daemon accepts
+    them all) and its /ping is answered."""
+    env.start_daemon()
+    idle = []
+    try:
+        for _ in range(300):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            s.connect(env.socket)  # EAGAIN here would mean a full backlog
+            idle.append(s)
+        late = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        late.setblocking(False)
+        late.connect(env.socket)
+        late.settimeout(10)
+        late.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while chunk := late.recv(65536):
+            reply += chunk
+        late.close()
+        assert reply.startswith(b"HTTP/1.1 200 "), reply[:200]
+    finally:
+        for s in idle:
+            s.close()
+    assert socket.SOMAXCONN > 300
 
 
 def test_vmadm_info_prints_a_daemon_without_pretty_the_same_way(env: Env, tmp_path: Path) -> None:
@@ -378,3 +570,58 @@ def test_vmadm_info_prints_a_daemon_without_pretty_the_same_way(env: Env, tmp_pa
     assert res.returncode == 0, res.stderr
     assert res.stdout == json.dumps(answer, indent=2, sort_keys=True) + "\n"
     assert b"pretty=true" in requests[0]
+
+
+@pytest.mark.parametrize(
+    "kind", ["link-to-dir", "link-to-file", "dangling-link", "file", "empty-dir"]
+)
+def test_a_non_socket_at_the_api_path_is_replaced_never_followed(env: Env, kind: str) -> None:
+    """Whatever sits at the socket's path (a link, a file, an empty directory:
+    in /tmp anyone may put one there) does not stop the daemon from starting;
+    a link is replaced itself, and what it points to is untouched."""
+    target = env.tmp / "elsewhere"
+    target.mkdir()
+    keep = target / "precious"
+    keep.write_text("keep me")
+    path = Path(env.socket)
+    if kind == "link-to-dir":
+        path.symlink_to(target)
+    elif kind == "link-to-file":
+        path.symlink_to(keep)
+    elif kind == "dangling-link":
+        path.symlink_to(env.tmp / "nowhere")
+    elif kind == "file":
+        path.write_text("not a socket")
+    else:
+        path.mkdir()
+    env.start_daemon()
+    assert env.api("GET", "/ping")[0] == 200
+    assert stat.S_ISSOCK(os.lstat(path).st_mode)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert keep.read_text() == "keep me"
+    assert sorted(os.listdir(target)) == ["precious"]
+    assert not (env.tmp / "nowhere").exists()
+    assert "replaced" in env.daemon_log(tail=None)
+
+
+def test_a_directory_with_content_at_the_api_path_is_moved_aside(env: Env) -> None:
+    """Anyone may make a directory at /tmp/vmadmd.http (a VM's user too): it
+    must not keep the daemon from starting, and what is in it is kept."""
+    path = Path(env.socket)
+    path.mkdir()
+    (path / "something").write_text("not ours")
+    env.start_daemon()
+    assert stat.S_ISSOCK(os.lstat(path).st_mode)
+    moved = [p for p in path.parent.iterdir() if p.name.startswith(path.name + ".moved-")]
+    assert len(moved) == 1
+    assert (moved[0] / "something").read_text() == "not ours"
+    assert "moved to" in env.daemon_log(tail=None)
+
+
+def test_an_unbindable_api_path_is_one_clear_line(env: Env) -> None:
+    missing = env.tmp / "no-such-dir" / "vmadmd.sock"
+    daemon = env.start_daemon("--socket", str(missing), wait=False)
+    assert daemon.wait(timeout=20) == 1
+    log = env.daemon_log(tail=None)
+    assert f"vmadmd: cannot bind the API socket {missing}: No such file or directory" in log, log
+    assert "Traceback" not in log, log

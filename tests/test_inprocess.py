@@ -236,7 +236,9 @@ async def test_monitor_never_attaches_to_the_next_qemu_of_its_vm(rig: Rig) -> No
 
 
 async def test_monitor_typed_operations_and_events(rig: Rig) -> None:
-    await rig.serve()
+    """Each typed operation sends its one command with its arguments, and
+    what qemu tells comes back typed (a lifecycle event, how it shut down)."""
+    served = await rig.serve()
     mon = rig.monitor()
     mon.start()
     try:
@@ -247,10 +249,21 @@ async def test_monitor_typed_operations_and_events(rig: Rig) -> None:
         await until(lambda: any(name == "RESET" for name, _ in rig.events))
         await mon.inject_nmi()
         await mon.set_vnc_password("secret")
+        await mon.wake_display()
+        await mon.powerdown()  # the stand-in's guest obeys: SHUTDOWN (guest)
+        await until(lambda: any(name == "shutdown" for name, _ in rig.events))
     finally:
         await mon.close()
-    ok = rig.metrics.qmp_commands.labels("query-version", "ok").value
-    assert ok == 1
+    sent = list(zip(served.vm.commands, served.vm.arguments, strict=True))
+    assert sent[0] == ("qmp_capabilities", {})
+    assert ("system_reset", {}) in sent
+    assert ("inject-nmi", {}) in sent
+    assert ("set_password", {"protocol": "vnc", "password": "secret"}) in sent
+    assert ("send-key", {"keys": [{"type": "qcode", "data": "shift"}]}) in sent
+    assert ("system_powerdown", {}) in sent
+    shutdown = next(data for name, data in rig.events if name == "shutdown")
+    assert shutdown == {"cause": "guest", "detail": "guest-shutdown"}
+    assert rig.metrics.qmp_commands.labels("query-version", "ok").value == 1
 
 
 async def test_monitor_refusal_is_typed_with_qemus_class(rig: Rig) -> None:
@@ -431,7 +444,16 @@ async def test_monitor_does_not_hand_off_where_qemu_cannot_take_it(rig: Rig, mod
         assert not await mon.add_vnc_client(theirs.fileno(), timeout=1.0)
         assert served.vm.named_fds == {}
         assert mon.ready
-        if mode == "refuseadd":
+        sent = served.vm.commands
+        assert "query-commands" in sent
+        if mode in ("yes", "error"):
+            # qemu cannot say it has getfd and add_client: nothing is passed.
+            assert "getfd" not in sent
+        elif mode == "nofds":
+            # The fd never reached qemu: getfd fails, add_client is refused.
+            assert sent[-2:] == ["getfd", "add_client"]
+        else:  # refuseadd: getfd took the fd, add_client refused it, closefd let it go
+            assert sent[-3:] == ["getfd", "add_client", "closefd"]
             assert rig.metrics.qmp_commands.labels("closefd", "ok").value == 1
     finally:
         ours.close()
@@ -510,6 +532,27 @@ async def test_a_stop_is_not_queued_behind_a_stuck_operation(rig: Rig) -> None:
         sup.lock.release()
     assert 0 <= time.time() - pending.expire_ms / 1000 < 1.0
     assert rig.last_exit()["stage"] == "quit"
+
+
+async def test_a_hostile_qemu_costs_bounded_memory_and_forges_nothing(rig: Rig) -> None:
+    """The review: a qemu taken over by its guest sends 1 MiB events (they
+    were kept whole in the event history), a VNC client with terminal
+    escapes, and a SHUTDOWN whose reason (kept as last_exit's stage, printed
+    by `vmadm stop --all`) is an escape sequence."""
+    from vmadmd.vm.ending import Ending
+
+    await rig.serve("hostile")
+    sup, settled = rig.supervisor()
+    await until(lambda: sup.monitor.ready)
+    await sup.nmi()
+    await asyncio.wait_for(settled, 5)
+    kept = [e.as_dict() for e in rig.bus.since(0) if e.type == "qmp_event"]
+    assert any(e["event"] == "RESET" for e in kept), kept
+    assert all(len(json.dumps(e)) < 8192 for e in kept)
+    last = Ending.of(rig.store.load(UUID))
+    assert last is not None
+    assert last.fields() == {"reason": "stop", "stage": "unknown", "by": "host"}
+    assert all(c.isprintable() for c in last.words())
 
 
 async def test_guest_poweroff_with_no_stop_pending(rig: Rig) -> None:

@@ -16,12 +16,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 import pytest
 
 from harness.world import tool
 
 from .conftest import Env, RunVm, bios_payload, frozen_and_other, guest_payload
+from .wsclient import Refused, WsClient
 
 
 def qmp(env: Env, uuid: str, body: object) -> tuple[int, object]:
@@ -121,35 +121,29 @@ class SerialClient:
         self.closed: tuple[int | None, str] | None = None
 
     async def __aenter__(self) -> SerialClient:
-        self.session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=self.env.socket))
-        self.ws = await self.session.ws_connect(f"http://vmadmd/vm/{self.uuid}/serial")
+        self.ws = await WsClient.connect(f"/vm/{self.uuid}/serial", unix=self.env.socket)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.ws.close()
-        await self.session.close()
 
     async def until(self, text: bytes, timeout: float = 20) -> None:
         async with asyncio.timeout(timeout):
             while text not in self.seen:
-                msg = await self.ws.receive()
-                if msg.type == aiohttp.WSMsgType.BINARY:
-                    self.seen += msg.data
-                elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
-                    self.closed = (self.ws.close_code, str(msg.extra or ""))
+                data = await self.ws.receive(timeout)
+                if data is None:
+                    self.closed = (self.ws.close_code, self.ws.close_reason)
                     raise AssertionError(f"closed ({self.closed}) before {text!r}")
+                self.seen += data
 
     async def until_closed(self, timeout: float = 10) -> tuple[int | None, str]:
         async with asyncio.timeout(timeout):
-            while True:
-                msg = await self.ws.receive()
-                if msg.type == aiohttp.WSMsgType.BINARY:
-                    self.seen += msg.data
-                elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
-                    return self.ws.close_code, str(msg.extra or "")
+            while (data := await self.ws.receive(timeout)) is not None:
+                self.seen += data
+            return self.ws.close_code, self.ws.close_reason
 
     async def type(self, text: bytes) -> None:
-        await self.ws.send_bytes(text)
+        await self.ws.send(text)
 
 
 def test_serial_console_shared_by_viewers(
@@ -181,13 +175,11 @@ def test_serial_console_shared_by_viewers(
     for target, want in ((uuid, 409), ("0b3f1c2e-9a4d-4f5e-8b6a-1c2d3e4f5a6b", 404)):
 
         async def refused(target: str = target) -> int:
-            async with aiohttp.ClientSession(
-                connector=aiohttp.UnixConnector(path=env.socket)
-            ) as session:
-                try:
-                    await session.ws_connect(f"http://vmadmd/vm/{target}/serial")
-                except aiohttp.WSServerHandshakeError as err:
-                    return err.status
+            try:
+                ws = await WsClient.connect(f"/vm/{target}/serial", unix=env.socket)
+            except Refused as err:
+                return err.status if err.error["code"] else 0
+            await ws.close()
             return 101
 
         assert asyncio.run(refused()) == want

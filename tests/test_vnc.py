@@ -95,6 +95,14 @@ def free_port() -> int:
         return port
 
 
+def screen_size(env: Env, uuid: str) -> tuple[int, int]:
+    """The VM's screen as a screenshot (PPM) shows it now."""
+    status, _ = env.api("POST", f"/vm/{uuid}", action="sysrq", request="screenshot")
+    assert status == 200
+    head = (env.runtime(uuid) / "vm.ppm").read_bytes()[:32].split()
+    return int(head[1]), int(head[2])
+
+
 def start_vm(env: Env, **props: Any) -> str:
     uuid = env.create(bios_payload(**props))
     env.vmadm("start", uuid, check=True)
@@ -108,9 +116,12 @@ def test_full_handshake_through_tcp_and_listener_lifecycle(env: Env, relay: str)
     assert info["host"] == "127.0.0.1"
     assert info["display"] == info["port"] - 5900
     assert len(info["password"]) == 8  # generated: a password is required by default
+    # SeaBIOS's text screen (80x25 of 9x16) once it is up: before that qemu
+    # shows 640x480 ("not initialized yet").
+    env.wait_for(lambda: screen_size(env, uuid) == (720, 400), timeout=20, what="BIOS screen")
     with rfb.connect("127.0.0.1", info["port"]) as sock:
         init = rfb.handshake(sock, info["password"])
-    assert (init.width, init.height) == (720, 400) or init.width >= 640
+    assert (init.width, init.height) == (720, 400)
     assert init.first_rect[2] > 0
     assert init.first_rect[3] > 0
     session = rfb.connect("127.0.0.1", info["port"])

@@ -426,3 +426,18 @@ def test_an_image_is_never_written(env: Env, guest: dict[str, str]) -> None:
     assert res.returncode == 1
     assert "is in the images dir" in res.stderr
     assert sha1(image) == digest
+
+
+def test_a_disk_given_again_by_its_path_keeps_its_image(env: Env) -> None:
+    """`vmadm update` with the disks (by path, as `vmadm get` shows them, an
+    image_uuid being refused beside a path) keeps each disk's image: without
+    it a disk made over an image would boot with no backing."""
+    make_raw_image(env)
+    uuid = env.create(bios_payload(disks=[{"image_uuid": IMAGE}]))
+    disk = env.get(uuid)["disks"][0]
+    assert disk["image_uuid"] == IMAGE
+    payload = {"disks": [{"path": disk["path"], "model": "ide", "boot": True}]}
+    env.vmadm("update", uuid, input=json.dumps(payload), check=True)
+    after = env.get(uuid)["disks"][0]
+    assert after["model"] == "ide"
+    assert (after["image_uuid"], after["image_format"]) == (IMAGE, disk["image_format"])

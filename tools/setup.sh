@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install everything vmadmd needs on a fresh Debian machine, idempotently:
-# Debian packages (qemu, qemu-img, busybox-static, socat, cloud-init, mmdebstrap, genisoimage), a venv with the
-# package and its dev tools in .venv, noVNC (npm) in .cache/novnc, and the
-# test guest in .cache/guest.  --with-browser adds Debian's chromium and
+# Debian packages (qemu, qemu-img, busybox-static, socat, curl, cloud-init,
+# mmdebstrap, genisoimage), a venv with the package and its dev tools in
+# .venv, noVNC (npm) in .cache/novnc, the test guest in .cache/guest and the
+# Debian cloud guest in .cache/debian.  --with-browser adds Debian's chromium and
 # chromium-driver, for the browser-console test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,10 +17,11 @@ command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v socat >/dev/null || need+=(socat)
 command -v cpio >/dev/null || need+=(cpio)
 command -v npm >/dev/null || need+=(npm)
-# cloud-init's own SmartOS client classes drive the metadata tests (Debian
-# packages it; it is not on PyPI).  Installed, not run: see below.
+command -v curl >/dev/null || need+=(curl)  # bench_imgadm's floor
 command -v mmdebstrap >/dev/null || need+=(mmdebstrap)      # the Debian e2e guest
 command -v genisoimage >/dev/null || need+=(genisoimage)    # its NoCloud seed (bench)
+# cloud-init's own SmartOS client classes drive the metadata tests (Debian
+# packages it; it is not on PyPI).  Installed, not run: see below.
 new_cloud_init=0
 if [[ ! -f /usr/lib/python3/dist-packages/cloudinit/sources/DataSourceSmartOS.py ]]; then
     need+=(cloud-init)

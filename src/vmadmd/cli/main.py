@@ -157,32 +157,35 @@ def cmd_start(ctx: Context, args: argparse.Namespace) -> None:
     _done(f"Successfully started VM {uuid}")
 
 
-def _wait_gone(layer: VmLayer, uuid: str, expire_ms: int | None, limit: float) -> bool:
-    """Wait until the VM's current qemu exits; shows the countdown on a tty."""
+def _wait_exits(
+    layer: VmLayer, uuids: list[str], limit: float, status: Callable[[int], str] | None = None
+) -> list[str]:
+    """Wait until the current qemu of each VM has exited, ``limit`` s at most;
+    the uuids still running then.  On a tty, ``status(still running)`` is
+    shown as it goes."""
     from vmadmd.vm import proc
-    from vmadmd.vm.layer import identity_of
+    from vmadmd.vm.layer import running_pidfd
 
-    found = proc.open_vm_pidfd(
-        layer.store.paths(uuid).pid, uuid, identity_of(layer.store.load(uuid))
-    )
-    if found is None:
-        return True
-    _, fd = found
-    tty = sys.stderr.isatty()
+    fds: dict[str, int] = {}
+    for uuid in uuids:
+        found = running_pidfd(layer.store, uuid, layer.store.load(uuid))
+        if found is not None:
+            fds[uuid] = found[1]
+    tty = status is not None and sys.stderr.isatty()
     deadline = time.monotonic() + limit
     try:
-        while not proc.pidfd_wait(fd, 0.25):
-            if time.monotonic() > deadline:
-                return False
-            if tty and expire_ms is not None:
-                left = max(0.0, expire_ms / 1000 - time.time())
-                sys.stderr.write(f"\rwaiting for VM {uuid} to stop: forced stop in {left:4.0f} s")
+        while fds and time.monotonic() < deadline:
+            for uuid in proc.pidfds_exited(fds, 0.25):
+                os.close(fds.pop(uuid))
+            if tty and status is not None:
+                sys.stderr.write(f"\r{status(len(fds))}")
                 sys.stderr.flush()
-        return True
     finally:
-        os.close(fd)
-        if tty and expire_ms is not None:
+        for fd in fds.values():
+            os.close(fd)
+        if tty:
             sys.stderr.write("\r\033[K")
+    return sorted(fds)
 
 
 def _graceful(layer: VmLayer, uuid: str, args: argparse.Namespace, action: str) -> None:
@@ -193,8 +196,13 @@ def _graceful(layer: VmLayer, uuid: str, args: argparse.Namespace, action: str) 
     transition = body.get("transition", {}) if isinstance(body, dict) else {}
     expire = transition.get("expire")
     expire_ms = expire if isinstance(expire, int) else None
+
+    def countdown(_: int) -> str:
+        left = max(0.0, (expire_ms or 0) / 1000 - time.time())
+        return f"waiting for VM {uuid} to stop: forced stop in {left:4.0f} s"
+
     try:
-        if not _wait_gone(layer, uuid, expire_ms, args.t + 60):
+        if _wait_exits(layer, [uuid], args.t + 60, countdown if expire_ms else None):
             raise VmadmError(f"VM {uuid} is still running {args.t + 60} s after the stop request")
     except KeyboardInterrupt:
         raise VmadmError(
@@ -212,50 +220,34 @@ def _ended(vm: dict[str, Any]) -> str:
 
 def _stop_all(layer: VmLayer, args: argparse.Namespace) -> None:
     """Host shutdown: every running VM gets its power button and one deadline."""
-    from vmadmd.vm import proc
-    from vmadmd.vm.layer import identity_of
+    from vmadmd.vm import transition
 
     if args.t <= 0:
         raise InvalidParameter("-t must be a positive number of seconds")
     _, body = _client().request("POST", "/vms", {"action": "stop", "timeout": str(args.t)})
-    uuids = [u for u in body.get("stopping", []) if isinstance(u, str)]
-    fds: dict[str, int] = {}
-    for uuid in uuids:
-        record = layer.store.load(validate_uuid(uuid))
-        found = proc.open_vm_pidfd(layer.store.paths(uuid).pid, uuid, identity_of(record))
-        if found is not None:
-            fds[uuid] = found[1]
-    tty = sys.stderr.isatty()
+    uuids = [validate_uuid(u) for u in body.get("stopping", []) if isinstance(u, str)]
     start = time.monotonic()
-    deadline = start + args.t + 60  # the deadline, then the forcing steps
-    try:
-        while fds and time.monotonic() < deadline:
-            for uuid in proc.pidfds_exited(fds, 0.25):
-                os.close(fds.pop(uuid))
-            if tty:
-                left = max(0.0, args.t - (time.monotonic() - start))
-                sys.stderr.write(f"\rstopping: {len(fds)} of {len(uuids)} still running, "
-                                 f"forced in {left:4.0f} s")  # fmt: skip
-                sys.stderr.flush()
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-        if tty:
-            sys.stderr.write("\r\033[K")
+
+    def progress(running: int) -> str:
+        left = max(0.0, args.t - (time.monotonic() - start))
+        return f"stopping: {running} of {len(uuids)} still running, forced in {left:4.0f} s"
+
+    # The deadline, then the forcing steps.
+    still = _wait_exits(layer, uuids, args.t + 60, progress)
     for uuid in uuids:
-        if uuid in fds:
+        if uuid in still:
             print(f"{uuid}  still running")
             continue
         # The daemon settles vm.json (clears the transition, records how
         # the VM ended) a moment after qemu is gone.
         settle_by = time.monotonic() + 5
         vm = layer.store.load(uuid)
-        while "transition" in vm and time.monotonic() < settle_by:
+        while transition.KEY in vm and time.monotonic() < settle_by:
             time.sleep(0.02)
             vm = layer.store.load(uuid)
         print(f"{uuid}  {_ended(vm)}")
-    if fds:
-        raise VmadmError(f"{len(fds)} of {len(uuids)} VMs still running after the deadline")
+    if still:
+        raise VmadmError(f"{len(still)} of {len(uuids)} VMs still running after the deadline")
 
 
 def cmd_stop(ctx: Context, args: argparse.Namespace) -> None:

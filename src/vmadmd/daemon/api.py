@@ -1,83 +1,62 @@
 """vmadmd's HTTP API: its routes, independent of the server that reads them.
 
 Handlers take a ``vmadmd.daemon.http.Request``, validate, call the Manager and
-shape JSON into a ``Reply``.  ``dispatch`` wraps every call: request id,
-metrics, and errors: every error leaves as ``{"error": {"code", "message"}}``
-with the status the error carries; anything else that escapes a handler is a
-bug: 500, logged with traceback.  The plain routes are served by the front in
-``http.py``; the streams (``/events``, the serial WebSocket) by aiohttp
-(``web.py``), imported only when one is asked for.
+shape JSON into a ``Reply``: plain, the ``/events`` stream, or the serial
+console's WebSocket session.  Every request goes through the one envelope
+(``http.Service``): request id, the start-up sweep gate, bounds, metrics,
+and every error as ``{"error": {"code", "message"}}`` with the status the
+error carries.  ``server.py`` serves it on the API socket.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import math
-import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from vmadmd import __version__
 from vmadmd.daemon.events import EventBus
-from vmadmd.daemon.http import Reply, Request, first_values
-from vmadmd.daemon.logs import req_id_var
+from vmadmd.daemon.http import (
+    Handler,
+    Reply,
+    Request,
+    Router,
+    Service,
+    Stream,
+    error_reply,
+    first_values,
+    json_reply,
+    require_websocket,
+    websocket_reply,
+)
 from vmadmd.daemon.manager import Manager
 from vmadmd.daemon.metrics import Metrics
 from vmadmd.daemon.supervisor import parse_types
 from vmadmd.errors import (
     InvalidParameter,
     PayloadTooLarge,
-    VmadmError,
     WrongState,
-    error_document,
 )
 from vmadmd.vm.store import validate_uuid
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
     from vmadmd.daemon.console import ConsoleServer
-
-log = logging.getLogger("vmadmd.api")
+    from vmadmd.daemon.websocket import WebSocket
 
 MAX_BODY = 64 * 1024
-MAX_QUERY = 8 * 1024
 MAX_TIMEOUT = 86400.0
+KEEPALIVE = 15.0  # an idle event stream sends a comment this often
 
-_METHODS = frozenset({"GET", "POST", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS"})
 BEFORE_SWEEP = frozenset({"/ping", "/openapi.json"})
 """Routes answered at once while the start-up sweep runs; the others wait for
 it (a running VM it has not reached yet would read as stopped)."""
-WEB_ONLY = frozenset({"/events", "/vm/{uuid}/serial"})
-"""Routes aiohttp serves (a stream, a WebSocket); the others are plain."""
+STREAMS = frozenset({"/events", "/vm/{uuid}/serial"})
+"""Routes that hold their connection (a stream, a WebSocket): no HEAD."""
 
-Handler = Callable[[Request], Awaitable[Reply]]
-
-
-def json_reply(data: Any, status: int = 200) -> Reply:
-    return Reply(status, json.dumps(data).encode(), data=data)
-
-
-def pretty(reply: Reply) -> None:
-    """``?pretty=true``: indented, keys sorted, a final newline: what ``vmadm``
-    prints, so that it prints the body as it comes (no JSON decoding there)."""
-    if reply.data is not None:
-        reply.body = (json.dumps(reply.data, indent=2, sort_keys=True) + "\n").encode()
-
-
-def error_reply(status: int, code: str, message: str, **details: object) -> Reply:
-    return json_reply(error_document(code, message, **details), status)
-
-
-def request_id(given: str | None) -> str:
-    """The client's X-Request-Id (bounded), or a new one."""
-    given = (given or "")[:64]
-    if given and given.isprintable():
-        return given
-    return f"{random.getrandbits(64):016x}"  # no syscall, unlike uuid4
+__all__ = ["MAX_BODY", "Api", "error_reply", "json_reply"]
 
 
 def params_of(request: Request) -> dict[str, str]:
@@ -143,100 +122,28 @@ class Api:
             "/vms": {"GET": self.list_vms, "POST": self.vms_action},
             "/openapi.json": {"GET": self.openapi},
             "/metrics": {"GET": self.metrics_page},
+            "/events": {"GET": self.events},
             "/vm/{uuid}": {"GET": self.info, "POST": self.action},
             "/vm/{uuid}/info": {"GET": self.info},
             "/vm/{uuid}/screenshot.png": {"GET": self.screenshot_png},
             "/vm/{uuid}/qmp": {"POST": self.qmp},
+            "/vm/{uuid}/serial": {"GET": self.serial},
         }
-        for web_only in WEB_ONLY:
-            self.routes[web_only] = {"GET": self._web_only}
-        # "/vm/{uuid}/x" -> ("vm", "{uuid}", "x"), matched segment by segment
-        self._patterns = [(tuple(p.split("/")[1:]), p) for p in self.routes]
+        router = Router()
+        for pattern, methods in self.routes.items():
+            for method, handler in methods.items():
+                router.add(pattern, method, handler, stream=pattern in STREAMS)
+        self.service = Service(
+            router, gate=self._gate, record=metrics.api_request, in_flight=metrics.api_in_flight
+        )
+        self.resolve = self.service.resolve
+        self.dispatch = self.service.dispatch
 
-    def app(self) -> web.Application:
-        """The aiohttp application: every route (the streams, and the plain ones
-        for connections the front handed over)."""
-        from vmadmd.daemon.web import build_app
-
-        return build_app(self)
-
-    # -- serving -----------------------------------------------------------
-
-    def resolve(self, method: str, path: str) -> tuple[str | None, dict[str, str], frozenset[str]]:
-        """(route, path parameters, allowed methods) of a request.
-
-        ``{uuid}`` matches one non-empty segment, as aiohttp's router does.
-        """
-        segments = path.split("/")[1:]
-        for shape, route in self._patterns:
-            if len(shape) != len(segments):
-                continue
-            match: dict[str, str] = {}
-            for want, got in zip(shape, segments, strict=True):
-                if want[:1] == "{":
-                    if not got:
-                        break
-                    match[want[1:-1]] = got
-                elif want != got:
-                    break
-            else:
-                methods = self.routes[route]
-                if method in methods:
-                    return route, match, frozenset(methods)
-                return None, {}, frozenset(methods)
-        return None, {}, frozenset()
-
-    async def dispatch(self, request: Request, route: str | None, allowed: frozenset[str]) -> Reply:
-        """Serve one request: request id, metrics, and the JSON error shape."""
-        req_id = request_id(request.headers.get("x-request-id"))
-        req_id_var.set(req_id)  # each request runs in its own task: its own context
-        t0 = time.monotonic()
-        if route is None:
-            if allowed:
-                reply = error_reply(405, "MethodNotAllowed", "Method Not Allowed")
-                reply.headers["Allow"] = ",".join(sorted(allowed))
-            else:
-                reply = error_reply(404, "NotFound", "Not Found")
-        elif len(request.query_string) > MAX_QUERY:
-            reply = error_reply(414, "UriTooLong", "query string too long")
-        else:
-            self.metrics.api_in_flight.inc()
-            try:
-                if not self.manager.swept.is_set() and route not in BEFORE_SWEEP:
-                    await self.manager.wait_swept()
-                reply = await self.call(self.routes[route][request.method], request)
-            finally:
-                self.metrics.api_in_flight.dec()
-            wanted = "pretty" in request.query_string and request.query.get("pretty") == "true"
-            if wanted and reply.status < 300:
-                pretty(reply)
-        reply.headers["X-Request-Id"] = req_id
-        self.record(route or "unmatched", request.method, reply.status, time.monotonic() - t0)
-        return reply
-
-    async def call(self, handler: Handler, request: Request) -> Reply:
-        """The handler's reply, or the JSON error it stands for."""
-        try:
-            return await handler(request)
-        except VmadmError as err:
-            return error_reply(err.status, err.code, err.message, **err.details())
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("bug while serving %s %s", request.method, request.path)
-            return error_reply(500, "InternalError", "internal error (logged by vmadmd)")
-
-    def record(self, route: str, method: str, status: int, took: float) -> None:
-        log.debug("%s %s -> %d in %.1f ms", method, route, status, took * 1000)
-        # Bounded label values: a client must not be able to mint new series.
-        method = method if method in _METHODS else "other"
-        self.metrics.api_request(route, method, status, took)
-
-    async def _web_only(self, request: Request) -> Reply:
-        """A stream reached as a plain request (a HEAD): GET it."""
-        reply = error_reply(405, "MethodNotAllowed", f"{request.path} is a stream: GET it")
-        reply.headers["Allow"] = "GET"
-        return reply
+    def _gate(self, route: str) -> Awaitable[None] | None:
+        """Hold what depends on the VMs' states until the start-up sweep is done."""
+        if self.manager.swept.is_set() or route in BEFORE_SWEEP:
+            return None
+        return self.manager.wait_swept()
 
     # -- routes ------------------------------------------------------------
 
@@ -294,6 +201,60 @@ class Api:
                 raise InvalidParameter('"arguments" must be an object')
         return json_reply({"return": await self.manager.passthrough(uuid, body)})
 
+    async def serial(self, request: Request) -> Reply:
+        """The serial console as a WebSocket (binary frames both ways)."""
+        from vmadmd.daemon.websocket import serial_relay
+
+        uuid = validate_uuid(request.match["uuid"])
+        console = await self.manager.serial(uuid)  # 404 / 409 before any upgrade
+        require_websocket(request)
+        viewer = console.attach()
+
+        async def session(ws: WebSocket) -> None:
+            await serial_relay(ws, console, viewer)
+
+        return websocket_reply(request, session)
+
+    async def events(self, request: Request) -> Reply:
+        """Server-sent events: with Last-Event-ID, what followed it (from the
+        bounded history) first; without, from now."""
+        vm = request.query.get("vm")
+        if vm is not None:
+            validate_uuid(vm)
+        last_raw = request.headers.get("last-event-id", request.query.get("last_event_id"))
+        bus = self.bus
+        try:
+            last_id = bus.last_id if last_raw is None else int(last_raw)
+        except ValueError:
+            raise InvalidParameter("Last-Event-ID must be an integer") from None
+
+        async def stream(out: Stream) -> None:
+            sub = bus.subscribe(vm)
+            try:
+                lost = bus.gap(last_id) if last_raw is not None else None
+                if lost is not None:
+                    # The history no longer holds what followed Last-Event-ID:
+                    # say so, rather than resume as if nothing was missed.
+                    gap = {"type": "gap", "from": lost[0], "to": lost[1]}
+                    await out.send(f"event: gap\ndata: {json.dumps(gap)}\n\n".encode())
+                for past in bus.since(last_id, vm):
+                    await out.send(_sse(past.id, past.type, past.as_dict()))
+                while True:
+                    try:
+                        event = await asyncio.wait_for(sub.queue.get(), KEEPALIVE)
+                    except TimeoutError:
+                        await out.send(b": keep-alive\n\n")
+                        continue
+                    if event is None:  # dropped for being too slow
+                        return
+                    if event.id > last_id:
+                        await out.send(_sse(event.id, event.type, event.as_dict()))
+            finally:
+                bus.unsubscribe(sub)
+
+        headers = {"Cache-Control": "no-cache"}
+        return Reply(200, b"", "text/event-stream", headers, stream=stream)
+
     async def screenshot_png(self, request: Request) -> Reply:
         uuid = validate_uuid(request.match["uuid"])
         data = await self.manager.screenshot_png(uuid)
@@ -335,3 +296,7 @@ class Api:
         if action is None:
             raise InvalidParameter("action is required")
         raise InvalidParameter(f"unknown action {action[:40]!r}")
+
+
+def _sse(event_id: int, type_: str, data: dict[str, Any]) -> bytes:
+    return f"id: {event_id}\nevent: {type_}\ndata: {json.dumps(data)}\n\n".encode()

@@ -8,6 +8,11 @@ its install directory) and connects its WebSocket to
 ``/console/<token>/ws``, which spends the token and relays binary frames to
 the VM's VNC socket, reached the same way the TCP listeners reach it
 (``vnc.open_upstream``).  Tokens never appear whole in logs.
+
+The listener is the API's own server (``server.py``: h11, wsproto, one
+envelope, the client timeout, here ``--console-keepalive``), on TCP and,
+with a certificate, TLS.  Both WebSocket channels of a token, the screen
+and the serial console, end after ``idle_timeout`` seconds without input.
 """
 
 from __future__ import annotations
@@ -17,21 +22,33 @@ import html
 import importlib.resources
 import json
 import logging
+import mimetypes
+import os
 import secrets
 import socket
 import ssl
+import stat
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import WSMsgType, web
-
+from vmadmd.daemon.http import (
+    Reply,
+    Request,
+    Router,
+    Service,
+    error_reply,
+    json_reply,
+    require_websocket,
+)
+from vmadmd.daemon.http import websocket_reply as accept
 from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.manager import Manager
-from vmadmd.daemon.responses import json_errors, run_session, serial_relay
+from vmadmd.daemon.server import HttpServer
 from vmadmd.daemon.vnc import open_upstream
+from vmadmd.daemon.websocket import WebSocket, idle_side, run_session, serial_relay
 from vmadmd.errors import Forbidden, Unreachable
 
 log = logging.getLogger("vmadmd.console")
@@ -134,53 +151,6 @@ class ConnectionGate:
             self.open.pop(client, None)
 
 
-class _GatedProtocol(asyncio.Protocol):
-    """aiohttp's protocol for one connection, behind the gate.
-
-    Written by hand because aiohttp has no connection limits: the listening
-    server makes these, each admitting its connection (or closing it at
-    once) and then handing every call to aiohttp's own protocol.
-    """
-
-    def __init__(self, gate: ConnectionGate, make: Callable[[], asyncio.Protocol]) -> None:
-        self._gate = gate
-        self._make = make
-        self._inner: asyncio.Protocol | None = None
-        self._client = ""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        peer = transport.get_extra_info("peername")
-        self._client = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
-        if not self._gate.admit(self._client):
-            if isinstance(transport, asyncio.Transport):
-                transport.abort()
-            else:
-                transport.close()
-            return
-        self._inner = self._make()
-        self._inner.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        if self._inner is not None:
-            self._inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self._inner.eof_received() if self._inner is not None else None
-
-    def pause_writing(self) -> None:
-        if self._inner is not None:
-            self._inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self._inner is not None:
-            self._inner.resume_writing()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._inner is not None:
-            self._gate.release(self._client)
-            self._inner.connection_lost(exc)
-
-
 class _WarnLimit:
     """At most one warning per ``period`` seconds; the ones held back are counted."""
 
@@ -219,6 +189,50 @@ def script_json(value: object) -> str:
     return text
 
 
+MAX_STATIC = 16 << 20
+
+
+class NoFile(Exception):
+    """What ``read_static`` raises for anything it will not serve."""
+
+
+def read_static(root: str, relative: str) -> tuple[bytes, str]:
+    """A file under ``root`` (noVNC's, xterm.js's), and its content type.
+
+    Each component is opened without following a link, relative to its
+    parent's descriptor: nothing outside ``root`` is reachable, by ``..``,
+    an encoded slash or a link.  Only regular files, of bounded size.
+    """
+    parts = relative.split("/")
+    if any(p in ("", ".", "..") or "\0" in p for p in parts):
+        raise NoFile(relative)
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    walk = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fds: list[int] = []
+    try:
+        fds.append(os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+        for part in parts[:-1]:
+            fds.append(os.open(part, walk, dir_fd=fds[-1]))
+        leaf = os.open(parts[-1], flags, dir_fd=fds[-1])
+    except OSError:
+        raise NoFile(relative) from None
+    finally:
+        for fd in fds:
+            os.close(fd)
+    try:
+        info = os.fstat(leaf)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_STATIC:
+            raise NoFile(relative)
+        with os.fdopen(leaf, "rb", closefd=False) as f:
+            data = f.read(MAX_STATIC + 1)
+    finally:
+        os.close(leaf)
+    kind = mimetypes.guess_type(parts[-1])[0] or "application/octet-stream"
+    if kind in ("application/javascript", "text/javascript"):
+        kind = "text/javascript"
+    return data, kind
+
+
 class ConsoleServer:
     def __init__(
         self,
@@ -242,13 +256,11 @@ class ConsoleServer:
         self.xterm_dir = xterm_dir
         self.tokens = TokenStore(ttl)
         self.idle_timeout = idle_timeout
-        self.sessions: set[web.WebSocketResponse] = set()
         self.tls = tls
         self.keepalive = keepalive
         self.gate = ConnectionGate(max_connections, max_per_client)
         self._refusals = _WarnLimit()
-        self._runner: web.AppRunner | None = None
-        self._server: asyncio.Server | None = None
+        self._server: HttpServer | None = None
 
     def url_for(self, token: str) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -265,56 +277,56 @@ class ConsoleServer:
 
     # -- HTTP --------------------------------------------------------------
 
-    def app(self) -> web.Application:
-        app = web.Application(middlewares=[json_errors])
-        app.router.add_get("/console/{token}", self.page)
-        app.router.add_get("/console/{token}/ws", self.websocket)
-        app.router.add_get("/console/{token}/state", self.state)
-        app.router.add_get("/console/{token}/serial", self.serial)
-        if self.novnc_dir:
-            app.router.add_static("/novnc", self.novnc_dir, follow_symlinks=False)
-        if self.xterm_dir:
-            app.router.add_static("/xterm", self.xterm_dir, follow_symlinks=False)
-        return app
+    def service(self) -> Service:
+        router = Router()
+        router.add("/console/{token}", "GET", self.page)
+        router.add("/console/{token}/ws", "GET", self.websocket, stream=True)
+        router.add("/console/{token}/state", "GET", self.state)
+        router.add("/console/{token}/serial", "GET", self.serial, stream=True)
+        for prefix, directory in (("/novnc", self.novnc_dir), ("/xterm", self.xterm_dir)):
+            if directory:
+                router.add(prefix + "/{path*}", "GET", self._static(directory))
+        return Service(router)
+
+    def _static(self, directory: str) -> Callable[[Request], Any]:
+        async def static(request: Request) -> Reply:
+            try:
+                data, kind = await asyncio.to_thread(read_static, directory, request.match["path"])
+            except NoFile:
+                return error_reply(404, "NotFound", "Not Found")
+            return Reply(200, data, kind, {"X-Content-Type-Options": "nosniff"})
+
+        return static
 
     async def start(self) -> None:
-        # Idle keep-alive connections are let go after `keepalive` seconds
-        # (aiohttp's default holds them for an hour).
-        self._runner = web.AppRunner(
-            self.app(), access_log=None, handle_signals=False, keepalive_timeout=self.keepalive
-        )
-        await self._runner.setup()
+        # The client timeout of this listener is --console-keepalive: idle
+        # keep-alive connections, trickled requests and TLS handshakes alike.
+        self._server = HttpServer(
+            self.service(), client_timeout=self.keepalive, max_body=64 * 1024,
+            gate=self.gate, tls=self.tls,
+        )  # fmt: skip
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.create_server((self.host, self.port), family=family, backlog=128)
-        sock.setblocking(False)
-        server = self._runner.server
-        assert server is not None
-        self._server = await asyncio.get_running_loop().create_server(
-            lambda: _GatedProtocol(self.gate, server), sock=sock, ssl=self.tls
-        )
+        sock = socket.create_server((self.host, self.port), family=family)
+        await self._server.start(sock)
         self.port = int(sock.getsockname()[1])
         log.info("browser consoles on %s", self.url_for("").removesuffix("/"))
 
     async def close(self) -> None:
-        for ws in list(self.sessions):
-            await ws.close(code=1001, message=b"vmadmd is shutting down")
         if self._server is not None:
-            self._server.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
+            await self._server.close(1.0)
 
-    def _check_origin(self, request: web.Request) -> None:
+    def _check_origin(self, request: Request) -> None:
         """A browser's WebSocket must come from this listener's own page."""
-        origin = request.headers.get("Origin")
+        origin = request.headers.get("origin")
         if origin is None:
             return  # not a browser: the token is what admits it
         scheme = "https" if self.tls is not None else "http"
-        if origin != f"{scheme}://{request.host}":
+        if origin != f"{scheme}://{request.headers.get('host', '')}":
             self._refusals.warn("console WebSocket from a foreign origin %r refused", origin[:80])
             raise Forbidden("this console accepts WebSockets from its own page only")
 
-    async def page(self, request: web.Request) -> web.Response:
-        token = request.match_info["token"]
+    async def page(self, request: Request) -> Reply:
+        token = request.match["token"]
         uuid = self.tokens.peek(token)
         if uuid is None:
             raise Forbidden("This console link is invalid, used or expired.")
@@ -332,28 +344,26 @@ class ConsoleServer:
             .replace("{{config}}", script_json(config))
             .replace("{{nonce}}", nonce)
         )
-        return web.Response(
-            text=body,
-            content_type="text/html",
-            headers={
-                "Cache-Control": "no-store",
-                "Referrer-Policy": "no-referrer",
-                "Content-Security-Policy": CSP.format(nonce=nonce),
-                "X-Frame-Options": "DENY",
-                "X-Content-Type-Options": "nosniff",
-            },
-        )
+        headers = {
+            "Cache-Control": "no-store",
+            "Referrer-Policy": "no-referrer",
+            "Content-Security-Policy": CSP.format(nonce=nonce),
+            "X-Frame-Options": "DENY",
+            "X-Content-Type-Options": "nosniff",
+        }
+        return Reply(200, body.encode(), "text/html; charset=utf-8", headers)
 
-    async def state(self, request: web.Request) -> web.Response:
-        uuid = self.tokens.owner(request.match_info["token"])
+    async def state(self, request: Request) -> Reply:
+        uuid = self.tokens.owner(request.match["token"])
         if uuid is None:
-            return web.json_response({"state": "unknown"}, status=403)
+            return json_reply({"state": "unknown"}, status=403)
         state = "running" if self.manager.is_running(uuid) else "stopped"
-        return web.json_response({"state": state})
+        return json_reply({"state": state})
 
-    async def serial(self, request: web.Request) -> web.StreamResponse:
+    async def serial(self, request: Request) -> Reply:
         """The serial console beside the screen: the token's serial channel."""
-        token = request.match_info["token"]
+        token = request.match["token"]
+        require_websocket(request)
         self._check_origin(request)
         uuid = self.tokens.spend(token, "serial")
         if uuid is None:
@@ -361,22 +371,16 @@ class ConsoleServer:
             raise Forbidden("invalid, used or expired console token")
         console = await self.manager.serial(uuid)  # 409 when not running
         viewer = console.attach()
-        ws = web.WebSocketResponse(protocols=("binary",), max_msg_size=64 * 1024)
-        try:
-            await ws.prepare(request)
-        except BaseException:
-            console.detach(viewer)
-            raise
-        self.sessions.add(ws)
-        vm_log(log, uuid).info("serial console session opened (token %s)", shown(token))
-        try:
-            await serial_relay(ws, console, viewer)
-        finally:
-            self.sessions.discard(ws)
-        return ws
 
-    async def websocket(self, request: web.Request) -> web.StreamResponse:
-        token = request.match_info["token"]
+        async def session(ws: WebSocket) -> None:
+            vm_log(log, uuid).info("serial console session opened (token %s)", shown(token))
+            await serial_relay(ws, console, viewer, self.idle_timeout)
+
+        return accept(request, session, ("binary",))
+
+    async def websocket(self, request: Request) -> Reply:
+        token = request.match["token"]
+        require_websocket(request)
         self._check_origin(request)
         uuid = self.tokens.spend(token)
         if uuid is None:
@@ -389,46 +393,36 @@ class ConsoleServer:
             reader, writer = await open_upstream(directory, name, peer)
         except OSError as err:
             raise Unreachable(f"cannot reach the VM's console: {err}") from err
-        ws = web.WebSocketResponse(protocols=("binary",), max_msg_size=1 << 20)
-        await ws.prepare(request)
-        self.sessions.add(ws)
-        self.manager.metrics.console_sessions.inc()
-        vm_log(log, uuid).info("console session opened (token %s)", shown(token))
-        try:
-            await self._relay(ws, reader, writer)
-        finally:
-            self.sessions.discard(ws)
-            self.manager.metrics.console_sessions.dec()
-            writer.close()
-            vm_log(log, uuid).info("console session closed")
-        return ws
+
+        async def session(ws: WebSocket) -> None:
+            self.manager.metrics.console_sessions.inc()
+            vm_log(log, uuid).info("console session opened (token %s)", shown(token))
+            try:
+                await self._relay(ws, reader, writer)
+            finally:
+                self.manager.metrics.console_sessions.dec()
+                writer.close()
+                vm_log(log, uuid).info("console session closed")
+
+        return accept(request, session, ("binary",))
 
     async def _relay(
-        self, ws: web.WebSocketResponse, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, ws: WebSocket, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         last_input = time.monotonic()
 
         async def upstream_to_ws() -> str:
             while data := await reader.read(65536):
-                await ws.send_bytes(data)
+                await ws.send(data)
             return "the VM has stopped"
 
         async def ws_to_upstream() -> str:
             nonlocal last_input
-            async for msg in ws:
-                if msg.type == WSMsgType.BINARY:
-                    last_input = time.monotonic()
-                    writer.write(msg.data)
-                    await writer.drain()
-                elif msg.type == WSMsgType.ERROR:
-                    break
+            while (data := await ws.receive()) is not None:
+                last_input = time.monotonic()
+                writer.write(data)
+                await writer.drain()
             return ""
 
-        async def idle() -> str:
-            while True:
-                left = last_input + self.idle_timeout - time.monotonic()
-                if left <= 0:
-                    return "idle timeout"
-                await asyncio.sleep(left)
-
+        idle = idle_side(self.idle_timeout, lambda: last_input)
         await run_session(ws, upstream_to_ws, ws_to_upstream, idle)

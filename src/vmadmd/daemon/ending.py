@@ -19,9 +19,9 @@ from vmadmd.daemon.monitor import Shutdown
 from vmadmd.daemon.settings import CrashRestart, Shared
 from vmadmd.errors import VmadmError
 from vmadmd.vm import ending as ending_mod
-from vmadmd.vm import launch, net, proc, transition
+from vmadmd.vm import launch, net, transition
 from vmadmd.vm.ending import Ending
-from vmadmd.vm.layer import identity_of, iso_now
+from vmadmd.vm.layer import iso_now, running_pid
 from vmadmd.vm.store import VmRecord
 from vmadmd.vm.transition import Transition
 
@@ -162,7 +162,7 @@ async def release_unless_restarted(shared: Shared, uuid: str, nics: list[Any]) -
         store = shared.store
         with contextlib.suppress(VmadmError):  # deleted meanwhile: its taps are still ours
             record = store.load(uuid)
-            if proc.find_vm_pid(store.paths(uuid).pid, uuid, identity_of(record)):
+            if running_pid(store, uuid, record):
                 vlog.info("started again before its exit was cleaned up: kept its taps")
                 return
         for cleanup in (

@@ -1,53 +1,44 @@
-"""The API socket's HTTP/1.1 front: plain requests served here, the rest by aiohttp.
+"""What a route sees of HTTP, and the one envelope every request goes through.
 
-Why not aiohttp for everything (``bench/bench_api.py``, 8 VMs, this machine
-kind): importing aiohttp was ~90 ms of the daemon's ~120 ms of imports, so
-restart -> first answer took 136-155 ms against libvirtd's 117 ms.  With this
-front and aiohttp imported only on first need, the daemon's imports are
-~66 ms and restart -> first answer 79-91 ms.  (Per request the front alone
-changed little: ``GET /vm/<uuid>?type=version`` stayed at ~2.8x raw QMP until
-the QMP path lost its per-command task and its mmap per read; see
-``monitor.py``, ``readbuf.py``.)  Every route the CLI uses is a plain request:
-a head, an optional ``Content-Length`` body, one JSON answer.  Those are
-served here.
+No I/O here: ``server.py`` reads requests (h11) and hands each, parsed and
+with its body read, to ``Service.dispatch``; the routes (``api.py`` on the
+API socket, ``console.py`` on the browser-console listener) take a
+``Request`` and give a ``Reply``.  A reply is plain (status, body), a stream
+(``stream``: server-sent events) or a WebSocket session (``session``).
 
-Anything else goes to aiohttp, unchanged: the front stops reading, imports
-and sets up aiohttp's server on first need, and gives it the connection
-(``transport.set_protocol``) with every byte it has read.  That covers the
-WebSocket serial console, the ``/events`` stream, ``HEAD`` and other methods,
-chunked or ``Expect:`` bodies, percent-encoded paths, HTTP/1.0, over-long or
-malformed heads (aiohttp answers those with its 4xx, as before).  So the
-edge cases keep the behaviour aiohttp gave them, and this module parses only
-the well-formed common case.
-
-Bounds, as aiohttp had them: a connection idle (or a request incomplete) for
-``client_timeout`` seconds is closed, armed when a request may begin, not
-reset by trickled bytes; a head past ``MAX_HEAD`` bytes or a body past
-``max_body`` is not buffered further.  Requests on one connection are served
-in order; a client that hangs up does not cancel its request (a stop goes on).
+``Service.dispatch`` is the envelope, the same for every route of every
+listener, plain, stream or WebSocket: the request id (the client's
+``X-Request-Id``, bounded, or a new one), the gate a route may wait behind
+(the API's start-up sweep), the query bound, the JSON error shape
+``{"error": {"code", "message"}}`` with the status the error carries, and
+the access record (a debug line, and the listener's metrics).  Anything
+else that escapes a handler is a bug: 500, logged with its traceback.  The
+server answers what it refuses itself (a malformed head, a body too large)
+through ``Service.refuse``: the same shape, the same record.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
-from http import HTTPStatus
+import random
+import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
-from vmadmd.daemon.readbuf import read_buffer
-from vmadmd.errors import error_document
+from vmadmd.daemon.logs import req_id_var
+from vmadmd.errors import InvalidParameter, VmadmError, error_document
 
 if TYPE_CHECKING:
-    import socket
+    from vmadmd.daemon.websocket import WebSocket
 
 log = logging.getLogger("vmadmd.api")
 
-MAX_HEAD = 32 * 1024  # past this without the end of a head: aiohttp answers it
-MAX_LINE = 16 * 1024  # aiohttp's bound on a request or header line (its 400)
+MAX_QUERY = 8 * 1024
+
+_METHODS = frozenset({"GET", "POST", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
 
 def first_values(query_string: str) -> dict[str, str]:
@@ -60,9 +51,18 @@ def first_values(query_string: str) -> dict[str, str]:
 
 
 class Request:
-    """One parsed request, independent of the server that read it."""
+    """One parsed request, its body read, independent of the server that read it."""
 
-    __slots__ = ("_query", "body", "headers", "match", "method", "path", "query_string")
+    __slots__ = (
+        "_query",
+        "body",
+        "headers",
+        "match",
+        "method",
+        "path",
+        "query_string",
+        "upgrade",
+    )
 
     def __init__(
         self,
@@ -72,13 +72,15 @@ class Request:
         headers: dict[str, str],
         body: bytes,
         match: dict[str, str],
+        upgrade: bool = False,
     ) -> None:
         self.method = method
-        self.path = path
+        self.path = path  # as sent (percent-encoded); ``match`` holds decoded segments
         self.query_string = query_string
         self.headers = headers  # names lower-cased; a repeated name keeps its first value
         self.body = body
         self.match = match
+        self.upgrade = upgrade  # a well-formed WebSocket upgrade (RFC 6455, version 13)
         self._query: dict[str, str] | None = None
 
     @property
@@ -94,8 +96,19 @@ class Request:
         return value.partition(";")[0].strip().lower()
 
 
+class Stream:
+    """What a streaming reply writes to (server-sent events)."""
+
+    async def send(self, data: bytes) -> None:  # pragma: no cover - the server's
+        raise NotImplementedError
+
+
+StreamFn = Callable[[Stream], Awaitable[None]]
+SessionFn = Callable[["WebSocket"], Awaitable[None]]
+
+
 class Reply:
-    __slots__ = ("body", "content_type", "data", "headers", "status")
+    __slots__ = ("body", "content_type", "data", "headers", "session", "status", "stream")
 
     def __init__(
         self,
@@ -104,320 +117,220 @@ class Reply:
         content_type: str = "application/json; charset=utf-8",
         headers: dict[str, str] | None = None,
         data: object = None,
+        *,
+        stream: StreamFn | None = None,
+        session: SessionFn | None = None,
     ) -> None:
         self.status = status
         self.body = body
         self.content_type = content_type
         self.headers = headers or {}
         self.data = data  # what a JSON body encodes, to encode it another way
+        # A stream: the head goes out, then ``stream`` writes until it returns;
+        # the connection ends with it.
+        self.stream = stream
+        # A WebSocket: the upgrade is accepted and ``session`` runs on it.  It
+        # is called once whatever happens, even on a connection already gone
+        # (its socket then reads as closed), so it always releases what the
+        # handler took for it.
+        self.session = session
 
 
-Dispatch = Callable[[Request, str | None, frozenset[str]], Awaitable[Reply]]
-"""Serves a request: the route it matched (its pattern; None when none did,
-with the methods its path allows, if any: a 405 rather than a 404)."""
-Resolve = Callable[[str, str], "tuple[str | None, dict[str, str], frozenset[str]]"]
-"""(method, path) -> (route pattern or None, path parameters, methods the path allows)."""
-WebFactory = Callable[[], Awaitable[Callable[[], asyncio.Protocol]]]
+def json_reply(data: Any, status: int = 200) -> Reply:
+    return Reply(status, json.dumps(data).encode(), data=data)
 
 
-def _reason(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Unknown"
+def error_reply(status: int, code: str, message: str, **details: object) -> Reply:
+    return json_reply(error_document(code, message, **details), status)
 
 
-def render(reply: Reply, close: bool) -> bytes:
-    head = [
-        f"HTTP/1.1 {reply.status} {_reason(reply.status)}",
-        f"Content-Type: {reply.content_type}",
-        f"Content-Length: {len(reply.body)}",
-    ]
-    head.extend(f"{name}: {value}" for name, value in reply.headers.items())
-    if close:
-        head.append("Connection: close")
-    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + reply.body
+def websocket_reply(
+    request: Request, session: SessionFn, subprotocols: tuple[str, ...] = ()
+) -> Reply:
+    """Accept the request's WebSocket upgrade; ``session`` runs on it.
 
-
-def parse_head(head: bytes) -> tuple[str, str, dict[str, str]] | None:
-    """(method, target, headers) of a well-formed HTTP/1.1 head, else None.
-
-    None means "not the common case": aiohttp is given the request.
+    The first of ``subprotocols`` the client offers is chosen (a browser
+    fails a handshake that offered one and got none back).
     """
-    try:
-        text = head.decode("ascii")
-    except UnicodeDecodeError:
+    require_websocket(request)
+    offered = [p.strip() for p in request.headers.get("sec-websocket-protocol", "").split(",")]
+    headers = {}
+    for protocol in subprotocols:
+        if protocol in offered:
+            headers["Sec-WebSocket-Protocol"] = protocol
+            break
+    return Reply(101, b"", headers=headers, session=session)
+
+
+def require_websocket(request: Request) -> None:
+    """Refuse (400) a plain request to a WebSocket route, before it costs anything."""
+    if not request.upgrade:
+        raise InvalidParameter("this is a WebSocket: send an upgrade (RFC 6455, version 13)")
+
+
+def pretty(reply: Reply) -> None:
+    """``?pretty=true``: indented, keys sorted, a final newline: what ``vmadm``
+    prints, so that it prints the body as it comes (no JSON decoding there)."""
+    if reply.data is not None:
+        reply.body = (json.dumps(reply.data, indent=2, sort_keys=True) + "\n").encode()
+
+
+def request_id(given: str | None) -> str:
+    """The client's X-Request-Id (bounded), or a new one."""
+    given = (given or "")[:64]
+    if given and given.isascii() and given.isprintable():  # it goes back out in a header
+        return given
+    return f"{random.getrandbits(64):016x}"  # no syscall, unlike uuid4
+
+
+Handler = Callable[[Request], Awaitable[Reply]]
+Record = Callable[[str, str, int, float], None]
+"""(route, method, status, seconds): a listener's metrics for one request."""
+
+
+class Router:
+    """Routes by pattern and method, matched segment by segment.
+
+    ``{name}`` matches one non-empty segment, percent-decoded; a final
+    ``{name*}`` matches the rest of the path (one or more segments, each
+    decoded, joined by ``/``).  Segments are split before they are decoded,
+    so an encoded ``%2F`` never makes a new one.  ``HEAD`` is served by a
+    route's ``GET``, unless the route is a stream (a WebSocket, events): a
+    HEAD would hold the connection for nothing.
+    """
+
+    def __init__(self) -> None:
+        self.routes: dict[str, dict[str, Handler]] = {}
+        self.streams: set[str] = set()
+        self._patterns: list[tuple[tuple[str, ...], str]] = []
+
+    def add(self, pattern: str, method: str, handler: Handler, *, stream: bool = False) -> None:
+        if pattern not in self.routes:
+            self.routes[pattern] = {}
+            # "/vm/{uuid}/x" -> ("vm", "{uuid}", "x")
+            self._patterns.append((tuple(pattern.split("/")[1:]), pattern))
+        self.routes[pattern][method] = handler
+        if stream:
+            self.streams.add(pattern)
+
+    def allowed(self, route: str) -> frozenset[str]:
+        methods = set(self.routes[route])
+        if "GET" in methods and route not in self.streams:
+            methods.add("HEAD")
+        return frozenset(methods)
+
+    def resolve(self, method: str, path: str) -> tuple[str | None, dict[str, str], frozenset[str]]:
+        """(route, path parameters, allowed methods); route None when none
+        matched (with the methods the path allows, if any: a 405, not a 404)."""
+        segments = path.split("/")[1:]
+        for shape, route in self._patterns:
+            match = _match(shape, segments)
+            if match is None:
+                continue
+            allowed = self.allowed(route)
+            if method in allowed:
+                return route, match, allowed
+            return None, {}, allowed
+        return None, {}, frozenset()
+
+
+def _match(shape: tuple[str, ...], segments: list[str]) -> dict[str, str] | None:
+    rest = shape[-1].endswith("*}") if shape else False
+    if len(shape) != len(segments) and not (rest and len(segments) >= len(shape)):
         return None
-    lines = text.split("\r\n")
-    if max(map(len, lines)) > MAX_LINE:
-        return None
-    if not text.replace("\r\n", "").replace("\t", " ").isprintable():
-        return None  # a bare CR or LF, or another control character
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or parts[2] != "HTTP/1.1" or parts[0] not in ("GET", "POST"):
-        return None
-    target = parts[1]
-    if not target.startswith("/") or "%" in target or "#" in target:
-        return None
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip() or " " in name:
+    match: dict[str, str] = {}
+    for i, want in enumerate(shape):
+        got = segments[i]
+        if want[:1] == "{":
+            if rest and i == len(shape) - 1:
+                match[want[1:-2]] = "/".join(_decoded(s) for s in segments[i:])
+                return match
+            if not got:
+                return None
+            match[want[1:-1]] = _decoded(got)
+        elif want != _decoded(got):
             return None
-        name = name.lower()
-        if name == "content-length" and name in headers:
-            return None  # two lengths: not ours to pick one
-        headers.setdefault(name, value.strip())
-    for refused in ("transfer-encoding", "upgrade", "expect"):
-        if refused in headers:
-            return None
-    return parts[0], target, headers
+    return match
 
 
-class FrontProtocol(asyncio.BufferedProtocol):
-    """One client connection of the front."""
-
-    def __init__(self, front: Front) -> None:
-        self.front = front
-        self.transport: asyncio.Transport | None = None
-        self.buf = b""
-        self.busy = False  # a request of this connection is being served
-        self.write_paused = False
-        self.closing = False
-        self.gone = False
-        self.timer: asyncio.TimerHandle | None = None
-        self.deadline = 0.0
-        self.loop = asyncio.get_running_loop()  # made by the server, in its loop
-
-    # -- asyncio callbacks ---------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.front.connections.add(self)
-        self._arm()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.gone = True
-        self._disarm()
-        self.front.connections.discard(self)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return read_buffer()
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.buf += read_buffer()[:nbytes]  # copied out of the shared buffer at once
-        if self.busy or self.write_paused:
-            if len(self.buf) > MAX_HEAD + self.front.max_body and self.transport is not None:
-                self.transport.pause_reading()  # a client far ahead of its answers
-            return
-        self._next()
-
-    def pause_writing(self) -> None:
-        self.write_paused = True  # the client does not read its answers: serve no more
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        if not self.busy and not self.gone:
-            if self.transport is not None:
-                self.transport.resume_reading()
-            if self.buf:
-                self._next()
-
-    def eof_received(self) -> bool | None:
-        if not self.busy:
-            self._close()
-        else:
-            self.closing = True
-        return True  # keep the write side open for the answer in flight
-
-    # -- requests ------------------------------------------------------------
-
-    def _next(self) -> None:
-        end = self.buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self.buf) > MAX_HEAD:
-                self._hand_over()
-            return
-        parsed = parse_head(self.buf[:end])
-        if parsed is None:
-            self._hand_over()
-            return
-        method, target, headers = parsed
-        raw_length = headers.get("content-length", "0")
-        if not raw_length.isdigit() or (method == "GET" and raw_length != "0"):
-            self._hand_over()
-            return
-        length = int(raw_length)
-        if length > self.front.max_body:
-            self._hand_over()  # aiohttp answers 413 for it, as it always did
-            return
-        start = end + 4
-        if len(self.buf) < start + length:
-            return  # the body is still coming (the timer still runs)
-        path, _, query = target.partition("?")
-        route, match, allowed = self.front.resolve(method, path)
-        if route in self.front.web_only:
-            self._hand_over()  # a stream or a WebSocket: aiohttp serves it
-            return
-        body = self.buf[start : start + length]
-        self.buf = self.buf[start + length :]
-        self.busy = True
-        if headers.get("connection", "").lower() == "close":
-            self.closing = True
-        request = Request(method, path, query, headers, body, match)
-        self.front.spawn(self._serve(request, route, allowed))
-
-    async def _serve(self, request: Request, route: str | None, allowed: frozenset[str]) -> None:
-        try:
-            reply = await self.front.dispatch(request, route, allowed)
-        except Exception:  # dispatch answers errors itself: this is a bug
-            log.exception("bug while serving %s %s", request.method, request.path)
-            body = json.dumps(error_document("InternalError", "internal error (logged by vmadmd)"))
-            reply = Reply(500, body.encode())
-        if self.transport is not None and not self.gone:
-            self.transport.write(render(reply, self.closing))
-        self.busy = False
-        if self.gone:
-            return
-        if self.closing:
-            self._close()
-            return
-        self._arm()
-        if self.write_paused:
-            return  # resume_writing goes on
-        if self.transport is not None:
-            self.transport.resume_reading()
-        if self.buf:
-            self._next()
-
-    # -- hand-over to aiohttp ------------------------------------------------
-
-    def _hand_over(self) -> None:
-        assert self.transport is not None
-        self._disarm()
-        self.busy = True  # nothing more is parsed here
-        self.transport.pause_reading()
-        self.front.spawn(self._give())
-
-    async def _give(self) -> None:
-        transport = self.transport
-        assert transport is not None
-        try:
-            factory = await self.front.web()
-        except Exception:
-            log.exception("cannot set up the HTTP server for %r", self.buf[:80])
-            transport.abort()
-            return
-        if self.gone:
-            return
-        self.front.connections.discard(self)
-        protocol = factory()
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
-        if self.buf:
-            protocol.data_received(self.buf)
-        self.buf = b""
-        transport.resume_reading()
-
-    # -- timers --------------------------------------------------------------
-
-    def _arm(self) -> None:
-        """The client has ``client_timeout`` from now to send its next request.
-
-        One timer per connection, moved forward lazily: serving a request
-        costs no timer of its own.
-        """
-        loop = self.loop
-        self.deadline = loop.time() + self.front.client_timeout
-        if self.timer is None:
-            self.timer = loop.call_at(self.deadline, self._expire)
-
-    def _disarm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def _expire(self) -> None:
-        self.timer = None
-        if self.gone or self.transport is None:
-            return
-        loop = self.loop
-        if self.busy:  # a request being served is never cut off: look again later
-            self.timer = loop.call_at(loop.time() + self.front.client_timeout, self._expire)
-        elif loop.time() < self.deadline:
-            self.timer = loop.call_at(self.deadline, self._expire)
-        else:
-            self._close()
-
-    def _close(self) -> None:
-        self._disarm()
-        if self.transport is not None:
-            self.transport.close()
+def _decoded(segment: str) -> str:
+    return unquote(segment, errors="replace") if "%" in segment else segment
 
 
-class Front:
-    """The API socket's server: serves plain requests, hands the rest to aiohttp."""
+class Service:
+    """The envelope of one listener: every request of every route goes through
+    ``dispatch`` (or, refused by the server before it had a route, ``refuse``).
+
+    ``gate(route)`` is awaited before a route runs (the API holds the VM
+    routes until the start-up sweep); ``record`` counts each answer.
+    """
 
     def __init__(
         self,
-        dispatch: Dispatch,
-        resolve: Resolve,
-        web: WebFactory,
+        router: Router,
         *,
-        web_only: frozenset[str],
-        client_timeout: float,
-        max_body: int,
+        gate: Callable[[str], Awaitable[None] | None] | None = None,
+        record: Record | None = None,
+        in_flight: Any = None,
     ) -> None:
-        self.dispatch = dispatch
-        self.resolve = resolve
-        self.web = web
-        self.web_only = web_only
-        self.client_timeout = client_timeout
-        self.max_body = max_body
-        self.connections: set[FrontProtocol] = set()
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.server: asyncio.Server | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self.router = router
+        self.resolve = router.resolve
+        self.gate = gate
+        self._record = record
+        self.in_flight = in_flight  # a gauge with inc() and dec(), or None
 
-    async def start(self, sock: socket.socket) -> None:
-        loop = self.loop = asyncio.get_running_loop()
-        self.server = await loop.create_unix_server(lambda: FrontProtocol(self), sock=sock)
-
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run ``coro`` in a task of its own, tracked until it ends.
-
-        The task takes itself out of ``tasks`` as it ends, rather than by a
-        done callback: a callback is one more event-loop turn per request
-        (``GET ?type=version``, one VM, back to back: 0.325 -> 0.284 ms p50).
-        """
-        assert self.loop is not None
-        own: list[asyncio.Task[None]] = []
-
-        async def run() -> None:
+    async def dispatch(self, request: Request, route: str | None, allowed: frozenset[str]) -> Reply:
+        """Serve one request: request id, gate, bounds, and the JSON error shape."""
+        req_id = request_id(request.headers.get("x-request-id"))
+        req_id_var.set(req_id)  # each request runs in its own task: its own context
+        t0 = time.monotonic()
+        if route is None:
+            if allowed:
+                reply = error_reply(405, "MethodNotAllowed", "Method Not Allowed")
+                reply.headers["Allow"] = ",".join(sorted(allowed))
+            else:
+                reply = error_reply(404, "NotFound", "Not Found")
+        elif len(request.query_string) > MAX_QUERY:
+            reply = error_reply(414, "UriTooLong", "query string too long")
+        else:
+            if self.in_flight is not None:
+                self.in_flight.inc()
             try:
-                await coro
-            except Exception:
-                log.exception("HTTP front task failed")
+                if self.gate is not None and (waiting := self.gate(route)) is not None:
+                    await waiting
+                method = "GET" if request.method == "HEAD" else request.method
+                reply = await self.call(self.router.routes[route][method], request)
             finally:
-                self.tasks.discard(own[0])
+                if self.in_flight is not None:
+                    self.in_flight.dec()
+            wanted = "pretty" in request.query_string and request.query.get("pretty") == "true"
+            if wanted and reply.status < 300:
+                pretty(reply)
+        reply.headers["X-Request-Id"] = req_id
+        self.record(route or "unmatched", request.method, reply.status, time.monotonic() - t0)
+        return reply
 
-        own.append(self.loop.create_task(run()))
-        self.tasks.add(own[0])
+    def refuse(self, status: int, code: str, message: str, headers: dict[str, str]) -> Reply:
+        """The answer to a request the server refused before routing it."""
+        reply = error_reply(status, code, message)
+        reply.headers["X-Request-Id"] = request_id(headers.get("x-request-id"))
+        self.record("unmatched", "other", status, 0.0)
+        return reply
 
-    async def close(self, grace: float) -> None:
-        """Stop accepting; let requests in flight finish (bounded); close the rest."""
-        if self.server is not None:
-            self.server.close()
-        for conn in list(self.connections):
-            if not conn.busy:
-                conn._close()
-        if self.tasks:
-            await asyncio.wait(list(self.tasks), timeout=grace)
-        for task in list(self.tasks):
-            task.cancel()
-        for conn in list(self.connections):
-            conn._close()
-        with contextlib.suppress(Exception):
-            if self.server is not None:
-                await self.server.wait_closed()
+    async def call(self, handler: Handler, request: Request) -> Reply:
+        """The handler's reply, or the JSON error it stands for."""
+        try:
+            return await handler(request)
+        except VmadmError as err:
+            return error_reply(err.status, err.code, err.message, **err.details())
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("bug while serving %s %s", request.method, request.path)
+            return error_reply(500, "InternalError", "internal error (logged by vmadmd)")
+
+    def record(self, route: str, method: str, status: int, took: float) -> None:
+        log.debug("%s %s -> %d in %.1f ms", method, route, status, took * 1000)
+        if self._record is not None:
+            # Bounded label values: a client must not be able to mint new series.
+            self._record(route, method if method in _METHODS else "other", status, took)

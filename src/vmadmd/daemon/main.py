@@ -17,16 +17,18 @@ import resource
 import signal
 import socket
 import ssl
+import stat
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from vmadmd.daemon import autoboot, logs
-from vmadmd.daemon.api import MAX_BODY, WEB_ONLY, Api
+from vmadmd.daemon.api import MAX_BODY, Api
 from vmadmd.daemon.events import EventBus
-from vmadmd.daemon.http import Front
 from vmadmd.daemon.manager import Manager
 from vmadmd.daemon.metrics import Metrics
+from vmadmd.daemon.server import HttpServer
 from vmadmd.daemon.settings import CrashRestart, DaemonSettings
 from vmadmd.daemon.vncconsole import is_loopback
 from vmadmd.errors import ConfigError
@@ -50,8 +52,6 @@ from vmadmd.vm.config import (
 from vmadmd.vm.sockets import bind_unix, connect_unix, peer_uid, trusted_uid
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
     from vmadmd.daemon.console import ConsoleServer
     from vmadmd.daemon.watch import ZonesWatcher
     from vmadmd.vm.config import UserNet
@@ -242,18 +242,29 @@ def raise_fd_limit() -> None:
 
 
 def claim_socket(path: str) -> socket.socket:
-    """Bind the API socket with mode 0600, replacing a stale one safely.
+    """Bind the API socket with mode 0600, replacing whatever stands in its way safely.
 
-    Refuses (ConfigError) when another vmadmd answers on it: a server run by
-    root or by the daemon's own user.  One run by any other user is an
-    impostor (``/tmp`` is everyone's): it is replaced, and logged.
+    The path is looked at with ``lstat``, never followed.  A socket is
+    probed: refused (ConfigError) when another vmadmd answers on it (a
+    server run by root or by the daemon's own user); one run by any other
+    user is an impostor (``/tmp`` is everyone's): it is replaced, and
+    logged; a socket nobody answers on is stale.  Anything else there (a
+    link, wherever it points; a file; an empty directory) would stop the
+    daemon from starting: it is removed (a link itself, never its target),
+    and logged.  A directory with something in it is not ours to empty:
+    refused, with the reason.
     """
     directory, name = os.path.dirname(path) or ".", os.path.basename(path)
-    if os.path.lexists(path):
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        info = None
+    if info is not None and stat.S_ISSOCK(info.st_mode):
         try:
             probe = connect_unix(directory, name)
         except (ConnectionRefusedError, FileNotFoundError):
-            os.unlink(path)  # nobody listens: stale
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # nobody listens: stale
         except OSError as err:
             raise ConfigError(f"cannot check the existing socket {path}: {err}") from err
         else:
@@ -263,9 +274,36 @@ def claim_socket(path: str) -> socket.socket:
                 raise ConfigError(f"another vmadmd is already answering on {path}")
             log.warning("%s was bound by uid %d, not by root: replacing it", path, uid)
             os.unlink(path)
+    elif info is not None and stat.S_ISDIR(info.st_mode):
+        # Not ours to empty, and not to stop the daemon either (anyone may
+        # make one in /tmp): an empty one goes, any other is moved aside.
+        aside = f"{path}.moved-{os.getpid()}-{int(time.time())}"
+        try:
+            os.rmdir(path)
+            log.warning("%s was an empty directory, not a socket: replaced", path)
+        except OSError:
+            try:
+                os.rename(path, aside)
+            except OSError as err:
+                raise ConfigError(
+                    f"{path} (the API socket's path) is a directory that cannot be moved "
+                    f"aside ({err.strerror}); remove it or choose another --socket"
+                ) from err
+            log.warning("%s was a directory (uid %d): moved to %s", path, info.st_uid, aside)
+    elif info is not None:
+        kind = "a symbolic link" if stat.S_ISLNK(info.st_mode) else "not a socket"
+        try:
+            os.unlink(path)  # a link itself: never what it points to
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            raise ConfigError(f"cannot remove {path} ({kind}): {err.strerror}") from err
+        log.warning("%s was %s (uid %d): replaced", path, kind, info.st_uid)
     old_umask = os.umask(0o177)
     try:
-        return bind_unix(path)
+        return bind_unix(path, socket.SOMAXCONN)
+    except OSError as err:  # something put back there meanwhile, a missing directory
+        raise ConfigError(f"cannot bind the API socket {path}: {err.strerror}") from err
     finally:
         os.umask(old_umask)
 
@@ -311,7 +349,7 @@ class Daemon:
                     "VNC challenges) would cross the network in clear; give "
                     "--console-tls-cert/--console-tls-key, or --console-insecure"
                 )
-            from vmadmd.daemon.console import ConsoleServer  # aiohttp: only when asked for
+            from vmadmd.daemon.console import ConsoleServer  # wsproto: only when asked for
 
             self.console = ConsoleServer(
                 self.manager, host, port, args.novnc_dir, xterm_dir=args.xterm_dir,
@@ -321,39 +359,12 @@ class Daemon:
             )  # fmt: skip
         self._stop = asyncio.Event()
         self.api = Api(self.manager, self.bus, self.status, self.metrics, self.console)
-        self.front = Front(
-            self.api.dispatch,
-            self.api.resolve,
-            self._web,
-            web_only=WEB_ONLY,
-            client_timeout=args.client_timeout,
-            max_body=MAX_BODY,
+        self.server = HttpServer(
+            self.api.service, client_timeout=args.client_timeout, max_body=MAX_BODY
         )
-        self._web_runner: asyncio.Future[web.AppRunner] | None = None
 
     def status(self) -> dict[str, Any]:
         return {"autoboot": self.autoboot.as_dict()}
-
-    async def _web(self) -> Callable[[], asyncio.Protocol]:
-        """aiohttp's protocol for a handed-over connection; set up on first need."""
-        # Imported in a worker thread: the loop goes on serving meanwhile
-        # (aiohttp is ~120 ms of imports, its CA bundle included).
-        if "vmadmd.daemon.web" not in sys.modules:
-            await asyncio.to_thread(importlib.import_module, "vmadmd.daemon.web")
-        from vmadmd.daemon import web as webside  # loaded by now
-
-        if self._web_runner is None:
-            self._web_runner = asyncio.ensure_future(
-                webside.start_runner(
-                    self.api, client_timeout=self.args.client_timeout, grace=SHUTDOWN_GRACE
-                )
-            )
-        try:
-            runner = await asyncio.shield(self._web_runner)
-        except Exception:
-            self._web_runner = None  # try again for the next one
-            raise
-        return webside.protocol_factory(runner)
 
     async def _rescan(self) -> None:
         await self.manager.scan_all()
@@ -373,7 +384,7 @@ class Daemon:
         # Serve the API at once: /ping answers, what depends on the VMs'
         # states waits for the sweep (BEFORE_SWEEP); a query to a VM not yet
         # back on QMP waits for it (504 past the QMP timeout).
-        await self.front.start(sock)
+        await self.server.start(sock)
         log.info("listening on %s", self.args.socket)
         if self.console is not None:
             await self.console.start()
@@ -405,10 +416,7 @@ class Daemon:
             await self.watcher.close()
         if self.console is not None:
             await self.console.close()
-        await self.front.close(SHUTDOWN_GRACE)
-        if self._web_runner is not None and self._web_runner.done():
-            with contextlib.suppress(Exception):
-                await self._web_runner.result().cleanup()
+        await self.server.close(SHUTDOWN_GRACE)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.args.socket)
         # Let go of QMP connections and listeners; never of the VMs.

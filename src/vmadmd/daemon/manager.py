@@ -28,8 +28,8 @@ from vmadmd.daemon.settings import DaemonSettings, Shared
 from vmadmd.daemon.stats import VmStatsCollector
 from vmadmd.daemon.supervisor import VmSupervisor
 from vmadmd.errors import StartFailed, VmadmError, VmBroken, VmBusy, WrongState
-from vmadmd.vm import proc
-from vmadmd.vm.layer import VmLayer, identity_of, state_of
+from vmadmd.vm import transition
+from vmadmd.vm.layer import VmLayer, running_pidfd, state_of
 from vmadmd.vm.sockets import Peer
 from vmadmd.vm.store import VmRecord
 from vmadmd.vm.transition import Transition, TransitionTo
@@ -229,13 +229,13 @@ class Manager:
             return
         self._broken.discard(uuid)
         try:
-            found = proc.open_vm_pidfd(self.store.paths(uuid).pid, uuid, identity_of(record))
+            found = running_pidfd(self.store, uuid, record)
         except VmadmError as err:  # a file planted at vm.pid: not this VM's qemu
             vm_log(log, uuid).warning("not picked up: %s", err)
             return
         if found is not None:
             self._attach(uuid, record, *found)
-        elif record.get("transition"):
+        elif record.get(transition.KEY):
             # qemu went away while no daemon watched: finish the transition.
             settled = await settle_record(self._shared, uuid, None)
             # A reboot's second half boots qemu: not inside the sweep, which

@@ -76,8 +76,19 @@ class Shutdown(NamedTuple):
     detail: str = ""
 
 
+# qemu 7.2's ShutdownCause: whatever else a SHUTDOWN says is not qemu's word
+# (a qemu taken over by its guest writes what it likes), and is not kept.
+SHUTDOWN_CAUSES = frozenset({
+    "none", "host-error", "host-qmp-quit", "host-qmp-system-reset", "host-signal", "host-ui",
+    "guest-shutdown", "guest-reset", "guest-panic", "subsystem-reset", "snapshot-load",
+})  # fmt: skip
+MAX_EVENT_DATA = 4096  # bytes of JSON an event's data may take to be passed on
+MAX_FIELD = 64  # characters of a VNC client's host or service
+
+
 def shutdown_of(data: Mapping[str, Any]) -> Shutdown:
-    reason = str(data.get("reason", ""))
+    reason = data.get("reason")
+    reason = reason if isinstance(reason, str) and reason in SHUTDOWN_CAUSES else "unknown"
     if reason == "guest-panic":
         return Shutdown("panic")
     if data.get("guest") is True:
@@ -87,6 +98,25 @@ def shutdown_of(data: Mapping[str, Any]) -> Shutdown:
     if reason == "host-signal":
         return Shutdown("signal")
     return Shutdown("host", reason)
+
+
+def _field(value: object) -> str:
+    """A short printable string of what qemu sent (its guest may have written it)."""
+    text = str(value)[:MAX_FIELD]
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+def _bounded(data: dict[str, Any]) -> dict[str, Any]:
+    """An event's data as passed on (to the event stream and its history):
+    dropped past ``MAX_EVENT_DATA`` bytes of JSON, so a qemu sending huge
+    events costs the daemon nothing it keeps."""
+    import json
+
+    try:
+        size = len(json.dumps(data))
+    except (TypeError, ValueError):
+        return {}
+    return data if size <= MAX_EVENT_DATA else {"dropped": f"{size} bytes of event data"}
 
 
 class VncClient(NamedTuple):
@@ -217,12 +247,11 @@ class Monitor:
         elif name == "VNC_CONNECTED":
             client = data.get("client")
             if isinstance(client, dict):
-                self._events.on_vnc_client(VncClient(str(client.get("family", "")),
-                                                     str(client.get("host", "")),
-                                                     str(client.get("service", ""))))  # fmt: skip
+                fields = (_field(client.get(k, "")) for k in ("family", "host", "service"))
+                self._events.on_vnc_client(VncClient(*fields))
             return
         if name in LIFECYCLE_EVENTS:
-            self._events.on_lifecycle(name, data)
+            self._events.on_lifecycle(name, _bounded(data))
 
     # -- operations ----------------------------------------------------------
 

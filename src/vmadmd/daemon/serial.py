@@ -5,7 +5,7 @@ time, and a client that does not read stalls the guest's serial output.  The
 daemon is that one client for as long as the VM runs: it reads everything
 (so the guest never stalls), keeps the last ``HISTORY`` bytes, and hands
 each chunk to every viewer (WebSocket clients of ``GET /vm/<uuid>/serial``, served by
-``responses.serial_relay``,
+``websocket.serial_relay``,
 ``vmadm console``, the browser page).  A new viewer first receives the
 history, so attaching to a quiet console still shows its last prompt.
 Whatever any viewer types goes to the guest.  qemu's own log of the port

@@ -307,7 +307,8 @@ class VncConsole:
         if listener is None or not listener.in_qemu or not client.tcp:
             return
         self._metrics.vnc_clients.labels("accepted_by_qemu").inc()
-        self._log.info("VNC client %s:%s accepted by qemu", client.host, client.service)
+        # Debug, not info: qemu says it, and qemu may say it without end.
+        self._log.debug("VNC client %s:%s accepted by qemu", client.host, client.service)
 
     async def reload(self, record: VmRecord) -> dict[str, Any]:
         """Apply the record's VNC settings; a no-op when unchanged."""

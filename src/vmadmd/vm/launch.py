@@ -79,16 +79,24 @@ class Confinement(NamedTuple):
 # The launcher runs as root with the VM's root/tmp as its working directory:
 # nothing it runs may be found through a PATH entry that is relative (".",
 # or empty, which means the same), or it would run what the VM's user put
-# there.  Every program is resolved to an absolute path beforehand, from
-# this PATH alone, and the launcher gets a fixed environment.
+# there.  Every program is resolved to an absolute path beforehand, in our
+# own working directory, from the absolute entries of our PATH (root's own
+# choice: a test's fake systemd-run, say), else from SAFE_PATH; the
+# launcher gets a fixed environment.
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Passed through to qemu: its own variables, and the test stand-in's.
 PASSED_ENV_PREFIXES = ("QEMU_", "VMADMD_STANDIN_")
 
 
+def search_path() -> str:
+    """Our PATH without its relative entries (SAFE_PATH when none is left)."""
+    entries = [p for p in os.environ.get("PATH", "").split(os.pathsep) if os.path.isabs(p)]
+    return os.pathsep.join(entries) or SAFE_PATH
+
+
 def resolve_program(name: str) -> str:
-    """``name`` as an absolute path: looked up in ``SAFE_PATH`` when it is a
-    bare name, made absolute (against our working directory, never the
+    """``name`` as an absolute path: looked up in ``search_path()`` when it is
+    a bare name, made absolute (against our working directory, never the
     VM's) when it is a path.  StartFailed when there is no such program."""
     import shutil
 
@@ -97,9 +105,9 @@ def resolve_program(name: str) -> str:
         if not os.access(path, os.X_OK):
             raise StartFailed(f"{name} is not an executable program")
         return path
-    found = shutil.which(name, path=SAFE_PATH)
+    found = shutil.which(name, path=search_path())
     if found is None:
-        raise StartFailed(f"{name} not found in {SAFE_PATH}")
+        raise StartFailed(f"{name} not found in {search_path()}")
     return found
 
 

@@ -70,7 +70,7 @@ class VmLayer:
         """The pid of the VM's running qemu (identity-checked), else None."""
         if record is None:
             record = self.store.load(uuid)
-        return proc.find_vm_pid(self.store.paths(uuid).pid, uuid, identity_of(record))
+        return running_pid(self.store, uuid, record)
 
     def is_running(self, uuid: str) -> bool:
         return self.pid(uuid) is not None
@@ -100,6 +100,19 @@ class VmLayer:
         vm["uuid"] = uuid
         if self.store.exists(uuid) or os.path.exists(self.store.paths(uuid).zonepath):
             raise InvalidParameter(f"a VM with uuid {uuid} already exists")
+        # The images used stay while their overlays are made and recorded:
+        # `imgadm delete` takes the same lock, then looks for users.
+        with contextlib.ExitStack() as held:
+            used = {str(d["image_uuid"]) for d in vm["disks"] if "image_uuid" in d}
+            if used:
+                from vmadmd.vm.images import ImageStore
+
+                store = ImageStore(self.settings.images, self.settings.zones_root)
+                for image_uuid in sorted(used):
+                    held.enter_context(store.lock(validate_uuid(image_uuid)))
+            return self._create(uuid, vm)
+
+    def _create(self, uuid: str, vm: VmRecord) -> str:
         # Everything that can be refused is refused before anything is made.
         zonepath = self.store.paths(uuid).zonepath
         images: dict[int, tuple[str, str]] = {}
@@ -135,20 +148,7 @@ class VmLayer:
 
     def _new_uid(self, uuid: str) -> int:
         """A uid no VM of this host ever had (the host-wide ledger, vm/uids.py)."""
-        from vmadmd.vm import uids
-
-        with uids.locked(self.settings.uid_ledger) as ledger:
-            # The VMs of this zones root, read under the ledger's lock: those
-            # from before the ledger are taken into it.
-            known: dict[int, str] = {}
-            for other in self.store.list_uuids():
-                with contextlib.suppress(VmadmError):
-                    uid = self.store.load(other).get("zone_uid")
-                    if isinstance(uid, int) and uid > 0:
-                        known[uid] = other
-            return uids.allocate(
-                ledger, self.settings.zone_uid_base, uuid, self.store.zones_root, iso_now(), known
-            )
+        return new_zone_uid(self.settings, self.store, uuid)
 
     @staticmethod
     def _own(paths: VmPaths, uid: int) -> None:
@@ -333,6 +333,8 @@ class VmLayer:
             uid = vm.get("zone_uid")
             if "nics" in checked and isinstance(uid, int) and uid > 0:
                 net.name_taps(checked["nics"], uid)
+            if "disks" in checked:
+                _keep_backing(vm.get("disks", []), checked["disks"])
             for key, value in checked.items():
                 if vm.get(key) != value:
                     changed.add(key)
@@ -364,6 +366,47 @@ class VmLayer:
 MAP_PROPS = ("customer_metadata", "internal_metadata", "tags")
 
 IDENTITY_KEY = "qemu_identity"
+
+
+def new_zone_uid(settings: VmSettings, store: Store, uuid: str) -> int:
+    """A uid no VM of this host ever had (the host-wide ledger, vm/uids.py)."""
+    from vmadmd.vm import uids
+
+    with uids.locked(settings.uid_ledger) as ledger:
+        # The VMs of this zones root, read under the ledger's lock: those
+        # from before the ledger are taken into it.
+        known: dict[int, str] = {}
+        for other in store.list_uuids():
+            with contextlib.suppress(VmadmError):
+                uid = store.load(other).get("zone_uid")
+                if isinstance(uid, int) and uid > 0:
+                    known[uid] = other
+        return uids.allocate(
+            ledger, settings.zone_uid_base, uuid, store.zones_root, iso_now(), known
+        )
+
+
+def _keep_backing(old: list[Any], new: list[dict[str, Any]]) -> None:
+    """A disk's image and format belong to its file, not to the payload: a
+    disk given again by its path keeps them (without its ``image_uuid`` a
+    disk made over an image would boot with no backing, its data unreadable)."""
+    was = {d.get("path"): d for d in old if isinstance(d, dict)}
+    for disk in new:
+        before = was.get(disk["path"], {})
+        for key in ("image_uuid", "image_format"):
+            if key in before and key not in disk:
+                disk[key] = before[key]
+
+
+def running_pid(store: Store, uuid: str, record: VmRecord) -> int | None:
+    """The pid of the VM's running qemu, identity-checked against the boot
+    recorded in ``record`` (the one lookup every caller makes), else None."""
+    return proc.find_vm_pid(store.paths(uuid).pid, uuid, identity_of(record))
+
+
+def running_pidfd(store: Store, uuid: str, record: VmRecord) -> tuple[int, int] | None:
+    """``running_pid`` with a pidfd on that very process: ``(pid, fd)``."""
+    return proc.open_vm_pidfd(store.paths(uuid).pid, uuid, identity_of(record))
 
 
 def identity_of(record: VmRecord) -> proc.Identity | None:

@@ -1,16 +1,19 @@
 """Is this VM's qemu running?  Identity-checked liveness and safe signalling.
 
 A pid file alone proves nothing: pids are reused.  A VM is running only when
-the pid in ``vm.pid`` is alive, not a zombie, and its command line carries
-``-uuid <uuid>``; and, for a qemu booted by this version, when it is the very
-process that was booted: the same executable and the same start time (in
-clock ticks since the host booted), both recorded in ``vm.json`` at boot
-(``qemu_identity``).  A look-alike carrying ``-uuid U`` is not the VM.
+its qemu is alive and not a zombie, and is the very process that was booted:
+the same pid, executable and start time (in clock ticks since the host
+booted), all recorded in root's ``vm.json`` at boot (``qemu_identity``).  A
+look-alike carrying ``-uuid U`` is not the VM; nor is a pid written into the
+zone.  (A qemu booted by a version that recorded no identity is found by
+``vm.pid`` and ``-uuid <uuid>`` on its command line, until its next boot.)
 Signals go through a pidfd opened and then re-checked, so a pid recycled
 between the check and the kill can never be hit.
 
-``vm.pid`` lies under the VM's ``root/``, writable by its guest's qemu: it is
-read through ``zonefs`` (no link followed, no FIFO opened, size bounded).
+``vm.pid`` lies under the VM's ``root/``, writable by its guest's qemu: the
+pid is taken from the identity recorded in root's ``vm.json`` instead; the
+file is read (through ``zonefs``: no link followed, no FIFO opened, size
+bounded) only for a qemu booted before identities were recorded.
 
 Standard library only.
 """
@@ -82,24 +85,38 @@ def identity(pid: int) -> Identity | None:
 
 
 def is_vm_process(pid: int, uuid: str, expect: Identity | None = None) -> bool:
-    """True when ``pid`` is a live, non-zombie process started with ``-uuid <uuid>``,
-    and, when an identity was recorded at boot (``expect``), that very process."""
+    """True when ``pid`` is a live, non-zombie process that is the VM's qemu.
+
+    With an identity recorded at boot (``expect``, in root's ``vm.json``):
+    that very process (pid, start time, executable), whatever its command
+    line says (a qemu taken over by its guest can rewrite its own argv).
+    Without one (a qemu booted by an older version): started with ``-uuid
+    <uuid>``.
+    """
     state = _proc_state(pid)
     if state is None or state in ("Z", "X"):
         return False
-    argv = cmdline(pid)
-    if not any(a == "-uuid" and b == uuid for a, b in itertools.pairwise(argv)):
-        return False
     if isinstance(expect, dict):
-        # Booted by this version: the very process booted, nothing else
-        # (a pid written by anyone else is not the VM's, whatever its argv).
         return identity(pid) == expect
-    return True
+    argv = cmdline(pid)
+    return any(a == "-uuid" and b == uuid for a, b in itertools.pairwise(argv))
+
+
+def _pid_of(pid_path: str, expect: Identity | None) -> int | None:
+    """Where the VM's pid comes from: the identity recorded in root's
+    ``vm.json`` at boot when there is one; ``vm.pid`` (in the zone, which its
+    user may delete or rewrite) only for a qemu booted before identities
+    were recorded.  A deleted ``vm.pid`` must not hide a running qemu from
+    ``vmadm stop -F`` or ``vmadm delete``."""
+    if isinstance(expect, dict):
+        pid = expect.get("pid")
+        return pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 1 else None
+    return read_pid(pid_path)
 
 
 def find_vm_pid(pid_path: str, uuid: str, expect: Identity | None = None) -> int | None:
     """The pid of the VM's qemu when it is running, else None."""
-    pid = read_pid(pid_path)
+    pid = _pid_of(pid_path, expect)
     if pid is None or not is_vm_process(pid, uuid, expect):
         return None
     return pid
@@ -114,7 +131,7 @@ def open_vm_pidfd(
     refers to the process that passed it (a process that died in between
     leaves a pidfd that reads as exited, which the caller sees at once).
     """
-    pid = read_pid(pid_path)
+    pid = _pid_of(pid_path, expect)
     if pid is None:
         return None
     try:
