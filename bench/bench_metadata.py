@@ -101,10 +101,12 @@ IMAGE = "d3b1a2c4-5e6f-4a7b-8c9d-0e1f2a3b4c5d"
 
 def debian(rounds: int) -> None:
     """Start -> cloud-init finished: our metadata vs a NoCloud seed."""
+    import hashlib
     import json
     import shutil
     import subprocess
 
+    from harness.imgapi import manifest_for
     from harness.world import REPO, _world_readable_dir
 
     from .common import world
@@ -115,11 +117,15 @@ def debian(rounds: int) -> None:
     for name in ("vmlinuz", "initrd.img"):
         os.chmod(shutil.copy(cache / name, shared), 0o644)
     with world() as w:
-        images = os.path.join(w.zones, "images")
-        os.makedirs(images, exist_ok=True)
-        image = os.path.join(images, f"{IMAGE}.raw")
-        subprocess.run(["cp", "--sparse=always", str(cache / "root.raw"), image], check=True)
-        os.chmod(image, 0o444)
+        image = cache / "root.qcow2"
+        with open(image, "rb") as raw:
+            sha1 = hashlib.file_digest(raw, "sha1").hexdigest()
+        manifest = os.path.join(w.tmp, "debian.json")
+        with open(manifest, "w") as f:
+            json.dump(manifest_for(IMAGE, "debian-12-cloud", sha1, image.stat().st_size,
+                                   "none", "qcow2"), f)  # fmt: skip
+        subprocess.run([sys.executable, "-m", "vmadmd.cli.imgadm", "install", "-q", "-m",
+                        manifest, "-f", str(image)], env=w.environ, check=True)  # fmt: skip
         w.start_daemon()
 
         def make(append: str, **props: Any) -> str:

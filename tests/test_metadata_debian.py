@@ -2,7 +2,7 @@
 
 The guest is built from Debian packages by ``tools/build-debian-guest.sh``
 (cached under ``.cache/debian``, keyed on the script), installed as an image
-and booted under vmadmd (TCG) with a tagged nic on a bridge in a network
+(``imgadm install``) and booted under vmadmd (TCG) with a tagged nic on a bridge in a network
 namespace of the test's own.  Nothing inside the guest is configured for
 it: cloud-init's SmartOS datasource finds the SMBIOS identity, asks the
 daemon's agent on ``ttyS1``, and applies what it is told.  Every check is
@@ -13,9 +13,12 @@ key given as metadata.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from harness.imgapi import manifest_for
 from harness.world import REPO
 
 from .conftest import Env
@@ -45,15 +49,26 @@ def debian() -> dict[str, str]:
     for name in ("vmlinuz", "initrd.img"):
         os.chmod(shutil.copy(DEBIAN_DIR / name, shared), 0o644)
     return {"kernel": f"{shared}/vmlinuz", "initrd": f"{shared}/initrd.img",
-            "image": str(DEBIAN_DIR / "root.raw")}  # fmt: skip
+            "image": str(DEBIAN_DIR / "root.qcow2")}  # fmt: skip
 
 
 def install_image(env: Env, debian: dict[str, str]) -> None:
-    images = Path(env.zones) / "images"
-    images.mkdir(exist_ok=True)
-    target = images / f"{IMAGE}.raw"
-    subprocess.run(["cp", "--sparse=always", debian["image"], str(target)], check=True)
-    os.chmod(target, 0o444)
+    """The guest's root disk, installed as an image (``imgadm install``)."""
+    image = Path(debian["image"])
+    sha1 = hashlib.sha1()
+    with image.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            sha1.update(chunk)
+    manifest = env.tmp / "debian.json"
+    manifest.write_text(json.dumps(manifest_for(
+        IMAGE, "debian-12-cloud", sha1.hexdigest(), image.stat().st_size, "none", "qcow2"
+    )))  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "vmadmd.cli.imgadm", "install", "-m", str(manifest),
+         "-f", str(image)],
+        capture_output=True, text=True, timeout=300, env=env.environ, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
 
 
 @contextlib.contextmanager

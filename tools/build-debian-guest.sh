@@ -3,8 +3,9 @@
 # guest-metadata end-to-end test: a systemd system with cloud-init and
 # openssh-server, configured by nothing but what its datasource says.
 #
-# Output in $OUT: root.raw (an ext4 file system, no partition table: the root
-# disk, installed as an image), vmlinuz and initrd.img (direct kernel boot:
+# Output in $OUT: root.qcow2 (an ext4 file system, no partition table: the
+# root disk, installed as an image with imgadm; qcow2, so only what the file
+# system uses is stored), vmlinuz and initrd.img (direct kernel boot:
 # root=/dev/vda).  cloud-init looks for SmartOS (SMBIOS product "SmartDC"),
 # then NoCloud (a "cidata" seed), then gives up: nothing else is probed, so a
 # boot under TCG spends no time on network datasources.  cloud-init says on
@@ -16,7 +17,7 @@ set -euo pipefail
 OUT=${1:-"$(cd "$(dirname "$0")/.." && pwd)/.cache/debian"}
 SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 hash=$(sha256sum "$SELF" | cut -c1-16)
-if [[ -s $OUT/root.raw && -s $OUT/vmlinuz && -s $OUT/initrd.img && \
+if [[ -s $OUT/root.qcow2 && -s $OUT/vmlinuz && -s $OUT/initrd.img && \
       $(cat "$OUT/.stamp" 2>/dev/null) == "$hash" ]]; then
     exit 0
 fi
@@ -59,6 +60,8 @@ cp "$root/boot/initrd.img-$kver" "$work/initrd.img"
 rm -rf "$root/var/cache/apt/archives"/*.deb "$root/var/lib/apt/lists"/*
 truncate -s 2G "$work/root.raw"
 mkfs.ext4 -q -F -L root -d "$root" "$work/root.raw"
-mv "$work/vmlinuz" "$work/initrd.img" "$work/root.raw" "$OUT/"
+qemu-img convert -O qcow2 "$work/root.raw" "$work/root.qcow2"
+rm -f "$OUT/root.raw"
+mv "$work/vmlinuz" "$work/initrd.img" "$work/root.qcow2" "$OUT/"
 echo "$hash" >"$OUT/.stamp"
 echo "build-debian-guest: $OUT (kernel $kver)" >&2
