@@ -509,6 +509,31 @@ async def test_writes_are_rate_bounded(guest_rig: Guest) -> None:
     sock.close()
 
 
+async def test_long_lines_are_parsed_at_a_bounded_byte_rate(guest_rig: Guest) -> None:
+    """Lines as long as allowed, as fast as a socket takes them (a guest that
+    took over its qemu writes faster than any UART): parsed at BYTE_RATE."""
+    from vmadmd.daemon import mdagent
+
+    _, sock = await guest_rig.boot(UUID, {"alias": "long"})
+    line = b"GET " + b"k" * (md.MAX_LINE - 8) + b"\n"
+    count = 8
+
+    def scenario() -> float:
+        sock.setblocking(True)
+        t0 = time.monotonic()
+        sock.sendall(line * count)
+        got = b""
+        while got.count(b"\n") < count:
+            got += recv_until(sock, b"\n", timeout=30)
+        assert got == b"NOTFOUND\n" * count
+        return time.monotonic() - t0
+
+    took = await in_thread(scenario)
+    floor = (count * len(line) - mdagent.BYTE_BURST) / mdagent.BYTE_RATE
+    assert took >= floor * 0.9, (took, floor)
+    sock.close()
+
+
 async def test_a_planted_ttyb_is_refused(tmp_path: Path) -> None:
     """A socket at vm.ttyb that the VM's qemu does not serve gets no byte."""
     store = Store(str(tmp_path / "zones"))

@@ -176,6 +176,8 @@ def _value(request: Request, value: object) -> bytes:
         return success(request, value)
     if isinstance(value, bool):
         return success(request, "true" if value else "false")
+    if isinstance(value, float) and value.is_integer():
+        return success(request, str(int(value)))  # as JavaScript writes it
     if isinstance(value, int | float):
         return success(request, str(value))
     return failure(request)
