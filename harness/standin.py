@@ -11,7 +11,10 @@ Three uses, one protocol implementation:
   tell it from qemu.
 * **In process** (``ServedVm``): the same VM served from a test's own event
   loop, for the in-process tests of the monitor, the supervisor and the
-  console (no daemon process, deterministic).
+  console (no daemon process, deterministic).  Its ``vm.ttyb`` (the guest's
+  ``ttyS1``, the metadata port) hands each connection to the test
+  (``ServedVm.ttyb``), which plays the guest; as the qemu binary, the port
+  is served by a guest that never asks.
 * **As a hub for scale runs** (``python -m harness.standin hub ...``): one
   process serves many VMs (``ServedVm`` each).
 
@@ -532,6 +535,19 @@ async def _echo(
         writer.close()
 
 
+async def _sink(sock: socket.socket) -> None:
+    """A serial port whose "guest" reads everything and says nothing."""
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        while await reader.read(65536):
+            pass
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
 def _unix_name(spec: str | None) -> str | None:
     if spec is None or not spec.startswith("unix:"):
         return None
@@ -554,6 +570,9 @@ async def _serve_one(argv: list[str], ready_fd: int | None) -> None:
     serial = _chardev_path(argv)
     if serial is not None:
         servers.append(await _serve_unix(serial, serial_echo))
+    if "socket,id=ttyb,path=vm.ttyb,server=on,wait=off" in argv:
+        # The guest's ttyS1: a guest that never asks for its metadata.
+        servers.append(await _serve_unix("vm.ttyb", _sink))
     pidfile = _opt(argv, "-pidfile")
     if pidfile:
         with open(pidfile, "w") as f:
@@ -619,6 +638,7 @@ class ServedVm:
         self.vm = vm
         self.holder = holder
         self.servers = servers
+        self.ttyb: asyncio.Queue[socket.socket] = asyncio.Queue()  # guest ends of vm.ttyb
         # As when qemu dies: its sockets close with it.
         self._hang_up = asyncio.create_task(self._close_when_gone())
 
@@ -652,6 +672,10 @@ class ServedVm:
         servers = [await _serve_unix(os.path.join(runtime_dir, "vm.qmp"), vm.qmp_conn)]
         if vnc:
             servers.append(await _serve_unix(os.path.join(runtime_dir, "vm.vnc"), vm.vnc_client))
+        # The guest's ttyS1: each connection (the daemon's metadata agent) is
+        # handed to the test, which plays the guest on it.
+        ttyb: asyncio.Queue[socket.socket] = asyncio.Queue()
+        servers.append(await _serve_unix(os.path.join(runtime_dir, "vm.ttyb"), ttyb.put_nowait))
         # qemu's identity and VNC mode are read off the command line.
         vnc_spec = "unix:vm.vnc,password=on" if vnc_password else "unix:vm.vnc"
         argv = ["-uuid", uuid, *(["-vnc", vnc_spec] if vnc else [])]
@@ -670,7 +694,9 @@ class ServedVm:
         await proc.stdout.readline()
         with open(os.path.join(runtime_dir, "vm.pid"), "w") as f:
             f.write(f"{proc.pid}\n")
-        return cls(vm, proc, servers)
+        served = cls(vm, proc, servers)
+        served.ttyb = ttyb
+        return served
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """End the "qemu" at once, as a crash or a signal would: no QMP event."""

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install everything vmadmd needs on a fresh Debian machine, idempotently:
-# Debian packages (qemu, qemu-img, busybox-static, socat, curl), a venv with the
-# package and its dev tools in .venv, noVNC (npm) in .cache/novnc, and the
-# test guest in .cache/guest.  --with-browser adds Debian's chromium and
+# Debian packages (qemu, qemu-img, busybox-static, socat, curl, cloud-init,
+# mmdebstrap, genisoimage), a venv with the package and its dev tools in
+# .venv, noVNC (npm) in .cache/novnc, the test guest in .cache/guest and the
+# Debian cloud guest in .cache/debian.  --with-browser adds Debian's chromium and
 # chromium-driver, for the browser-console test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,15 @@ command -v socat >/dev/null || need+=(socat)
 command -v cpio >/dev/null || need+=(cpio)
 command -v npm >/dev/null || need+=(npm)
 command -v curl >/dev/null || need+=(curl)  # bench_imgadm's floor
+command -v mmdebstrap >/dev/null || need+=(mmdebstrap)      # the Debian e2e guest
+command -v genisoimage >/dev/null || need+=(genisoimage)    # its NoCloud seed (bench)
+# cloud-init's own SmartOS client classes drive the metadata tests (Debian
+# packages it; it is not on PyPI).  Installed, not run: see below.
+new_cloud_init=0
+if [[ ! -f /usr/lib/python3/dist-packages/cloudinit/sources/DataSourceSmartOS.py ]]; then
+    need+=(cloud-init)
+    new_cloud_init=1
+fi
 if ((with_browser)); then
     command -v chromium >/dev/null || need+=(chromium)
     command -v chromedriver >/dev/null || need+=(chromium-driver)
@@ -26,6 +36,10 @@ if ((${#need[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    if ((new_cloud_init)); then
+        # The tests import its modules; this host must not run it at boot.
+        mkdir -p /etc/cloud && touch /etc/cloud/cloud-init.disabled
+    fi
 fi
 
 if [[ ! -x .venv/bin/python ]]; then
@@ -56,6 +70,8 @@ fi
 .venv/bin/python -m compileall -q src >/dev/null
 
 ./tools/build-guest.sh .cache/guest >&2
+# The Debian 12 cloud guest of the metadata end-to-end test (~1-2 min, once).
+./tools/build-debian-guest.sh .cache/debian >&2
 
 # Where systemd runs, install (not enable) the unit, pointing at this checkout.
 if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null; then

@@ -38,6 +38,7 @@ from vmadmd.daemon.ending import (
     waiter_status,
 )
 from vmadmd.daemon.logs import vm_log
+from vmadmd.daemon.mdagent import MetadataAgent
 from vmadmd.daemon.monitor import QUERIES, Monitor, Shutdown, VncClient
 from vmadmd.daemon.qmppolicy import check_hmp, check_qmp
 from vmadmd.daemon.serial import SerialConsole
@@ -112,6 +113,7 @@ class VmSupervisor:
             require_password=settings.vm.vnc_require_password,
         )  # fmt: skip
         self.serial = SerialConsole(uuid, self.paths.runtime_dir, self.paths.CONSOLE_NAME, peer)
+        self.metadata = MetadataAgent(uuid, shared.store, peer)  # the guest's ttyS1
         self.lock = asyncio.Lock()  # one QMP operation at a time on this VM
         self.stopping = Stopping(uuid, shared, self.monitor, self.exited, self._signal, self._log)
         self._console_task: asyncio.Task[None] | None = None
@@ -153,6 +155,7 @@ class VmSupervisor:
         asyncio.get_running_loop().add_reader(self._pidfd, self._on_pidfd)
         self.monitor.start()
         self.serial.start()
+        self.metadata.start()
         self._log.info("running (pid %d)", self.pid)
         self._shared.bus.emit("started", self.uuid, pid=self.pid)
         self._console_task = self._shared.spawn(self.console.open(record), f"vnc-{self.uuid}")
@@ -210,6 +213,7 @@ class VmSupervisor:
         why = {"panic": "the guest kernel panicked", "crash": "qemu crashed"}
         reason = settled.ending.reason if settled.ending is not None else ""
         await self.serial.close(why.get(reason, "the VM stopped"))
+        await self.metadata.close()
         await self.console.close()
         await self.monitor.close()
         # Its taps and its cgroup go with it (best effort: the next start
@@ -229,6 +233,7 @@ class VmSupervisor:
             self.monitor.close(),
             self.console.detach(),
             self.serial.close("vmadmd is shutting down; the VM keeps running"),
+            self.metadata.close(),
             return_exceptions=True,
         )
 

@@ -299,8 +299,11 @@ class VmLayer:
 
     def update(self, uuid: str, changes: dict[str, Any]) -> tuple[VmRecord, set[str]]:
         """Apply validated changes; returns the new record and the changed keys."""
-        meta_set = changes.pop("set_customer_metadata", None)
-        meta_remove = changes.pop("remove_customer_metadata", None)
+        # SmartOS's set_<map> / remove_<map>, for each map of keys it has them for.
+        edits = {
+            name: (changes.pop(f"set_{name}", None), changes.pop(f"remove_{name}", None))
+            for name in MAP_PROPS
+        }
         for name in props.IMMUTABLE:
             if name in changes:
                 raise InvalidParameter(f"{name} cannot be changed")
@@ -317,12 +320,16 @@ class VmLayer:
                 disk["path"] = self.disks.check_disk_path(
                     f"disks[{i}].path", disk["path"], zonepath
                 )
-        if meta_set is not None:
-            checked_meta = props.validate({"customer_metadata": meta_set})["customer_metadata"]
-        if meta_remove is not None and (
-            not isinstance(meta_remove, list) or not all(isinstance(k, str) for k in meta_remove)
-        ):
-            raise InvalidParameter("remove_customer_metadata must be a list of keys")
+        checked_sets: dict[str, dict[str, Any]] = {}
+        for name, (to_set, to_remove) in edits.items():
+            if to_set is not None:
+                if not isinstance(to_set, dict):
+                    raise InvalidParameter(f"set_{name} must be an object")
+                checked_sets[name] = props.validate({name: to_set})[name]
+            if to_remove is not None and (
+                not isinstance(to_remove, list) or not all(isinstance(k, str) for k in to_remove)
+            ):
+                raise InvalidParameter(f"remove_{name} must be a list of keys")
         changed: set[str] = set()
 
         def apply(vm: VmRecord) -> None:
@@ -335,16 +342,18 @@ class VmLayer:
                 if vm.get(key) != value:
                     changed.add(key)
                 vm[key] = value
-            if meta_set is not None or meta_remove is not None:
-                meta = dict(vm.get("customer_metadata", {}))
-                if meta_set is not None:
-                    meta.update(checked_meta)
-                for key in meta_remove or []:
-                    meta.pop(key, None)
-                meta = props.validate({"customer_metadata": meta})["customer_metadata"]
-                if meta != vm.get("customer_metadata"):
-                    changed.add("customer_metadata")
-                vm["customer_metadata"] = meta
+            for name, (to_set, to_remove) in edits.items():
+                if to_set is None and to_remove is None:
+                    continue
+                current = vm.get(name)
+                value = dict(current) if isinstance(current, dict) else {}
+                value.update(checked_sets.get(name, {}))
+                for key in to_remove or []:
+                    value.pop(key, None)
+                value = props.validate({name: value})[name]
+                if value != current:
+                    changed.add(name)
+                vm[name] = value
 
         record = self.store.update(uuid, apply)
         if changed & set(cgroup.RESOURCE_KEYS) and self.pid(uuid, record) is not None:
@@ -355,6 +364,9 @@ class VmLayer:
                 raise StartFailed(f"VM {uuid}: saved, but its cgroup refused: {err}") from err
         return record, changed
 
+
+# The maps `vmadm update` edits key by key (SmartOS's set_X / remove_X).
+MAP_PROPS = ("customer_metadata", "internal_metadata", "tags")
 
 IDENTITY_KEY = "qemu_identity"
 

@@ -105,6 +105,7 @@ SMARTOS_KEPT = frozenset({
     "do_not_inventory", "docker", "filesystems", "firewall_enabled", "flexible_disk_size",
     "fs_allowed", "hostname", "image_uuid", "indestructible_delegated",
     "indestructible_zoneroot", "internal_metadata", "internal_metadata_namespace",
+    "internal_metadata_namespaces",
     "kernel_version", "limit_priv", "maintain_resolvers", "max_locked_memory", "max_swap",
     "mdata_exec_timeout", "nowait", "owner_uuid", "package_name", "package_version",
     "qemu_opts", "quota", "resolvers", "routes", "server_uuid", "spice_opts", "spice_password",

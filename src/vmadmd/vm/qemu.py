@@ -23,6 +23,10 @@ from vmadmd.vm.store import VmPaths
 if TYPE_CHECKING:
     from vmadmd.vm.config import UserNet
 
+# The guest's second serial port (its ttyS1), where it asks for its
+# metadata: SmartOS's name for the socket, relative to qemu's working directory.
+TTYB_NAME = "vm.ttyb"
+
 NIC_DEVICES = {"virtio": "virtio-net-pci", "e1000": "e1000", "rtl8139": "rtl8139"}
 
 # qemu's seccomp sandbox, every group of syscalls denied.  qemu 7.2 takes
@@ -148,6 +152,13 @@ def build_argv(
         f"socket,id=serial0,path={paths.CONSOLE_NAME},server=on,wait=off,"
         f"logfile={paths.CONSOLE_LOG_NAME},logappend=off",
         "-serial", "chardev:serial0",
+        # SmartOS's metadata port (the daemon's agent holds it) and identity:
+        # cloud-init picks its SmartOS datasource when the DMI product name
+        # starts with "SmartDC", then asks on ttyS1.
+        "-chardev", f"socket,id=ttyb,path={TTYB_NAME},server=on,wait=off",
+        "-serial", "chardev:ttyb",
+        "-smbios", f"type=1,manufacturer=Joyent,product=SmartDC HVM,"
+                   f"serial={esc(uuid)},uuid={esc(uuid)}",
         # A guest kernel that panics says so (GUEST_PANICKED), and the VM
         # stops (SHUTDOWN with reason guest-panic): recorded as a panic, and
         # restarted if the VM asks for it (restart_on_crash).
