@@ -183,10 +183,16 @@ class World:
         self.extra_env: dict[str, str] = {"VMADM_QEMU": qemu} if qemu else {}
         # Put before vmadm and vmadmd (e.g. `ip netns exec NS`: its own network).
         self.prefix: list[str] = []
+        # Whether the processes it starts are measured by coverage (when the
+        # test run is): a soak, which times them, turns it off.
+        self.measured = True
 
     @property
     def environ(self) -> dict[str, str]:
         env = dict(os.environ)
+        if not self.measured:
+            for name in ("COVERAGE_PROCESS_CONFIG", "COVERAGE_PROCESS_START"):
+                env.pop(name, None)
         env.update(
             VMADM_ZONES_ROOT=self.zones,
             VMADMD_SOCKET=self.socket,
