@@ -112,26 +112,28 @@ def test_ledger_survives_a_torn_line_and_skips_host_accounts(tmp_path: Path) -> 
     one, and handed out again).  A uid that names a host account is skipped."""
     import pwd
 
+    zones = str(tmp_path / "zones")  # the zones root the ledger records, as text only
+
     from vmadmd.vm import uids
 
     path = str(tmp_path / "state" / "zone-uids")
     u = "0b3f1c2e-9a4d-4f5e-8b6a-1c2d3e4f5a6b"
     with uids.locked(path) as fd:
-        first = uids.allocate(fd, 2_000_000_000, u, "/zones", "t0", {})
+        first = uids.allocate(fd, 2_000_000_000, u, zones, "t0", {})
     assert first == 2_000_000_000
     assert os.stat(os.path.dirname(path)).st_mode & 0o777 == 0o700
     with open(path, "a") as f:
         f.write("2000000007 torn")  # no end of line
     with uids.locked(path) as fd:
-        second = uids.allocate(fd, 2_000_000_000, u, "/zones", "t1", {})
+        second = uids.allocate(fd, 2_000_000_000, u, zones, "t1", {})
     assert second == 2_000_000_008
     with uids.locked(path) as fd:
-        assert uids.allocate(fd, 2_000_000_000, u, "/zones", "t2", {}) == 2_000_000_009
+        assert uids.allocate(fd, 2_000_000_000, u, zones, "t2", {}) == 2_000_000_009
     assert ledger_uids(path) == [2_000_000_000, 2_000_000_007, 2_000_000_008, 2_000_000_009]
     account = pwd.getpwnam("root").pw_uid  # 0: any account will do
     other = str(tmp_path / "other")
     with uids.locked(other) as fd:
-        assert uids.allocate(fd, account, u, "/zones", "t", {}) != account
+        assert uids.allocate(fd, account, u, zones, "t", {}) != account
 
 
 def test_the_daemon_takes_its_ledger_from_the_flag(env: Env) -> None:
