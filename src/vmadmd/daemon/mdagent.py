@@ -30,9 +30,10 @@ import time
 from vmadmd.daemon import metadata
 from vmadmd.daemon.locks import vm_lock
 from vmadmd.daemon.logs import vm_log
+from vmadmd.daemon.serial import hold_port
 from vmadmd.errors import VmadmError, VmBroken, VmNotFound
 from vmadmd.vm.qemu import TTYB_NAME
-from vmadmd.vm.sockets import Peer, connect_unix_retrying
+from vmadmd.vm.sockets import Peer
 from vmadmd.vm.store import Store, VmRecord
 
 log = logging.getLogger("vmadmd.metadata")
@@ -48,8 +49,6 @@ WRITE_BURST = 20
 BYTE_RATE = 4 << 20
 BYTE_BURST = 2 * metadata.MAX_LINE
 CHUNK = 65536
-RECONNECT_DELAY = 0.05
-MAX_RECONNECT_DELAY = 5.0
 LOCK_WAIT = 5.0  # a guest's write waits this long for the VM's lock
 
 
@@ -140,27 +139,8 @@ class MetadataAgent:
 
     async def _run(self) -> None:
         """Hold vm.ttyb while the VM runs; connect again if it drops."""
-        delay = RECONNECT_DELAY
-        while not self._closed:
-            try:
-                sock = await connect_unix_retrying(self._directory, TTYB_NAME, self._peer)
-                reader, writer = await asyncio.open_connection(sock=sock)
-            except OSError as err:
-                # Not listening yet, going away, a qemu started without the
-                # port, or a socket not its qemu's: back off, at most 5 s.
-                self._log.debug("metadata port not reachable: %s", err)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, MAX_RECONNECT_DELAY)
-                continue
-            delay = RECONNECT_DELAY
-            self._log.debug("metadata port connected")
-            try:
-                await self.serve(reader, writer)
-            except OSError as err:
-                self._log.debug("metadata port connection lost: %s", err)
-            finally:
-                writer.close()
-            await asyncio.sleep(RECONNECT_DELAY)
+        await hold_port(self._directory, TTYB_NAME, self._peer, self.serve,
+                        lambda: self._closed, self._log, "metadata port")  # fmt: skip
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Answer every request on one connection, until it ends."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 from vmadmd.daemon.logs import vm_log
 from vmadmd.errors import WrongState
@@ -63,6 +64,41 @@ class Viewer:
         return chunk
 
 
+async def hold_port(
+    directory: str,
+    name: str,
+    peer: Peer | None,
+    session: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    closed: Callable[[], bool],
+    log: logging.LoggerAdapter[logging.Logger],
+    what: str,
+) -> None:
+    """Hold one of qemu's chardev sockets (served by ``peer``) for ``session``
+    while ``closed()`` is false: connect again when it drops, backing off
+    (at most ``MAX_RECONNECT_DELAY``) while it cannot be reached."""
+    delay = RECONNECT_DELAY
+    while not closed():
+        try:
+            sock = await connect_unix_retrying(directory, name, peer)
+            reader, writer = await asyncio.open_connection(sock=sock)
+        except OSError as err:
+            # qemu not listening yet, or going away (its pidfd decides), a
+            # qemu without this port, or a socket not its qemu's: back off.
+            log.debug("%s not reachable: %s", what, err)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_RECONNECT_DELAY)
+            continue
+        delay = RECONNECT_DELAY
+        log.debug("%s connected", what)
+        try:
+            await session(reader, writer)
+        except OSError as err:
+            log.debug("%s connection lost: %s", what, err)
+        finally:
+            writer.close()
+        await asyncio.sleep(RECONNECT_DELAY)
+
+
 class SerialConsole:
     def __init__(self, uuid: str, directory: str, name: str, peer: Peer | None = None) -> None:
         self.uuid = uuid
@@ -85,29 +121,17 @@ class SerialConsole:
 
     async def _run(self) -> None:
         """Hold qemu's serial socket; reconnect if it drops while the VM runs."""
-        delay = RECONNECT_DELAY
-        while not self._closed:
-            try:
-                sock = await connect_unix_retrying(self._directory, self._name, self._peer)
-                reader, writer = await asyncio.open_connection(sock=sock)
-            except OSError as err:
-                # qemu not listening yet, or going away (its pidfd decides), or
-                # a qemu without this serial port: back off, at most 5 s.
-                self._log.debug("serial console not reachable: %s", err)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, MAX_RECONNECT_DELAY)
-                continue
-            delay = RECONNECT_DELAY
+
+        async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             self._writer = writer
             try:
                 while chunk := await reader.read(65536):
                     self._publish(chunk)
-            except OSError as err:
-                self._log.debug("serial console connection lost: %s", err)
             finally:
                 self._writer = None
-                writer.close()
-            await asyncio.sleep(RECONNECT_DELAY)
+
+        await hold_port(self._directory, self._name, self._peer, session,
+                        lambda: self._closed, self._log, "serial console")  # fmt: skip
 
     def _publish(self, chunk: bytes) -> None:
         self._history += chunk
