@@ -883,21 +883,69 @@ async def test_api_holds_vm_states_until_the_start_up_sweep(rig: Rig) -> None:
 
     try:
         assert (await asyncio.wait_for(get("/ping"), 5))[0] == 200
+        assert manager.state(UUID) == "stopped"  # what /vms would say now
         listing = asyncio.ensure_future(get("/vms"))
-        one = asyncio.ensure_future(get(f"/vm/{UUID}", "type=version"))
         await asyncio.sleep(0.2)
         assert not listing.done()
-        assert not one.done()
-        assert manager.state(UUID) == "stopped"  # what /vms would have said
+        # A request for one VM does not wait for the whole sweep: its VM is
+        # picked up for it (and only once: the sweep finds it done).
+        status, info = await asyncio.wait_for(get(f"/vm/{UUID}", "type=version"), 5)
+        assert status == 200
+        assert "version" in info
+        sup = manager.vms[UUID]
+        assert not listing.done()
         await manager.sweep()
+        assert manager.vms[UUID] is sup
         status, vms = await asyncio.wait_for(listing, 5)
         assert status == 200
         assert [(vm["uuid"], vm["state"]) for vm in vms] == [(UUID, "running")]
-        assert (await asyncio.wait_for(one, 5))[0] == 200
         # Once swept, nothing waits.
         assert (await asyncio.wait_for(get("/vms"), 1))[0] == 200
     finally:
         await manager.close()
+
+
+async def test_a_command_does_not_queue_behind_other_vms_start_up_connects(rig: Rig) -> None:
+    """A daemon restarting with a thousand VMs connects their monitors a
+    bounded number at a time; a command for one VM connects its monitor at
+    once instead of waiting for a slot (here: none is ever free)."""
+    served = await rig.serve()
+    mon = Monitor(
+        UUID, rig.paths.runtime_dir, rig.paths.QMP_NAME, timeout=2.0, events=Told(rig.events),
+        metrics=rig.metrics, connect_slots=asyncio.Semaphore(0), peer=Peer.of(served.holder.pid),
+    )  # fmt: skip
+    mon.start()
+    try:
+        await asyncio.sleep(0.3)
+        assert not mon.ready  # queued for a slot
+        assert (await mon.query("status"))["running"] is True
+        assert mon.ready
+    finally:
+        await mon.close()
+
+
+def test_listen_table_reads_once_for_callers_that_ask_together() -> None:
+    """Adopting a VNC port reads the host's TCP table; a thousand VMs picked
+    up at once share reads, and a read never predates the question."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vmadmd.daemon.vnc import ListenTable, listens_on
+
+    table = ListenTable()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        assert table.inodes(port) == set()  # bound, not listening
+        s.listen()
+        # A read that began after the socket listened sees it.
+        assert len(table.inodes(port)) == 1
+        assert listens_on(os.getpid(), port, table)
+        assert not listens_on(1, port, table)  # held by this process, not by init
+        reads = table.reads
+        with ThreadPoolExecutor(8) as pool:
+            found = list(pool.map(lambda _: listens_on(os.getpid(), port, table), range(200)))
+        assert all(found)
+        assert table.reads - reads < 200
 
 
 async def test_a_sweep_that_never_ends_holds_requests_for_a_bounded_time(

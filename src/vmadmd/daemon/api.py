@@ -38,6 +38,7 @@ from vmadmd.daemon.supervisor import parse_types
 from vmadmd.errors import (
     InvalidParameter,
     PayloadTooLarge,
+    VmadmError,
     WrongState,
 )
 from vmadmd.vm.store import validate_uuid
@@ -140,10 +141,17 @@ class Api:
         self.resolve = self.service.resolve
         self.dispatch = self.service.dispatch
 
-    def _gate(self, route: str) -> Awaitable[None] | None:
-        """Hold what depends on the VMs' states until the start-up sweep is done."""
+    def _gate(self, route: str, request: Request) -> Awaitable[None] | None:
+        """Hold what depends on VMs' states until the start-up sweep has
+        picked them up: a route about one VM waits for that VM alone."""
         if self.manager.swept.is_set() or route in BEFORE_SWEEP:
             return None
+        uuid = request.match.get("uuid")
+        if uuid is not None:
+            try:
+                return self.manager.wait_known(validate_uuid(uuid))
+            except VmadmError:
+                return None  # the route itself refuses it (400)
         return self.manager.wait_swept()
 
     # -- routes ------------------------------------------------------------

@@ -261,15 +261,15 @@ class Service:
     """The envelope of one listener: every request of every route goes through
     ``dispatch`` (or, refused by the server before it had a route, ``refuse``).
 
-    ``gate(route)`` is awaited before a route runs (the API holds the VM
-    routes until the start-up sweep); ``record`` counts each answer.
+    ``gate(route, request)`` is awaited before a route runs (the API holds
+    a VM's routes until the start-up sweep has picked that VM up); ``record`` counts each answer.
     """
 
     def __init__(
         self,
         router: Router,
         *,
-        gate: Callable[[str], Awaitable[None] | None] | None = None,
+        gate: Callable[[str, Request], Awaitable[None] | None] | None = None,
         record: Record | None = None,
         in_flight: Any = None,
     ) -> None:
@@ -296,7 +296,7 @@ class Service:
             if self.in_flight is not None:
                 self.in_flight.inc()
             try:
-                if self.gate is not None and (waiting := self.gate(route)) is not None:
+                if self.gate is not None and (waiting := self.gate(route, request)) is not None:
                     await waiting
                 method = "GET" if request.method == "HEAD" else request.method
                 reply = await self.call(self.router.routes[route][method], request)

@@ -58,6 +58,9 @@ class Manager:
         # running VM not yet reached would read as stopped, so the API holds
         # what depends on VMs' states until this is set (see Api.dispatch).
         self.swept = asyncio.Event()
+        # During the sweep: each VM's first refresh, shared by the sweep and
+        # by a request for that VM that jumps the queue (``wait_known``).
+        self._first: dict[str, asyncio.Task[None]] = {}
         self._shared = Shared(
             settings=settings,
             store=self.store,
@@ -157,25 +160,64 @@ class Manager:
         except TimeoutError:
             log.warning("start-up sweep still running after %g s: answering anyway", SWEEP_WAIT)
 
-    async def sweep(self) -> list[str]:
-        """The start-up sweep: ``scan_all``, then ``swept`` is set (even if it failed)."""
+    async def wait_known(self, uuid: str) -> None:
+        """Wait until the start-up sweep has picked up this one VM.
+
+        A request for a VM does not wait for the other 999: its VM is picked
+        up now if the sweep has not reached it yet (the same refresh, shared
+        with the sweep, so it runs once).
+        """
+        if self.swept.is_set():
+            return
         try:
-            return await self.scan_all()
+            await asyncio.wait_for(asyncio.shield(self._first_refresh(uuid)), SWEEP_WAIT)
+        except TimeoutError:
+            log.warning("VM %s not picked up after %g s: answering anyway", uuid, SWEEP_WAIT)
+
+    def _first_refresh(self, uuid: str) -> asyncio.Task[None]:
+        task = self._first.get(uuid)
+        if task is None:
+            task = self._first[uuid] = asyncio.create_task(
+                self.refresh_safely(uuid), name=f"pick-up-{uuid}"
+            )
+        return task
+
+    async def sweep(self) -> list[str]:
+        """The start-up sweep: every VM picked up, then ``swept`` is set (even if it failed).
+
+        VMs with a stop or reboot pending go first: their deadlines run.
+        """
+        try:
+            uuids = self.store.list_uuids()
+            await self.scan(sorted(uuids, key=lambda u: not self._has_transition(u)), first=True)
+            return uuids
         finally:
             self.swept.set()
+            self._first.clear()
+
+    def _has_transition(self, uuid: str) -> bool:
+        try:
+            return bool(self.load(uuid).get(transition.KEY))
+        except VmadmError:
+            return False
 
     def running_uuids(self) -> set[str]:
         return set(self.vms)
 
-    async def scan(self, uuids: Iterable[str], batch: int = 32) -> None:
+    async def scan(self, uuids: Iterable[str], batch: int = 32, *, first: bool = False) -> None:
         """Pick up every VM: attach running ones, settle stale transitions.
 
         In batches, yielding between them, so the API answers while a daemon
-        with a thousand VMs is still picking them up.
+        with a thousand VMs is still picking them up.  ``first``: the
+        start-up sweep, whose refreshes a request may have run already.
         """
         pending = list(uuids)
         for i in range(0, len(pending), batch):
-            await asyncio.gather(*(self.refresh_safely(u) for u in pending[i : i + batch]))
+            chunk = pending[i : i + batch]
+            if first:
+                await asyncio.gather(*(self._first_refresh(u) for u in chunk))
+            else:
+                await asyncio.gather(*(self.refresh_safely(u) for u in chunk))
             await asyncio.sleep(0)
 
     async def refresh_safely(self, uuid: str) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 from vmadmd.daemon.logs import vm_log
@@ -73,6 +73,10 @@ class QmpConnection:
         self._client: QmpClient | None = None
         self._dropped: QmpClient | None = None  # the last one dropped as wedged
         self._ready = asyncio.Event()
+        # Set when a command waits for this connection: it then connects
+        # without waiting for a shared slot (a request for one VM does not
+        # queue behind a thousand others' start-up connects).
+        self._wanted = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self.last_error: str | None = None
@@ -111,7 +115,7 @@ class QmpConnection:
         while not self._closed and not self._gone:
             client = QmpClient(self._dispatch)
             try:
-                async with self._connect_slots:
+                async with self._slot():
                     if self._gone:
                         return
                     sock = await connect_unix_retrying(self._directory, self._name, self._peer)
@@ -128,8 +132,10 @@ class QmpConnection:
                 self._log.debug("%s", self.last_error)
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(client.disconnect(), 1.0)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                with contextlib.suppress(TimeoutError):
+                    # A command waiting for the connection cuts the back-off short.
+                    await asyncio.wait_for(self._wanted.wait(), delay)
+                delay = min(delay * 2, 0.1 if self._wanted.is_set() else 2.0)
                 continue
             if self._closed or self._gone:
                 # Closed while the greeting was read: let go of qemu's only
@@ -140,11 +146,40 @@ class QmpConnection:
                 return
             self._client = client
             self.last_error = None
+            self._wanted.clear()
             self._ready.set()
             self._log.debug("QMP connected")
             if self.orphans:
                 self._cleanup = asyncio.create_task(_close_orphans(self))
             return
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """One of the shared connect slots, or none once a command waits."""
+        if self._wanted.is_set():
+            yield
+            return
+        slots = self._connect_slots
+        acquire = asyncio.ensure_future(slots.acquire())
+        wanted = asyncio.ensure_future(self._wanted.wait())
+        try:
+            await asyncio.wait((acquire, wanted), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            wanted.cancel()
+            if acquire.done() and not acquire.cancelled():
+                slots.release()
+            else:
+                acquire.cancel()  # (Semaphore.acquire gives back a slot it got meanwhile)
+            raise
+        wanted.cancel()
+        held = acquire.done()
+        if not held:
+            acquire.cancel()
+        try:
+            yield
+        finally:
+            if held:
+                slots.release()
 
     async def _drop(self) -> None:
         client, self._client = self._client, None
@@ -260,6 +295,7 @@ class QmpConnection:
         try:
             # (Awaited only when needed: the common case costs no task.)
             if not self._ready.is_set():
+                self._wanted.set()
                 await asyncio.wait_for(self._ready.wait(), limit)
         except TimeoutError:
             raise QmpTimeout(

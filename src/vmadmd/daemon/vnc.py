@@ -31,6 +31,8 @@ import fcntl
 import logging
 import os
 import socket
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -92,7 +94,55 @@ def file_inode(directory: str, name: str) -> int | None:
         return None
 
 
-def listens_on(pid: int, port: int) -> bool:
+class ListenTable:
+    """Which sockets listen on which TCP port, read from ``/proc/net/tcp{,6}``.
+
+    Each read walks every TCP socket of the host, so a daemon picking up a
+    thousand VMs at once must not read it once per VM (that was most of a
+    restart's 12 s with 1,000 VMs).  A caller gets a read that began after it
+    asked, so it sees every socket that existed then; callers that ask while
+    a read is under way share the next one.  Thread-safe (called from worker
+    threads).
+    """
+
+    def __init__(self, tables: tuple[str, ...] = ("/proc/net/tcp", "/proc/net/tcp6")) -> None:
+        self._tables = tables
+        self._lock = threading.Lock()
+        self._began = float("-inf")
+        self._ports: dict[int, set[str]] = {}
+        self.reads = 0
+
+    def inodes(self, port: int) -> set[str]:
+        """The inodes of the sockets listening on ``port`` (any address)."""
+        asked = time.monotonic()
+        with self._lock:
+            if self._began < asked:
+                self._began = time.monotonic()
+                self._ports = self._read()
+                self.reads += 1
+            return self._ports.get(port, set())
+
+    def _read(self) -> dict[int, set[str]]:
+        ports: dict[int, set[str]] = {}
+        for table in self._tables:
+            try:
+                with open(table, encoding="ascii", errors="replace") as f:
+                    next(f, None)  # the header
+                    for line in f:
+                        fields = line.split()
+                        # local_address is HEX_ADDR:HEX_PORT; state 0A is LISTEN.
+                        if len(fields) > 9 and fields[3] == "0A":
+                            port = int(fields[1].rsplit(":", 1)[1], 16)
+                            ports.setdefault(port, set()).add(fields[9])
+            except (OSError, ValueError):
+                continue
+        return ports
+
+
+LISTENING = ListenTable()
+
+
+def listens_on(pid: int, port: int, table: ListenTable = LISTENING) -> bool:
     """Whether process ``pid`` holds a TCP socket listening on ``port``.
 
     What qemu says over QMP (``query-vnc-servers``) is qemu's word, and a
@@ -100,19 +150,7 @@ def listens_on(pid: int, port: int) -> bool:
     say): a port is adopted as this VM's console only when the kernel shows
     the listening socket among that very process's fds.
     """
-    inodes: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table, encoding="ascii", errors="replace") as f:
-                next(f, None)  # the header
-                for line in f:
-                    fields = line.split()
-                    # local_address is HEX_ADDR:HEX_PORT; state 0A is LISTEN.
-                    listening = len(fields) > 9 and fields[3] == "0A"
-                    if listening and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                        inodes.add(fields[9])
-        except (OSError, ValueError):
-            continue
+    inodes = table.inodes(port)
     if not inodes:
         return False
     wanted = {f"socket:[{inode}]" for inode in inodes}
