@@ -51,9 +51,9 @@ import json
 import logging
 import socket
 import ssl
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import h11
 
@@ -89,13 +89,53 @@ def _token_in(value: str, token: str) -> bool:
     return token in (part.strip().lower() for part in value.split(","))
 
 
+class Refusal(NamedTuple):
+    """A request head the server will not serve: its answer."""
+
+    status: int
+    code: str
+    message: str
+    headers: dict[str, str]
+
+
+def request_of(event: h11.Request) -> Request | Refusal:
+    """The request h11 read, or why it is refused (what h11 lets through
+    that this server does not serve)."""
+    headers: dict[str, str] = {}
+    size = len(event.target)
+    for raw_name, raw_value in event.headers:
+        headers.setdefault(raw_name.decode("ascii"), raw_value.decode("latin-1"))
+        size += len(raw_name) + len(raw_value) + 4
+    if size > MAX_HEAD:
+        # h11 bounds a head still coming; one read whole at once is bounded here.
+        return Refusal(431, "HeadTooLarge", f"request head larger than {MAX_HEAD} bytes", {})
+    if event.http_version not in (b"1.1", b"1.0"):
+        version = event.http_version.decode("ascii", "replace")
+        return Refusal(505, "HttpVersionNotSupported", f"HTTP/{version} is not served", headers)
+    if "transfer-encoding" in headers and "content-length" in headers:
+        # RFC 9112 6.1: a request with both is a smuggling attempt or a
+        # broken proxy; answered, and the connection not reused.
+        return Refusal(400, "BadRequest", "both Transfer-Encoding and Content-Length", headers)
+    target = event.target.decode("ascii", "replace")
+    path, _, query = target.partition("?")
+    method = event.method.decode("ascii")
+    upgrade = (
+        method == "GET"
+        and _token_in(headers.get("upgrade", ""), "websocket")
+        and _token_in(headers.get("connection", ""), "upgrade")
+        and headers.get("sec-websocket-version") == "13"
+        and bool(headers.get("sec-websocket-key"))
+    )
+    return Request(method, path, query, headers, b"", {}, upgrade)
+
+
 class _Stream(Stream):
     def __init__(self, protocol: HttpProtocol) -> None:
         self.protocol = protocol
 
     async def send(self, data: bytes) -> None:
         self.protocol.send_data(data)
-        await self.protocol.drain()
+        await self.protocol.flow.drain()
 
 
 class HttpProtocol(asyncio.BufferedProtocol):
@@ -110,12 +150,8 @@ class HttpProtocol(asyncio.BufferedProtocol):
         self.admitted = False
         self.busy = False  # a request of this connection is being served
         self.ahead = 0  # bytes read past the request being served (in h11's buffer)
-        self.read_paused = False
-        self.write_paused = False
-        self.drained: asyncio.Future[None] | None = None
-        self.gone = False
-        self.timer: asyncio.TimerHandle | None = None
-        self.deadline = 0.0
+        self.flow = Flow(self.loop, server.client_timeout)
+        self.idle = IdleTimer(self.loop, server.client_timeout, self._idle_expired)
         self.ws: WebSocket | None = None
         self.task: asyncio.Task[None] | None = None
         # The request being read.
@@ -127,7 +163,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = self.flow.transport = transport
         gate = self.server.gate
         if gate is not None:
             peer = transport.get_extra_info("peername")
@@ -137,19 +173,17 @@ class HttpProtocol(asyncio.BufferedProtocol):
                 return
         self.admitted = True
         self.server.connections.add(self)
-        self._arm()
+        self.idle.arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.gone = True
-        self._disarm()
+        self.flow.lost()
+        self.idle.disarm()
         self.server.connections.discard(self)
         if self.admitted and self.server.gate is not None:
             self.server.gate.release(self.client)
         self.admitted = False
         if self.ws is not None:
             self.ws.connection_lost()
-        if self.drained is not None and not self.drained.done():
-            self.drained.set_exception(ConnectionResetError("the client is gone"))
         if self.task is not None and (self.ws is not None or self._streaming):
             self.task.cancel()  # a stream or session ends with its client; a request does not
 
@@ -164,10 +198,10 @@ class HttpProtocol(asyncio.BufferedProtocol):
         if self.refused:
             return
         self.conn.receive_data(data)
-        if self.busy or self.write_paused:
+        if self.busy or self.flow.write_paused:
             self.ahead += nbytes
             if self._too_far_ahead():
-                self.pause_reading()  # a client far ahead of its answers
+                self.flow.pause_reading()  # a client far ahead of its answers
             return
         self._advance()
 
@@ -182,59 +216,28 @@ class HttpProtocol(asyncio.BufferedProtocol):
             self.close()  # a stream's client that hangs up is gone: end it now
             return True
         self.conn.receive_data(b"")
-        if not self.busy and not self.write_paused:
+        if not self.busy and not self.flow.write_paused:
             self._advance()
         return True  # keep the write side open for the answer in flight
 
     def pause_writing(self) -> None:
-        self.write_paused = True  # the client does not read its answers: serve no more
+        self.flow.writing_paused()  # the client does not read its answers: serve no more
 
     def resume_writing(self) -> None:
-        self.write_paused = False
-        if self.drained is not None and not self.drained.done():
-            self.drained.set_result(None)
-        if not self.busy and not self.gone and self.ws is None:
+        self.flow.writing_resumed()
+        if not self.busy and not self.flow.gone and self.ws is None:
             if not self._too_far_ahead():
-                self.resume_reading()
+                self.flow.resume_reading()
             self._advance()
 
     # -- for streams and sessions -------------------------------------------------
 
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.gone:
-            self.transport.write(data)
-
-    async def drain(self) -> None:
-        """Wait while the client is behind: at most the client timeout."""
-        if self.gone:
-            raise ConnectionResetError("the client is gone")
-        if not self.write_paused:
-            return
-        if self.drained is None or self.drained.done():
-            self.drained = self.loop.create_future()
-        try:
-            await asyncio.wait_for(asyncio.shield(self.drained), self.server.client_timeout)
-        except TimeoutError:
-            self.close()
-            raise
-
-    def pause_reading(self) -> None:
-        if not self.read_paused and self.transport is not None:
-            self.read_paused = True
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self.read_paused and self.transport is not None:
-            self.read_paused = False
-            self.transport.resume_reading()
-
     def close(self) -> None:
-        self._disarm()
-        if self.transport is not None:
-            self.transport.close()
+        self.idle.disarm()
+        self.flow.close()
 
     def send_data(self, data: bytes) -> None:
-        self.write(self.conn.send(h11.Data(data=data)))
+        self.flow.write(self.conn.send(h11.Data(data=data)))
 
     @property
     def _streaming(self) -> bool:
@@ -244,7 +247,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
 
     def _advance(self) -> None:
         """Read events until a request is whole (then serve it) or more bytes are needed."""
-        if self.refused or self.gone:
+        if self.refused or self.flow.gone:
             return  # a refused connection is only drained until it closes
         conn = self.conn
         while True:
@@ -275,43 +278,19 @@ class HttpProtocol(asyncio.BufferedProtocol):
                 return
 
     def _begin(self, event: h11.Request) -> bool:
-        headers: dict[str, str] = {}
-        size = len(event.target)
-        for raw_name, raw_value in event.headers:
-            headers.setdefault(raw_name.decode("ascii"), raw_value.decode("latin-1"))
-            size += len(raw_name) + len(raw_value) + 4
-        if size > MAX_HEAD:
-            # h11 bounds a head still coming; one read whole at once is bounded here.
-            self._refuse(431, "HeadTooLarge", f"request head larger than {MAX_HEAD} bytes", {})
+        request = request_of(event)
+        if isinstance(request, Refusal):
+            self._refuse(*request)
             return False
-        if event.http_version not in (b"1.1", b"1.0"):
-            version = event.http_version.decode("ascii", "replace")
-            self._refuse(505, "HttpVersionNotSupported", f"HTTP/{version} is not served", headers)
-            return False
-        if "transfer-encoding" in headers and "content-length" in headers:
-            # RFC 9112 6.1: a request with both is a smuggling attempt or a
-            # broken proxy; answered, and the connection not reused.
-            self._refuse(400, "BadRequest", "both Transfer-Encoding and Content-Length", headers)
-            return False
-        length = headers.get("content-length", "0")
+        length = request.headers.get("content-length", "0")
         if length.isdigit() and int(length) > self.server.max_body:
-            self.request = Request(event.method.decode("ascii"), "", "", headers, b"", {})
+            self.request = request
             self._too_large()
             return False
-        target = event.target.decode("ascii", "replace")
-        path, _, query = target.partition("?")
-        method = event.method.decode("ascii")
-        upgrade = (
-            method == "GET"
-            and _token_in(headers.get("upgrade", ""), "websocket")
-            and _token_in(headers.get("connection", ""), "upgrade")
-            and headers.get("sec-websocket-version") == "13"
-            and bool(headers.get("sec-websocket-key"))
-        )
-        self.request = Request(method, path, query, headers, b"", {}, upgrade)
+        self.request = request
         self.body = bytearray()
         if self.conn.they_are_waiting_for_100_continue:
-            self.write(self.conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+            self.flow.write(self.conn.send(h11.InformationalResponse(status_code=100, headers=[])))
         return True
 
     def _too_large(self) -> None:
@@ -324,21 +303,21 @@ class HttpProtocol(asyncio.BufferedProtocol):
     ) -> None:
         """Answer a request the server will not serve, and end the connection."""
         self.refused = True
-        self._disarm()
+        self.idle.disarm()
         reply = self.server.service.refuse(status, code, message, headers or {})
         reply.headers["Connection"] = "close"
         if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             with contextlib.suppress(h11.LocalProtocolError):
                 self._send_plain(reply, head_only=False)
         transport = self.transport
-        if transport is not None and transport.can_write_eof() and not self.gone:
+        if transport is not None and transport.can_write_eof() and not self.flow.gone:
             # Linger: the client may still be sending (a body refused half-way);
             # closing with its bytes unread would reset the connection and lose
             # the answer.  What it sends is read and dropped until it closes,
             # at most for the client timeout.
             transport.write_eof()
             self.busy = False
-            self._arm()
+            self.idle.arm()
             return
         self.close()
 
@@ -352,8 +331,8 @@ class HttpProtocol(asyncio.BufferedProtocol):
         # What is buffered past this request (pipelined ones): usually nothing.
         self.ahead = len(self.conn.trailing_data[0])
         if self._too_far_ahead():
-            self.pause_reading()
-        self._disarm()  # served, never cut off
+            self.flow.pause_reading()
+        self.idle.disarm()  # served, never cut off
         route, match, allowed = self.server.service.resolve(request.method, request.path)
         request.match = match
         self.task = self.server.spawn(self._serve(request, route, allowed))
@@ -368,7 +347,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
         if reply.session is not None:
             await self._upgrade(request, reply)
             return
-        if self.gone:
+        if self.flow.gone:
             return
         try:
             if reply.stream is not None:
@@ -393,7 +372,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
         if reply.body and not head_only:
             out += conn.send(h11.Data(data=reply.body))
         out += conn.send(h11.EndOfMessage())
-        self.write(out)
+        self.flow.write(out)
 
     def _next_cycle(self) -> None:
         """The answer is out: on to the client's next request, if it may send one."""
@@ -404,22 +383,22 @@ class HttpProtocol(asyncio.BufferedProtocol):
         conn.start_next_cycle()
         self.busy = False
         self.task = None
-        self._arm()
-        if self.write_paused:
+        self.idle.arm()
+        if self.flow.write_paused:
             return  # resume_writing goes on
         if not self._too_far_ahead():
-            self.resume_reading()
+            self.flow.resume_reading()
         self._advance()
 
     async def _stream(self, reply: Reply) -> None:
         assert reply.stream is not None
         headers = [("Content-Type", reply.content_type), *reply.headers.items()]
         head = h11.Response(status_code=reply.status, headers=headers, reason=_reason(reply.status))
-        self.write(self.conn.send(head))
+        self.flow.write(self.conn.send(head))
         try:
             await reply.stream(_Stream(self))
-            if not self.gone:
-                self.write(self.conn.send(h11.EndOfMessage()))
+            if not self.flow.gone:
+                self.flow.write(self.conn.send(h11.EndOfMessage()))
         except (ConnectionError, TimeoutError, h11.LocalProtocolError):
             pass
         finally:
@@ -430,8 +409,8 @@ class HttpProtocol(asyncio.BufferedProtocol):
         from vmadmd.daemon.websocket import WebSocket, accept_token
 
         assert reply.session is not None
-        ws = WebSocket(_WsTransport(self))
-        if self.gone:
+        ws = WebSocket(self.flow)
+        if self.flow.gone:
             ws.connection_lost()
         else:
             headers = [
@@ -443,12 +422,12 @@ class HttpProtocol(asyncio.BufferedProtocol):
             switch = h11.InformationalResponse(
                 status_code=101, headers=headers, reason=b"Switching Protocols"
             )
-            self.write(self.conn.send(switch))
+            self.flow.write(self.conn.send(switch))
             trailing, _ = self.conn.trailing_data
             self.ws = ws
             if trailing:
                 ws.feed(trailing)
-            self.resume_reading()
+            self.flow.resume_reading()
         try:
             await reply.session(ws)
         except (ConnectionError, TimeoutError):
@@ -457,55 +436,112 @@ class HttpProtocol(asyncio.BufferedProtocol):
             await ws.close()
             self.close()
 
-    # -- timers --------------------------------------------------------------
+    def _idle_expired(self) -> None:
+        if self.flow.gone or self.transport is None or self.busy or self.ws is not None:
+            return  # served (or upgraded): arm() sets a new timer when it is over
+        log.debug("client timeout: closing a connection")
+        self.close()
 
-    def _arm(self) -> None:
-        """The client has ``client_timeout`` from now to send its next request, whole.
 
-        One timer per connection, moved forward lazily: serving a request
-        costs no timer of its own.
-        """
-        self.deadline = self.loop.time() + self.server.client_timeout
+class IdleTimer:
+    """A connection's client timeout: ``timeout`` from ``arm()`` to send its
+    next request whole.
+
+    One timer per connection, moved forward lazily: serving a request costs
+    no timer of its own (``disarm`` only marks it).
+    """
+
+    __slots__ = ("_on_expire", "deadline", "loop", "timeout", "timer")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, timeout: float, on_expire: Callable[[], None]
+    ) -> None:
+        self.loop = loop
+        self.timeout = timeout
+        self._on_expire = on_expire
+        self.deadline = float("inf")
+        self.timer: asyncio.TimerHandle | None = None
+
+    def arm(self) -> None:
+        self.deadline = self.loop.time() + self.timeout
         if self.timer is None:
             self.timer = self.loop.call_at(self.deadline, self._expire)
 
-    def _disarm(self) -> None:
+    def disarm(self) -> None:
         self.deadline = float("inf")
 
     def _expire(self) -> None:
         self.timer = None
-        if self.gone or self.transport is None:
-            return
-        now = self.loop.time()
-        if self.busy or self.ws is not None or self.deadline == float("inf"):
-            return  # served (or upgraded): _arm sets a new timer when it is over
-        if now < self.deadline:
+        if self.deadline == float("inf"):
+            return  # disarmed: arm() sets a new timer
+        if self.loop.time() < self.deadline:
             self.timer = self.loop.call_at(self.deadline, self._expire)
         else:
-            log.debug("client timeout: closing a connection")
-            self.close()
+            self._on_expire()
 
 
-class _WsTransport:
-    """The connection, as a WebSocket sees it."""
+class Flow:
+    """One connection's writes and back-pressure, both ways: what the request
+    loop, a stream and a WebSocket session (its transport) share.
 
-    def __init__(self, protocol: HttpProtocol) -> None:
-        self.protocol = protocol
+    A client that does not read its answers pauses the server's writing
+    (``writing_paused``): ``drain`` then waits, at most the client timeout,
+    and the connection is closed past it.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self.loop = loop
+        self.timeout = timeout
+        self.transport: asyncio.Transport | None = None
+        self.read_paused = False
+        self.write_paused = False
+        self.drained: asyncio.Future[None] | None = None
+        self.gone = False
 
     def write(self, data: bytes) -> None:
-        self.protocol.write(data)
+        if self.transport is not None and not self.gone:
+            self.transport.write(data)
 
     async def drain(self) -> None:
-        await self.protocol.drain()
+        """Wait while the client is behind: at most the client timeout."""
+        if self.gone:
+            raise ConnectionResetError("the client is gone")
+        if not self.write_paused:
+            return
+        if self.drained is None or self.drained.done():
+            self.drained = self.loop.create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.drained), self.timeout)
+        except TimeoutError:
+            self.close()
+            raise
 
     def pause_reading(self) -> None:
-        self.protocol.pause_reading()
+        if not self.read_paused and self.transport is not None:
+            self.read_paused = True
+            self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        self.protocol.resume_reading()
+        if self.read_paused and self.transport is not None:
+            self.read_paused = False
+            self.transport.resume_reading()
 
     def close(self) -> None:
-        self.protocol.close()
+        if self.transport is not None:
+            self.transport.close()
+
+    def writing_paused(self) -> None:
+        self.write_paused = True
+
+    def writing_resumed(self) -> None:
+        self.write_paused = False
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+
+    def lost(self) -> None:
+        self.gone = True
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_exception(ConnectionResetError("the client is gone"))
 
 
 class HttpServer:
