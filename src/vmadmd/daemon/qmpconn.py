@@ -115,7 +115,7 @@ class QmpConnection:
         while not self._closed and not self._gone:
             client = QmpClient(self._dispatch)
             try:
-                async with self._slot():
+                async with connect_slot(self._connect_slots, self._wanted):
                     if self._gone:
                         return
                     sock = await connect_unix_retrying(self._directory, self._name, self._peer)
@@ -152,34 +152,6 @@ class QmpConnection:
             if self.orphans:
                 self._cleanup = asyncio.create_task(_close_orphans(self))
             return
-
-    @contextlib.asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
-        """One of the shared connect slots, or none once a command waits."""
-        if self._wanted.is_set():
-            yield
-            return
-        slots = self._connect_slots
-        acquire = asyncio.ensure_future(slots.acquire())
-        wanted = asyncio.ensure_future(self._wanted.wait())
-        try:
-            await asyncio.wait((acquire, wanted), return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:
-            wanted.cancel()
-            if acquire.done() and not acquire.cancelled():
-                slots.release()
-            else:
-                acquire.cancel()  # (Semaphore.acquire gives back a slot it got meanwhile)
-            raise
-        wanted.cancel()
-        held = acquire.done()
-        if not held:
-            acquire.cancel()
-        try:
-            yield
-        finally:
-            if held:
-                slots.release()
 
     async def _drop(self) -> None:
         client, self._client = self._client, None
@@ -325,52 +297,95 @@ class QmpConnection:
             exc.__cause__ = err
             return exc
 
-        t0 = loop.time()
-        n = len(commands)
-        results: list[Any] = [None] * n  # each one filled in below
-        outcomes = ["error"] * n
-        took = [0.0] * n
-        batch: Batch | None = None
+        return await _exchange(self, client, commands, fd, deadline, limit, lost)
+
+
+async def _exchange(
+    conn: QmpConnection,
+    client: QmpClient,
+    commands: Sequence[tuple[str, Mapping[str, object] | None]],
+    fd: int | None,
+    deadline: float,
+    limit: float,
+    lost: Callable[[str, BaseException], QmpConnectionLost | QmpTimeout],
+) -> list[Any]:
+    """Send one batch on ``client`` and collect its results by ``deadline``."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    n = len(commands)
+    results: list[Any] = [None] * n  # each one filled in below
+    outcomes = ["error"] * n
+    took = [0.0] * n
+    batch: Batch | None = None
+    try:
+        if conn._log.isEnabledFor(logging.DEBUG):
+            for cmd, _ in commands:
+                conn._log.debug("qmp --> %s", cmd)
         try:
-            if self._log.isEnabledFor(logging.DEBUG):
-                for cmd, _ in commands:
-                    self._log.debug("qmp --> %s", cmd)
-            try:
-                batch = client.submit_batch(commands, fd)
-            except QmpDisconnected as err:
-                for i, (cmd, _) in enumerate(commands):
-                    results[i] = lost(cmd, err)
-                return results
-            except QmpError as err:  # the fd could not go now: nothing was sent
-                for i, (cmd, _) in enumerate(commands):
-                    results[i] = QmpRefused(f"VM {self.uuid}: {cmd}: {err}")
-                return results
-            # At the deadline, the replies not in yet fail with TimeoutError
-            # (a timer, rather than cancelling the caller's task).
-            timer = loop.call_at(max(deadline, loop.time() + 0.001), batch.expire)
-            failure: BaseException | None = None
-            try:
-                await batch.done
-            except (TimeoutError, QmpError, OSError, EOFError) as err:
-                failure = err
-            finally:
-                timer.cancel()
-            for i, reply in enumerate(batch.replies):
-                took[i] = (batch.arrived[i] if reply is not None else loop.time()) - t0
-                outcomes[i], results[i] = _result(
-                    self.uuid, commands[i][0], reply, failure, limit, lost
-                )
-            late = [i for i, outcome in enumerate(outcomes) if outcome == "timeout"]
-            if late:
-                self._wedged(f"{commands[late[0]][0]} timed out after {limit:g} s", stalled=True)
+            batch = client.submit_batch(commands, fd)
+        except QmpDisconnected as err:
+            for i, (cmd, _) in enumerate(commands):
+                results[i] = lost(cmd, err)
+            return results
+        except QmpError as err:  # the fd could not go now: nothing was sent
+            for i, (cmd, _) in enumerate(commands):
+                results[i] = QmpRefused(f"VM {conn.uuid}: {cmd}: {err}")
+            return results
+        # At the deadline, the replies not in yet fail with TimeoutError
+        # (a timer, rather than cancelling the caller's task).
+        timer = loop.call_at(max(deadline, loop.time() + 0.001), batch.expire)
+        failure: BaseException | None = None
+        try:
+            await batch.done
+        except (TimeoutError, QmpError, OSError, EOFError) as err:
+            failure = err
         finally:
-            if batch is not None:
-                for ident in batch.idents:
-                    client.forget(ident)
-            for (cmd, _), outcome, spent in zip(commands, outcomes, took, strict=True):
-                self._log.debug("qmp <-- %s %s in %.3f ms", cmd, outcome, spent * 1000)
-                self._metrics.qmp_command(cmd, outcome, spent)
-        return results
+            timer.cancel()
+        for i, reply in enumerate(batch.replies):
+            took[i] = (batch.arrived[i] if reply is not None else loop.time()) - t0
+            outcomes[i], results[i] = _result(
+                conn.uuid, commands[i][0], reply, failure, limit, lost
+            )
+        late = [i for i, outcome in enumerate(outcomes) if outcome == "timeout"]
+        if late:
+            conn._wedged(f"{commands[late[0]][0]} timed out after {limit:g} s", stalled=True)
+    finally:
+        if batch is not None:
+            for ident in batch.idents:
+                client.forget(ident)
+        for (cmd, _), outcome, spent in zip(commands, outcomes, took, strict=True):
+            conn._log.debug("qmp <-- %s %s in %.3f ms", cmd, outcome, spent * 1000)
+            conn._metrics.qmp_command(cmd, outcome, spent)
+    return results
+
+
+@contextlib.asynccontextmanager
+async def connect_slot(slots: asyncio.Semaphore, wanted: asyncio.Event) -> AsyncIterator[None]:
+    """One of the connect slots all connections share, or none once
+    ``wanted`` is set (a command waits for this connection)."""
+    if wanted.is_set():
+        yield
+        return
+    acquire = asyncio.ensure_future(slots.acquire())
+    waiting = asyncio.ensure_future(wanted.wait())
+    try:
+        await asyncio.wait((acquire, waiting), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        waiting.cancel()
+        if acquire.done() and not acquire.cancelled():
+            slots.release()
+        else:
+            acquire.cancel()  # (Semaphore.acquire gives back a slot it got meanwhile)
+        raise
+    waiting.cancel()
+    held = acquire.done()
+    if not held:
+        acquire.cancel()
+    try:
+        yield
+    finally:
+        if held:
+            slots.release()
 
 
 def _result(

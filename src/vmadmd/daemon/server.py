@@ -129,6 +129,20 @@ def request_of(event: h11.Request) -> Request | Refusal:
     return Request(method, path, query, headers, b"", {}, upgrade)
 
 
+def _switching(request: Request, reply: Reply) -> h11.InformationalResponse:
+    """The 101 that accepts a WebSocket."""
+    from vmadmd.daemon.websocket import accept_token
+
+    headers = [
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Accept", accept_token(request.headers["sec-websocket-key"])),
+        *reply.headers.items(),
+    ]
+    reason = b"Switching Protocols"
+    return h11.InformationalResponse(status_code=101, headers=headers, reason=reason)
+
+
 class _Stream(Stream):
     def __init__(self, protocol: HttpProtocol) -> None:
         self.protocol = protocol
@@ -406,23 +420,14 @@ class HttpProtocol(asyncio.BufferedProtocol):
 
     async def _upgrade(self, request: Request, reply: Reply) -> None:
         """Accept the WebSocket (when the client is still there) and run the session."""
-        from vmadmd.daemon.websocket import WebSocket, accept_token
+        from vmadmd.daemon.websocket import WebSocket
 
         assert reply.session is not None
         ws = WebSocket(self.flow)
         if self.flow.gone:
             ws.connection_lost()
         else:
-            headers = [
-                ("Upgrade", "websocket"),
-                ("Connection", "Upgrade"),
-                ("Sec-WebSocket-Accept", accept_token(request.headers["sec-websocket-key"])),
-                *reply.headers.items(),
-            ]
-            switch = h11.InformationalResponse(
-                status_code=101, headers=headers, reason=b"Switching Protocols"
-            )
-            self.flow.write(self.conn.send(switch))
+            self.flow.write(self.conn.send(_switching(request, reply)))
             trailing, _ = self.conn.trailing_data
             self.ws = ws
             if trailing:
