@@ -894,7 +894,7 @@ async def test_api_holds_vm_states_until_the_start_up_sweep(rig: Rig) -> None:
         assert "version" in info
         sup = manager.vms[UUID]
         assert not listing.done()
-        await manager.sweep()
+        await manager.startup.run()
         assert manager.vms[UUID] is sup
         status, vms = await asyncio.wait_for(listing, 5)
         assert status == 200
@@ -952,10 +952,11 @@ async def test_a_sweep_that_never_ends_holds_requests_for_a_bounded_time(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from vmadmd.daemon import manager as manager_mod
+    from vmadmd.daemon import sweep
     from vmadmd.daemon.api import Api
     from vmadmd.daemon.http import Request
 
-    monkeypatch.setattr(manager_mod, "SWEEP_WAIT", 0.3)
+    monkeypatch.setattr(sweep, "SWEEP_WAIT", 0.3)
     vm = VmSettings(zones_root=rig.store.zones_root, cgroup_root=rig.shared.cgroups.root)
     manager = manager_mod.Manager(DaemonSettings(vm=vm), rig.bus, rig.metrics)
     api = Api(manager, rig.bus, dict, rig.metrics)

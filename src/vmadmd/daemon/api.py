@@ -144,15 +144,15 @@ class Api:
     def _gate(self, route: str, request: Request) -> Awaitable[None] | None:
         """Hold what depends on VMs' states until the start-up sweep has
         picked them up: a route about one VM waits for that VM alone."""
-        if self.manager.swept.is_set() or route in BEFORE_SWEEP:
+        if self.manager.startup.done.is_set() or route in BEFORE_SWEEP:
             return None
         uuid = request.match.get("uuid")
         if uuid is not None:
             try:
-                return self.manager.wait_known(validate_uuid(uuid))
+                return self.manager.startup.wait_for(validate_uuid(uuid))
             except VmadmError:
                 return None  # the route itself refuses it (400)
-        return self.manager.wait_swept()
+        return self.manager.startup.wait_all()
 
     # -- routes ------------------------------------------------------------
 

@@ -395,7 +395,7 @@ class Daemon:
         self.watcher = ZonesWatcher(self.args.zones_root, self.manager.refresh, self._rescan)
         self.watcher.start()
         # Sweep every VM: attach running ones, settle or re-arm transitions.
-        uuids = await self.manager.sweep()
+        uuids = await self.manager.startup.run()
         running = self.manager.running_uuids()
         log.info("start-up sweep done: %d VMs, %d running", len(uuids), len(running))
         sd_notify("READY=1\nSTATUS=serving")

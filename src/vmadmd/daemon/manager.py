@@ -26,6 +26,7 @@ from vmadmd.daemon.metrics import Metrics
 from vmadmd.daemon.settings import DaemonSettings, Shared
 from vmadmd.daemon.stats import VmStatsCollector
 from vmadmd.daemon.supervisor import VmSupervisor
+from vmadmd.daemon.sweep import StartupSweep, in_batches
 from vmadmd.errors import StartFailed, VmadmError, VmBroken, VmBusy, WrongState
 from vmadmd.vm import transition
 from vmadmd.vm.layer import VmLayer, running_pidfd, state_of
@@ -35,7 +36,6 @@ from vmadmd.vm.store import VmRecord
 log = logging.getLogger("vmadmd.manager")
 
 CONNECT_CONCURRENCY = 64  # QMP connects in flight at once (start-up with many VMs)
-SWEEP_WAIT = 10.0  # seconds a request waits for the start-up sweep, at most
 
 
 class Manager:
@@ -54,13 +54,11 @@ class Manager:
         self._broken: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.closing = False
-        # Set once the start-up sweep has looked at every VM: until then a
-        # running VM not yet reached would read as stopped, so the API holds
-        # what depends on VMs' states until this is set (see Api.dispatch).
-        self.swept = asyncio.Event()
-        # During the sweep: each VM's first refresh, shared by the sweep and
-        # by a request for that VM that jumps the queue (``wait_known``).
-        self._first: dict[str, asyncio.Task[None]] = {}
+        # Until the start-up sweep has looked at a VM, a running one would
+        # read as stopped: the API holds what depends on it (Api._gate).
+        self.startup = StartupSweep(
+            self.refresh_safely, self.store.list_uuids, self._has_transition
+        )
         self._shared = Shared(
             settings=settings,
             store=self.store,
@@ -153,72 +151,18 @@ class Manager:
         await self.scan(uuids)
         return uuids
 
-    async def wait_swept(self) -> None:
-        """Wait for the start-up sweep; past ``SWEEP_WAIT`` answer with what is known."""
-        try:
-            await asyncio.wait_for(self.swept.wait(), SWEEP_WAIT)
-        except TimeoutError:
-            log.warning("start-up sweep still running after %g s: answering anyway", SWEEP_WAIT)
+    def running_uuids(self) -> set[str]:
+        return set(self.vms)
 
-    async def wait_known(self, uuid: str) -> None:
-        """Wait until the start-up sweep has picked up this one VM.
-
-        A request for a VM does not wait for the other 999: its VM is picked
-        up now if the sweep has not reached it yet (the same refresh, shared
-        with the sweep, so it runs once).
-        """
-        if self.swept.is_set():
-            return
-        try:
-            await asyncio.wait_for(asyncio.shield(self._first_refresh(uuid)), SWEEP_WAIT)
-        except TimeoutError:
-            log.warning("VM %s not picked up after %g s: answering anyway", uuid, SWEEP_WAIT)
-
-    def _first_refresh(self, uuid: str) -> asyncio.Task[None]:
-        task = self._first.get(uuid)
-        if task is None:
-            task = self._first[uuid] = asyncio.create_task(
-                self.refresh_safely(uuid), name=f"pick-up-{uuid}"
-            )
-        return task
-
-    async def sweep(self) -> list[str]:
-        """The start-up sweep: every VM picked up, then ``swept`` is set (even if it failed).
-
-        VMs with a stop or reboot pending go first: their deadlines run.
-        """
-        try:
-            uuids = self.store.list_uuids()
-            await self.scan(sorted(uuids, key=lambda u: not self._has_transition(u)), first=True)
-            return uuids
-        finally:
-            self.swept.set()
-            self._first.clear()
+    async def scan(self, uuids: Iterable[str]) -> None:
+        """Pick up every VM: attach running ones, settle stale transitions."""
+        await in_batches(self.refresh_safely, uuids)
 
     def _has_transition(self, uuid: str) -> bool:
         try:
             return bool(self.load(uuid).get(transition.KEY))
         except VmadmError:
             return False
-
-    def running_uuids(self) -> set[str]:
-        return set(self.vms)
-
-    async def scan(self, uuids: Iterable[str], batch: int = 32, *, first: bool = False) -> None:
-        """Pick up every VM: attach running ones, settle stale transitions.
-
-        In batches, yielding between them, so the API answers while a daemon
-        with a thousand VMs is still picking them up.  ``first``: the
-        start-up sweep, whose refreshes a request may have run already.
-        """
-        pending = list(uuids)
-        for i in range(0, len(pending), batch):
-            chunk = pending[i : i + batch]
-            if first:
-                await asyncio.gather(*(self._first_refresh(u) for u in chunk))
-            else:
-                await asyncio.gather(*(self.refresh_safely(u) for u in chunk))
-            await asyncio.sleep(0)
 
     async def refresh_safely(self, uuid: str) -> None:
         """refresh(), with a failure confined to its VM (logged as the bug it is)."""
