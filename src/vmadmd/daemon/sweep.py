@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 log = logging.getLogger("vmadmd")
@@ -24,7 +24,9 @@ BATCH = 32  # VMs picked up at once, the loop yielding between batches
 Refresh = Callable[[str], Coroutine[Any, Any, None]]
 
 
-async def in_batches(refresh: Refresh, uuids: Iterable[str], batch: int = BATCH) -> None:
+async def in_batches(
+    refresh: Callable[[str], Awaitable[None]], uuids: Iterable[str], batch: int = BATCH
+) -> None:
     """``refresh`` every VM, in batches, yielding between them, so the API
     answers while a daemon with a thousand VMs is still picking them up."""
     pending = list(uuids)
