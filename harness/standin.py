@@ -108,9 +108,16 @@ GUEST_PANIC = {"guest": True, "reason": "guest-panic"}
 class FakeVm:
     """One VM's QMP and VNC behaviour."""
 
-    def __init__(self, mode: str, on_quit: Callable[[], None], vnc_mode: str = "echo") -> None:
+    def __init__(
+        self,
+        mode: str,
+        on_quit: Callable[[], None],
+        vnc_mode: str = "echo",
+        on_listen: Callable[[socket.socket | None], None] | None = None,
+    ) -> None:
         self.mode = mode
         self.on_quit = on_quit
+        self.on_listen = on_listen  # a VNC listener given: for the holder to hold
         self.vnc_mode = vnc_mode
         self.qmp_busy = False
         self.qmp_conn_open: _FdConn | None = None
@@ -194,12 +201,16 @@ class FakeVm:
             loop.remove_reader(self.listener.fileno())
             self.listener.close()
             self.listener = None
+            if not fds and self.on_listen is not None:
+                self.on_listen(None)
         for fd in fds:
             sock = socket.socket(fileno=fd)
             sock.listen(1)  # as qemu does
             sock.setblocking(False)
             loop.add_reader(fd, self._accept, sock)
             self.listener = sock
+            if self.on_listen is not None:
+                self.on_listen(sock)
         return {"return": {}}
 
     def vnc_servers(self) -> dict[str, Any]:
@@ -611,16 +622,50 @@ def run_as_qemu(argv: list[str]) -> int:
 # -- hub mode: many VMs from one process ---------------------------------------
 
 
-# A stand-in VM's "qemu" process: listens on the sockets it inherited (so it
-# is their server to SO_PEERCRED, as qemu is of its own sockets), then
-# becomes a busybox shell (same pid, a few hundred KiB: a hub runs a
-# thousand) that says so and lives until killed.
+# A stand-in VM's "qemu" process, when no C compiler is at hand: listens on
+# the sockets it inherited (so it is their server to SO_PEERCRED, as qemu is
+# of its own sockets), then becomes a busybox shell (same pid, a few hundred
+# KiB: a hub runs a thousand) that says so and lives until killed.  It cannot
+# hold a VNC listener (``holder.c`` does), so a restarted daemon re-gives one.
 HOLDER = (
     "import os, socket, sys\n"
     "for fd in filter(None, sys.argv[1].split(',')):\n"
     "    socket.socket(fileno=int(fd)).listen(64)\n"
-    "os.execvp('busybox', ['busybox', 'sh', '-c', 'echo up; read x', *sys.argv[2:]])\n"
+    "os.execvp('busybox', ['busybox', 'sh', '-c', 'echo up; read x', *sys.argv[3:]])\n"
 )
+_HOLDER_C = os.path.join(os.path.dirname(os.path.abspath(__file__)), "holder.c")
+_holder_bin: list[str | None] = []
+
+
+def holder_binary() -> str | None:
+    """``holder.c`` built once (in the checkout's ``.cache``), or None."""
+    if _holder_bin:
+        return _holder_bin[0]
+    import shutil
+    import subprocess
+    import tempfile
+
+    built: str | None = None
+    cache = os.path.join(os.path.dirname(_HOLDER_C), "..", ".cache", "holder")
+    target = os.path.join(cache, "holder")
+    try:
+        fresh = os.path.getmtime(target) >= os.path.getmtime(_HOLDER_C)
+    except OSError:
+        fresh = False
+    if fresh:
+        built = target
+    elif (cc := shutil.which("cc") or shutil.which("gcc")) is not None:
+        os.makedirs(cache, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache)
+        os.close(fd)
+        ok = subprocess.run([cc, "-O2", "-o", tmp, _HOLDER_C], check=False).returncode == 0
+        if ok:
+            os.replace(tmp, target)  # two builders at once: either one's binary
+            built = target
+        else:
+            os.unlink(tmp)
+    _holder_bin.append(built)
+    return built
 
 
 class ServedVm:
@@ -639,6 +684,7 @@ class ServedVm:
         self.holder = holder
         self.servers = servers
         self.ttyb: asyncio.Queue[socket.socket] = asyncio.Queue()  # guest ends of vm.ttyb
+        self.ctl: socket.socket | None = None  # to the holder: listeners it holds
         # As when qemu dies: its sockets close with it.
         self._hang_up = asyncio.create_task(self._close_when_gone())
 
@@ -668,7 +714,19 @@ class ServedVm:
             if holder and holder[0].returncode is None:
                 holder[0].kill()
 
-        vm = FakeVm(mode, quit_vm)
+        # The hub's end of the holder's control socket: a VNC listener given
+        # to the stand-in is passed on for the holder to hold, as qemu holds
+        # its own.
+        ctl, holder_ctl = socket.socketpair()
+
+        def hold(listener: socket.socket | None) -> None:
+            with contextlib.suppress(OSError):
+                if listener is None:
+                    ctl.send(b"-")
+                else:
+                    socket.send_fds(ctl, [b"L"], [listener.fileno()])
+
+        vm = FakeVm(mode, quit_vm, on_listen=hold)
         servers = [await _serve_unix(os.path.join(runtime_dir, "vm.qmp"), vm.qmp_conn)]
         if vnc:
             servers.append(await _serve_unix(os.path.join(runtime_dir, "vm.vnc"), vm.vnc_client))
@@ -683,10 +741,14 @@ class ServedVm:
         # it as their server (SO_PEERCRED), as qemu is for its own sockets,
         # and the daemon's peer check sees the VM's "qemu" serving them.
         fds = [server.fileno() for server in servers]
+        built = holder_binary()
+        start = [built] if built is not None else [sys.executable, "-S", "-c", HOLDER]
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-S", "-c", HOLDER, ",".join(map(str, fds)), *argv,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, pass_fds=fds,
+            *start, ",".join(map(str, fds)), str(holder_ctl.fileno()), *argv,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            pass_fds=[*fds, holder_ctl.fileno()],
         )  # fmt: skip
+        holder_ctl.close()
         holder.append(proc)
         # It says so once it listens (and has exec'd: its command line is
         # its own), as qemu writes its pidfile only once it is up.
@@ -695,6 +757,7 @@ class ServedVm:
         with open(os.path.join(runtime_dir, "vm.pid"), "w") as f:
             f.write(f"{proc.pid}\n")
         served = cls(vm, proc, servers)
+        served.ctl = ctl
         served.ttyb = ttyb
         return served
 
@@ -706,6 +769,8 @@ class ServedVm:
     async def close(self) -> None:
         self.kill()
         await self.holder.wait()
+        if self.ctl is not None:
+            self.ctl.close()
         loop = asyncio.get_running_loop()
         for server in self.servers:
             loop.remove_reader(server.fileno())

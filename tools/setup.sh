@@ -18,6 +18,7 @@ command -v socat >/dev/null || need+=(socat)
 command -v cpio >/dev/null || need+=(cpio)
 command -v npm >/dev/null || need+=(npm)
 command -v curl >/dev/null || need+=(curl)  # bench_imgadm's floor
+command -v cc >/dev/null || need+=(gcc libc6-dev)  # harness/holder.c (the stand-ins' "qemu")
 command -v mmdebstrap >/dev/null || need+=(mmdebstrap)      # the Debian e2e guest
 command -v genisoimage >/dev/null || need+=(genisoimage)    # its NoCloud seed (bench)
 # cloud-init's own SmartOS client classes drive the metadata tests (Debian
