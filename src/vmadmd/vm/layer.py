@@ -16,9 +16,17 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from vmadmd.errors import InvalidParameter, StartFailed, VmadmError, VmBroken, WrongState
+from vmadmd.errors import (
+    BadProperty,
+    InvalidParameter,
+    StartFailed,
+    VmadmError,
+    VmBroken,
+    WrongState,
+)
 from vmadmd.vm import cgroup, ending, net, proc, props, transition, zonefs
 from vmadmd.vm.config import VmSettings, resolve_accel
 from vmadmd.vm.disks import (
@@ -93,13 +101,7 @@ class VmLayer:
 
     def create(self, payload: object) -> str:
         """Create a VM from a user payload; returns its uuid.  Does not boot it."""
-        import uuid as uuidlib
-
-        vm = props.for_create(payload)
-        uuid = validate_uuid(vm.get("uuid") or str(uuidlib.uuid4()))
-        vm["uuid"] = uuid
-        if self.store.exists(uuid) or os.path.exists(self.store.paths(uuid).zonepath):
-            raise InvalidParameter(f"a VM with uuid {uuid} already exists")
+        uuid, vm = self.check_create(payload)
         # The images used stay while their overlays are made and recorded:
         # `imgadm delete` takes the same lock, then looks for users.
         with contextlib.ExitStack() as held:
@@ -111,6 +113,25 @@ class VmLayer:
                 for image_uuid in sorted(used):
                     held.enter_context(store.lock(validate_uuid(image_uuid)))
             return self._create(uuid, vm)
+
+    def check_create(self, payload: object) -> tuple[str, VmRecord]:
+        """A create payload checked as ``create`` checks it, nothing made or
+        held: its uuid and record (defaults filled).  ``vmadm validate
+        create`` runs this alone."""
+        import uuid as uuidlib
+
+        vm = props.for_create(payload)
+        uuid = validate_uuid(vm.get("uuid") or str(uuidlib.uuid4()))
+        vm["uuid"] = uuid
+        zonepath = self.store.paths(uuid).zonepath
+        if self.store.exists(uuid) or os.path.exists(zonepath):
+            raise InvalidParameter(f"a VM with uuid {uuid} already exists")
+        for i, disk in enumerate(vm["disks"]):
+            if "image_uuid" in disk:
+                self.disks.find_image(disk["image_uuid"])
+            elif "path" in disk:
+                self.disks.check_disk_path(f"disks[{i}].path", disk["path"], zonepath)
+        return uuid, vm
 
     def _create(self, uuid: str, vm: VmRecord) -> str:
         # Everything that can be refused is refused before anything is made.
@@ -299,15 +320,7 @@ class VmLayer:
 
     def update(self, uuid: str, changes: dict[str, Any]) -> tuple[VmRecord, set[str]]:
         """Apply validated changes; returns the new record and the changed keys."""
-        # SmartOS's set_<map> / remove_<map>, for each map of keys it has them for.
-        edits = {
-            name: (changes.pop(f"set_{name}", None), changes.pop(f"remove_{name}", None))
-            for name in MAP_PROPS
-        }
-        for name in props.IMMUTABLE:
-            if name in changes:
-                raise InvalidParameter(f"{name} cannot be changed")
-        checked = props.validate(changes)
+        checked, edits, checked_sets = parse_update(changes)
         if "disks" in checked:
             self.store.load(uuid)  # an unknown VM is a 404, not a disk that "does not exist"
             zonepath = self.store.paths(uuid).zonepath
@@ -320,16 +333,6 @@ class VmLayer:
                 disk["path"] = self.disks.check_disk_path(
                     f"disks[{i}].path", disk["path"], zonepath
                 )
-        checked_sets: dict[str, dict[str, Any]] = {}
-        for name, (to_set, to_remove) in edits.items():
-            if to_set is not None:
-                if not isinstance(to_set, dict):
-                    raise InvalidParameter(f"set_{name} must be an object")
-                checked_sets[name] = props.validate({name: to_set})[name]
-            if to_remove is not None and (
-                not isinstance(to_remove, list) or not all(isinstance(k, str) for k in to_remove)
-            ):
-                raise InvalidParameter(f"remove_{name} must be a list of keys")
         changed: set[str] = set()
 
         def apply(vm: VmRecord) -> None:
@@ -367,6 +370,45 @@ class VmLayer:
 
 # The maps `vmadm update` edits key by key (SmartOS's set_X / remove_X).
 MAP_PROPS = ("customer_metadata", "internal_metadata", "tags")
+
+
+class UpdatePlan(NamedTuple):
+    """An update payload, checked: the properties given whole, the
+    ``set_X``/``remove_X`` edits of each map (as given), and each ``set_X``
+    checked."""
+
+    checked: dict[str, Any]
+    edits: dict[str, tuple[Any, Any]]
+    checked_sets: dict[str, dict[str, Any]]
+
+
+def parse_update(changes: Mapping[str, Any]) -> UpdatePlan:
+    """Every key of an update payload checked, with nothing looked up or
+    changed: what ``VmLayer.update`` applies, and all that ``vmadm validate
+    update`` runs (each key alone: a key it cannot check without the VM,
+    a disk's path in the zone, is checked by ``update`` itself)."""
+    changes = dict(changes)
+    # SmartOS's set_<map> / remove_<map>, for each map of keys it has them for.
+    edits = {
+        name: (changes.pop(f"set_{name}", None), changes.pop(f"remove_{name}", None))
+        for name in MAP_PROPS
+    }
+    for name in props.IMMUTABLE:
+        if name in changes:
+            raise BadProperty(f"{name} cannot be changed")
+    checked = props.validate(changes)
+    checked_sets: dict[str, dict[str, Any]] = {}
+    for name, (to_set, to_remove) in edits.items():
+        if to_set is not None:
+            if not isinstance(to_set, dict):
+                raise InvalidParameter(f"set_{name} must be an object")
+            checked_sets[name] = props.validate({name: to_set})[name]
+        if to_remove is not None and (
+            not isinstance(to_remove, list) or not all(isinstance(k, str) for k in to_remove)
+        ):
+            raise InvalidParameter(f"remove_{name} must be a list of keys")
+    return UpdatePlan(checked, edits, checked_sets)
+
 
 IDENTITY_KEY = "qemu_identity"
 
