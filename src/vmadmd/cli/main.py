@@ -389,13 +389,65 @@ def cmd_validate(ctx: Context, args: argparse.Namespace) -> None:
 
 
 def cmd_events(ctx: Context, args: argparse.Namespace) -> None:
-    params = {"vm": validate_uuid(args.uuid)} if args.uuid else None
+    """SmartOS's ``vmadm events [-f] [-j] [-r] [uuid]``: the daemon's events
+    as they happen, one line each, until interrupted."""
+    params = {"vm": validate_uuid(args.uuid)} if args.uuid else {}
+    if args.ready:
+        params["ready"] = "true"
+    data: list[str] = []
     try:
         for line in _client().stream("/events", params):
+            # Server-sent events: "data:" lines, a blank line ends an event;
+            # ":" lines keep the stream alive.
             if line.startswith("data:"):
-                print(line[5:].strip(), flush=True)
+                data.append(line[5:].strip())
+            elif not line and data:
+                import json
+
+                event = json.loads("\n".join(data))
+                data.clear()
+                if isinstance(event, dict):
+                    print(_event_line(ctx, event, args), flush=True)
     except KeyboardInterrupt:
         return
+
+
+def _event_line(ctx: Context, event: dict[str, Any], args: argparse.Namespace) -> str:
+    """One event as SmartOS prints it: ``[time] zone alias type`` (``-f``: the
+    full date and uuid, nothing cut short), or a JSON line (``-j``)."""
+    import json
+
+    from vmadmd.cli.select import printable
+
+    when = event.get("time")
+    ms = int(when * 1000) if isinstance(when, (int, float)) else 0
+    date = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+    uuid = event.get("vm") if event.get("type") != "ready" else None
+    if args.json:
+        # The daemon's event, with SmartOS's names for its time and VM.
+        extra = {"date": date, "zonename": uuid} if uuid else {"date": date}
+        return json.dumps({**event, **extra}, separators=(",", ":"))
+    shown = date if args.full else date.split("T")[1]
+    kind = printable(str(event.get("type")))
+    if event.get("type") == "ready":
+        return f"[{shown}] ready (uuid {event.get('uuid')})" if args.full else f"[{shown}] ready"
+    alias = "-"
+    zone = "-"
+    if isinstance(uuid, str):
+        zone = uuid if args.full else uuid.split("-")[0]
+        import contextlib
+
+        with contextlib.suppress(VmadmError):  # deleted since, or unreadable: "-"
+            alias = printable(str(ctx.layer.store.load(validate_uuid(uuid)).get("alias") or "-"))
+        if len(alias) > 30 and not args.full:
+            alias = alias[:27] + "..."
+    line = f"[{shown}] {zone} {alias} {kind}"
+    details = {k: v for k, v in event.items() if k not in ("id", "type", "time", "vm")}
+    if details:
+        line += ": " + " ".join(
+            f"{printable(k)}={json.dumps(v, separators=(',', ':'))}" for k, v in details.items()
+        )
+    return line
 
 
 def cmd_qmp(ctx: Context, args: argparse.Namespace) -> None:
@@ -524,7 +576,12 @@ def _validate_args(c: argparse.ArgumentParser) -> None:
 
 
 def _events_args(c: argparse.ArgumentParser) -> None:
-    c.add_argument("uuid", nargs="?")
+    c.add_argument("-f", "--full", dest="full", action="store_true",
+                   help="full dates and uuids, nothing cut short")  # fmt: skip
+    c.add_argument("-j", "--json", dest="json", action="store_true", help="one JSON object a line")
+    c.add_argument("-r", "--ready", dest="ready", action="store_true",
+                   help="first a 'ready' line, once every later event will be shown")  # fmt: skip
+    c.add_argument("uuid", nargs="?", help="only this VM's events")
 
 
 if TYPE_CHECKING:
@@ -545,7 +602,8 @@ COMMANDS: tuple[Command, ...] = (
     ("delete", "halt and remove a VM", cmd_delete, _with_uuid),
     ("validate", "check a create or update payload, change nothing", cmd_validate,
      _validate_args),
-    ("events", "follow vmadmd's event stream", cmd_events, _events_args),
+    ("events", "follow vmadmd's events (-f full, -j JSON, -r ready marker)", cmd_events,
+     _events_args),
     ("console", "the serial console in this terminal (Ctrl-] detaches); --web: a browser URL",
      cmd_console, _console_args),
     ("qmp", "send one QMP (or --hmp human monitor) command through vmadmd", cmd_qmp,

@@ -223,6 +223,9 @@ class Api:
         vm = request.query.get("vm")
         if vm is not None:
             validate_uuid(vm)
+        ready = request.query.get("ready", "false")
+        if ready not in ("true", "false"):
+            raise InvalidParameter("ready must be true or false")
         last_raw = request.headers.get("last-event-id", request.query.get("last_event_id"))
         bus = self.bus
         try:
@@ -233,6 +236,14 @@ class Api:
         async def stream(out: Stream) -> None:
             sub = bus.subscribe(vm)
             try:
+                if ready == "true":
+                    # SmartOS's ready marker (`vmadm events -r`): subscribed,
+                    # so every event from here on reaches this stream.  No
+                    # id: it is not part of the history.
+                    import uuid as uuidlib
+
+                    marker = {"type": "ready", "time": time.time(), "uuid": str(uuidlib.uuid4())}
+                    await out.send(f"event: ready\ndata: {json.dumps(marker)}\n\n".encode())
                 lost = bus.gap(last_id) if last_raw is not None else None
                 if lost is not None:
                     # The history no longer holds what followed Last-Event-ID:
