@@ -151,9 +151,14 @@ def cmd_get(ctx: Context, args: argparse.Namespace) -> None:
 
 
 def cmd_start(ctx: Context, args: argparse.Namespace) -> None:
-    layer = ctx.layer
     uuid = validate_uuid(args.uuid)
-    layer.start(uuid)
+    boot = None
+    if args.options:
+        from vmadmd.vm.bootopts import BootOptions
+
+        boot = BootOptions.from_args(args.options)
+    layer = ctx.layer
+    layer.start(uuid, boot=boot)
     _done(f"Successfully started VM {uuid}")
 
 
@@ -518,6 +523,14 @@ def _qmp_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--hmp", metavar="TEXT", help="a human monitor command, e.g. 'info status'")
 
 
+def _start_args(c: argparse.ArgumentParser) -> None:
+    c.add_argument("uuid")
+    c.add_argument("options", nargs="*", metavar="option=value",
+                   help="for this boot only: order=X[,once=Y] (X, Y of c disk, d CD-ROM, "
+                   "n network), cdrom=PATH,MODEL, disk=PATH,MODEL (PATH within the VM's "
+                   "zone root; MODEL ide, scsi or virtio)")  # fmt: skip
+
+
 def _with_uuid(c: argparse.ArgumentParser) -> None:
     c.add_argument("uuid")
 
@@ -592,7 +605,7 @@ COMMANDS: tuple[Command, ...] = (
     ("list", "list VMs (filters, sorting, -p)", cmd_list, _list_args),
     ("lookup", "the uuids (or -j JSON) of the VMs matching filters", cmd_lookup, _lookup_args),
     ("get", "print a VM's JSON", cmd_get, _with_uuid),
-    ("start", "boot a VM", cmd_start, _with_uuid),
+    ("start", "boot a VM (order=, cdrom=, disk=: for this boot only)", cmd_start, _start_args),
     ("stop", "stop a VM: ACPI powerdown, forced at the deadline (-F: at once; --all: every VM)",
      cmd_stop, _stop_args),
     ("reboot", "reboot a VM: stop then start (-F: reset)", cmd_reboot, _force_timeout),

@@ -283,6 +283,15 @@ class Api:
             to: TransitionTo = "start" if action == "reboot" else "stopped"
             transition = await (await m.running(uuid)).request_stop(timeout, to)
             return json_reply({"uuid": uuid, "transition": transition.to_json()}, status=202)
+        if action == "start":
+            from vmadmd.vm.bootopts import BootOptions
+
+            # Options for this boot only, in a JSON body (see openapi.json).
+            has_json = bool(request.body) and request.content_type == "application/json"
+            boot = BootOptions.from_json(json_body(request)) if has_json else None
+            m.load(uuid)  # 404 first
+            await m.boot(uuid, reason="start", boot=boot, set_autoboot=True)
+            return json_reply({"uuid": uuid, "state": m.state(uuid)})
         if action == "reset":
             await (await m.running(uuid)).reset()
             return json_reply({"uuid": uuid, "action": "reset"})

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from vmadmd.errors import (
@@ -46,6 +46,7 @@ from vmadmd.vm.zonefs import ZoneFileError
 
 START_TIMEOUT = 60.0
 if TYPE_CHECKING:
+    from vmadmd.vm.bootopts import BootOptions
     from vmadmd.vm.qemu import DiskFds
 
     DiskList = list[DiskFds]
@@ -189,12 +190,20 @@ class VmLayer:
 
     # -- start / halt ------------------------------------------------------
 
-    def start(self, uuid: str, *, set_autoboot: bool = True) -> int:
-        """Boot the VM; returns qemu's pid.  Raises WrongState if it runs."""
-        with self.store.lock(uuid):
-            return self.start_locked(uuid, set_autoboot=set_autoboot)
+    def start(
+        self, uuid: str, *, set_autoboot: bool = True, boot: BootOptions | None = None
+    ) -> int:
+        """Boot the VM; returns qemu's pid.  Raises WrongState if it runs.
 
-    def start_locked(self, uuid: str, *, set_autoboot: bool = True) -> int:
+        ``boot``: options for this boot only (SmartOS's ``vmadm start``
+        options: an order, CDs and disks from the zone root).
+        """
+        with self.store.lock(uuid):
+            return self.start_locked(uuid, set_autoboot=set_autoboot, boot=boot)
+
+    def start_locked(
+        self, uuid: str, *, set_autoboot: bool = True, boot: BootOptions | None = None
+    ) -> int:
         """``start``, for a caller that holds the VM's lock already."""
         paths = self.store.paths(uuid)
         vm = self.store.load(uuid)
@@ -212,6 +221,31 @@ class VmLayer:
                 disk_lstat(paths.zonepath, name)
             except OSError:
                 raise StartFailed(f"VM {uuid}: disk image {path} is missing") from None
+        # This boot's CDs and disks, opened before anything is made: one that
+        # cannot be used refuses the start with nothing left behind.
+        media_fds: list[int] = []
+        if boot is not None and boot.media:
+            from vmadmd.vm.bootopts import open_media
+
+            try:
+                media_fds = open_media(paths.zonepath, boot.media)
+            except InvalidParameter as err:
+                raise InvalidParameter(f"VM {uuid}: {err}") from None
+        try:
+            return self._start_opened(uuid, vm, paths, set_autoboot, boot, media_fds)
+        finally:
+            for fd in media_fds:
+                os.close(fd)
+
+    def _start_opened(
+        self,
+        uuid: str,
+        vm: VmRecord,
+        paths: VmPaths,
+        set_autoboot: bool,
+        boot: BootOptions | None,
+        media_fds: Sequence[int],
+    ) -> int:
         uid = self._ensure_uid(uuid, vm, paths)
         nics = vm.get("nics", [])
         # Named again at every start (a record from before derived names
@@ -222,7 +256,7 @@ class VmLayer:
             # Its own cgroup, with SmartOS's limits, named after the uuid:
             # qemu is born in it.
             placement = self.cgroups.prepare(uuid, cgroup.limits_of(vm))
-            pid = self._spawn(vm, paths, uid, placement)
+            pid = self._spawn(vm, paths, uid, placement, boot, media_fds)
         except BaseException:
             net.remove_taps(nics, uid)
             self.cgroups.remove(uuid)
@@ -250,7 +284,15 @@ class VmLayer:
                 own_disk(paths, disk["path"], uid)
         return uid
 
-    def _spawn(self, vm: VmRecord, paths: VmPaths, uid: int, placement: cgroup.Placement) -> int:
+    def _spawn(
+        self,
+        vm: VmRecord,
+        paths: VmPaths,
+        uid: int,
+        placement: cgroup.Placement,
+        boot: BootOptions | None = None,
+        media_fds: Sequence[int] = (),
+    ) -> int:
         # Here, not at the top: `vmadm list/get` never start a VM, and every
         # millisecond of import is paid by every vmadm call.
         from vmadmd.vm import launch
@@ -277,10 +319,11 @@ class VmLayer:
             argv = build_argv(
                 vm, paths, self.settings.qemu, accel, disk_fds=disks, tap_fds=taps,
                 require_vnc_password=self.settings.vnc_require_password,
-                user_net=self.settings.user_net,
+                user_net=self.settings.user_net, boot=boot, media_fds=media_fds,
             )  # fmt: skip
             fds = [d.fd for d in disks] + [d.image_fd for d in disks if d.image_fd is not None]
             fds += taps.values()
+            fds += media_fds
             # User-mode nics that reach nothing (restricted) need no host
             # network either: qemu gets a namespace of its own (vm/launch.py).
             netns = self.settings.user_net != "nat"
