@@ -103,6 +103,20 @@ def test_boot_order_and_media_on_qemus_command_line() -> None:
         _argv(vm, boot, [20])
 
 
+def test_boot_property_is_checked_and_updatable(env: Env) -> None:
+    uuid = env.create({"alias": "b", "autoboot": False, "boot": "order=cd"})
+    assert env.get(uuid)["boot"] == "order=cd"
+    env.vmadm("update", uuid, "boot=order=dc,once=n", check=True)
+    assert env.get(uuid)["boot"] == "order=dc,once=n"
+    res = env.vmadm("update", uuid, "boot=order=dz")
+    assert res.returncode == 1
+    assert res.stderr.startswith("vmadm: boot: order takes the letters")
+    assert env.get(uuid)["boot"] == "order=dc,once=n"
+    res = env.vmadm("create", input=json.dumps({"boot": "cd"}))
+    assert res.returncode == 1
+    assert "order=X[,once=Y]" in res.stderr
+
+
 # -- real qemu ---------------------------------------------------------------
 
 
@@ -244,6 +258,8 @@ def test_start_through_the_api_with_a_cd(env: Env, guest: dict[str, str], tmp_pa
     # Started already: 409; bad options: 400, nothing started.
     assert _post_json(env, uuid, {})[0] == 409
     assert _post_json(env, uuid, {"order": "cx"})[0] == 400
+    # Options anywhere but the JSON body are refused, not ignored.
+    assert env.api("POST", f"/vm/{uuid}", action="start", order="cd")[0] == 400
 
 
 def _post_json(env: Env, uuid: str, body: dict[str, Any]) -> tuple[int, Any]:

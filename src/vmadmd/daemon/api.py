@@ -288,6 +288,11 @@ class Api:
 
             # Options for this boot only, in a JSON body (see openapi.json).
             has_json = bool(request.body) and request.content_type == "application/json"
+            if not has_json and set(params) - {"action"}:
+                raise InvalidParameter(
+                    "start takes its options in a JSON body "
+                    '({"order": ..., "cdrom": [...], "disk": [...]})'
+                )
             boot = BootOptions.from_json(json_body(request)) if has_json else None
             m.load(uuid)  # 404 first
             await m.boot(uuid, reason="start", boot=boot, set_autoboot=True)
