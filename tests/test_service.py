@@ -152,7 +152,7 @@ def test_event_stream_resumes_with_last_event_id(env: Env, running_vm: RunVm) ->
     # that the one counted next is the follower.
     env.wait_for(lambda: env.metric("vmadmd_event_subscribers") == 0, what="streams gone")
     follower = subprocess.Popen(
-        [env_bin("vmadm"), "events", uuid], stdout=subprocess.PIPE, text=True, env=env.environ
+        [env_bin("vmadm"), "events", "-j", uuid], stdout=subprocess.PIPE, text=True, env=env.environ
     )
     try:
         env.wait_for(lambda: env.metric("vmadmd_event_subscribers") == 1, what="following")

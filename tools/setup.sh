@@ -21,6 +21,11 @@ command -v curl >/dev/null || need+=(curl)  # bench_imgadm's floor
 command -v cc >/dev/null || need+=(gcc libc6-dev)  # harness/holder.c (the stand-ins' "qemu")
 command -v mmdebstrap >/dev/null || need+=(mmdebstrap)      # the Debian e2e guest
 command -v genisoimage >/dev/null || need+=(genisoimage)    # its NoCloud seed (bench)
+# The install-from-CD test's bootable ISOs (xorriso + isolinux's El Torito and
+# hybrid-MBR images, syslinux's ldlinux.c32).
+command -v xorriso >/dev/null || need+=(xorriso)
+[[ -f /usr/lib/ISOLINUX/isolinux.bin ]] || need+=(isolinux)
+[[ -f /usr/lib/syslinux/modules/bios/ldlinux.c32 ]] || need+=(syslinux-common)
 # cloud-init's own SmartOS client classes drive the metadata tests (Debian
 # packages it; it is not on PyPI).  Installed, not run: see below.
 new_cloud_init=0

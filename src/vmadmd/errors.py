@@ -39,6 +39,13 @@ class InvalidParameter(VmadmError):
     status = 400
 
 
+class BadProperty(InvalidParameter):
+    """A property the action does not take at all (unknown, read-only, or not
+    changeable), as opposed to a known one with a bad value: ``vmadm
+    validate`` lists it under SmartOS's ``bad_properties``.  The API sees an
+    InvalidParameter."""
+
+
 class InvalidUuid(InvalidParameter):
     """A string that is not a canonical lower-case UUID: it names no VM."""
 

@@ -151,9 +151,14 @@ def cmd_get(ctx: Context, args: argparse.Namespace) -> None:
 
 
 def cmd_start(ctx: Context, args: argparse.Namespace) -> None:
-    layer = ctx.layer
     uuid = validate_uuid(args.uuid)
-    layer.start(uuid)
+    boot = None
+    if args.options:
+        from vmadmd.vm.bootopts import BootOptions
+
+        boot = BootOptions.from_args(args.options)
+    layer = ctx.layer
+    layer.start(uuid, boot=boot)
     _done(f"Successfully started VM {uuid}")
 
 
@@ -352,14 +357,102 @@ def cmd_delete(ctx: Context, args: argparse.Namespace) -> None:
     _done(f"Successfully deleted VM {uuid}")
 
 
+def cmd_validate(ctx: Context, args: argparse.Namespace) -> None:
+    """SmartOS's ``vmadm validate``: the payload put through the very checks
+    create or update run before they change anything, each property alone."""
+    import json
+
+    from vmadmd.vm import props
+
+    if args.action == "update" and args.brand is None:
+        raise InvalidParameter(
+            "validate update needs the brand: vmadm validate update kvm [-f FILE]"
+        )
+    if args.action == "create" and args.brand is not None:
+        raise InvalidParameter("validate create takes no brand: it is the payload's")
+    if args.file in (None, "-") and sys.stdin.isatty():
+        raise InvalidParameter("will not validate from stdin when stdin is a tty (give -f FILE)")
+    payload = _read_json(args.file)
+    if not isinstance(payload, dict):
+        raise InvalidParameter("a payload must be a JSON object")
+    check: Callable[[dict[str, object]], object]
+    if args.action == "create":
+        brand = payload.get("brand", "kvm")
+        check = ctx.layer.check_create
+    else:
+        from vmadmd.vm.layer import parse_update
+
+        brand, check = args.brand, parse_update
+    report: dict[str, Any] = (
+        props.payload_problems(payload, check) if brand == "kvm" else {"bad_brand": brand}
+    )
+    if any(report.values()):
+        # SmartOS's answer: the object alone, on stderr, and exit 1.
+        sys.stderr.write(json.dumps(report, indent=2) + "\n")
+        raise SystemExit(1)
+    sys.stderr.write(f"VALID {args.action} payload for {brand} brand VMs.\n")
+
+
 def cmd_events(ctx: Context, args: argparse.Namespace) -> None:
-    params = {"vm": validate_uuid(args.uuid)} if args.uuid else None
+    """SmartOS's ``vmadm events [-f] [-j] [-r] [uuid]``: the daemon's events
+    as they happen, one line each, until interrupted."""
+    params = {"vm": validate_uuid(args.uuid)} if args.uuid else {}
+    if args.ready:
+        params["ready"] = "true"
+    data: list[str] = []
     try:
         for line in _client().stream("/events", params):
+            # Server-sent events: "data:" lines, a blank line ends an event;
+            # ":" lines keep the stream alive.
             if line.startswith("data:"):
-                print(line[5:].strip(), flush=True)
+                data.append(line[5:].strip())
+            elif not line and data:
+                import json
+
+                event = json.loads("\n".join(data))
+                data.clear()
+                if isinstance(event, dict):
+                    print(_event_line(ctx, event, args), flush=True)
     except KeyboardInterrupt:
         return
+
+
+def _event_line(ctx: Context, event: dict[str, Any], args: argparse.Namespace) -> str:
+    """One event as SmartOS prints it: ``[time] zone alias type`` (``-f``: the
+    full date and uuid, nothing cut short), or a JSON line (``-j``)."""
+    import json
+
+    from vmadmd.cli.select import printable
+
+    when = event.get("time")
+    ms = int(when * 1000) if isinstance(when, (int, float)) else 0
+    date = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+    uuid = event.get("vm") if event.get("type") != "ready" else None
+    if args.json:
+        # The daemon's event, with SmartOS's names for its time and VM.
+        extra = {"date": date, "zonename": uuid} if uuid else {"date": date}
+        return json.dumps({**event, **extra}, separators=(",", ":"))
+    shown = date if args.full else date.split("T")[1]
+    kind = printable(str(event.get("type")))
+    if event.get("type") == "ready":
+        return f"[{shown}] ready (uuid {event.get('uuid')})" if args.full else f"[{shown}] ready"
+    alias = "-"
+    zone = "-"
+    if isinstance(uuid, str):
+        zone = uuid if args.full else uuid.split("-")[0]
+        import contextlib
+
+        with contextlib.suppress(VmadmError):  # deleted since, or unreadable: "-"
+            alias = printable(str(ctx.layer.store.load(validate_uuid(uuid)).get("alias") or "-"))
+        if len(alias) > 30 and not args.full:
+            alias = alias[:27] + "..."
+    line = f"[{shown}] {zone} {alias} {kind}"
+    details = {k: v for k, v in event.items() if k not in ("id", "type", "time", "vm")}
+    if details:
+        line += ": " + " ".join(
+            f"{printable(k)}={json.dumps(v, separators=(',', ':'))}" for k, v in details.items()
+        )
+    return line
 
 
 def cmd_qmp(ctx: Context, args: argparse.Namespace) -> None:
@@ -430,6 +523,14 @@ def _qmp_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--hmp", metavar="TEXT", help="a human monitor command, e.g. 'info status'")
 
 
+def _start_args(c: argparse.ArgumentParser) -> None:
+    c.add_argument("uuid")
+    c.add_argument("options", nargs="*", metavar="option=value",
+                   help="for this boot only: order=X[,once=Y] (X, Y of c disk, d CD-ROM, "
+                   "n network), cdrom=PATH,MODEL, disk=PATH,MODEL (PATH within the VM's "
+                   "zone root; MODEL ide, scsi or virtio)")  # fmt: skip
+
+
 def _with_uuid(c: argparse.ArgumentParser) -> None:
     c.add_argument("uuid")
 
@@ -481,8 +582,19 @@ def _create_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("-f", dest="file", metavar="FILE")
 
 
+def _validate_args(c: argparse.ArgumentParser) -> None:
+    c.add_argument("action", choices=("create", "update"))
+    c.add_argument("brand", nargs="?", help="update: the brand of the VMs it is for (kvm)")
+    c.add_argument("-f", dest="file", metavar="FILE", help="the payload (- or none: stdin)")
+
+
 def _events_args(c: argparse.ArgumentParser) -> None:
-    c.add_argument("uuid", nargs="?")
+    c.add_argument("-f", "--full", dest="full", action="store_true",
+                   help="full dates and uuids, nothing cut short")  # fmt: skip
+    c.add_argument("-j", "--json", dest="json", action="store_true", help="one JSON object a line")
+    c.add_argument("-r", "--ready", dest="ready", action="store_true",
+                   help="first a 'ready' line, once every later event will be shown")  # fmt: skip
+    c.add_argument("uuid", nargs="?", help="only this VM's events")
 
 
 if TYPE_CHECKING:
@@ -493,7 +605,7 @@ COMMANDS: tuple[Command, ...] = (
     ("list", "list VMs (filters, sorting, -p)", cmd_list, _list_args),
     ("lookup", "the uuids (or -j JSON) of the VMs matching filters", cmd_lookup, _lookup_args),
     ("get", "print a VM's JSON", cmd_get, _with_uuid),
-    ("start", "boot a VM", cmd_start, _with_uuid),
+    ("start", "boot a VM (order=, cdrom=, disk=: for this boot only)", cmd_start, _start_args),
     ("stop", "stop a VM: ACPI powerdown, forced at the deadline (-F: at once; --all: every VM)",
      cmd_stop, _stop_args),
     ("reboot", "reboot a VM: stop then start (-F: reset)", cmd_reboot, _force_timeout),
@@ -501,7 +613,10 @@ COMMANDS: tuple[Command, ...] = (
     ("sysrq", "send nmi or take a screenshot through vmadmd", cmd_sysrq, _sysrq_args),
     ("update", "change properties (-f FILE or key=value ...)", cmd_update, _update_args),
     ("delete", "halt and remove a VM", cmd_delete, _with_uuid),
-    ("events", "follow vmadmd's event stream", cmd_events, _events_args),
+    ("validate", "check a create or update payload, change nothing", cmd_validate,
+     _validate_args),
+    ("events", "follow vmadmd's events (-f full, -j JSON, -r ready marker)", cmd_events,
+     _events_args),
     ("console", "the serial console in this terminal (Ctrl-] detaches); --web: a browser URL",
      cmd_console, _console_args),
     ("qmp", "send one QMP (or --hmp human monitor) command through vmadmd", cmd_qmp,

@@ -231,6 +231,9 @@ class Api:
         vm = request.query.get("vm")
         if vm is not None:
             validate_uuid(vm)
+        ready = request.query.get("ready", "false")
+        if ready not in ("true", "false"):
+            raise InvalidParameter("ready must be true or false")
         last_raw = request.headers.get("last-event-id", request.query.get("last_event_id"))
         bus = self.bus
         try:
@@ -241,6 +244,14 @@ class Api:
         async def stream(out: Stream) -> None:
             sub = bus.subscribe(vm)
             try:
+                if ready == "true":
+                    # SmartOS's ready marker (`vmadm events -r`): subscribed,
+                    # so every event from here on reaches this stream.  No
+                    # id: it is not part of the history.
+                    import uuid as uuidlib
+
+                    marker = {"type": "ready", "time": time.time(), "uuid": str(uuidlib.uuid4())}
+                    await out.send(f"event: ready\ndata: {json.dumps(marker)}\n\n".encode())
                 lost = bus.gap(last_id) if last_raw is not None else None
                 if lost is not None:
                     # The history no longer holds what followed Last-Event-ID:
@@ -280,6 +291,20 @@ class Api:
             to: TransitionTo = "start" if action == "reboot" else "stopped"
             transition = await (await m.running(uuid)).request_stop(timeout, to)
             return json_reply({"uuid": uuid, "transition": transition.to_json()}, status=202)
+        if action == "start":
+            from vmadmd.vm.bootopts import BootOptions
+
+            # Options for this boot only, in a JSON body (see openapi.json).
+            has_json = bool(request.body) and request.content_type == "application/json"
+            if not has_json and set(params) - {"action"}:
+                raise InvalidParameter(
+                    "start takes its options in a JSON body "
+                    '({"order": ..., "cdrom": [...], "disk": [...]})'
+                )
+            boot = BootOptions.from_json(json_body(request)) if has_json else None
+            m.load(uuid)  # 404 first
+            await m.boot(uuid, reason="start", boot=boot, set_autoboot=True)
+            return json_reply({"uuid": uuid, "state": m.state(uuid)})
         if action == "reset":
             await (await m.running(uuid)).reset()
             return json_reply({"uuid": uuid, "action": "reset"})

@@ -29,6 +29,7 @@ from vmadmd.daemon.supervisor import VmSupervisor
 from vmadmd.daemon.sweep import StartupSweep, in_batches
 from vmadmd.errors import StartFailed, VmadmError, VmBroken, VmBusy, WrongState
 from vmadmd.vm import transition
+from vmadmd.vm.bootopts import BootOptions
 from vmadmd.vm.layer import VmLayer, running_pidfd, state_of
 from vmadmd.vm.sockets import Peer
 from vmadmd.vm.store import VmRecord
@@ -239,12 +240,25 @@ class Manager:
         elif settled.ending is not None and settled.ending.reason in ("panic", "crash"):
             self._spawn(self._restarts.run(uuid), f"restart-{uuid}")
 
-    async def boot(self, uuid: str, *, reason: str) -> float:
-        """Start the VM through the VM layer; returns how long qemu took to come up."""
+    async def boot(
+        self,
+        uuid: str,
+        *,
+        reason: str,
+        boot: BootOptions | None = None,
+        set_autoboot: bool = False,
+    ) -> float:
+        """Start the VM through the VM layer; returns how long qemu took to come up.
+
+        ``boot``: options for this boot only; ``set_autoboot``: as ``vmadm
+        start`` does (a reboot or a restart leaves the flag alone).
+        """
         t0 = time.monotonic()
         try:
             async with vm_lock(self.store, uuid):
-                await asyncio.to_thread(self.layer.start_locked, uuid, set_autoboot=False)
+                await asyncio.to_thread(
+                    self.layer.start_locked, uuid, set_autoboot=set_autoboot, boot=boot
+                )
         except VmBusy as err:  # not "already running": its lock stayed taken
             vm_log(log, uuid).error("%s failed: %s", reason, err)
             self.bus.emit("boot_failed", uuid, reason=reason, error=str(err))

@@ -16,9 +16,17 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from vmadmd.errors import InvalidParameter, StartFailed, VmadmError, VmBroken, WrongState
+from vmadmd.errors import (
+    BadProperty,
+    InvalidParameter,
+    StartFailed,
+    VmadmError,
+    VmBroken,
+    WrongState,
+)
 from vmadmd.vm import cgroup, ending, net, proc, props, transition, zonefs
 from vmadmd.vm.config import VmSettings, resolve_accel
 from vmadmd.vm.disks import (
@@ -38,6 +46,7 @@ from vmadmd.vm.zonefs import ZoneFileError
 
 START_TIMEOUT = 60.0
 if TYPE_CHECKING:
+    from vmadmd.vm.bootopts import BootOptions
     from vmadmd.vm.qemu import DiskFds
 
     DiskList = list[DiskFds]
@@ -93,13 +102,7 @@ class VmLayer:
 
     def create(self, payload: object) -> str:
         """Create a VM from a user payload; returns its uuid.  Does not boot it."""
-        import uuid as uuidlib
-
-        vm = props.for_create(payload)
-        uuid = validate_uuid(vm.get("uuid") or str(uuidlib.uuid4()))
-        vm["uuid"] = uuid
-        if self.store.exists(uuid) or os.path.exists(self.store.paths(uuid).zonepath):
-            raise InvalidParameter(f"a VM with uuid {uuid} already exists")
+        uuid, vm = self.check_create(payload)
         # The images used stay while their overlays are made and recorded:
         # `imgadm delete` takes the same lock, then looks for users.
         with contextlib.ExitStack() as held:
@@ -111,6 +114,25 @@ class VmLayer:
                 for image_uuid in sorted(used):
                     held.enter_context(store.lock(validate_uuid(image_uuid)))
             return self._create(uuid, vm)
+
+    def check_create(self, payload: object) -> tuple[str, VmRecord]:
+        """A create payload checked as ``create`` checks it, nothing made or
+        held: its uuid and record (defaults filled).  ``vmadm validate
+        create`` runs this alone."""
+        import uuid as uuidlib
+
+        vm = props.for_create(payload)
+        uuid = validate_uuid(vm.get("uuid") or str(uuidlib.uuid4()))
+        vm["uuid"] = uuid
+        zonepath = self.store.paths(uuid).zonepath
+        if self.store.exists(uuid) or os.path.exists(zonepath):
+            raise InvalidParameter(f"a VM with uuid {uuid} already exists")
+        for i, disk in enumerate(vm["disks"]):
+            if "image_uuid" in disk:
+                self.disks.find_image(disk["image_uuid"])
+            elif "path" in disk:
+                self.disks.check_disk_path(f"disks[{i}].path", disk["path"], zonepath)
+        return uuid, vm
 
     def _create(self, uuid: str, vm: VmRecord) -> str:
         # Everything that can be refused is refused before anything is made.
@@ -168,12 +190,20 @@ class VmLayer:
 
     # -- start / halt ------------------------------------------------------
 
-    def start(self, uuid: str, *, set_autoboot: bool = True) -> int:
-        """Boot the VM; returns qemu's pid.  Raises WrongState if it runs."""
-        with self.store.lock(uuid):
-            return self.start_locked(uuid, set_autoboot=set_autoboot)
+    def start(
+        self, uuid: str, *, set_autoboot: bool = True, boot: BootOptions | None = None
+    ) -> int:
+        """Boot the VM; returns qemu's pid.  Raises WrongState if it runs.
 
-    def start_locked(self, uuid: str, *, set_autoboot: bool = True) -> int:
+        ``boot``: options for this boot only (SmartOS's ``vmadm start``
+        options: an order, CDs and disks from the zone root).
+        """
+        with self.store.lock(uuid):
+            return self.start_locked(uuid, set_autoboot=set_autoboot, boot=boot)
+
+    def start_locked(
+        self, uuid: str, *, set_autoboot: bool = True, boot: BootOptions | None = None
+    ) -> int:
         """``start``, for a caller that holds the VM's lock already."""
         paths = self.store.paths(uuid)
         vm = self.store.load(uuid)
@@ -191,6 +221,31 @@ class VmLayer:
                 disk_lstat(paths.zonepath, name)
             except OSError:
                 raise StartFailed(f"VM {uuid}: disk image {path} is missing") from None
+        # This boot's CDs and disks, opened before anything is made: one that
+        # cannot be used refuses the start with nothing left behind.
+        media_fds: list[int] = []
+        if boot is not None and boot.media:
+            from vmadmd.vm.bootopts import open_media
+
+            try:
+                media_fds = open_media(paths.zonepath, boot.media)
+            except InvalidParameter as err:
+                raise InvalidParameter(f"VM {uuid}: {err}") from None
+        try:
+            return self._start_opened(uuid, vm, paths, set_autoboot, boot, media_fds)
+        finally:
+            for fd in media_fds:
+                os.close(fd)
+
+    def _start_opened(
+        self,
+        uuid: str,
+        vm: VmRecord,
+        paths: VmPaths,
+        set_autoboot: bool,
+        boot: BootOptions | None,
+        media_fds: Sequence[int],
+    ) -> int:
         uid = self._ensure_uid(uuid, vm, paths)
         nics = vm.get("nics", [])
         # Named again at every start (a record from before derived names
@@ -201,7 +256,7 @@ class VmLayer:
             # Its own cgroup, with SmartOS's limits, named after the uuid:
             # qemu is born in it.
             placement = self.cgroups.prepare(uuid, cgroup.limits_of(vm))
-            pid = self._spawn(vm, paths, uid, placement)
+            pid = self._spawn(vm, paths, uid, placement, boot, media_fds)
         except BaseException:
             net.remove_taps(nics, uid)
             self.cgroups.remove(uuid)
@@ -229,7 +284,15 @@ class VmLayer:
                 own_disk(paths, disk["path"], uid)
         return uid
 
-    def _spawn(self, vm: VmRecord, paths: VmPaths, uid: int, placement: cgroup.Placement) -> int:
+    def _spawn(
+        self,
+        vm: VmRecord,
+        paths: VmPaths,
+        uid: int,
+        placement: cgroup.Placement,
+        boot: BootOptions | None = None,
+        media_fds: Sequence[int] = (),
+    ) -> int:
         # Here, not at the top: `vmadm list/get` never start a VM, and every
         # millisecond of import is paid by every vmadm call.
         from vmadmd.vm import launch
@@ -256,10 +319,11 @@ class VmLayer:
             argv = build_argv(
                 vm, paths, self.settings.qemu, accel, disk_fds=disks, tap_fds=taps,
                 require_vnc_password=self.settings.vnc_require_password,
-                user_net=self.settings.user_net,
+                user_net=self.settings.user_net, boot=boot, media_fds=media_fds,
             )  # fmt: skip
             fds = [d.fd for d in disks] + [d.image_fd for d in disks if d.image_fd is not None]
             fds += taps.values()
+            fds += media_fds
             # User-mode nics that reach nothing (restricted) need no host
             # network either: qemu gets a namespace of its own (vm/launch.py).
             netns = self.settings.user_net != "nat"
@@ -299,15 +363,7 @@ class VmLayer:
 
     def update(self, uuid: str, changes: dict[str, Any]) -> tuple[VmRecord, set[str]]:
         """Apply validated changes; returns the new record and the changed keys."""
-        # SmartOS's set_<map> / remove_<map>, for each map of keys it has them for.
-        edits = {
-            name: (changes.pop(f"set_{name}", None), changes.pop(f"remove_{name}", None))
-            for name in MAP_PROPS
-        }
-        for name in props.IMMUTABLE:
-            if name in changes:
-                raise InvalidParameter(f"{name} cannot be changed")
-        checked = props.validate(changes)
+        checked, edits, checked_sets = parse_update(changes)
         if "disks" in checked:
             self.store.load(uuid)  # an unknown VM is a 404, not a disk that "does not exist"
             zonepath = self.store.paths(uuid).zonepath
@@ -320,16 +376,6 @@ class VmLayer:
                 disk["path"] = self.disks.check_disk_path(
                     f"disks[{i}].path", disk["path"], zonepath
                 )
-        checked_sets: dict[str, dict[str, Any]] = {}
-        for name, (to_set, to_remove) in edits.items():
-            if to_set is not None:
-                if not isinstance(to_set, dict):
-                    raise InvalidParameter(f"set_{name} must be an object")
-                checked_sets[name] = props.validate({name: to_set})[name]
-            if to_remove is not None and (
-                not isinstance(to_remove, list) or not all(isinstance(k, str) for k in to_remove)
-            ):
-                raise InvalidParameter(f"remove_{name} must be a list of keys")
         changed: set[str] = set()
 
         def apply(vm: VmRecord) -> None:
@@ -367,6 +413,45 @@ class VmLayer:
 
 # The maps `vmadm update` edits key by key (SmartOS's set_X / remove_X).
 MAP_PROPS = ("customer_metadata", "internal_metadata", "tags")
+
+
+class UpdatePlan(NamedTuple):
+    """An update payload, checked: the properties given whole, the
+    ``set_X``/``remove_X`` edits of each map (as given), and each ``set_X``
+    checked."""
+
+    checked: dict[str, Any]
+    edits: dict[str, tuple[Any, Any]]
+    checked_sets: dict[str, dict[str, Any]]
+
+
+def parse_update(changes: Mapping[str, Any]) -> UpdatePlan:
+    """Every key of an update payload checked, with nothing looked up or
+    changed: what ``VmLayer.update`` applies, and all that ``vmadm validate
+    update`` runs (each key alone: a key it cannot check without the VM,
+    a disk's path in the zone, is checked by ``update`` itself)."""
+    changes = dict(changes)
+    # SmartOS's set_<map> / remove_<map>, for each map of keys it has them for.
+    edits = {
+        name: (changes.pop(f"set_{name}", None), changes.pop(f"remove_{name}", None))
+        for name in MAP_PROPS
+    }
+    for name in props.IMMUTABLE:
+        if name in changes:
+            raise BadProperty(f"{name} cannot be changed")
+    checked = props.validate(changes)
+    checked_sets: dict[str, dict[str, Any]] = {}
+    for name, (to_set, to_remove) in edits.items():
+        if to_set is not None:
+            if not isinstance(to_set, dict):
+                raise InvalidParameter(f"set_{name} must be an object")
+            checked_sets[name] = props.validate({name: to_set})[name]
+        if to_remove is not None and (
+            not isinstance(to_remove, list) or not all(isinstance(k, str) for k in to_remove)
+        ):
+            raise InvalidParameter(f"remove_{name} must be a list of keys")
+    return UpdatePlan(checked, edits, checked_sets)
+
 
 IDENTITY_KEY = "qemu_identity"
 

@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from vmadmd.errors import InvalidParameter
+from vmadmd.errors import BadProperty, InvalidParameter
 
 DISK_MODELS = ("virtio", "ide", "scsi")
 NIC_MODELS = ("virtio", "e1000", "rtl8139")
@@ -101,7 +101,7 @@ def _uuid_value(name: str) -> Callable[[object], str]:
 # that payloads written for SmartOS (Ansible's vmadm module, Salt, scripts)
 # work unchanged.  A property that is neither SmartOS's nor ours is refused.
 SMARTOS_KEPT = frozenset({
-    "archive_on_delete", "billing_id", "boot", "datasets", "delegate_dataset", "dns_domain",
+    "archive_on_delete", "billing_id", "datasets", "delegate_dataset", "dns_domain",
     "do_not_inventory", "docker", "filesystems", "firewall_enabled", "flexible_disk_size",
     "fs_allowed", "hostname", "image_uuid", "indestructible_delegated",
     "indestructible_zoneroot", "internal_metadata", "internal_metadata_namespace",
@@ -213,6 +213,43 @@ def _vnc_port(v: object) -> int:
             f"not a privileged port ({port})"
         )
     return port
+
+
+BOOT_DEVICES = "cdn"  # SmartOS's: c the (first) hard disk, d the first CD-ROM, n the network
+
+
+def parse_boot(text: str, where: str = "boot") -> tuple[str, str | None]:
+    """SmartOS's boot order, ``order=X[,once=Y]``: (X, Y or None).
+
+    X and Y are letters of ``cdn``, each at most once.  ``once`` is the
+    order of the next boot only: qemu goes back to X at the first reset
+    (``-boot order=X,once=Y``), a reboot from inside the guest included.
+    """
+    order: str | None = None
+    once: str | None = None
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or key not in ("order", "once") or (order if key == "order" else once):
+            raise InvalidParameter(f"{where} must be order=X[,once=Y] (X, Y of c, d, n), "
+                                   f"not {text[:60]!r}")  # fmt: skip
+        if not value or any(c not in BOOT_DEVICES for c in value) or len(set(value)) != len(value):
+            raise InvalidParameter(
+                f"{where}: {key} takes the letters c (disk), d (CD-ROM), n (network), "
+                f"each at most once, not {value[:20]!r}"
+            )
+        if key == "order":
+            order = value
+        else:
+            once = value
+    if order is None:
+        raise InvalidParameter(f"{where} must start with order=X (X of c, d, n)")
+    return order, once
+
+
+def _boot(v: object) -> str:
+    s = _str("boot", 64)(v)
+    order, once = parse_boot(s)
+    return f"order={order}" + (f",once={once}" if once else "")
 
 
 def _disk(i: int, v: object) -> dict[str, Any]:
@@ -327,6 +364,9 @@ VALIDATORS: dict[str, Callable[[object], Any]] = {
     # Beyond SmartOS (and libvirt's on_crash=restart): boot the VM again
     # after a guest panic or a qemu crash, with back-off and a limit.
     "restart_on_crash": _bool("restart_on_crash"),
+    # SmartOS's boot order (`order=cd`), qemu's -boot; absent: the disk
+    # marked `boot` first (bootindex), as before this property was read.
+    "boot": _boot,
 }
 
 # Properties `vmadm update` may not change.
@@ -355,6 +395,7 @@ SCALAR_KINDS: dict[str, type] = {
     "cpu_type": str,
     "qemu_extra_opts": str,
     "restart_on_crash": bool,
+    "boot": str,
     "disk_driver": str,
     "nic_driver": str,
     "max_physical_memory": int,
@@ -369,7 +410,7 @@ def validate(props: Mapping[str, object]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, value in props.items():
         if name in COMPUTED or name in INTERNAL:
-            raise InvalidParameter(f"{name} is read-only")
+            raise BadProperty(f"{name} is read-only")
         if name in SMARTOS_KEPT:
             # SmartOS's, meaning nothing here: kept as given, within a bound.
             limit = METADATA_MAX_BYTES if name in KEPT_LARGE else KEPT_MAX_BYTES
@@ -377,7 +418,7 @@ def validate(props: Mapping[str, object]) -> dict[str, Any]:
             continue
         check = VALIDATORS.get(name)
         if check is None:
-            raise InvalidParameter(f"unknown property {name!r}")
+            raise BadProperty(f"unknown property {name!r}")
         out[name] = check(value)
     return out
 
@@ -422,3 +463,28 @@ def parse_cli_value(name: str, text: str) -> object:
         except ValueError:
             raise InvalidParameter(f"{name} must be an integer, not {text!r}") from None
     return text
+
+
+def payload_problems(
+    payload: Mapping[str, object], check: Callable[[dict[str, object]], object]
+) -> dict[str, list[str]]:
+    """SmartOS's ``vmadm validate`` report of ``payload`` under ``check``.
+
+    ``check`` is the very function the action runs on its payload before it
+    changes anything (create's, update's): it is given each property alone,
+    so that every bad one is named, not just the first.  A property
+    ``check`` refuses as such (BadProperty) is a bad property, one it
+    refuses for its value a bad value.  Nothing here requires a property:
+    every one has a default, so ``missing_properties`` stays empty.
+    """
+    bad_properties: list[str] = []
+    bad_values: list[str] = []
+    for key, value in payload.items():
+        try:
+            check({key: value})
+        except BadProperty:
+            bad_properties.append(key)
+        except InvalidParameter:
+            bad_values.append(key)
+    return {"bad_properties": bad_properties, "bad_values": bad_values,
+            "missing_properties": []}  # fmt: skip

@@ -18,9 +18,11 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
+from vmadmd.vm.props import parse_boot
 from vmadmd.vm.store import VmPaths
 
 if TYPE_CHECKING:
+    from vmadmd.vm.bootopts import BootMedium, BootOptions
     from vmadmd.vm.config import UserNet
 
 # The guest's second serial port (its ttyS1), where it asks for its
@@ -84,7 +86,41 @@ def _node_over_fd(
     ]  # fmt: skip
 
 
-def _disk_opts(index: int, disk: Mapping[str, Any], fds: DiskFds) -> list[str]:
+def _medium_opts(index: int, medium: BootMedium, fd: int, fdset: int) -> list[str]:
+    """A CD (read-only) or a disk for this boot only, raw over its passed fd.
+
+    Raw, never probed: a file the VM's user wrote into the zone root is
+    only data, whatever its first bytes say.  A ``virtio`` CD is a
+    read-only virtio disk (there is no virtio CD drive); the BIOS counts it
+    as a hard disk.
+    """
+    cd = medium.kind == "cdrom"
+    node = f"{'cd' if cd else 'extra'}{index}"
+    args = _node_over_fd(node, fd, fdset, "raw", read_only=cd)
+    if medium.model == "virtio":
+        args += ["-device", f"virtio-blk-pci,drive={node}"]
+    elif medium.model == "ide":
+        args += ["-device", f"{'ide-cd' if cd else 'ide-hd'},drive={node}"]
+    else:  # scsi
+        args += ["-device", f"{'scsi-cd' if cd else 'scsi-hd'},drive={node},bus=scsi0.0"]
+    return args
+
+
+def boot_order(vm: Mapping[str, Any], boot: BootOptions | None) -> str | None:
+    """qemu's ``-boot`` value: this boot's order, else the VM's ``boot``
+    property, else None (the disk marked ``boot`` goes first, by bootindex)."""
+    if boot is not None and boot.boot is not None:
+        return boot.boot
+    value = vm.get("boot")
+    if not isinstance(value, str):
+        return None
+    order, once = parse_boot(value)
+    return f"order={order}" + (f",once={once}" if once else "")
+
+
+def _disk_opts(
+    index: int, disk: Mapping[str, Any], fds: DiskFds, *, bootindex: bool = True
+) -> list[str]:
     """A disk as ``-blockdev`` nodes over passed fds, and its device.
 
     The backing chain is spelled out, never probed from the image: a disk
@@ -101,7 +137,8 @@ def _disk_opts(index: int, disk: Mapping[str, Any], fds: DiskFds) -> list[str]:
                               read_only=True)  # fmt: skip
     fmt = disk.get("image_format", "qcow2")
     args += _node_over_fd(node, fds.fd, 2 * index + 1, fmt, backing=backing)
-    boot = ",bootindex=0" if disk.get("boot") else ""
+    # A bootindex beats -boot's order in SeaBIOS: none is set where an order is.
+    boot = ",bootindex=0" if disk.get("boot") and bootindex else ""
     model = disk.get("model", "virtio")
     if model == "virtio":
         args += ["-device", f"virtio-blk-pci,drive={node}{boot}"]
@@ -122,6 +159,8 @@ def build_argv(
     tap_fds: Mapping[int, int] | None = None,
     require_vnc_password: bool = True,
     user_net: UserNet = "restricted",
+    boot: BootOptions | None = None,
+    media_fds: Sequence[int] = (),
 ) -> list[str]:
     """The full argv for ``vm``; run it with ``cwd=paths.runtime_dir`` and
     ``disk_fds`` (one per disk) and ``tap_fds`` (nic index -> an fd on its
@@ -131,7 +170,9 @@ def build_argv(
     the VM sets none (the daemon gives it a generated one).  ``user_net``:
     ``restricted`` starts user-mode nics with ``restrict=on``, so the guest
     reaches neither the host (whose 127.0.0.1 slirp maps to 10.0.2.2) nor
-    the outside; ``nat`` lets it reach both.
+    the outside; ``nat`` lets it reach both.  ``boot``: options for this
+    boot only (an order, CDs and disks from the zone root, whose fds are
+    ``media_fds``, one per medium).
     """
     uuid = vm["uuid"]
     cpu = vm.get("cpu_type") or ("host" if accel == "kvm" else "qemu64")
@@ -176,10 +217,19 @@ def build_argv(
     disks = vm.get("disks", [])
     if len(disk_fds) != len(disks):
         raise ValueError(f"{len(disks)} disks but {len(disk_fds)} disk fds")
-    if any(d.get("model") == "scsi" for d in disks):
+    media = boot.media if boot is not None else ()
+    if len(media_fds) != len(media):
+        raise ValueError(f"{len(media)} boot media but {len(media_fds)} fds")
+    if any(d.get("model") == "scsi" for d in disks) or any(m.model == "scsi" for m in media):
         argv += ["-device", "virtio-scsi-pci,id=scsi0"]
+    order = boot_order(vm, boot)
+    if order is not None:
+        argv += ["-boot", order]
     for i, disk in enumerate(disks):
-        argv += _disk_opts(i, disk, disk_fds[i])
+        argv += _disk_opts(i, disk, disk_fds[i], bootindex=order is None)
+    # After the VM's own disks (their fd sets are 1 .. 2 * len(disks)).
+    for j, (medium, fd) in enumerate(zip(media, media_fds, strict=True)):
+        argv += _medium_opts(j, medium, fd, 2 * len(disks) + 1 + j)
     for i, nic in enumerate(vm.get("nics", [])):
         if nic.get("netdev") == "tap":
             if tap_fds is None or i not in tap_fds:
