@@ -101,7 +101,8 @@ def _disk_opts(index: int, disk: Mapping[str, Any], fds: DiskFds) -> list[str]:
                               read_only=True)  # fmt: skip
     fmt = disk.get("image_format", "qcow2")
     args += _node_over_fd(node, fds.fd, 2 * index + 1, fmt, backing=backing)
-    boot = ",bootindex=0" if disk.get("boot") else ""
+    # The device's id is its node's name: how a day-two change finds it.
+    boot = f",id={node}" + (",bootindex=0" if disk.get("boot") else "")
     model = disk.get("model", "virtio")
     if model == "virtio":
         args += ["-device", f"virtio-blk-pci,drive={node}{boot}"]
@@ -191,7 +192,8 @@ def build_argv(
                 netdev += ",restrict=on"
         argv += [
             "-netdev", netdev,
-            "-device", f"{NIC_DEVICES[nic.get('model', 'virtio')]},netdev=net{i},mac={nic['mac']}",
+            "-device", f"{NIC_DEVICES[nic.get('model', 'virtio')]},netdev=net{i},id=net{i},"
+                       f"mac={nic['mac']}",
         ]  # fmt: skip
     extra = vm.get("qemu_extra_opts")
     if extra:
