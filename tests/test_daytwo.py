@@ -26,13 +26,16 @@ def vm_json(env: Env, uuid: str) -> bytes:
     return (Path(env.zones) / uuid / "vm.json").read_bytes()
 
 
-def in_guest(env: Env, uuid: str, command: str, marker: str, timeout: float = 30) -> str:
+def in_guest(
+    env: Env, uuid: str, command: str, marker: str, timeout: float = 30, *, ready: bool = True
+) -> str:
     """Run ``command`` in the guest's shell (its serial console); what it
     printed up to ``marker`` (the guest prints ``marker-42`` when done)."""
 
     async def run() -> bytes:
         async with SerialClient(env, uuid) as console:
-            await console.until(b"VMTEST-READY")
+            if ready:  # else: a new daemon's console history may not have it
+                await console.until(b"VMTEST-READY")
             start = len(console.seen)
             await console.type(
                 f"echo {marker}-$((1+1)); {command}; echo {marker}-$((6*7))\n".encode()
@@ -44,13 +47,13 @@ def in_guest(env: Env, uuid: str, command: str, marker: str, timeout: float = 30
     return seen[seen.find(f"{marker}-2") : seen.rfind(f"{marker}-42")]
 
 
-def wait_in_guest(env: Env, uuid: str, condition: str, marker: str) -> None:
+def wait_in_guest(env: Env, uuid: str, condition: str, marker: str, *, ready: bool = True) -> None:
     """Until the shell test ``condition`` holds in the guest (20 s at most)."""
     out = in_guest(
         env, uuid,
         f"i=0; until {condition}; do sleep 0.1; i=$((i+1)); [ $i -gt 200 ] && break; done; "
         f"{condition} && echo ok-$((1+2))",
-        marker,
+        marker, ready=ready,
     )  # fmt: skip
     assert "ok-3" in out, out
 
@@ -85,7 +88,8 @@ def test_a_running_guest_sees_a_disk_come_grow_and_go(env: Env, running_vm: RunV
     wait_in_guest(env, uuid, "[ ! -e /sys/block/vdb ]", "gone")
     assert not os.path.exists(new)
     vm = env.get(uuid)
-    assert len(vm["disks"]) == 1 and "pending" not in vm
+    assert len(vm["disks"]) == 1
+    assert "pending" not in vm
     block = env.vmadm("qmp", uuid, '{"execute": "query-named-block-nodes"}', check=True).stdout
     assert "hp-disk1" not in block, block
     fdsets = env.vmadm("qmp", uuid, '{"execute": "query-fdsets"}', check=True).stdout
@@ -100,9 +104,8 @@ def test_a_running_guest_sees_a_disk_come_grow_and_go(env: Env, running_vm: RunV
     assert os.path.exists(kept)
 
 
-def test_refusals_leave_vm_json_unchanged(env: Env, running_vm: RunVm,
-                                          guest: dict[str, str]) -> None:  # fmt: skip
-    uuid = running_vm(guest_payload(guest, disks=[{"size": 64, "boot": True}, {"size": 32}]))
+def test_refusals_leave_vm_json_unchanged(env: Env, running_vm: RunVm) -> None:
+    uuid = running_vm(bios_payload(disks=[{"size": 64, "boot": True}, {"size": 32}]))
     disks = env.get(uuid)["disks"]
     boot, data = disks[0]["path"], disks[1]["path"]
     before = vm_json(env, uuid)
@@ -125,11 +128,13 @@ def test_refusals_leave_vm_json_unchanged(env: Env, running_vm: RunVm,
         res = update(env, uuid, payload)
         assert res.returncode == 1, (payload, res.stderr)
         lines = res.stderr.strip().splitlines()
-        assert len(lines) == 1 and words in lines[0], (payload, res.stderr)
+        assert len(lines) == 1, (payload, res.stderr)
+        assert words in lines[0], (payload, res.stderr)
         assert vm_json(env, uuid) == before, payload
     # The API refuses the same, as a 4xx with the one error shape.
     status, body = env.api("POST", f"/vm/{uuid}", action="apply_devices", unplug_timeout="-1")
-    assert status == 400 and body["error"]["code"], body
+    assert status == 400, body
+    assert body["error"]["code"], body
     assert sorted(os.listdir(Path(env.zones) / uuid)) == sorted(
         ["disk0.qcow2", "disk1.qcow2", "vm.json", ".vm.lock", "root", "qemu.log", "qemu.exit"]
     )
@@ -143,7 +148,8 @@ def test_a_guest_that_keeps_a_disk_and_what_waits_for_the_next_boot(
     next boot applies it, with the model change that could not be live."""
     uuid = running_vm(bios_payload(disks=[{"size": 16}]))
     res = update(env, uuid, {"add_disks": [{"size": 8}]})
-    assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
+    assert res.returncode == 0, res.stderr
+    assert "warning" not in res.stderr, res.stderr
     new = env.get(uuid)["disks"][1]["path"]
     assert "hp-disk1.qcow2" in env.vmadm("qmp", uuid, '{"execute": "query-block"}').stdout
     t0 = time.monotonic()
@@ -173,7 +179,7 @@ def test_a_guest_that_keeps_a_disk_and_what_waits_for_the_next_boot(
     vm = env.get(uuid)
     assert "pending" not in vm, vm
     block = env.vmadm("qmp", uuid, '{"execute": "query-block"}', check=True).stdout
-    assert "disk1" not in block and '"disk0"' not in block.replace("disk0-", ""), block
+    assert "hp-disk1" not in block, block
     pid = env.pid(uuid)
     assert pid is not None
     argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -197,8 +203,9 @@ def test_a_change_the_daemon_missed_is_pending_until_applied(
     assert env.get(uuid)["pending"] == [{"change": "add_disk", "path": path}]
     status, body = env.api("POST", f"/vm/{uuid}", action="apply_devices")
     assert status == 200, body
-    assert body["applied"] == [{"change": "add_disk", "path": path}] and body["pending"] == []
-    wait_in_guest(env, uuid, "[ -e /sys/block/vda ]", "late")
+    assert body["applied"] == [{"change": "add_disk", "path": path}]
+    assert body["pending"] == []
+    wait_in_guest(env, uuid, "[ -e /sys/block/vda ]", "late", ready=False)
     assert "pending" not in env.get(uuid)
 
 
@@ -253,10 +260,12 @@ def test_a_nic_comes_on_its_bridge_and_in_the_guest_and_goes(
                                                   "model": "e1000"}]})  # fmt: skip
         assert res.returncode == 0, res.stderr
         vm = env.get(uuid)
-        assert vm["nics"][0]["ip"] == "192.0.2.11" and vm["nics"][0]["ifname"] == tap
+        assert vm["nics"][0]["ip"] == "192.0.2.11"
+        assert vm["nics"][0]["ifname"] == tap
         assert vm["pending"] == [{"change": "update_nic", "mac": nic["mac"],
                                   "properties": ["model"]}]  # fmt: skip
-        assert "update_nic" in res.stderr and "next boot" in res.stderr
+        assert "update_nic" in res.stderr
+        assert "next boot" in res.stderr
         # Removed: unplugged from the guest, the tap gone from the bridge.
         res = update(env, uuid, {"remove_nics": [nic["mac"]]})
         assert res.returncode == 0, res.stderr
