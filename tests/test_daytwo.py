@@ -111,7 +111,7 @@ def test_refusals_leave_vm_json_unchanged(env: Env, running_vm: RunVm) -> None:
     before = vm_json(env, uuid)
     other = env.create(bios_payload(disks=[{"size": 16}]))
     other_disk = env.get(other)["disks"][0]["path"]
-    for payload, words in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"update_disks": [{"path": data, "size": 16}]}, "never shrunk"),
         ({"add_disks": [{"path": "/etc/passwd"}]}, "outside the VM's zonepath"),
         ({"add_disks": [{"path": other_disk}]}, "outside the VM's zonepath"),
@@ -124,7 +124,8 @@ def test_refusals_leave_vm_json_unchanged(env: Env, running_vm: RunVm) -> None:
         ({"add_disks": [{"size": 8, "model": "floppy"}]}, "model must be one of"),
         ({"add_nics": [{"ifname": "eth0"}]}, "ifname cannot be given"),
         ({"add_disks": {"size": 8}}, "must be a list"),
-    ]:
+    ]
+    for payload, words in cases:
         res = update(env, uuid, payload)
         assert res.returncode == 1, (payload, res.stderr)
         lines = res.stderr.strip().splitlines()
