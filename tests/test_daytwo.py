@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from harness.rawqmp import RawQmp, raw_add
+
 from .conftest import Env, RunVm, bios_payload, guest_payload
 from .test_operator import SerialClient
 
@@ -273,3 +275,34 @@ def test_a_nic_comes_on_its_bridge_and_in_the_guest_and_goes(
         wait_in_guest(env, uuid, "[ ! -e /sys/class/net/eth0 ]", "nic-gone")
         env.wait_for(lambda: tap not in links(ns), what="tap removed")
         assert "pending" not in env.get(uuid)
+
+
+def test_a_hot_plug_qemu_made_before_the_daemon_recorded_it_is_read_back(
+    env: Env, running_vm: RunVm, guest: dict[str, str]
+) -> None:
+    """The daemon killed after qemu plugged a disk and before vm.json's live
+    part said so: the next daemon reads qemu's devices back at start-up, and
+    nothing is pending (nor plugged twice).  A second monitor of the VM's
+    own stands for the killed daemon's last commands."""
+    payload = guest_payload(guest)
+    payload["qemu_extra_opts"] += " -qmp unix:raw.qmp,server=on,wait=off"
+    uuid = running_vm(payload, ready=True)
+    env.stop_daemon()
+    res = update(env, uuid, {"add_disks": [{"size": 16}]})
+    assert res.returncode == 0, res.stderr
+    path = env.get(uuid)["disks"][0]["path"]
+    assert env.get(uuid)["pending"] == [{"change": "add_disk", "path": path}]
+    qmp = RawQmp(str(env.runtime(uuid)), "raw.qmp")
+    raw_add(qmp, path, "hp-disk0.qcow2")  # what the killed daemon had sent
+    env.start_daemon()
+    env.wait_for(lambda: "pending" not in env.get(uuid), timeout=15, what="read back")
+    status, body = env.api("POST", f"/vm/{uuid}", action="apply_devices")
+    assert status == 200, body
+    assert body["applied"] == []
+    assert body["failed"] == []
+    wait_in_guest(env, uuid, "[ -e /sys/block/vda ]", "read-back", ready=False)
+    # Removed through the daemon: the fd set the other monitor made goes too.
+    res = update(env, uuid, {"remove_disks": [path]})
+    assert res.returncode == 0, res.stderr
+    assert "warning" not in res.stderr, res.stderr
+    assert qmp.run("query-fdsets") == []
