@@ -354,11 +354,13 @@ def _apply_devices(uuid: str) -> str:
         _, body = _client().request("POST", f"/vm/{uuid}", {"action": "apply_devices"})
     except VmadmError as err:
         return f"vmadm: warning: saved, not applied to the running VM ({err}): at the next boot\n"
-    why = {str(f.get("path") or f.get("mac")): f.get("error") for f in body.get("failed", [])}
+    failed = body.get("failed", [])
+    why = {str(f.get("path") or f.get("mac")): f.get("error") for f in failed}
+    general = [f.get("error") for f in failed if not (f.get("path") or f.get("mac"))]
     lines = []
     for change in body.get("pending", []):
         what = change.get("path") or change.get("mac")
-        reason = why.get(str(what)) or "not a change qemu makes live"
+        reason = why.get(str(what)) or (general or ["not a change qemu makes live"])[0]
         lines.append(f"vmadm: warning: {change['change']} {what}: {reason}: at the next boot\n")
     return "".join(lines)
 
