@@ -14,7 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from harness.rawqmp import RawQmp, raw_add
+from vmadmd.errors import InvalidParameter, WrongState
+from vmadmd.vm.devices import LIVE_KEY, check_edits, live_at_boot, pending_of
+from vmadmd.vm.disks import Disks
+from vmadmd.vm.net import tap_name
 
 from .conftest import Env, RunVm, bios_payload, guest_payload
 from .test_operator import SerialClient
@@ -306,3 +312,88 @@ def test_a_hot_plug_qemu_made_before_the_daemon_recorded_it_is_read_back(
     assert res.returncode == 0, res.stderr
     assert "warning" not in res.stderr, res.stderr
     assert qmp.run("query-fdsets") == []
+
+
+# -- the rules alone (no qemu) ----------------------------------------------------------
+
+ZP = "/zones/6f1c2c3e-0b6d-4d5e-9a1b-2c3d4e5f6a7b"
+UID = 2_000_000_007
+
+
+def record(**extra: Any) -> dict[str, Any]:
+    vm: dict[str, Any] = {
+        "uuid": ZP.rsplit("/", 1)[1], "zone_uid": UID,
+        "disks": [{"path": f"{ZP}/disk0.qcow2", "size": 64, "model": "virtio", "boot": True},
+                  {"path": f"{ZP}/disk1.qcow2", "size": 32, "model": "virtio", "boot": False}],
+        "nics": [{"mac": "02:08:20:00:00:01", "nic_tag": "admin", "netdev": "tap",
+                  "ifname": tap_name(UID, 0), "model": "virtio"}],
+    }  # fmt: skip
+    vm.update(extra)
+    return vm
+
+
+def edit(vm: dict[str, Any], running: bool = False, **edits: Any) -> Any:
+    return check_edits(vm, edits, zonepath=ZP, disks=Disks("/zones/images"), running=running,
+                       sizes=lambda path, fmt: 48)  # fmt: skip
+
+
+def test_pending_is_the_difference_between_vm_json_and_what_qemu_has() -> None:
+    vm = record()
+    assert pending_of(vm) == [], "never booted: nothing to compare with"
+    vm[LIVE_KEY] = live_at_boot(vm)
+    assert pending_of(vm) == []
+    vm["disks"][1].update(size=40, model="ide")
+    vm["disks"].append({"path": f"{ZP}/disk2.qcow2", "size": 8})
+    vm["nics"][0]["model"] = "e1000"
+    vm["nics"].append({"mac": "02:08:20:00:00:02"})
+    vm[LIVE_KEY]["disks"][0]["delete"] = True
+    del vm["disks"][0]
+    assert pending_of(vm) == [
+        {"change": "update_disk", "path": f"{ZP}/disk1.qcow2", "properties": ["model"]},
+        {"change": "resize_disk", "path": f"{ZP}/disk1.qcow2", "size": 40},
+        {"change": "add_disk", "path": f"{ZP}/disk2.qcow2"},
+        {"change": "remove_disk", "path": f"{ZP}/disk0.qcow2", "delete": True},
+        {"change": "update_nic", "mac": "02:08:20:00:00:01", "properties": ["model"]},
+        {"change": "add_nic", "mac": "02:08:20:00:00:02"},
+    ]
+
+
+def test_checked_edits_follow_create_and_smartos_rules() -> None:
+    vm = record()
+    vm[LIVE_KEY] = live_at_boot(vm)
+    # A nic whose unplug did not happen keeps its tap name: a new one gets another.
+    vm["nics"] = []
+    out = edit(vm, running=True, add_nics=[{"nic_tag": "admin", "mac": "02:08:20:00:00:09"}])
+    assert out.nics[0]["ifname"] == tap_name(UID, 1)
+    assert out.nics[0]["netdev"] == "tap"
+    with pytest.raises(InvalidParameter, match="taken by another nic"):
+        edit(vm, running=True, add_nics=[{"mac": "02:08:20:00:00:01"}])
+    vm = record()
+    # SmartOS's remove_disks: paths; ours also {"path", "delete"}.
+    out = edit(vm, remove_disks=[f"{ZP}/disk1.qcow2"])
+    assert [d["path"] for d in out.disks] == [f"{ZP}/disk0.qcow2"]
+    assert out.delete == []
+    out = edit(vm, remove_disks=[{"path": f"{ZP}/disk1.qcow2", "delete": True}])
+    assert out.delete == [f"{ZP}/disk1.qcow2"]
+    # The boot disk goes only from a stopped VM.
+    assert edit(vm, remove_disks=[f"{ZP}/disk0.qcow2"]).disks[0]["path"].endswith("disk1.qcow2")
+    vm[LIVE_KEY] = live_at_boot(vm)
+    with pytest.raises(WrongState, match="boot disk of the running VM"):
+        edit(vm, running=True, remove_disks=[f"{ZP}/disk0.qcow2"])
+    # Never shrunk: not below vm.json's size, nor below the file's (48 here).
+    with pytest.raises(InvalidParameter, match="never shrunk"):
+        edit(vm, update_disks=[{"path": f"{ZP}/disk1.qcow2", "size": 40}])
+    out = edit(vm, update_disks=[{"path": f"{ZP}/disk1.qcow2", "size": 50, "boot": False}])
+    assert out.grow == {f"{ZP}/disk1.qcow2": 50}
+    with pytest.raises(InvalidParameter, match="only one disk"):
+        edit(vm, update_disks=[{"path": f"{ZP}/disk1.qcow2", "boot": True}])
+    with pytest.raises(InvalidParameter, match="cannot be updated"):
+        edit(vm, update_disks=[{"path": f"{ZP}/disk1.qcow2", "image_uuid": ZP[-36:]}])
+    # update_nics: keyed by mac; primary moves; the tap name stays.
+    vm["nics"].append({"mac": "02:08:20:00:00:02", "netdev": "user", "primary": True})
+    out = edit(vm, update_nics=[{"mac": "02:08:20:00:00:01", "primary": True, "ip": "10.0.0.2"}])
+    assert out.nics[0]["ifname"] == tap_name(UID, 0)
+    assert out.nics[0]["ip"] == "10.0.0.2"
+    assert [n.get("primary") for n in out.nics] == [True, False]
+    with pytest.raises(InvalidParameter, match="unknown property 'add_cdroms'"):
+        edit(vm, add_cdroms=[])
