@@ -183,6 +183,15 @@ def test_a_guest_that_keeps_a_disk_and_what_waits_for_the_next_boot(
     # The next boot applies what was pending, and clears it.
     env.vmadm("stop", uuid, "-F", check=True)
     assert len(env.get(uuid)["pending"]) == 2, "a stopped VM still shows its next boot's changes"
+    # A stopped VM's disk is grown at once (qemu-img), its guest sees it at boot.
+    disk0 = vm["disks"][0]["path"]
+    res = update(env, uuid, {"update_disks": [{"path": disk0, "size": 24}]})
+    assert res.returncode == 0, res.stderr
+    assert "warning" not in res.stderr, res.stderr
+    assert {"change": "resize_disk", "path": disk0, "size": 24} in env.get(uuid)["pending"]
+    info = subprocess.run(["qemu-img", "info", "-U", "--output=json", disk0],
+                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert json.loads(info)["virtual-size"] == 24 << 20
     env.vmadm("start", uuid, check=True)
     env.wait_qmp(uuid)
     vm = env.get(uuid)
@@ -193,6 +202,25 @@ def test_a_guest_that_keeps_a_disk_and_what_waits_for_the_next_boot(
     assert pid is not None
     argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     assert b"ide-hd,drive=disk0,id=disk0" in argv
+    # A disk over an image, hot-plugged: its image is its read-only backing.
+    images = Path(env.zones) / "images"
+    images.mkdir(exist_ok=True)
+    image_uuid = "1b2c3d4e-5f60-4718-9a0b-1c2d3e4f5a6b"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(images / f"{image_uuid}.raw"),
+                    "4M"], check=True)  # fmt: skip
+    res = update(env, uuid, {"add_disks": [{"image_uuid": image_uuid, "size": 8}]})
+    assert res.returncode == 0, res.stderr
+    assert "warning" not in res.stderr, res.stderr
+    nodes = json.loads(
+        env.vmadm("qmp", uuid, '{"execute": "query-named-block-nodes"}', check=True).stdout
+    )
+    by_name = {n["node-name"]: n for n in nodes}
+    node = "hp-" + os.path.basename(env.get(uuid)["disks"][1]["path"])
+    assert node == "hp-disk2.qcow2", "disk1.qcow2 was kept: the next number is taken"
+    top = by_name[node]
+    assert top["backing_file_depth"] == 1
+    assert by_name[f"{node}-image"]["ro"] is True
+    assert top["image"]["virtual-size"] == 8 << 20
 
 
 def test_a_change_the_daemon_missed_is_pending_until_applied(
