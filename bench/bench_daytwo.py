@@ -49,7 +49,7 @@ class Console:
 
     def __init__(self, directory: str) -> None:
         self.sock = connect_unix(directory, "vm.console")
-        self.sock.settimeout(60)
+        self.sock.settimeout(300)  # a loaded 2-CPU host boots TCG guests slowly
         self.seen = b""
         self.n = 0
 

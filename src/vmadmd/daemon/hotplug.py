@@ -94,13 +94,20 @@ class Hotplug:
 
     # -- reading qemu back --------------------------------------------------------------
 
-    async def sync(self) -> VmRecord | None:
+    async def sync(self, *, only_pending: bool = False) -> VmRecord | None:
         """``live_devices`` corrected from qemu's own devices; None for a VM
-        whose qemu was started before ``live_devices`` existed."""
+        whose qemu was started before ``live_devices`` existed.
+
+        ``only_pending``: not a word to qemu when nothing is pending (a
+        daemon killed half-way through a change always leaves it pending:
+        ``vm.json`` is written first), so finding 1,000 VMs running at
+        start-up costs no query each."""
         record = await asyncio.to_thread(self.store.load, self.uuid)
         live = devices.live_of(record)
         if live is None:
             return None
+        if only_pending and not devices.pending_of(record):
+            return record
         ids = await self.monitor.device_ids()
         gone_disks = [d for d in live["disks"] if d.get("node") not in ids]
         gone_nics = [n for n in live["nics"] if n.get("id") not in ids]

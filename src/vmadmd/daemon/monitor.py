@@ -141,6 +141,10 @@ class MonitorEvents(Protocol):
     def on_lifecycle(self, event: str, data: dict[str, Any]) -> None:
         """One of ``LIFECYCLE_EVENTS`` as qemu sent it (for the event stream)."""
 
+    def on_device_deleted(self, device: str) -> None:
+        """qemu let a device go (``DEVICE_DELETED``) that no ``unplug`` waits
+        for: after its deadline, or one another monitor unplugged."""
+
 
 class DiskStats(NamedTuple):
     read_bytes: int
@@ -263,8 +267,8 @@ class Monitor:
                 waiter = self._unplugs.pop(device, None)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(None)
-                elif on_deleted := getattr(self._events, "on_device_deleted", None):
-                    on_deleted(device)  # late: after its deadline, or another's unplug
+                else:
+                    self._events.on_device_deleted(device)
             return
         if name == "SHUTDOWN":
             self._events.on_shutdown(shutdown_of(data))

@@ -169,7 +169,7 @@ class VmSupervisor:
         self._console_task = self._shared.spawn(self.console.open(record), f"vnc-{self.uuid}")
         self._stats_task = self._shared.spawn(self._poll_blockstats(), f"stats-{self.uuid}")
         self.stopping.resume(record)
-        self._shared.spawn(self._sync_devices(), f"devices-{self.uuid}")
+        self._shared.spawn(self._sync_devices(only_pending=True), f"devices-{self.uuid}")
 
     # -- what the monitor tells (MonitorEvents) ---------------------------------
 
@@ -182,13 +182,13 @@ class VmSupervisor:
     def on_device_deleted(self, device: str) -> None:
         """A device the guest let go after its unplug's deadline: its nodes,
         fd sets and tap go, and ``live_devices`` says so."""
-        self._shared.spawn(self._sync_devices(), f"devices-{self.uuid}")
+        self._shared.spawn(self._sync_devices(only_pending=True), f"devices-{self.uuid}")
 
-    async def _sync_devices(self) -> None:
+    async def _sync_devices(self, *, only_pending: bool = False) -> None:
         try:
             async with self.lock:
                 if not self.exited.is_set():
-                    await self.hotplug.sync()
+                    await self.hotplug.sync(only_pending=only_pending)
         except (VmadmError, OSError) as err:
             self._log.warning("devices not read back from qemu: %s", err)
 
