@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from vmadmd.errors import InvalidParameter, WrongState
@@ -169,27 +168,28 @@ def pending_of(vm: Mapping[str, Any]) -> list[dict[str, Any]]:
 # -- checking an update --------------------------------------------------------------------
 
 
-@dataclass
 class NewDisk:
     """A disk file an update makes (from a size, or over an image)."""
 
-    path: str
-    size: int | None
-    image_uuid: str | None
+    def __init__(self, path: str, size: int | None, image_uuid: str | None) -> None:
+        self.path = path
+        self.size = size
+        self.image_uuid = image_uuid
 
 
-@dataclass
 class Edit:
     """An update's device changes, checked: the new lists, and the work on
     files they need (made before ``vm.json`` is written, removed if it is not;
-    grown or deleted after)."""
+    grown or deleted after).  (Plain classes: ``dataclasses`` would cost
+    every ``vmadm`` call its import.)"""
 
-    disks: list[dict[str, Any]]
-    nics: list[dict[str, Any]]
-    make: list[NewDisk] = field(default_factory=list)
-    grow: dict[str, int] = field(default_factory=dict)  # path -> new size (MiB)
-    delete: list[str] = field(default_factory=list)  # removed with "delete": true
-    live_delete: list[str] = field(default_factory=list)  # ... still in the running qemu
+    def __init__(self, disks: list[dict[str, Any]], nics: list[dict[str, Any]]) -> None:
+        self.disks = disks
+        self.nics = nics
+        self.make: list[NewDisk] = []
+        self.grow: dict[str, int] = {}  # path -> new size (MiB)
+        self.delete: list[str] = []  # removed with "delete": true
+        self.live_delete: list[str] = []  # ... while the running qemu still has them
 
 
 def _items(edits: Mapping[str, Any], key: str) -> list[Any]:
