@@ -28,13 +28,15 @@ confirmed.  What it could not do stays the difference between the two:
   ``ip``/``netmask``/``gateway``/``primary`` need nothing from qemu (the
   guest's ``sdc:nics`` is computed from ``vm.json``).
 
-**Killed half-way.**  Each pass starts by reading qemu's own device ids
-(``qom-list /machine/peripheral``; every device has an id) and correcting
+**Killed half-way.**  ``sync`` reads qemu's own device ids (``qom-list
+/machine/peripheral``; every device has an id) and corrects
 ``live_devices`` from them: a device unplugged after its deadline, or one
 qemu added just before a daemon was killed, is taken for what it is.  The
-daemon makes that pass when it finds a VM running (start-up, or a VM seen
-anew), but hot-plugs nothing then: a change it finds undone stays pending,
-shown by ``vmadm get``, until the next ``apply_devices`` or the next boot.
+daemon reads back when it finds a VM running with something pending
+(start-up, or a VM seen anew), after a step whose outcome qemu left
+unknown, and at a late ``DEVICE_DELETED``; it hot-plugs nothing on its own
+then: a change it finds undone stays pending, shown by ``vmadm get``,
+until the next ``apply_devices`` or the next boot.
 """
 
 from __future__ import annotations
@@ -167,9 +169,11 @@ class Hotplug:
         applied, what failed (and why), what is still pending."""
         applied: list[dict[str, Any]] = []
         failed: list[dict[str, Any]] = []
-        record = await self.sync()
-        if record is None:
-            record = await asyncio.to_thread(self.store.load, self.uuid)
+        # No read-back first: live_devices is already right (read back when
+        # the daemon found the VM, after a failed step, at a late unplug),
+        # and the guest should see the change without a query's delay.
+        record = await asyncio.to_thread(self.store.load, self.uuid)
+        if devices.live_of(record) is None:
             return {
                 "applied": [], "pending": devices.pending_of(record),
                 "failed": [{"error": "this VM's qemu was started by an older vmadmd: "

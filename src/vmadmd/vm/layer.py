@@ -466,13 +466,20 @@ class VmLayer:
         VM's are grown by its qemu, ``block_resize``) and the disks removed
         with ``delete`` deleted (a running VM's once its qemu let go)."""
         paths = self.store.paths(uuid)
-        if self.pid(uuid, record) is None:
-            for disk in record.get("disks", []):
-                if disk.get("path") in edit.grow:
-                    qemu_img_grow(disk["path"], disk.get("image_format", "qcow2"),
-                                  edit.grow[disk["path"]])  # fmt: skip
-        for path in edit.delete:
-            delete_disk(paths, path)
+        try:
+            if self.pid(uuid, record) is None:
+                for disk in record.get("disks", []):
+                    if disk.get("path") in edit.grow:
+                        qemu_img_grow(disk["path"], disk.get("image_format", "qcow2"),
+                                      edit.grow[disk["path"]])  # fmt: skip
+            for path in edit.delete:
+                delete_disk(paths, path)
+        except (InvalidParameter, OSError) as err:
+            # vm.json has the change: the next boot grows the disk (pending).
+            msg = err.strerror if isinstance(err, OSError) else str(err)
+            raise StartFailed(
+                f"VM {uuid}: saved, but its disk files were not changed: {msg}"
+            ) from err
 
 
 # The maps `vmadm update` edits key by key (SmartOS's set_X / remove_X).
