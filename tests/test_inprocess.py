@@ -58,6 +58,9 @@ class Told:
     def on_lifecycle(self, event: str, data: dict[str, Any]) -> None:
         self.into.append((event, data))
 
+    def on_device_deleted(self, device: str) -> None:
+        self.into.append(("device_deleted", {"device": device}))
+
 
 class Rig:
     """A zones root with one VM record, its stand-in, and the daemon's shared parts."""

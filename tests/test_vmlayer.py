@@ -109,13 +109,13 @@ def test_build_argv() -> None:
         "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
     )
     assert "virtio-scsi-pci,id=scsi0" in joined
-    assert "scsi-hd,drive=disk0,bus=scsi0.0,bootindex=0" in joined
+    assert "scsi-hd,drive=disk0,bus=scsi0.0,id=disk0,bootindex=0" in joined
     # The disk is the fd passed, never its path; a raw disk has no backing.
     assert "/d/a.img" not in joined
     assert "fd=7,set=1,opaque=disk0" in joined
     assert '{"driver":"raw","node-name":"disk0","file":"disk0-file"}' in argv
     assert "tap,id=net0,fd=9" in joined  # the tap opened by the launcher
-    assert "e1000,netdev=net0,mac=02:08:20:00:00:01" in joined
+    assert "e1000,netdev=net0,id=net0,mac=02:08:20:00:00:01" in joined
     assert argv[-4:] == ["-kernel", "/k", "-append", "console=ttyS0 quiet"]
     no_vnc = build_argv(
         {**vm, "vnc_port": -1}, paths, "q", "kvm", disk_fds=[DiskFds(7)], tap_fds={0: 9}

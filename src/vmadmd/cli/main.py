@@ -346,8 +346,28 @@ def cmd_update(ctx: Context, args: argparse.Namespace) -> None:
             _client().request("POST", f"/vm/{uuid}", {"action": "reload_vnc"})
         except VmadmError as err:
             warning = f"vmadm: warning: VNC settings saved but not applied: {err}\n"
+    if changed & {"disks", "nics"} and layer.is_running(uuid):
+        warning += _apply_devices(uuid)
     _done(f"Successfully updated VM {uuid}")  # first: automation matches it there
     sys.stderr.write(warning)
+
+
+def _apply_devices(uuid: str) -> str:
+    """A running VM's new disks and nics applied by vmadmd (vm.json has them
+    already); one line per change that waits for the next boot, and why."""
+    try:
+        _, body = _client().request("POST", f"/vm/{uuid}", {"action": "apply_devices"})
+    except VmadmError as err:
+        return f"vmadm: warning: saved, not applied to the running VM ({err}): at the next boot\n"
+    failed = body.get("failed", [])
+    why = {str(f.get("path") or f.get("mac")): f.get("error") for f in failed}
+    general = [f.get("error") for f in failed if not (f.get("path") or f.get("mac"))]
+    lines = []
+    for change in body.get("pending", []):
+        what = change.get("path") or change.get("mac")
+        reason = why.get(str(what)) or (general or ["not a change qemu makes live"])[0]
+        lines.append(f"vmadm: warning: {change['change']} {what}: {reason}: at the next boot\n")
+    return "".join(lines)
 
 
 def cmd_delete(ctx: Context, args: argparse.Namespace) -> None:

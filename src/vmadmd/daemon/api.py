@@ -321,6 +321,12 @@ class Api:
         if action in ("reload_vnc", "reload_display"):
             vnc = await m.reload_vnc(uuid)
             return json_reply({"uuid": uuid, "vnc": vnc})
+        if action == "apply_devices":
+            from vmadmd.daemon.hotplug import parse_unplug_timeout
+
+            timeout = parse_unplug_timeout(params.get("unplug_timeout"))
+            result = await m.apply_devices(uuid, timeout)
+            return json_reply({"uuid": uuid, **result})
         if action == "console":
             m.load(uuid)
             if self.console is None:

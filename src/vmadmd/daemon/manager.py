@@ -278,6 +278,17 @@ class Manager:
 
     # -- what the API asks of one VM -------------------------------------------
 
+    async def apply_devices(self, uuid: str, unplug_timeout: float) -> dict[str, Any]:
+        """A running VM's qemu brought to its ``vm.json`` disks and nics where
+        it can; a stopped VM has nothing to apply (all of it is for its boot)."""
+        try:
+            sup = await self.running(uuid)  # 404 first; a qemu started a moment ago
+        except WrongState:
+            from vmadmd.vm.devices import pending_of
+
+            return {"applied": [], "failed": [], "pending": pending_of(self.load(uuid))}
+        return await sup.apply_devices(unplug_timeout)
+
     async def reload_vnc(self, uuid: str) -> dict[str, Any]:
         record = self.load(uuid)
         sup = self.vms.get(uuid)

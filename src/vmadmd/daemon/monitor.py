@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, Protocol
 
 from vmadmd.daemon.logs import vm_log
@@ -141,6 +141,10 @@ class MonitorEvents(Protocol):
     def on_lifecycle(self, event: str, data: dict[str, Any]) -> None:
         """One of ``LIFECYCLE_EVENTS`` as qemu sent it (for the event stream)."""
 
+    def on_device_deleted(self, device: str) -> None:
+        """qemu let a device go (``DEVICE_DELETED``) that no ``unplug`` waits
+        for: after its deadline, or one another monitor unplugged."""
+
 
 class DiskStats(NamedTuple):
     read_bytes: int
@@ -171,6 +175,20 @@ def blockstats_of(reply: object) -> dict[str, DiskStats]:
         except (TypeError, ValueError):
             continue
     return out
+
+
+def _nodes(
+    node: str, fdset: int, fmt: str, backing: str | None, *, read_only: bool
+) -> list[dict[str, Any]]:
+    """``blockdev-add`` arguments: a file node over fd set ``fdset``, and a
+    ``fmt`` node named ``node`` on it; a qcow2 gets exactly ``backing``
+    (None: none, whatever its header names), as at start (vm/qemu.py)."""
+    ro: dict[str, Any] = {"read-only": True} if read_only else {}
+    top: dict[str, Any] = {"driver": fmt, "node-name": node, "file": f"{node}-file", **ro}
+    if fmt == "qcow2":
+        top["backing"] = backing
+    file = {"driver": "file", "node-name": f"{node}-file", "filename": f"/dev/fdset/{fdset}"}
+    return [{**file, **ro}, top]
 
 
 def _command_names(reply: object) -> set[str]:
@@ -207,6 +225,7 @@ class Monitor:
         self._fd_names = itertools.count(1)
         self._commands: set[str] | None = None  # from query-commands, once
         self._told_missing: set[str] = set()  # commands already logged as missing
+        self._unplugs: dict[str, asyncio.Future[None]] = {}  # device id -> DEVICE_DELETED
 
     # -- the connection --------------------------------------------------------
 
@@ -242,6 +261,15 @@ class Monitor:
         return self._conn.timeout
 
     def _dispatch(self, name: str, data: dict[str, Any]) -> None:
+        if name == "DEVICE_DELETED":
+            device = data.get("device")
+            if isinstance(device, str):
+                waiter = self._unplugs.pop(device, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+                else:
+                    self._events.on_device_deleted(device)
+            return
         if name == "SHUTDOWN":
             self._events.on_shutdown(shutdown_of(data))
         elif name == "VNC_CONNECTED":
@@ -326,6 +354,148 @@ class Monitor:
     async def blockstats(self) -> dict[str, DiskStats]:
         """Each disk's counters, by device."""
         return blockstats_of(await self._conn.execute("query-blockstats"))
+
+    # -- devices changed while the VM runs (daemon/hotplug.py) ---------------------
+
+    async def _run(self, cmd: str, arguments: Mapping[str, object] | None = None) -> Any:
+        """A command of the daemon's own; qemu's refusal as QmpCommandFailed."""
+        try:
+            return await self._conn.execute(cmd, arguments)
+        except QmpRefused as err:
+            raise QmpCommandFailed(err.message, err.error_class, err.desc) from err
+
+    async def add_fdset(self, fd: int, opaque: str) -> int:
+        """``fd`` passed to qemu as a new fd set (``add-fd``); the set's id.
+
+        A block node opens ``/dev/fdset/N`` as qemu opens any file: qemu, as
+        the VM's user and in its sandbox, opens no disk path itself.
+        """
+        async with self._fd_lock:  # qemu keeps the fds of the last read only
+            (result,) = await self._conn.execute_all([("add-fd", {"opaque": opaque})], fd=fd)
+        if isinstance(result, QmpRefused):
+            raise QmpCommandFailed(result.message, result.error_class, result.desc)
+        if isinstance(result, BaseException):
+            raise result
+        return int(result["fdset-id"])
+
+    async def remove_fdset(self, fdset: int) -> None:
+        """Let qemu close an fd set (once no node uses it)."""
+        with contextlib.suppress(QmpRefused):  # gone already
+            await self._conn.execute("remove-fd", {"fdset-id": fdset})
+
+    async def fdsets(self) -> dict[str, list[int]]:
+        """The fd sets qemu holds, by the opaque name each fd was given."""
+        out: dict[str, list[int]] = {}
+        reply = await self._conn.execute("query-fdsets")
+        for fdset in reply if isinstance(reply, list) else []:
+            for fd in fdset.get("fds", []) if isinstance(fdset, dict) else []:
+                if isinstance(fd, dict) and isinstance(fd.get("opaque"), str):
+                    out.setdefault(fd["opaque"], []).append(int(fdset["fdset-id"]))
+        return out
+
+    async def plug_disk(
+        self, node: str, fdset: int, fmt: str, *, image: tuple[int, str] | None = None
+    ) -> None:
+        """A virtio disk over fd set ``fdset`` (its image over ``image``: (fd
+        set, format), read-only), device id ``node``: ``blockdev-add`` of each
+        node, then ``device_add``.  What was added is deleted again if a
+        later step is refused (QmpCommandFailed)."""
+        added: list[str] = []
+        backing: str | None = None
+        try:
+            if image is not None:
+                backing = f"{node}-image"
+                for args in _nodes(backing, image[0], image[1], None, read_only=True):
+                    await self._run("blockdev-add", args)
+                    added.append(str(args["node-name"]))
+            for args in _nodes(node, fdset, fmt, backing, read_only=False):
+                await self._run("blockdev-add", args)
+                added.append(str(args["node-name"]))
+            await self._run("device_add", {"driver": "virtio-blk-pci", "drive": node, "id": node})
+        except QmpCommandFailed:
+            await self.delete_nodes(reversed(added))
+            raise
+
+    async def delete_nodes(self, nodes: Iterable[str]) -> None:
+        """``blockdev-del`` each node, top first; one qemu has not is skipped."""
+        for name in nodes:
+            with contextlib.suppress(QmpRefused):
+                await self._conn.execute("blockdev-del", {"node-name": name})
+
+    async def resize_disk(self, node: str, size_bytes: int) -> None:
+        """``block_resize``: the file grows, and the guest is told at once."""
+        await self._run("block_resize", {"node-name": node, "size": size_bytes})
+
+    async def plug_nic(
+        self, dev_id: str, model: str, mac: str, *, tap_fd: int | None, restrict: bool = True
+    ) -> None:
+        """A nic with device and netdev id ``dev_id``: on the tap ``tap_fd``
+        (``getfd`` with the fd on its bytes, then ``netdev_add``), else a
+        user-mode one; then ``device_add``.  The netdev is deleted again if
+        the device is refused."""
+        from vmadmd.vm.qemu import NIC_DEVICES
+
+        if tap_fd is not None:
+            async with self._fd_lock:
+                got, added = await self._conn.execute_all(
+                    [("getfd", {"fdname": dev_id}),
+                     ("netdev_add", {"type": "tap", "id": dev_id, "fd": dev_id})],
+                    fd=tap_fd,
+                )  # fmt: skip
+            for result in (got, added):
+                if isinstance(result, QmpRefused):
+                    with contextlib.suppress(QmpFailed, QmpTimeout):
+                        await self._conn.execute("closefd", {"fdname": dev_id})
+                    raise QmpCommandFailed(result.message, result.error_class, result.desc)
+                if isinstance(result, BaseException):
+                    raise result
+        else:
+            await self._run("netdev_add", {"type": "user", "id": dev_id, "restrict": restrict})
+        try:
+            await self._run(
+                "device_add",
+                {"driver": NIC_DEVICES.get(model, "virtio-net-pci"), "netdev": dev_id,
+                 "id": dev_id, "mac": mac},
+            )  # fmt: skip
+        except QmpCommandFailed:
+            with contextlib.suppress(QmpRefused):
+                await self._conn.execute("netdev_del", {"id": dev_id})
+            raise
+
+    async def delete_netdev(self, dev_id: str) -> None:
+        with contextlib.suppress(QmpRefused):
+            await self._conn.execute("netdev_del", {"id": dev_id})
+
+    async def unplug(self, dev_id: str, timeout: float) -> bool:
+        """``device_del``, then wait for qemu's ``DEVICE_DELETED`` (the guest
+        let the device go) up to ``timeout`` s; False when it has not (qemu
+        keeps the request: the guest may still let go later)."""
+        loop = asyncio.get_running_loop()
+        waiter = self._unplugs[dev_id] = loop.create_future()
+        try:
+            try:
+                await self._run("device_del", {"id": dev_id})
+            except QmpCommandFailed as err:
+                if err.error_class == "DeviceNotFound":
+                    return True  # gone already
+                raise
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), timeout)
+            except TimeoutError:
+                return False
+            return True
+        finally:
+            if self._unplugs.get(dev_id) is waiter:
+                del self._unplugs[dev_id]
+
+    async def device_ids(self) -> set[str]:
+        """The ids of the devices qemu has that were given one."""
+        reply = await self._conn.execute("qom-list", {"path": "/machine/peripheral"})
+        return {
+            str(p["name"])
+            for p in (reply if isinstance(reply, list) else [])
+            if isinstance(p, dict) and str(p.get("type", "")).startswith("child<")
+        }
 
     async def set_vnc_password(self, password: str) -> None:
         await self._conn.execute("set_password", {"protocol": "vnc", "password": password})

@@ -37,6 +37,7 @@ from vmadmd.daemon.ending import (
     settle_record,
     waiter_status,
 )
+from vmadmd.daemon.hotplug import Hotplug
 from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.mdagent import MetadataAgent
 from vmadmd.daemon.monitor import QUERIES, Monitor, Shutdown, VncClient
@@ -48,6 +49,8 @@ from vmadmd.daemon.stopping import Stopping
 from vmadmd.daemon.vncconsole import VncConsole, qemu_vnc_mode
 from vmadmd.errors import InvalidParameter, QmpRefused, QmpTimeout, VmadmError, WrongState
 from vmadmd.vm import proc, zonefs
+from vmadmd.vm.devices import all_nics
+from vmadmd.vm.disks import Disks
 from vmadmd.vm.ending import Ending
 from vmadmd.vm.sockets import Peer
 from vmadmd.vm.store import VmRecord
@@ -121,6 +124,11 @@ class VmSupervisor:
         self._stats_task: asyncio.Task[None] | None = None
         self._nic_records: list[Any] = []
         self.stats_state = VmStats(uuid, pid)  # what the statistics need of it
+        vm_settings = settings.vm
+        self.hotplug = Hotplug(
+            uuid, shared.store, Disks(vm_settings.images), self.monitor,
+            vm_settings.nic_tags, vm_settings.user_net,
+        )  # fmt: skip
 
     @property
     def transition(self) -> Transition | None:
@@ -142,7 +150,7 @@ class VmSupervisor:
     def learn(self, record: VmRecord) -> None:
         """Take what the statistics name the VM by from its (new) record."""
         self.stats_state.alias = str(record.get("alias") or "")
-        self._nic_records = list(record.get("nics", []))
+        self._nic_records = all_nics(record)  # the taps of nics qemu still has too
         self.stats_state.nics = [
             str(nic["ifname"])
             for nic in record.get("nics", [])
@@ -161,6 +169,7 @@ class VmSupervisor:
         self._console_task = self._shared.spawn(self.console.open(record), f"vnc-{self.uuid}")
         self._stats_task = self._shared.spawn(self._poll_blockstats(), f"stats-{self.uuid}")
         self.stopping.resume(record)
+        self._shared.spawn(self._sync_devices(only_pending=True), f"devices-{self.uuid}")
 
     # -- what the monitor tells (MonitorEvents) ---------------------------------
 
@@ -169,6 +178,26 @@ class VmSupervisor:
 
     def on_vnc_client(self, client: VncClient) -> None:
         self.console.client_connected(client)
+
+    def on_device_deleted(self, device: str) -> None:
+        """A device the guest let go after its unplug's deadline: its nodes,
+        fd sets and tap go, and ``live_devices`` says so."""
+        self._shared.spawn(self._sync_devices(only_pending=True), f"devices-{self.uuid}")
+
+    async def _sync_devices(self, *, only_pending: bool = False) -> None:
+        try:
+            async with self.lock:
+                if not self.exited.is_set():
+                    await self.hotplug.sync(only_pending=only_pending)
+        except (VmadmError, OSError) as err:
+            self._log.warning("devices not read back from qemu: %s", err)
+
+    async def apply_devices(self, unplug_timeout: float) -> dict[str, Any]:
+        """The VM's disks and nics in ``vm.json`` applied to its qemu where
+        it can (``daemon/hotplug.py``)."""
+        async with self.lock:
+            self._alive()
+            return await self.hotplug.apply(unplug_timeout)
 
     def on_lifecycle(self, event: str, data: dict[str, Any]) -> None:
         self._log.debug("QMP event %s", event)

@@ -11,10 +11,12 @@ node of such a disk.  Standard library only: ``vmadm`` runs this.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from vmadmd.errors import InvalidParameter, StartFailed
 from vmadmd.vm.store import VmPaths, VmRecord, validate_uuid
@@ -101,36 +103,47 @@ class Disks:
         that makes it another file too, refuses the start).  An image is
         opened read-only, so whatever qemu is asked, it cannot write it.
         """
-        from vmadmd.vm.qemu import DiskFds
 
         out: DiskList = []
-        zfd = os.open(paths.zonepath, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             for i, disk in enumerate(vm.get("disks", [])):
-                where = f"disks[{i}].path"
                 try:
-                    name = self.disk_name(where, disk["path"], paths.zonepath)
-                    fd = _open_checked(name, zfd, os.O_RDWR, f"{where} {disk['path']}")
-                    out.append(DiskFds(fd))
-                    st = os.fstat(fd)
-                    if st.st_nlink != 1:
-                        raise InvalidParameter(
-                            f"{where} {disk['path']} has {st.st_nlink} hard links: refused "
-                            "(a disk is one file of its own)"
-                        )
-                    if disk.get("image_uuid"):
-                        image, fmt = self.find_image(disk["image_uuid"])
-                        ifd = _open_checked(image, None, os.O_RDONLY, f"image {image}")
-                        out[-1] = DiskFds(fd, ifd, fmt)
+                    out.append(self.open_disk(f"disks[{i}].path", disk, paths.zonepath))
                 except (OSError, InvalidParameter) as err:
                     msg = err.strerror if isinstance(err, OSError) else str(err)
                     raise StartFailed(f"VM {vm['uuid']}: disks[{i}]: {msg}") from None
         except BaseException:
             close_disks(out)
             raise
+        return out
+
+    def open_disk(self, where: str, disk: Mapping[str, Any], zonepath: str) -> DiskFds:
+        """One disk (and its image) opened as ``open_disks`` does: at start,
+        and for a disk hot-plugged into a running VM.  Raises OSError or
+        InvalidParameter."""
+        from vmadmd.vm.qemu import DiskFds
+
+        name = self.disk_name(where, disk["path"], zonepath)
+        zfd = os.open(zonepath, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fd = _open_checked(name, zfd, os.O_RDWR, f"{where} {disk['path']}")
         finally:
             os.close(zfd)
-        return out
+        try:
+            st = os.fstat(fd)
+            if st.st_nlink != 1:
+                raise InvalidParameter(
+                    f"{where} {disk['path']} has {st.st_nlink} hard links: refused "
+                    "(a disk is one file of its own)"
+                )
+            if disk.get("image_uuid"):
+                image, fmt = self.find_image(disk["image_uuid"])
+                ifd = _open_checked(image, None, os.O_RDONLY, f"image {image}")
+                return DiskFds(fd, ifd, fmt)
+            return DiskFds(fd)
+        except BaseException:
+            os.close(fd)
+            raise
 
 
 def qemu_img_create(path: str, size_mib: int) -> None:
@@ -249,3 +262,94 @@ def own_disk(paths: VmPaths, path: str, uid: int) -> None:
             os.fchmod(fd, 0o600)
     finally:
         os.close(fd)
+
+
+def _no_backing(path: str, fmt: str) -> str:
+    """``path`` as qemu-img's ``json:`` filename, a qcow2 with no backing
+    opened: whatever its header names is never read."""
+    import json
+
+    spec: dict[str, object] = {"driver": fmt, "file": {"driver": "file", "filename": path}}
+    if fmt == "qcow2":
+        spec["backing"] = None
+    return "json:" + json.dumps(spec)
+
+
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+def virtual_size_mib(path: str, fmt: str = "qcow2") -> int:
+    """A disk file's size as its guest sees it, in MiB (rounded up).
+
+    Read from the file itself (a qcow2 header's ``size`` field at offset 24,
+    big-endian; a raw file's length), opened by name in its directory, no
+    link followed, never blocking: no qemu-img process for the shrink check
+    of every ``update_disks``.  Anything else is asked of ``qemu-img info``.
+    """
+    import struct
+
+    directory, name = os.path.split(path)
+    dfd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = _open_checked(name, dfd, os.O_RDONLY, f"disk {path}")
+    except OSError as err:
+        raise InvalidParameter(f"cannot read disk {path}: {err.strerror}") from None
+    finally:
+        os.close(dfd)
+    try:
+        if fmt == "raw":
+            size = os.fstat(fd).st_size
+        else:
+            header = os.pread(fd, 32, 0)
+            if fmt != "qcow2" or len(header) < 32 or header[:4] != QCOW2_MAGIC:
+                return _qemu_img_size_mib(path, fmt)
+            size = struct.unpack(">Q", header[24:32])[0]
+    finally:
+        os.close(fd)
+    return -(-size // (1024 * 1024))
+
+
+def _qemu_img_size_mib(path: str, fmt: str) -> int:
+    """``virtual_size_mib`` by ``qemu-img info`` (while qemu may hold it: ``-U``)."""
+    import json
+    import subprocess
+
+    res = subprocess.run(
+        ["qemu-img", "info", "-U", "--output=json", _no_backing(path, fmt)],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    if res.returncode != 0:
+        raise InvalidParameter(
+            f"cannot read disk {path}: {res.stderr.decode(errors='replace').strip()}"
+        )
+    size = int(json.loads(res.stdout)["virtual-size"])
+    return -(-size // (1024 * 1024))
+
+
+def qemu_img_grow(path: str, fmt: str, size_mib: int) -> None:
+    """Grow a disk file that no qemu has open to ``size_mib`` (never shrink)."""
+    import subprocess
+
+    if virtual_size_mib(path, fmt) >= size_mib:
+        return
+    res = subprocess.run(
+        ["qemu-img", "resize", "-q", _no_backing(path, fmt), f"{size_mib}M"],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    if res.returncode != 0:
+        raise InvalidParameter(
+            f"qemu-img resize failed: {res.stderr.decode(errors='replace').strip()}"
+        )
+
+
+def delete_disk(paths: VmPaths, path: str) -> None:
+    """Remove a disk file of the zonepath (by its name there; nothing else)."""
+    directory, name = os.path.split(path)
+    if directory != paths.zonepath or not is_disk_name(name):
+        return
+    zfd = os.open(paths.zonepath, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=zfd)
+    finally:
+        os.close(zfd)

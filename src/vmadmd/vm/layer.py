@@ -27,15 +27,18 @@ from vmadmd.errors import (
     VmBroken,
     WrongState,
 )
-from vmadmd.vm import cgroup, ending, net, proc, props, transition, zonefs
+from vmadmd.vm import cgroup, devices, ending, net, proc, props, transition, zonefs
 from vmadmd.vm.config import VmSettings, resolve_accel
 from vmadmd.vm.disks import (
     Disks,
     close_disks,
+    delete_disk,
     disk_lstat,
     own_disk,
     qemu_img_create,
+    qemu_img_grow,
     qemu_img_overlay,
+    virtual_size_mib,
 )
 from vmadmd.vm.store import Store, VmPaths, VmRecord, validate_uuid
 from vmadmd.vm.transition import Transition
@@ -50,6 +53,7 @@ if TYPE_CHECKING:
     from vmadmd.vm.qemu import DiskFds
 
     DiskList = list[DiskFds]
+    Paths = list[str]
 
 
 def now_ms() -> int:
@@ -184,7 +188,7 @@ class VmLayer:
         with self.store.lock(uuid):
             vm = self.store.load(uuid)  # 404 for unknown VMs, before anything is killed
             proc.kill_vm(self.store.paths(uuid).pid, uuid, identity_of(vm))
-            net.remove_taps(vm.get("nics", []), _uid_or_none(vm))
+            net.remove_taps(devices.all_nics(vm), _uid_or_none(vm))
             self.cgroups.remove(uuid)
             self.store.remove(uuid)
 
@@ -247,6 +251,7 @@ class VmLayer:
         media_fds: Sequence[int],
     ) -> int:
         uid = self._ensure_uid(uuid, vm, paths)
+        self._settle_devices(vm, paths, uid)
         nics = vm.get("nics", [])
         # Named again at every start (a record from before derived names
         # gets them); whatever bears a name already must be this VM's tap.
@@ -262,12 +267,33 @@ class VmLayer:
             self.cgroups.remove(uuid)
             raise
         vm["boot_timestamp"] = iso_now()
+        vm[devices.LIVE_KEY] = devices.live_at_boot(vm)  # nothing pending any more
         # What makes this qemu itself, so that no look-alike is taken for it.
         vm[IDENTITY_KEY] = proc.identity(pid)
         if set_autoboot:
             vm["autoboot"] = True
         self.store.save(uuid, vm)
         return pid
+
+    def _settle_devices(self, vm: VmRecord, paths: VmPaths, uid: int) -> None:
+        """What the last run left for this boot: disks removed with ``delete``
+        while it ran are deleted, disks grown in ``vm.json`` are grown (a
+        daemon killed before it did), taps of nics it still had are removed."""
+        pending = devices.pending_of(vm)
+        for change in pending:
+            if change["change"] == "remove_disk" and change.get("delete"):
+                delete_disk(paths, change["path"])
+        sizes = {c["path"]: c["size"] for c in pending if c["change"] == "resize_disk"}
+        for disk in vm.get("disks", []):
+            if disk.get("path") in sizes:
+                try:
+                    qemu_img_grow(disk["path"], disk.get("image_format", "qcow2"),
+                                  sizes[disk["path"]])  # fmt: skip
+                except InvalidParameter as err:
+                    raise StartFailed(f"VM {vm['uuid']}: {err}") from None
+        names = set(net.tap_names(vm.get("nics", [])))
+        gone = [n for n in devices.all_nics(vm) if n.get("ifname") not in names]
+        net.remove_taps(gone, uid)
 
     def _ensure_uid(self, uuid: str, vm: VmRecord, paths: VmPaths) -> int:
         """The VM's own uid; one is given (and its files handed over) to a VM
@@ -351,7 +377,7 @@ class VmLayer:
         with self.store.lock(uuid):
             vm = self.store.load(uuid)
             stage = proc.kill_vm(paths.pid, uuid, identity_of(vm))
-            net.remove_taps(vm.get("nics", []), _uid_or_none(vm))
+            net.remove_taps(devices.all_nics(vm), _uid_or_none(vm))
             self.cgroups.remove(uuid)
             vm.pop(transition.KEY, None)
             if stage is not None:
@@ -362,7 +388,19 @@ class VmLayer:
             return stage
 
     def update(self, uuid: str, changes: dict[str, Any]) -> tuple[VmRecord, set[str]]:
-        """Apply validated changes; returns the new record and the changed keys."""
+        """Apply validated changes; returns the new record and the changed keys.
+
+        SmartOS's device changes (``add_disks`` ... ``remove_nics``) change
+        ``disks`` and ``nics`` here, in ``vm.json`` (new disk files made first,
+        a stopped VM's disks grown or deleted after); a running VM's qemu
+        gets them from the daemon (``daemon/hotplug.py``), and what it has
+        not got yet is ``pending`` (``vm/devices.py``).
+        """
+        device_edits = {k: changes.pop(k) for k in devices.DEVICE_KEYS if k in changes}
+        if device_edits and ("disks" in changes or "nics" in changes):
+            raise InvalidParameter(
+                "give disks/nics whole, or add_/update_/remove_disks and _nics, not both"
+            )
         checked, edits, checked_sets = parse_update(changes)
         if "disks" in checked:
             self.store.load(uuid)  # an unknown VM is a 404, not a disk that "does not exist"
@@ -377,8 +415,19 @@ class VmLayer:
                     f"disks[{i}].path", disk["path"], zonepath
                 )
         changed: set[str] = set()
+        edit: devices.Edit | None = None
 
         def apply(vm: VmRecord) -> None:
+            if edit is not None:
+                for key, items in (("disks", edit.disks), ("nics", edit.nics)):
+                    if vm.get(key) != items:
+                        changed.add(key)
+                    vm[key] = items
+                # Deleted by the daemon once qemu let go, or by the next boot.
+                live = devices.live_of(vm)
+                for disk in live["disks"] if live else []:
+                    if disk.get("path") in edit.live_delete:
+                        disk["delete"] = True
             uid = vm.get("zone_uid")
             if "nics" in checked and isinstance(uid, int) and uid > 0:
                 net.name_taps(checked["nics"], uid)
@@ -401,7 +450,20 @@ class VmLayer:
                     changed.add(name)
                 vm[name] = value
 
-        record = self.store.update(uuid, apply)
+        with self.store.lock(uuid):
+            made: Paths = []
+            try:
+                if device_edits:
+                    edit = self._check_edits(uuid, device_edits)
+                    made = self._make_disks(uuid, edit)
+                record = self.store.update_locked(uuid, apply)
+            except BaseException:
+                paths = self.store.paths(uuid)
+                for path in made:
+                    delete_disk(paths, path)
+                raise
+            if edit is not None and (edit.grow or edit.delete):  # files, after vm.json
+                self._files_after(uuid, record, edit)
         if changed & set(cgroup.RESOURCE_KEYS) and self.pid(uuid, record) is not None:
             # A running VM's limits change at once, as SmartOS's do.
             try:
@@ -409,6 +471,61 @@ class VmLayer:
             except OSError as err:
                 raise StartFailed(f"VM {uuid}: saved, but its cgroup refused: {err}") from err
         return record, changed
+
+    def _check_edits(self, uuid: str, edits: dict[str, Any]) -> devices.Edit:
+        vm = self.store.load(uuid)
+        return devices.check_edits(
+            vm, edits, zonepath=self.store.paths(uuid).zonepath, disks=self.disks,
+            running=self.pid(uuid, vm) is not None, sizes=virtual_size_mib,
+        )  # fmt: skip
+
+    def _make_disks(self, uuid: str, edit: devices.Edit) -> Paths:
+        """The new disk files of an update, owned by the VM's user; the paths
+        made (removed by the caller if the update goes no further)."""
+        paths = self.store.paths(uuid)
+        uid = self.store.load(uuid).get("zone_uid")
+        made: Paths = []
+        try:
+            with contextlib.ExitStack() as held:
+                for new in edit.make:
+                    if new.image_uuid is not None:
+                        from vmadmd.vm.images import ImageStore
+
+                        store = ImageStore(self.settings.images, self.settings.zones_root)
+                        held.enter_context(store.lock(validate_uuid(new.image_uuid)))
+                        image, fmt = self.disks.find_image(new.image_uuid)
+                        made.append(new.path)
+                        qemu_img_overlay(new.path, image, fmt, new.size)
+                    else:
+                        made.append(new.path)
+                        qemu_img_create(new.path, new.size or 0)
+                    if isinstance(uid, int) and uid > 0:
+                        own_disk(paths, new.path, uid)
+        except BaseException:
+            for path in made:
+                delete_disk(paths, path)
+            raise
+        return made
+
+    def _files_after(self, uuid: str, record: VmRecord, edit: devices.Edit) -> None:
+        """Once ``vm.json`` says so: a stopped VM's disks grown (a running
+        VM's are grown by its qemu, ``block_resize``) and the disks removed
+        with ``delete`` deleted (a running VM's once its qemu let go)."""
+        paths = self.store.paths(uuid)
+        try:
+            if self.pid(uuid, record) is None:
+                for disk in record.get("disks", []):
+                    if disk.get("path") in edit.grow:
+                        qemu_img_grow(disk["path"], disk.get("image_format", "qcow2"),
+                                      edit.grow[disk["path"]])  # fmt: skip
+            for path in edit.delete:
+                delete_disk(paths, path)
+        except (InvalidParameter, OSError) as err:
+            # vm.json has the change: the next boot grows the disk (pending).
+            msg = err.strerror if isinstance(err, OSError) else str(err)
+            raise StartFailed(
+                f"VM {uuid}: saved, but its disk files were not changed: {msg}"
+            ) from err
 
 
 # The maps `vmadm update` edits key by key (SmartOS's set_X / remove_X).
@@ -431,6 +548,9 @@ def parse_update(changes: Mapping[str, Any]) -> UpdatePlan:
     update`` runs (each key alone: a key it cannot check without the VM,
     a disk's path in the zone, is checked by ``update`` itself)."""
     changes = dict(changes)
+    for key in devices.DEVICE_KEYS:  # checked against the VM's disks/nics by update
+        if key in changes and not isinstance(changes.pop(key), list):
+            raise InvalidParameter(f"{key} must be a list")
     # SmartOS's set_<map> / remove_<map>, for each map of keys it has them for.
     edits = {
         name: (changes.pop(f"set_{name}", None), changes.pop(f"remove_{name}", None))
@@ -514,6 +634,10 @@ def with_computed(record: VmRecord, paths: VmPaths, pid: int | None) -> dict[str
     out = dict(record)
     out.pop(transition.KEY, None)
     out.pop(IDENTITY_KEY, None)
+    out.pop(devices.LIVE_KEY, None)
+    pending_devices = devices.pending_of(record)
+    if pending_devices:
+        out["pending"] = pending_devices
     pending = Transition.of(record) if pid is not None else None
     out["state"] = state_of(pid is not None, pending)
     out["zone_state"] = "running" if pid is not None else "installed"

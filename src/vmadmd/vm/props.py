@@ -26,10 +26,12 @@ COMPUTED = (
     "transition_to",
     "transition_expire",
     "zonepath",
+    "pending",
 )
 # Stored by the VM layer and the daemon; never settable by a user.
 INTERNAL = (
     "create_timestamp", "boot_timestamp", "transition", "last_exit", "qemu_identity", "zone_uid",
+    "live_devices",
 )  # fmt: skip
 
 _UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -252,8 +254,8 @@ def _boot(v: object) -> str:
     return f"order={order}" + (f",once={once}" if once else "")
 
 
-def _disk(i: int, v: object) -> dict[str, Any]:
-    where = f"disks[{i}]"
+def _disk(i: int, v: object, *, where: str = "") -> dict[str, Any]:
+    where = where or f"disks[{i}]"
     if not isinstance(v, dict):
         raise InvalidParameter(f"{where} must be an object")
     ours = {"size", "path", "model", "boot", "image_format", "image_uuid"}
@@ -292,8 +294,8 @@ def random_mac() -> str:
     return "02:08:20:" + ":".join(f"{b:02x}" for b in os.urandom(3))
 
 
-def _nic(i: int, v: object) -> dict[str, Any]:
-    where = f"nics[{i}]"
+def _nic(i: int, v: object, *, where: str = "") -> dict[str, Any]:
+    where = where or f"nics[{i}]"
     if not isinstance(v, dict):
         raise InvalidParameter(f"{where} must be an object")
     ours = {"model", "mac", "netdev", "ifname", "nic_tag", *NIC_KEPT}

@@ -137,8 +137,9 @@ def _disk_opts(
                               read_only=True)  # fmt: skip
     fmt = disk.get("image_format", "qcow2")
     args += _node_over_fd(node, fds.fd, 2 * index + 1, fmt, backing=backing)
+    # The device's id is its node's name: how a day-two change finds it.
     # A bootindex beats -boot's order in SeaBIOS: none is set where an order is.
-    boot = ",bootindex=0" if disk.get("boot") and bootindex else ""
+    boot = f",id={node}" + (",bootindex=0" if disk.get("boot") and bootindex else "")
     model = disk.get("model", "virtio")
     if model == "virtio":
         args += ["-device", f"virtio-blk-pci,drive={node}{boot}"]
@@ -241,7 +242,8 @@ def build_argv(
                 netdev += ",restrict=on"
         argv += [
             "-netdev", netdev,
-            "-device", f"{NIC_DEVICES[nic.get('model', 'virtio')]},netdev=net{i},mac={nic['mac']}",
+            "-device", f"{NIC_DEVICES[nic.get('model', 'virtio')]},netdev=net{i},id=net{i},"
+                       f"mac={nic['mac']}",
         ]  # fmt: skip
     extra = vm.get("qemu_extra_opts")
     if extra:
