@@ -358,6 +358,21 @@ class VmSupervisor:
             self._log.info("QMP pass-through: %s", cmd[:80])
             return await self.monitor.passthrough(cmd, request.get("arguments"))
 
+    async def snapshot_disks(self, nodes: list[str], name: str) -> None:
+        """An internal snapshot of every disk at one instant (one transaction)."""
+        async with self.lock:
+            self._alive()
+            timeout = self._shared.settings.qmp_timeout
+            await self.monitor.snapshot_disks(nodes, name, timeout=timeout)
+
+    async def delete_disk_snapshot(self, nodes: list[str], name: str) -> None:
+        """Delete snapshot ``name`` from every disk (those that have it)."""
+        async with self.lock:
+            self._alive()
+            timeout = self._shared.settings.qmp_timeout
+            for node in nodes:
+                await self.monitor.delete_disk_snapshot(node, name, timeout=timeout)
+
     async def console_settled(self) -> None:
         """Wait (bounded) until the VNC console has opened, however it ends."""
         task = self._console_task

@@ -30,6 +30,7 @@ COMPUTED = (
 # Stored by the VM layer and the daemon; never settable by a user.
 INTERNAL = (
     "create_timestamp", "boot_timestamp", "transition", "last_exit", "qemu_identity", "zone_uid",
+    "snapshots",
 )  # fmt: skip
 
 _UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
