@@ -199,3 +199,104 @@ def test_stopped_vm_snapshots_names_restart_and_delete(env: Env, guest: dict[str
     assert not zone.exists()
     assert not re.search(r"Traceback", env.daemon_log(None))
     assert os.path.exists(env.socket)
+
+
+# -- send | receive ------------------------------------------------------------------
+
+
+def send_receive(a: Env, b: Env, uuid: str) -> subprocess.CompletedProcess[bytes]:
+    """``vmadm send UUID | vmadm receive`` from world a into world b (a pipe)."""
+    from harness.world import tool
+
+    sender = subprocess.Popen([tool("vmadm"), "send", uuid], env=a.environ,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert sender.stdout is not None
+    receiver = subprocess.run([tool("vmadm"), "receive"], env=b.environ, stdin=sender.stdout,
+                              capture_output=True, timeout=300, check=False)  # fmt: skip
+    sender.stdout.close()
+    assert sender.wait(timeout=60) == 0, sender.stderr.read() if sender.stderr else ""
+    return receiver
+
+
+def receive_bytes(b: Env, data: bytes) -> subprocess.CompletedProcess[bytes]:
+    from harness.world import tool
+
+    return subprocess.run([tool("vmadm"), "receive"], env=b.environ, input=data,
+                          capture_output=True, timeout=120, check=False)  # fmt: skip
+
+
+def test_send_receive_between_zones_roots(env: Env, guest: dict[str, str], tmp_path: Path) -> None:
+    from harness.world import World
+
+    other = World(tmp_path / "host-b")
+    # Two hosts' worth of zones roots on one machine: one uid ledger, so the
+    # received VM's user is not the sender's.
+    other.extra_env["VMADM_UID_LEDGER"] = env.ledger
+    try:
+        env.start_daemon()
+        vm = env.run_vm(guest_payload(guest, disks=[{"size": 16}]), ready=True)
+        write_mark(env, vm, "vda", "MARK-sent", 0)
+        res = env.vmadm("send", vm)
+        assert res.returncode == 1, res.stderr
+        assert "running" in res.stderr, res.stderr
+        ok(env.vmadm("stop", vm, "-F"))
+        ok(env.vmadm("create-snapshot", vm, "kept"))
+        with (tmp_path / "vm.stream").open("wb") as f:
+            subprocess.run([tool_path("vmadm"), "send", vm], env=env.environ, stdout=f,
+                           check=True, timeout=120)  # fmt: skip
+        stream = (tmp_path / "vm.stream").read_bytes()
+        assert stream.startswith(b"VMADM-STREAM 1\n")
+        other.start_daemon()
+        zones_b = Path(other.zones)
+        # Truncated anywhere, a byte flipped anywhere, or more after its end:
+        # nothing is created.
+        disk_at = stream.index(b"QFI\xfb")  # the disk's qcow2 header
+        bad = {
+            "truncated in the disk": stream[: disk_at + 5000],
+            "truncated before the trailer": stream[:-70],
+            "truncated in the header": stream[:30],
+            "a byte flipped in the disk": flip(stream, disk_at + 70000),
+            "a byte flipped in vm.json": flip(stream, stream.index(b'"alias"') + 3),
+            "a byte flipped in the header": flip(stream, stream.index(b'"size"') + 2),
+            "a byte flipped in the trailer": flip(stream, len(stream) - 5),
+            "more after its end": stream + b"x",
+            "empty": b"",
+        }
+        for why, data in bad.items():
+            res = receive_bytes(other, data)
+            assert res.returncode == 1, why
+            assert len(res.stderr.strip().splitlines()) == 1, (why, res.stderr)
+            assert list(zones_b.iterdir()) == [], (why, list(zones_b.iterdir()))
+        # Whole, through a pipe: the same VM (uuid, disk, snapshots) on host b.
+        res = send_receive(env, other, vm)
+        assert res.returncode == 0, res.stderr
+        assert res.stderr.decode() == f"Successfully received VM {vm}\n"
+        res = send_receive(env, other, vm)
+        assert res.returncode == 1, res.stderr
+        assert b"already exists" in res.stderr, res.stderr
+        got = other.get(vm)
+        sent = env.get(vm)
+        assert got["zone_uid"] != sent["zone_uid"]
+        assert got["snapshots"] == sent["snapshots"]
+        assert got["disks"][0]["path"] == f"{other.zones}/{vm}/disk0.qcow2"
+        assert (zones_b / vm / "disk0.qcow2").stat().st_uid == got["zone_uid"]
+        assert sorted(p.name for p in zones_b.iterdir()) == [vm]
+        # It boots on host b, with what the guest wrote on host a.
+        ok(other.vmadm("start", vm))
+        other.wait_console(vm)
+        other.wait_qmp(vm)
+        assert read_marks(other, vm, "vda", 1) == ["MARK-sent"]
+        # Its snapshot came along, inside the disk.
+        assert qemu_img_snapshots(zones_b / vm / "disk0.qcow2") == ["kept"]
+    finally:
+        other.cleanup()
+
+
+def tool_path(name: str) -> str:
+    from harness.world import tool
+
+    return tool(name)
+
+
+def flip(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :]

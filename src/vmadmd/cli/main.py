@@ -447,6 +447,31 @@ def _snapshot_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("name", help="at most 64 of A-Z a-z 0-9 - _ . : %%")
 
 
+def cmd_send(ctx: Context, args: argparse.Namespace) -> None:
+    from vmadmd.vm import sendrecv
+
+    uuid = validate_uuid(args.uuid)
+    out = sys.stdout.fileno()
+    if os.isatty(out):
+        raise InvalidParameter("vmadm send writes a binary stream: redirect stdout (> FILE, | ...)")
+    sys.stdout.flush()
+    sendrecv.big_pipe(out)
+    sendrecv.send(VmSettings.from_env(), uuid, out)
+
+
+def cmd_receive(ctx: Context, args: argparse.Namespace) -> None:
+    from vmadmd.vm import sendrecv
+
+    src = sys.stdin.fileno()
+    sendrecv.big_pipe(src)
+    uuid = sendrecv.receive(VmSettings.from_env(), src)
+    _done(f"Successfully received VM {uuid}")
+
+
+def _no_args(c: argparse.ArgumentParser) -> None:
+    pass
+
+
 def _stop_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("uuid", nargs="?")
     c.add_argument("-F", action="store_true", help="force")
@@ -548,6 +573,10 @@ COMMANDS: tuple[Command, ...] = (
     ("rollback-snapshot", "restore a VM's disks to a snapshot (a running VM is stopped and "
      "booted again; newer snapshots are deleted)", cmd_rollback_snapshot, _snapshot_args),
     ("delete-snapshot", "delete a VM's snapshot", cmd_delete_snapshot, _snapshot_args),
+    ("send", "write a stopped VM (vm.json and disks) as one checksummed stream on stdout",
+     cmd_send, _with_uuid),
+    ("receive", "create the VM a `vmadm send` stream on stdin carries (same uuid)",
+     cmd_receive, _no_args),
 )  # fmt: skip
 
 
