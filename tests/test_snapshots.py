@@ -263,17 +263,17 @@ def test_send_receive_between_zones_roots(env: Env, guest: dict[str, str], tmp_p
             "empty": b"",
         }
         for why, data in bad.items():
-            res = receive_bytes(other, data)
-            assert res.returncode == 1, why
-            assert len(res.stderr.strip().splitlines()) == 1, (why, res.stderr)
+            got_bad = receive_bytes(other, data)
+            assert got_bad.returncode == 1, why
+            assert len(got_bad.stderr.strip().splitlines()) == 1, (why, got_bad.stderr)
             assert list(zones_b.iterdir()) == [], (why, list(zones_b.iterdir()))
         # Whole, through a pipe: the same VM (uuid, disk, snapshots) on host b.
-        res = send_receive(env, other, vm)
-        assert res.returncode == 0, res.stderr
-        assert res.stderr.decode() == f"Successfully received VM {vm}\n"
-        res = send_receive(env, other, vm)
-        assert res.returncode == 1, res.stderr
-        assert b"already exists" in res.stderr, res.stderr
+        moved = send_receive(env, other, vm)
+        assert moved.returncode == 0, moved.stderr
+        assert moved.stderr.decode() == f"Successfully received VM {vm}\n"
+        again = send_receive(env, other, vm)
+        assert again.returncode == 1, again.stderr
+        assert b"already exists" in again.stderr, again.stderr
         got = other.get(vm)
         sent = env.get(vm)
         assert got["zone_uid"] != sent["zone_uid"]
