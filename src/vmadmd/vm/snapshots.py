@@ -44,7 +44,7 @@ KEY = "snapshots"
 NAME_MAX = 64
 NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.:%")
 QEMU_IMG_TIMEOUT = 600.0
-QEMU_IMG_MEMORY = 1 << 30  # address space for qemu-img (RLIMIT_AS), bytes
+QEMU_IMG_MEMORY = 4 << 30  # address space for qemu-img (RLIMIT_AS): its thread stacks count
 FIRST_FD = 3  # where the disk fd lands in qemu-img
 
 
