@@ -16,6 +16,7 @@ import re
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from .conftest import Env, guest_payload
 from .wsclient import WsClient
@@ -66,14 +67,17 @@ def read_marks(env: Env, uuid: str, dev: str, slots: int) -> list[str]:
     return [w for w in body.split() if w.startswith("MARK-")]
 
 
-def past_events(env: Env, uuid: str, last: str) -> list[str]:
-    """The types of the snapshot events of ``uuid`` in the daemon's history,
+def past_events(env: Env, uuid: str, last: str) -> list[tuple[str, dict[str, Any]]]:
+    """The snapshot events of ``uuid`` in the daemon's history (type, data),
     read from ``/events`` until ``last``."""
-    seen: list[str] = []
+    seen: list[tuple[str, dict[str, Any]]] = []
+    kind = None
     for line in env.client(timeout=30).stream("/events", {"vm": uuid, "last_event_id": "0"}):
-        if line.startswith("event: snapshot_"):
-            seen.append(line.split(": ", 1)[1])
-            if seen[-1] == last:
+        if line.startswith("event: "):
+            kind = line.split(": ", 1)[1]
+        elif line.startswith("data: ") and kind is not None and kind.startswith("snapshot_"):
+            seen.append((kind, json.loads(line[6:])))
+            if kind == last:
                 break
     return seen
 
@@ -102,6 +106,11 @@ def test_live_snapshot_then_rollback_restores_both_disks(env: Env, guest: dict[s
     assert ok(env.vmadm("create-snapshot", vm, "before:1")) == (
         f"Created snapshot before:1 for VM {vm}\n"
     )
+    # Every VM has the guest agent's channel; this guest runs no agent (its
+    # port is closed), so the snapshot was crash-consistent, and took no wait.
+    _, info = env.client().request("GET", f"/vm/{vm}", {"type": "chardev"})
+    agent = [c for c in info["chardev"] if c["label"] == "qga0"]
+    assert agent == [{"label": "qga0", "filename": agent[0]["filename"], "frontend-open": False}]
     for dev in ("vda", "vdb"):
         write_mark(env, vm, dev, f"MARK-after-{dev}", 1)
     ok(env.vmadm("create-snapshot", vm, "later%2"))
@@ -129,8 +138,12 @@ def test_live_snapshot_then_rollback_restores_both_disks(env: Env, guest: dict[s
     assert [s["name"] for s in env.get(vm)["snapshots"]] == ["before:1"]
     status, body = env.api("GET", "/vm/" + vm + "/snapshots/later%252")
     assert status == 404, body
-    assert past_events(env, vm, "snapshot_rolled_back") == [
+    events = past_events(env, vm, "snapshot_rolled_back")
+    assert [kind for kind, _ in events] == [
         "snapshot_created", "snapshot_created", "snapshot_rolled_back"]  # fmt: skip
+    assert events[0][1]["consistency"] == "crash"
+    assert events[0][1]["name"] == "before:1"
+    assert events[2][1]["deleted"] == ["later%2"]
     last_exit = env.get(vm).get("last_exit", {})
     assert last_exit.get("reason") == "stop", last_exit
 

@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("vmadmd.snapshots")
 
 STOP_WAIT = 60.0  # for a forced stop's qemu to be gone and settled
-GUEST_AGENT_CHARDEV = "qga0"
 
 
 class SnapshotService:
@@ -65,9 +64,11 @@ class SnapshotService:
             record = m.load(uuid)
             snapshots.check_new(record, name)
             sup = await self._supervisor(uuid, record)
+            consistency = "crash"
             if sup is not None:
                 names = snapshots.disk_names(record, paths)
-                await sup.snapshot_disks(snapshots.node_names(record), name)
+                if await sup.snapshot_disks(snapshots.node_names(record), name):
+                    consistency = "filesystem"
                 entry = snapshots.new_entry(name, snapshots.referenced(paths, names))
             else:
                 entry = await asyncio.to_thread(snapshots.create_stopped, paths, record, name)
@@ -78,7 +79,8 @@ class SnapshotService:
             await asyncio.to_thread(m.store.update_locked, uuid, add)
         vm_log(log, uuid).info("snapshot %s taken (%s)", name,
                                "live" if sup is not None else "stopped")  # fmt: skip
-        m.bus.emit("snapshot_created", uuid, live=sup is not None, **entry)
+        m.bus.emit("snapshot_created", uuid, live=sup is not None,
+                   consistency=consistency if sup is not None else "stopped", **entry)  # fmt: skip
         return entry
 
     async def delete(self, uuid: str, name: str) -> None:

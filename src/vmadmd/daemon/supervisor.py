@@ -30,6 +30,7 @@ import signal
 from collections.abc import Callable
 from typing import Any, Literal
 
+from vmadmd.daemon import guestagent
 from vmadmd.daemon.ending import (
     Settled,
     ending_of,
@@ -49,6 +50,7 @@ from vmadmd.daemon.vncconsole import VncConsole, qemu_vnc_mode
 from vmadmd.errors import InvalidParameter, QmpRefused, QmpTimeout, VmadmError, WrongState
 from vmadmd.vm import proc, zonefs
 from vmadmd.vm.ending import Ending
+from vmadmd.vm.qemu import AGENT_CHARDEV
 from vmadmd.vm.sockets import Peer
 from vmadmd.vm.store import VmRecord
 from vmadmd.vm.transition import Transition, TransitionTo
@@ -358,12 +360,25 @@ class VmSupervisor:
             self._log.info("QMP pass-through: %s", cmd[:80])
             return await self.monitor.passthrough(cmd, request.get("arguments"))
 
-    async def snapshot_disks(self, nodes: list[str], name: str) -> None:
-        """An internal snapshot of every disk at one instant (one transaction)."""
+    async def snapshot_disks(self, nodes: list[str], name: str) -> bool:
+        """An internal snapshot of every disk at one instant (one transaction),
+        the guest's file systems frozen for it when its agent answers.
+        Returns whether they were (else the snapshot is crash-consistent)."""
         async with self.lock:
             self._alive()
             timeout = self._shared.settings.qmp_timeout
-            await self.monitor.snapshot_disks(nodes, name, timeout=timeout)
+            try:
+                agent = await self.monitor.chardev_open(AGENT_CHARDEV)
+            except VmadmError:
+                agent = False
+            if not agent:
+                await self.monitor.snapshot_disks(nodes, name, timeout=timeout)
+                return False
+            async with guestagent.frozen(
+                self.paths.runtime_dir, self.monitor.peer, self._log
+            ) as is_frozen:
+                await self.monitor.snapshot_disks(nodes, name, timeout=timeout)
+            return is_frozen
 
     async def delete_disk_snapshot(self, nodes: list[str], name: str) -> None:
         """Delete snapshot ``name`` from every disk (those that have it)."""
