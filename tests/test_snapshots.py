@@ -207,6 +207,20 @@ def test_stopped_vm_snapshots_names_restart_and_delete(env: Env, guest: dict[str
     # Rollback of a stopped VM leaves it stopped.
     ok(env.vmadm("rollback-snapshot", vm, "a" * 64))
     assert env.get(vm)["state"] == "stopped"
+    # Orphans (snapshots vm.json does not list: a daemon killed between
+    # taking one and writing vm.json) are dropped, stopped or live, not
+    # doubled (qcow2 keeps two of one name, and -a would take the older).
+    for disk in ("disk0.qcow2", "disk1.qcow2"):
+        for orphan in ("orph", "live-orph"):
+            subprocess.run(["qemu-img", "snapshot", "-c", orphan, str(zone / disk)], check=True)
+    ok(env.vmadm("create-snapshot", vm, "orph"))
+    ok(env.vmadm("start", vm))
+    env.wait_qmp(vm)
+    ok(env.vmadm("create-snapshot", vm, "live-orph"))
+    ok(env.vmadm("stop", vm, "-F"))
+    for disk in ("disk0.qcow2", "disk1.qcow2"):
+        assert qemu_img_snapshots(zone / disk) == ["a" * 64, "orph", "live-orph"]
+    assert [s["name"] for s in env.get(vm)["snapshots"]] == ["a" * 64, "orph", "live-orph"]
     # Removed with the VM.
     ok(env.vmadm("delete", vm))
     assert not zone.exists()

@@ -372,13 +372,27 @@ class VmSupervisor:
             except VmadmError:
                 agent = False
             if not agent:
-                await self.monitor.snapshot_disks(nodes, name, timeout=timeout)
+                await self._snapshot_transaction(nodes, name, timeout)
                 return False
             async with guestagent.frozen(
                 self.paths.runtime_dir, self.monitor.peer, self._log
             ) as is_frozen:
-                await self.monitor.snapshot_disks(nodes, name, timeout=timeout)
+                await self._snapshot_transaction(nodes, name, timeout)
             return is_frozen
+
+    async def _snapshot_transaction(self, nodes: list[str], name: str, timeout: float) -> None:
+        try:
+            await self.monitor.snapshot_disks(nodes, name, timeout=timeout)
+        except QmpRefused as err:
+            if "already exists" not in err.desc:
+                raise
+            # A snapshot of that name that vm.json does not list (the caller
+            # checked): left by a create whose record was never written (a
+            # daemon killed in between).  Dropped, then the transaction again.
+            self._log.warning("dropping orphan snapshots named %s", name)
+            for node in nodes:
+                await self.monitor.delete_disk_snapshot(node, name, timeout=timeout)
+            await self.monitor.snapshot_disks(nodes, name, timeout=timeout)
 
     async def delete_disk_snapshot(self, nodes: list[str], name: str) -> None:
         """Delete snapshot ``name`` from every disk (those that have it)."""

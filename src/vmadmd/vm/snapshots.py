@@ -201,6 +201,7 @@ def create_stopped(paths: VmPaths, record: VmRecord, name: str) -> dict[str, Any
     done: list[str] = []
     try:
         for disk in names:
+            drop_orphans(paths, disk, record.get("zone_uid"), name)
             qemu_img_snapshot(paths, disk, record.get("zone_uid"), "-c", name)
             done.append(disk)
     except BaseException:
@@ -209,6 +210,23 @@ def create_stopped(paths: VmPaths, record: VmRecord, name: str) -> dict[str, Any
                 qemu_img_snapshot(paths, disk, record.get("zone_uid"), "-d", name)
         raise
     return new_entry(name, referenced(paths, names))
+
+
+ORPHANS_MAX = 8
+
+
+def drop_orphans(paths: VmPaths, disk: str, uid: object, name: str) -> None:
+    """Delete snapshots named ``name`` that ``vm.json`` does not list (the
+    caller checked): left by a create whose record was never written (a
+    daemon killed in between).  qcow2 takes two snapshots of one name, and
+    a rollback would restore the older one."""
+    for _ in range(ORPHANS_MAX):
+        try:
+            qemu_img_snapshot(paths, disk, uid, "-d", name)
+        except VmadmError as err:
+            if "not found" in err.message.lower():
+                return
+            raise
 
 
 def delete_stopped(paths: VmPaths, record: VmRecord, name: str) -> None:
