@@ -327,3 +327,37 @@ def tool_path(name: str) -> str:
 
 def flip(data: bytes, at: int) -> bytes:
     return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :]
+
+
+def test_guest_agent_freezes_around_a_live_snapshot(env: Env, guest: dict[str, str]) -> None:
+    """A guest whose agent answers on org.qemu.guest_agent.0 is frozen for
+    the snapshot and thawed after (the agent here is a stand-in, a shell loop
+    speaking qemu-ga's protocol on the real virtio-serial port: see
+    tools/build-guest-agent.sh)."""
+    import shutil
+
+    from harness.world import REPO
+
+    cache = REPO / ".cache" / "guest-agent"
+    subprocess.run([str(REPO / "tools" / "build-guest-agent.sh"), str(REPO / ".cache" / "guest"),
+                    str(cache)], check=True)  # fmt: skip
+    initrd = Path(guest["initrd"]).parent / "agent-initrd.img"
+    shutil.copy(cache / "initrd.img", initrd)
+    os.chmod(initrd, 0o644)
+    env.start_daemon()
+    payload = guest_payload({**guest, "initrd": str(initrd)}, disks=[{"size": 16}])
+    vm = env.run_vm(payload, ready=True)
+    # The guest holds its agent's port open (qemu says so).
+    env.wait_for(
+        lambda: any(c["label"] == "qga0" and c["frontend-open"]
+                    for c in env.client().request("GET", f"/vm/{vm}",
+                                                  {"type": "chardev"})[1]["chardev"]),
+        timeout=30, what="the guest agent's port open",
+    )  # fmt: skip
+    ok(env.vmadm("create-snapshot", vm, "frozen"))
+    events = past_events(env, vm, "snapshot_created")
+    assert events[-1][1]["consistency"] == "filesystem", events
+    nonce = next(NONCES)
+    out = serial(env, vm, f"echo b{nonce}-$((1+1)); cat /tmp/agent.log; echo e{nonce}-$((1+1))",
+                 f"e{nonce}-2")  # fmt: skip
+    assert out.split(f"b{nonce}-2", 1)[1].split(f"e{nonce}-2")[0].split() == ["frozen", "thawed"]
