@@ -523,6 +523,68 @@ def cmd_console(ctx: Context, args: argparse.Namespace) -> None:
     sys.stderr.write(f"\r\n[{reason}]\n")
 
 
+SNAPSHOT_TIMEOUT = 600.0  # a rollback stops, restores and boots the VM
+
+
+def _snapshot_path(args: argparse.Namespace) -> tuple[str, str]:
+    from vmadmd.cli.client import quote
+    from vmadmd.vm.snapshots import validate_name
+
+    uuid = validate_uuid(args.uuid)
+    return uuid, f"/vm/{uuid}/snapshots/{quote(validate_name(args.name))}"
+
+
+def cmd_create_snapshot(ctx: Context, args: argparse.Namespace) -> None:
+    from vmadmd.vm.snapshots import validate_name
+
+    uuid = validate_uuid(args.uuid)
+    _client().request("POST", f"/vm/{uuid}/snapshots", timeout=SNAPSHOT_TIMEOUT,
+                      body={"name": validate_name(args.name)})  # fmt: skip
+    _done(f"Created snapshot {args.name} for VM {uuid}")
+
+
+def cmd_rollback_snapshot(ctx: Context, args: argparse.Namespace) -> None:
+    uuid, path = _snapshot_path(args)
+    _client().request("POST", path, {"action": "rollback"}, timeout=SNAPSHOT_TIMEOUT)
+    _done(f"Rolled back snapshot {args.name} for VM {uuid}")
+
+
+def cmd_delete_snapshot(ctx: Context, args: argparse.Namespace) -> None:
+    uuid, path = _snapshot_path(args)
+    _client().request("DELETE", path, timeout=SNAPSHOT_TIMEOUT)
+    _done(f"Deleted snapshot {args.name} for VM {uuid}")
+
+
+def _snapshot_args(c: argparse.ArgumentParser) -> None:
+    c.add_argument("uuid")
+    c.add_argument("name", help="at most 64 of A-Z a-z 0-9 - _ . : %%")
+
+
+def cmd_send(ctx: Context, args: argparse.Namespace) -> None:
+    from vmadmd.vm import sendrecv
+
+    uuid = validate_uuid(args.uuid)
+    out = sys.stdout.fileno()
+    if os.isatty(out):
+        raise InvalidParameter("vmadm send writes a binary stream: redirect stdout (> FILE, | ...)")
+    sys.stdout.flush()
+    sendrecv.big_pipe(out)
+    sendrecv.send(VmSettings.from_env(), uuid, out)
+
+
+def cmd_receive(ctx: Context, args: argparse.Namespace) -> None:
+    from vmadmd.vm import sendrecv
+
+    src = sys.stdin.fileno()
+    sendrecv.big_pipe(src)
+    uuid = sendrecv.receive(VmSettings.from_env(), src)
+    _done(f"Successfully received VM {uuid}")
+
+
+def _no_args(c: argparse.ArgumentParser) -> None:
+    pass
+
+
 def _stop_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("uuid", nargs="?")
     c.add_argument("-F", action="store_true", help="force")
@@ -641,6 +703,15 @@ COMMANDS: tuple[Command, ...] = (
      cmd_console, _console_args),
     ("qmp", "send one QMP (or --hmp human monitor) command through vmadmd", cmd_qmp,
      _qmp_args),
+    ("create-snapshot", "snapshot every disk of a VM at one instant (live or stopped)",
+     cmd_create_snapshot, _snapshot_args),
+    ("rollback-snapshot", "restore a VM's disks to a snapshot (a running VM is stopped and "
+     "booted again; newer snapshots are deleted)", cmd_rollback_snapshot, _snapshot_args),
+    ("delete-snapshot", "delete a VM's snapshot", cmd_delete_snapshot, _snapshot_args),
+    ("send", "write a stopped VM (vm.json and disks) as one checksummed stream on stdout",
+     cmd_send, _with_uuid),
+    ("receive", "create the VM a `vmadm send` stream on stdin carries (same uuid)",
+     cmd_receive, _no_args),
 )  # fmt: skip
 
 

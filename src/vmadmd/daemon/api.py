@@ -41,6 +41,7 @@ from vmadmd.errors import (
     VmadmError,
     WrongState,
 )
+from vmadmd.vm import snapshots
 from vmadmd.vm.store import validate_uuid
 from vmadmd.vm.transition import TransitionTo
 
@@ -130,6 +131,12 @@ class Api:
             "/vm/{uuid}/screenshot.png": {"GET": self.screenshot_png},
             "/vm/{uuid}/qmp": {"POST": self.qmp},
             "/vm/{uuid}/serial": {"GET": self.serial},
+            "/vm/{uuid}/snapshots": {"GET": self.list_snapshots, "POST": self.create_snapshot},
+            "/vm/{uuid}/snapshots/{name}": {
+                "GET": self.get_snapshot,
+                "POST": self.snapshot_action,
+                "DELETE": self.delete_snapshot,
+            },
         }
         router = Router()
         for pattern, methods in self.routes.items():
@@ -210,6 +217,39 @@ class Api:
                 raise InvalidParameter('"arguments" must be an object')
         vm = await self.manager.running(uuid)
         return json_reply({"return": await vm.passthrough(body)})
+
+    # -- snapshots -------------------------------------------------------------
+
+    async def list_snapshots(self, request: Request) -> Reply:
+        uuid = validate_uuid(request.match["uuid"])
+        return json_reply(self.manager.snapshots.list(uuid))
+
+    async def create_snapshot(self, request: Request) -> Reply:
+        """Body ``{"name": NAME}`` (or ``name=`` as a parameter)."""
+        uuid = validate_uuid(request.match["uuid"])
+        name = params_of(request).get("name")
+        entry = await self.manager.snapshots.create(uuid, snapshots.validate_name(name))
+        return json_reply(entry, status=201)
+
+    async def get_snapshot(self, request: Request) -> Reply:
+        uuid = validate_uuid(request.match["uuid"])
+        name = snapshots.validate_name(request.match["name"])
+        record = self.manager.load(uuid)
+        return json_reply(snapshots.entries(record)[snapshots.find(record, name)])
+
+    async def snapshot_action(self, request: Request) -> Reply:
+        uuid = validate_uuid(request.match["uuid"])
+        name = snapshots.validate_name(request.match["name"])
+        action = params_of(request).get("action")
+        if action != "rollback":
+            raise InvalidParameter("action must be rollback")
+        return json_reply(await self.manager.snapshots.rollback(uuid, name))
+
+    async def delete_snapshot(self, request: Request) -> Reply:
+        uuid = validate_uuid(request.match["uuid"])
+        name = snapshots.validate_name(request.match["name"])
+        await self.manager.snapshots.delete(uuid, name)
+        return json_reply({"name": name, "deleted": True})
 
     async def serial(self, request: Request) -> Reply:
         """The serial console as a WebSocket (binary frames both ways)."""

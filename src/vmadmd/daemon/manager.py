@@ -24,6 +24,7 @@ from vmadmd.daemon.locks import vm_lock
 from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.metrics import Metrics
 from vmadmd.daemon.settings import DaemonSettings, Shared
+from vmadmd.daemon.snapshots import SnapshotService
 from vmadmd.daemon.stats import VmStatsCollector
 from vmadmd.daemon.supervisor import VmSupervisor
 from vmadmd.daemon.sweep import StartupSweep, in_batches
@@ -70,6 +71,7 @@ class Manager:
             cgroups=self.layer.cgroups,
         )
         metrics.watch_state(self._state_snapshot)
+        self.snapshots = SnapshotService(self)
         self.stats = VmStatsCollector(lambda: [sup.stats_state for sup in self.vms.values()])
         metrics.add_collector(self.stats)
 
@@ -328,6 +330,10 @@ class Manager:
 
     def is_running(self, uuid: str) -> bool:
         return uuid in self.vms
+
+    def is_exiting(self, uuid: str) -> bool:
+        """Whether the VM's qemu has exited and its exit is being settled."""
+        return uuid in self._exiting
 
     # -- shutdown ----------------------------------------------------------
 

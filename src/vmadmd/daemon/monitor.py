@@ -497,6 +497,39 @@ class Monitor:
             if isinstance(p, dict) and str(p.get("type", "")).startswith("child<")
         }
 
+    async def snapshot_disks(self, nodes: Sequence[str], name: str, *, timeout: float) -> None:
+        """An internal snapshot ``name`` of every node in one ``transaction``:
+        qemu drains and pauses guest I/O once, so all the disks are taken at
+        the same instant, and either all get it or none does."""
+        actions = [
+            {"type": "blockdev-snapshot-internal-sync", "data": {"device": node, "name": name}}
+            for node in nodes
+        ]
+        await self._conn.execute("transaction", {"actions": actions}, timeout=timeout)
+
+    async def delete_disk_snapshot(self, node: str, name: str, *, timeout: float) -> bool:
+        """Delete internal snapshot ``name`` of ``node``; False when it has none
+        by that name (a delete cut short before)."""
+        try:
+            await self._conn.execute(
+                "blockdev-snapshot-delete-internal-sync",
+                {"device": node, "name": name},
+                timeout=timeout,
+            )
+        except QmpRefused as err:
+            if "not found" in err.desc.lower() or "can't find" in err.desc.lower():
+                return False
+            raise
+        return True
+
+    async def chardev_open(self, chardev: str) -> bool:
+        """Whether the guest holds the front end of ``chardev`` open (a
+        virtio-serial port the guest opened: an agent listens on it)."""
+        for entry in await self._conn.execute("query-chardev") or []:
+            if isinstance(entry, dict) and entry.get("label") == chardev:
+                return entry.get("frontend-open") is True
+        return False
+
     async def set_vnc_password(self, password: str) -> None:
         await self._conn.execute("set_password", {"protocol": "vnc", "password": password})
 

@@ -30,6 +30,7 @@ import signal
 from collections.abc import Callable
 from typing import Any, Literal
 
+from vmadmd.daemon import guestagent
 from vmadmd.daemon.ending import (
     Settled,
     ending_of,
@@ -52,6 +53,7 @@ from vmadmd.vm import proc, zonefs
 from vmadmd.vm.devices import all_nics
 from vmadmd.vm.disks import Disks
 from vmadmd.vm.ending import Ending
+from vmadmd.vm.qemu import AGENT_CHARDEV
 from vmadmd.vm.sockets import Peer
 from vmadmd.vm.store import VmRecord
 from vmadmd.vm.transition import Transition, TransitionTo
@@ -386,6 +388,48 @@ class VmSupervisor:
             cmd = str(request["execute"])
             self._log.info("QMP pass-through: %s", cmd[:80])
             return await self.monitor.passthrough(cmd, request.get("arguments"))
+
+    async def snapshot_disks(self, nodes: list[str], name: str) -> bool:
+        """An internal snapshot of every disk at one instant (one transaction),
+        the guest's file systems frozen for it when its agent answers.
+        Returns whether they were (else the snapshot is crash-consistent)."""
+        async with self.lock:
+            self._alive()
+            timeout = self._shared.settings.qmp_timeout
+            try:
+                agent = await self.monitor.chardev_open(AGENT_CHARDEV)
+            except VmadmError:
+                agent = False
+            if not agent:
+                await self._snapshot_transaction(nodes, name, timeout)
+                return False
+            async with guestagent.frozen(
+                self.paths.runtime_dir, self.monitor.peer, self._log
+            ) as is_frozen:
+                await self._snapshot_transaction(nodes, name, timeout)
+            return is_frozen
+
+    async def _snapshot_transaction(self, nodes: list[str], name: str, timeout: float) -> None:
+        try:
+            await self.monitor.snapshot_disks(nodes, name, timeout=timeout)
+        except QmpRefused as err:
+            if "already exists" not in err.desc:
+                raise
+            # A snapshot of that name that vm.json does not list (the caller
+            # checked): left by a create whose record was never written (a
+            # daemon killed in between).  Dropped, then the transaction again.
+            self._log.warning("dropping orphan snapshots named %s", name)
+            for node in nodes:
+                await self.monitor.delete_disk_snapshot(node, name, timeout=timeout)
+            await self.monitor.snapshot_disks(nodes, name, timeout=timeout)
+
+    async def delete_disk_snapshot(self, nodes: list[str], name: str) -> None:
+        """Delete snapshot ``name`` from every disk (those that have it)."""
+        async with self.lock:
+            self._alive()
+            timeout = self._shared.settings.qmp_timeout
+            for node in nodes:
+                await self.monitor.delete_disk_snapshot(node, name, timeout=timeout)
 
     async def console_settled(self) -> None:
         """Wait (bounded) until the VNC console has opened, however it ends."""

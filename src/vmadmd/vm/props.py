@@ -32,6 +32,7 @@ COMPUTED = (
 INTERNAL = (
     "create_timestamp", "boot_timestamp", "transition", "last_exit", "qemu_identity", "zone_uid",
     "live_devices",
+    "snapshots",
 )  # fmt: skip
 
 _UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")

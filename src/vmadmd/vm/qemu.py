@@ -29,6 +29,13 @@ if TYPE_CHECKING:
 # metadata: SmartOS's name for the socket, relative to qemu's working directory.
 TTYB_NAME = "vm.ttyb"
 
+# The guest agent's channel (qemu-guest-agent listens on the port of that
+# name in the guest); the daemon freezes file systems through it for a
+# snapshot (daemon/guestagent.py).
+AGENT_CHARDEV = "qga0"
+AGENT_SOCKET = "vm.qga"
+AGENT_PORT = "org.qemu.guest_agent.0"
+
 NIC_DEVICES = {"virtio": "virtio-net-pci", "e1000": "e1000", "rtl8139": "rtl8139"}
 
 # qemu's seccomp sandbox, every group of syscalls denied.  qemu 7.2 takes
@@ -206,6 +213,10 @@ def build_argv(
         # restarted if the VM asks for it (restart_on_crash).
         "-device", "pvpanic",
         "-action", "panic=shutdown",
+        # The guest agent's channel, on every VM (see AGENT_CHARDEV).
+        "-device", "virtio-serial-pci,id=vser0",
+        "-chardev", f"socket,id={AGENT_CHARDEV},path={AGENT_SOCKET},server=on,wait=off",
+        "-device", f"virtserialport,bus=vser0.0,chardev={AGENT_CHARDEV},name={AGENT_PORT}",
         "-sandbox", SANDBOX,
     ]  # fmt: skip
     if vm.get("vnc_port", 0) != -1:

@@ -218,6 +218,10 @@ class Store:
         path = self.paths(uuid).vm_json
         atomic_write_json(path, self._encode(uuid, record, path))
 
+    def encode(self, uuid: str, record: VmRecord) -> bytes:
+        """The record as vm.json's bytes (format version in), within MAX_VM_JSON."""
+        return self._encode(uuid, record)
+
     def _encode(self, uuid: str, record: VmRecord, path: str | None = None) -> bytes:
         """The record as vm.json's bytes, within MAX_VM_JSON.
 
