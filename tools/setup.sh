@@ -20,6 +20,9 @@ command -v npm >/dev/null || need+=(npm)
 command -v curl >/dev/null || need+=(curl)  # bench_imgadm's floor
 command -v mmdebstrap >/dev/null || need+=(mmdebstrap)      # the Debian e2e guest
 command -v genisoimage >/dev/null || need+=(genisoimage)    # its NoCloud seed (bench)
+command -v ssh >/dev/null || need+=(openssh-client)          # vmadm migrate's transport
+[[ -x /usr/sbin/sshd ]] || need+=(openssh-server)            # the migration tests' target host
+command -v ip >/dev/null || need+=(iproute2)                 # their network namespace
 # cloud-init's own SmartOS client classes drive the metadata tests (Debian
 # packages it; it is not on PyPI).  Installed, not run: see below.
 new_cloud_init=0

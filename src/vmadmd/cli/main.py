@@ -410,6 +410,39 @@ def cmd_console(ctx: Context, args: argparse.Namespace) -> None:
     sys.stderr.write(f"\r\n[{reason}]\n")
 
 
+def cmd_migrate(ctx: Context, args: argparse.Namespace) -> None:
+    from vmadmd.cli import migrate  # cli/migrate.py: live migration's both ends
+
+    migrate.cmd_migrate(args)
+
+
+def cmd_receive(ctx: Context, args: argparse.Namespace) -> None:
+    if not args.live:
+        raise InvalidParameter("receive: give --live (the far end of `vmadm migrate`)")
+    from vmadmd.cli import migrate
+
+    code = migrate.cmd_receive_live(args)
+    if code:
+        raise SystemExit(code)
+
+
+def _migrate_args(c: argparse.ArgumentParser) -> None:
+    c.add_argument("uuid")
+    c.add_argument("target", metavar="[user@]host", help="the target vmadmd host, over ssh")
+    c.add_argument("--bandwidth", type=int, metavar="MIBS",
+                   help="at most this many MiB/s for the disks, and for the RAM")  # fmt: skip
+
+
+def _receive_args(c: argparse.ArgumentParser) -> None:
+    c.add_argument(
+        "--live",
+        action="store_true",
+        help="the far end of `vmadm migrate` (run by the source over ssh)",
+    )
+    c.add_argument("--status", metavar="UUID",
+                   help="with --live: how a VM arriving here stands, as JSON")  # fmt: skip
+
+
 def _stop_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("uuid", nargs="?")
     c.add_argument("-F", action="store_true", help="force")
@@ -506,6 +539,9 @@ COMMANDS: tuple[Command, ...] = (
      cmd_console, _console_args),
     ("qmp", "send one QMP (or --hmp human monitor) command through vmadmd", cmd_qmp,
      _qmp_args),
+    ("migrate", "live-migrate a running VM, disks included, to another vmadmd host over ssh",
+     cmd_migrate, _migrate_args),
+    ("receive", "--live: the far end of a live migration", cmd_receive, _receive_args),
 )  # fmt: skip
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from vmadmd.errors import InvalidParameter, StartFailed, VmadmError, VmBroken, WrongState
@@ -112,6 +113,30 @@ class VmLayer:
                     held.enter_context(store.lock(validate_uuid(image_uuid)))
             return self._create(uuid, vm)
 
+    def create_incoming(self, record: VmRecord, sizes: Sequence[int], since_ms: int) -> str:
+        """Make a VM arriving by live migration (``vm/migrating.py``): its
+        zone, a uid of this host, empty disks of the sizes given.  Not booted."""
+        from vmadmd.vm import migrating
+
+        uuid = str(record["uuid"])
+        migrating.refuse_existing(
+            self.store.exists(uuid) or os.path.exists(self.store.paths(uuid).zonepath), uuid
+        )
+        uid = record["zone_uid"] = self._new_uid(uuid)
+        record[migrating.KEY] = migrating.Migration("target", "incoming", "", since_ms).to_json()
+        net.name_taps(record.get("nics", []), uid)
+        paths = self.store.create(uuid, {**record, "disks": []})
+        try:
+            self._own(paths, uid)
+            migrating.make_disks(record, sizes, paths.zonepath)
+            for disk in record["disks"]:
+                own_disk(paths, disk["path"], uid)
+            self.store.update(uuid, lambda r: r.update(disks=record["disks"]))
+        except BaseException:
+            self.store.remove(uuid)
+            raise
+        return uuid
+
     def _create(self, uuid: str, vm: VmRecord) -> str:
         # Everything that can be refused is refused before anything is made.
         zonepath = self.store.paths(uuid).zonepath
@@ -173,8 +198,12 @@ class VmLayer:
         with self.store.lock(uuid):
             return self.start_locked(uuid, set_autoboot=set_autoboot)
 
-    def start_locked(self, uuid: str, *, set_autoboot: bool = True) -> int:
-        """``start``, for a caller that holds the VM's lock already."""
+    def start_locked(self, uuid: str, *, set_autoboot: bool = True, incoming: bool = False) -> int:
+        """``start``, for a caller that holds the VM's lock already.
+
+        ``incoming``: qemu waits, paused, for a live migration's state
+        (``daemon/migration.py``) instead of booting the guest.
+        """
         paths = self.store.paths(uuid)
         vm = self.store.load(uuid)
         if self.pid(uuid, vm) is not None:
@@ -201,7 +230,7 @@ class VmLayer:
             # Its own cgroup, with SmartOS's limits, named after the uuid:
             # qemu is born in it.
             placement = self.cgroups.prepare(uuid, cgroup.limits_of(vm))
-            pid = self._spawn(vm, paths, uid, placement)
+            pid = self._spawn(vm, paths, uid, placement, incoming=incoming)
         except BaseException:
             net.remove_taps(nics, uid)
             self.cgroups.remove(uuid)
@@ -229,7 +258,15 @@ class VmLayer:
                 own_disk(paths, disk["path"], uid)
         return uid
 
-    def _spawn(self, vm: VmRecord, paths: VmPaths, uid: int, placement: cgroup.Placement) -> int:
+    def _spawn(
+        self,
+        vm: VmRecord,
+        paths: VmPaths,
+        uid: int,
+        placement: cgroup.Placement,
+        *,
+        incoming: bool = False,
+    ) -> int:
         # Here, not at the top: `vmadm list/get` never start a VM, and every
         # millisecond of import is paid by every vmadm call.
         from vmadmd.vm import launch
@@ -256,7 +293,7 @@ class VmLayer:
             argv = build_argv(
                 vm, paths, self.settings.qemu, accel, disk_fds=disks, tap_fds=taps,
                 require_vnc_password=self.settings.vnc_require_password,
-                user_net=self.settings.user_net,
+                user_net=self.settings.user_net, incoming=incoming,
             )  # fmt: skip
             fds = [d.fd for d in disks] + [d.image_fd for d in disks if d.image_fd is not None]
             fds += taps.values()

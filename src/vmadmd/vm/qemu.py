@@ -122,6 +122,7 @@ def build_argv(
     tap_fds: Mapping[int, int] | None = None,
     require_vnc_password: bool = True,
     user_net: UserNet = "restricted",
+    incoming: bool = False,
 ) -> list[str]:
     """The full argv for ``vm``; run it with ``cwd=paths.runtime_dir`` and
     ``disk_fds`` (one per disk) and ``tap_fds`` (nic index -> an fd on its
@@ -131,7 +132,9 @@ def build_argv(
     the VM sets none (the daemon gives it a generated one).  ``user_net``:
     ``restricted`` starts user-mode nics with ``restrict=on``, so the guest
     reaches neither the host (whose 127.0.0.1 slirp maps to 10.0.2.2) nor
-    the outside; ``nat`` lets it reach both.
+    the outside; ``nat`` lets it reach both.  ``incoming``: the target of a
+    live migration (``-incoming defer -S``: it waits for ``migrate-incoming``
+    and stays paused once the state is in, until the daemon says ``cont``).
     """
     uuid = vm["uuid"]
     cpu = vm.get("cpu_type") or ("host" if accel == "kvm" else "qemu64")
@@ -198,4 +201,6 @@ def build_argv(
         import shlex  # here, not at the top: the CLI's start-up time
 
         argv += shlex.split(extra)
+    if incoming:
+        argv += ["-incoming", "defer", "-S"]
     return argv
