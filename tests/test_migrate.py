@@ -26,11 +26,16 @@ from harness.sshhost import TwoHosts
 from harness.world import World, kill_qemus_under
 
 from .conftest import guest_payload
+from .test_daemon import read_events
 from .wsclient import WsClient
 
 TICKER = b"(i=0; while true; do echo TICK $i; i=$((i+1)); sleep 0.2; done) &\n"
-DISK_MIB = 256
-DATA_MIB = 16
+DISK_MIB = 64
+DATA_MIB = 8
+# Two daemons, sshd and a TCG guest that fills part of its disk, copied at a
+# bandwidth limit that keeps the copy going for seconds: past the suite's
+# default 120 s on a loaded machine.
+pytestmark = pytest.mark.timeout(480)
 
 
 @pytest.fixture
@@ -115,10 +120,15 @@ def start_migration(hosts: TwoHosts, uuid: str, bandwidth: int | None = None) ->
 
 
 def wait_state(env: World, uuid: str, states: tuple[str, ...], timeout: float = 120) -> str:
+    """Until the migration is in one of ``states`` (the RAM phase: with RAM
+    on its way); which one."""
     found: list[str] = []
 
     def reached() -> bool:
-        found[:] = [progress(env, uuid)["state"]]
+        p = progress(env, uuid)
+        found[:] = [p["state"]]
+        if p["state"] == "migrating_ram" and not (p["ram"] or {}).get("transferred"):
+            return False
         return found[0] in states
 
     env.wait_for(reached, timeout=timeout, what=f"migration state in {states}")
@@ -158,9 +168,24 @@ def assert_source_unchanged(hosts: TwoHosts, uuid: str, pid: int, tick: int) -> 
     src.wait_console(uuid, f"TICK {tick + 10}", timeout=60)
 
 
+def workdirs() -> set[str]:
+    import tempfile
+
+    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("vmadmd-mig-")}
+
+
+def assert_no_traceback(hosts: TwoHosts, dirs: set[str]) -> None:
+    """No daemon failed on a bug; neither left a temp dir of its sockets."""
+    hosts.source.wait_for(lambda: workdirs() <= dirs, timeout=30, what="temp dirs to go")
+    for env in (hosts.source, hosts.target):
+        log = env.daemon_log(None)
+        assert "Traceback" not in log, log[log.index("Traceback") - 2000 :][:6000]
+
+
 def test_migrate_running_vm_with_its_disk(hosts: TwoHosts, guest: dict[str, str]) -> None:
     src, tgt = hosts.source, hosts.target
     uuid, before = guest_on_source(hosts, guest)
+    dirs = workdirs()
     src_pid = src.pid(uuid)
     assert src_pid is not None
     src_uid = src.get(uuid)["zone_uid"]
@@ -201,16 +226,21 @@ def test_migrate_running_vm_with_its_disk(hosts: TwoHosts, guest: dict[str, str]
     done = progress(src, uuid)
     assert done["state"] == "done"
     assert isinstance(done["downtime_ms"], int)
-    assert "migrated" in src.daemon_log(None)
-    assert "arrived by migration" in tgt.daemon_log(None)
+    # Both daemons said so on /events.
+    for env, key, value in ((src, "target", hosts.destination), (tgt, "direction", "in")):
+        events = read_events(env, lambda evs: any(e["type"] == "migrated" for e in evs))
+        migrated = next(e for e in events if e["type"] == "migrated")
+        assert (migrated["vm"], migrated[key]) == (uuid, value), migrated
+    assert_no_traceback(hosts, dirs)
 
 
 def test_target_dies_mid_copy(hosts: TwoHosts, guest: dict[str, str]) -> None:
     src, tgt = hosts.source, hosts.target
     uuid, before = guest_on_source(hosts, guest)
+    dirs = workdirs()
     pid = src.pid(uuid)
     assert pid is not None
-    start_migration(hosts, uuid, bandwidth=4)  # 16 MiB of data: seconds of copying
+    start_migration(hosts, uuid, bandwidth=8)  # a 64 MiB disk: seconds of copying
     wait_state(src, uuid, ("copying_disks",))
     target_pid = tgt.pid(uuid)
     assert target_pid is not None
@@ -219,14 +249,16 @@ def test_target_dies_mid_copy(hosts: TwoHosts, guest: dict[str, str]) -> None:
     assert_source_unchanged(hosts, uuid, pid, last_tick(src, uuid))
     assert_target_clean(hosts, uuid)
     assert disk_sum(src, uuid) == before
+    assert_no_traceback(hosts, dirs)
 
 
 def test_ssh_connection_drops(hosts: TwoHosts, guest: dict[str, str]) -> None:
     src = hosts.source
     uuid, before = guest_on_source(hosts, guest)
+    dirs = workdirs()
     pid = src.pid(uuid)
     assert pid is not None
-    start_migration(hosts, uuid, bandwidth=4)
+    start_migration(hosts, uuid, bandwidth=8)
     wait_state(src, uuid, ("copying_disks",))
     sessions = hosts.sshd_sessions()
     assert sessions, "no ssh session on the target"
@@ -236,15 +268,20 @@ def test_ssh_connection_drops(hosts: TwoHosts, guest: dict[str, str]) -> None:
     assert_source_unchanged(hosts, uuid, pid, last_tick(src, uuid))
     assert_target_clean(hosts, uuid)
     assert disk_sum(src, uuid) == before
+    assert_no_traceback(hosts, dirs)
 
 
-def test_source_daemon_killed_mid_migration(hosts: TwoHosts, guest: dict[str, str]) -> None:
+@pytest.mark.parametrize("phase", ["copying_disks", "migrating_ram"])
+def test_source_daemon_killed_mid_migration(
+    hosts: TwoHosts, guest: dict[str, str], phase: str
+) -> None:
     src = hosts.source
     uuid, before = guest_on_source(hosts, guest)
+    dirs = workdirs()
     pid = src.pid(uuid)
     assert pid is not None
-    start_migration(hosts, uuid, bandwidth=4)
-    wait_state(src, uuid, ("copying_disks",))
+    start_migration(hosts, uuid, bandwidth=8)
+    wait_state(src, uuid, (phase,))
     src.stop_daemon(sig=signal.SIGKILL)
     record = json.loads((Path(src.zones) / uuid / "vm.json").read_text())
     assert record["migration"]["role"] == "source", "the migration was not persisted"
@@ -252,6 +289,26 @@ def test_source_daemon_killed_mid_migration(hosts: TwoHosts, guest: dict[str, st
     assert_source_unchanged(hosts, uuid, pid, last_tick(src, uuid))
     assert_target_clean(hosts, uuid)
     assert disk_sum(src, uuid) == before
+    assert_no_traceback(hosts, dirs)
+
+
+def test_target_daemon_killed_mid_migration(hosts: TwoHosts, guest: dict[str, str]) -> None:
+    src, tgt = hosts.source, hosts.target
+    uuid, before = guest_on_source(hosts, guest)
+    dirs = workdirs()
+    pid = src.pid(uuid)
+    assert pid is not None
+    start_migration(hosts, uuid, bandwidth=8)
+    wait_state(src, uuid, ("copying_disks",))
+    tgt.stop_daemon(sig=signal.SIGKILL)
+    record = json.loads((Path(tgt.zones) / uuid / "vm.json").read_text())
+    assert record["migration"] == {**record["migration"], "role": "target", "state": "incoming"}
+    tgt.start_daemon()
+    assert wait_state(src, uuid, ("failed", "done")) == "failed"
+    assert_source_unchanged(hosts, uuid, pid, last_tick(src, uuid))
+    assert_target_clean(hosts, uuid)
+    assert disk_sum(src, uuid) == before
+    assert_no_traceback(hosts, dirs)
 
 
 def test_migrate_refuses_bad_targets(hosts: TwoHosts, guest: dict[str, str]) -> None:

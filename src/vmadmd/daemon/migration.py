@@ -265,6 +265,8 @@ class Migrations:
         if mig is None or self.busy(uuid):
             return
         vlog = vm_log(log, uuid)
+        if mig.workdir and migrating.is_workdir(mig.workdir):
+            await asyncio.to_thread(shutil.rmtree, mig.workdir, True)
         resolution = mig.resolution()
         vlog.warning("migration left %s (%s): %s", mig.state, mig.role, resolution)
         if resolution == "discard":
@@ -428,9 +430,9 @@ class Outgoing:
             sup = await m.running(self.uuid)
             mon = sup.monitor
             record = m.load(self.uuid)
-            await _record(self.migs, self.uuid, Migration("source", "copying", self.target,
-                                                          int(time.time() * 1000)))  # fmt: skip
             self._dir = tempfile.mkdtemp(prefix="vmadmd-mig-")
+            mig = Migration("source", "copying", self.target, int(time.time() * 1000), self._dir)
+            await _record(self.migs, self.uuid, mig)
             n = len(record.get("disks", []))
             sizes = await self._disk_sizes(mon, n)
             reply = await self._offer(outgoing_record(record), sizes)
@@ -450,8 +452,7 @@ class Outgoing:
                 with contextlib.suppress(QmpFailed):
                     await mon.command("blockdev-del", {"node-name": f"{MIG_PREFIX}tgt{i}"})
             p.state = "committing"
-            await _record(self.migs, self.uuid, Migration("source", "committing", self.target,
-                                                          int(time.time() * 1000)))  # fmt: skip
+            await _record(self.migs, self.uuid, mig.with_state("committing"))
             answer = await self._commit()
             if answer == "unknown":
                 # Neither here nor there for sure: the VM stays paused here,
@@ -734,14 +735,16 @@ class Incoming:
     async def prepare(self, record: VmRecord, sizes: list[int]) -> dict[str, Any]:
         m = self.migs.manager
         layer = m.layer
-        await asyncio.to_thread(layer.create_incoming, record, sizes, int(time.time() * 1000))
+        self._dir = tempfile.mkdtemp(prefix="vmadmd-mig-in-")
+        await asyncio.to_thread(
+            layer.create_incoming, record, sizes, int(time.time() * 1000), self._dir
+        )
         async with vm_lock(m.store, self.uuid):
             await asyncio.to_thread(
                 layer.start_locked, self.uuid, set_autoboot=False, incoming=True
             )
         await m.refresh(self.uuid)
         mon = (await m.running(self.uuid)).monitor
-        self._dir = tempfile.mkdtemp(prefix="vmadmd-mig-in-")
         nbd = self._listen("nbd.sock")
         mig = self._listen("mig.sock")
         await mon.pass_fd(nbd.fileno(), f"{MIG_PREFIX}nbd")
@@ -804,8 +807,9 @@ class Incoming:
             await self.discard("the incoming state is incomplete")
             raise
         self._done = True
-        await _record(self.migs, self.uuid, Migration("target", "committed", "",
-                                                      int(time.time() * 1000)))  # fmt: skip
+        now = int(time.time() * 1000)
+        committed = Migration("target", "committed", "", now, self._dir or "")
+        await _record(self.migs, self.uuid, committed)
         await _stop_exports(mon, self._exports)
         await mon.command("cont")
         await _record(self.migs, self.uuid, None)

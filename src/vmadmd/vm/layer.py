@@ -113,7 +113,9 @@ class VmLayer:
                     held.enter_context(store.lock(validate_uuid(image_uuid)))
             return self._create(uuid, vm)
 
-    def create_incoming(self, record: VmRecord, sizes: Sequence[int], since_ms: int) -> str:
+    def create_incoming(
+        self, record: VmRecord, sizes: Sequence[int], since_ms: int, workdir: str = ""
+    ) -> str:
         """Make a VM arriving by live migration (``vm/migrating.py``): its
         zone, a uid of this host, empty disks of the sizes given.  Not booted."""
         from vmadmd.vm import migrating
@@ -123,7 +125,8 @@ class VmLayer:
             self.store.exists(uuid) or os.path.exists(self.store.paths(uuid).zonepath), uuid
         )
         uid = record["zone_uid"] = self._new_uid(uuid)
-        record[migrating.KEY] = migrating.Migration("target", "incoming", "", since_ms).to_json()
+        mig = migrating.Migration("target", "incoming", "", since_ms, workdir)
+        record[migrating.KEY] = mig.to_json()
         net.name_taps(record.get("nics", []), uid)
         paths = self.store.create(uuid, {**record, "disks": []})
         try:

@@ -50,9 +50,14 @@ class Migration(NamedTuple):
     state: State
     peer: str
     since_ms: int
+    workdir: str = ""  # the daemon's temp dir of its sockets: removed when settled
 
     def to_json(self) -> dict[str, Any]:
-        return {"role": self.role, "state": self.state, "peer": self.peer, "since": self.since_ms}
+        out = {"role": self.role, "state": self.state, "peer": self.peer, "since": self.since_ms}
+        return {**out, "dir": self.workdir} if self.workdir else out
+
+    def with_state(self, state: State) -> Migration:
+        return self._replace(state=state)
 
     @classmethod
     def of(cls, record: VmRecord) -> Migration | None:
@@ -67,7 +72,8 @@ class Migration(NamedTuple):
             return None
         if not isinstance(peer, str) or not isinstance(since, int) or isinstance(since, bool):
             return None
-        return cls(role, state, peer, since)
+        workdir = raw.get("dir", "")
+        return cls(role, state, peer, since, workdir if isinstance(workdir, str) else "")
 
     def resolution(self) -> Resolution:
         """What a daemon that (re)starts does with a migration it finds.
@@ -138,6 +144,14 @@ def make_disks(record: VmRecord, sizes: Sequence[int], zonepath: str) -> None:
                 f"qemu-img create failed: {res.stderr.decode(errors='replace').strip()}"
             )
         disk.update(path=path, image_format="qcow2", size=-(-size // (1 << 20)))
+
+
+def is_workdir(path: str) -> bool:
+    """Whether ``path`` is a migration's temp dir (what a settle may remove)."""
+    import tempfile
+
+    parent, name = os.path.split(os.path.normpath(path))
+    return parent == tempfile.gettempdir() and name.startswith("vmadmd-mig-")
 
 
 def refuse_existing(exists: bool, uuid: str) -> None:
