@@ -222,7 +222,7 @@ def test_migrate_running_vm_with_its_disk(hosts: TwoHosts, guest: dict[str, str]
     # Gone from the source: record, zone, qemu.
     assert src.vmadm("get", uuid).returncode == 1
     assert not (Path(src.zones) / uuid).exists()
-    assert not Path(f"/proc/{src_pid}").exists()
+    src.wait_for(lambda: not Path(f"/proc/{src_pid}").exists(), what="the source qemu to go")
     done = progress(src, uuid)
     assert done["state"] == "done"
     assert isinstance(done["downtime_ms"], int)

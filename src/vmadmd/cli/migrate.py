@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from vmadmd.cli.client import Client
 
 MAX_OFFER = (1 << 20) + (64 << 10)
-FOLLOW_PERIOD = 0.25
+FOLLOW_PERIOD = 0.1
 
 
 def _client(timeout: float = 120.0) -> Client:

@@ -65,7 +65,8 @@ from vmadmd.errors import (
     VmNotFound,
     WrongState,
 )
-from vmadmd.vm import migrating, transition
+from vmadmd.vm import migrating, net, proc, transition
+from vmadmd.vm.layer import identity_of
 from vmadmd.vm.migrating import Migration
 from vmadmd.vm.store import VmRecord
 
@@ -80,7 +81,7 @@ TARGET_RE = re.compile(r"^(?:[A-Za-z0-9._-]{1,64}@)?[A-Za-z0-9.:_\[\]-]{1,255}$"
 REMOTE_PATH_RE = re.compile(r"^/[A-Za-z0-9._/-]{1,100}$")
 SSH_CONNECT = 30.0  # ssh up and the target's answer
 STEP_TIMEOUT = 30.0  # a block node added, a job gone, the target's commit
-POLL = 0.2
+POLL = 0.05
 ACTIVE = ("setup", "active", "pre-switchover", "device", "wait-unplug", "postcopy-active")
 MAX_FINISHED = 256  # outcomes kept for `GET /vm/U/migration`
 MIG_PREFIX = "mig-"
@@ -469,7 +470,7 @@ class Outgoing:
             p.total_ms = int((time.monotonic() - t0) * 1000)
             await self._close()
             # The target runs the VM: this host lets go of it.
-            await asyncio.to_thread(m.layer.delete, self.uuid)
+            await self._let_go()
             p.state = "done"
             self._log.info("migrated to %s in %d ms (downtime %s ms)", self.target,
                            p.total_ms, p.downtime_ms)  # fmt: skip
@@ -502,6 +503,46 @@ class Outgoing:
                     )
         with contextlib.suppress(VmadmError):
             await _record(self.migs, self.uuid, None)
+
+    async def _let_go(self) -> None:
+        """The VM runs on the target: its qemu quits here (it is paused, its
+        state sent) and its zone goes; its taps and cgroup go after."""
+        m = self.migs.manager
+        record = m.load(self.uuid)
+        sup = m.vms.get(self.uuid)
+        if sup is not None:
+            with contextlib.suppress(QmpFailed, QmpTimeout):
+                await sup.monitor.command("quit", timeout=5)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(sup.exited.wait(), 10)
+        # A qemu that did not quit is stopped by force; then the zone goes,
+        # under the VM's lock (the exit's settling waits for it, then finds
+        # no VM), vm.json first.
+        pid_path = m.store.paths(self.uuid).pid
+        await asyncio.to_thread(proc.kill_vm, pid_path, self.uuid, identity_of(record))
+        last: OSError | None = None
+        for _ in range(10):
+            try:
+                async with vm_lock(m.store, self.uuid):
+                    await asyncio.to_thread(m.store.remove, self.uuid)
+                last = None
+                break
+            except VmNotFound:
+                last = None
+                break
+            except OSError as err:  # qemu's waiter writing qemu.exit as rmtree runs
+                last = err
+                await asyncio.sleep(0.1)
+        if last is not None:
+            self._log.error("migrated, but its zone here could not be removed: %s", last)
+        uid = record.get("zone_uid")
+        nics = record.get("nics", [])
+
+        def release() -> None:
+            net.remove_taps(nics, uid if isinstance(uid, int) and uid > 0 else None)
+            m.layer.cgroups.remove(self.uuid)
+
+        m._spawn(asyncio.to_thread(release), f"migrated-release-{self.uuid}")
 
     async def _close(self) -> None:
         ssh, self._ssh = self._ssh, None
