@@ -387,6 +387,16 @@ def test_openapi_documents_every_route(env: Env) -> None:
                 )
             except ApiError as err:
                 status, body = err.status, err.message
+        elif path == "/vms/incoming":  # a VM arriving by migration: this one exists
+            arriving = {"uuid": uuid, "ram": 64, "vcpus": 1, "disks": []}
+            try:
+                status, body = env.client().request(
+                    "POST", concrete, body={"vm": arriving, "disk_sizes": [], "receiver": 0}
+                )
+            except ApiError as err:
+                status, body = err.status, err.message
+        elif path == "/vm/{uuid}/incoming" and method == "post":
+            status, body = env.api("POST", concrete, action="abort")  # 409: not arriving
         elif path == "/vms" and method == "post":
             status, body = env.api("POST", concrete, action="stop", timeout="5")
         elif method == "post":

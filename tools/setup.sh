@@ -26,6 +26,9 @@ command -v genisoimage >/dev/null || need+=(genisoimage)    # its NoCloud seed (
 command -v xorriso >/dev/null || need+=(xorriso)
 [[ -f /usr/lib/ISOLINUX/isolinux.bin ]] || need+=(isolinux)
 [[ -f /usr/lib/syslinux/modules/bios/ldlinux.c32 ]] || need+=(syslinux-common)
+command -v ssh >/dev/null || need+=(openssh-client)          # vmadm migrate's transport
+[[ -x /usr/sbin/sshd ]] || need+=(openssh-server)            # the migration tests' target host
+command -v ip >/dev/null || need+=(iproute2)                 # their network namespace
 # cloud-init's own SmartOS client classes drive the metadata tests (Debian
 # packages it; it is not on PyPI).  Installed, not run: see below.
 new_cloud_init=0

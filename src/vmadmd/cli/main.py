@@ -573,6 +573,15 @@ def cmd_send(ctx: Context, args: argparse.Namespace) -> None:
 
 
 def cmd_receive(ctx: Context, args: argparse.Namespace) -> None:
+    if args.live:
+        from vmadmd.cli import migrate  # the far end of `vmadm migrate`
+
+        code = migrate.cmd_receive_live(args)
+        if code:
+            raise SystemExit(code)
+        return
+    if args.status:
+        raise InvalidParameter("receive: --status goes with --live")
     from vmadmd.vm import sendrecv
 
     src = sys.stdin.fileno()
@@ -583,6 +592,29 @@ def cmd_receive(ctx: Context, args: argparse.Namespace) -> None:
 
 def _no_args(c: argparse.ArgumentParser) -> None:
     pass
+
+
+def cmd_migrate(ctx: Context, args: argparse.Namespace) -> None:
+    from vmadmd.cli import migrate  # cli/migrate.py: live migration's both ends
+
+    migrate.cmd_migrate(args)
+
+
+def _migrate_args(c: argparse.ArgumentParser) -> None:
+    c.add_argument("uuid")
+    c.add_argument("target", metavar="[user@]host", help="the target vmadmd host, over ssh")
+    c.add_argument("--bandwidth", type=int, metavar="MIBS",
+                   help="at most this many MiB/s for the disks, and for the RAM")  # fmt: skip
+
+
+def _receive_args(c: argparse.ArgumentParser) -> None:
+    c.add_argument(
+        "--live",
+        action="store_true",
+        help="the far end of `vmadm migrate` (run by the source over ssh)",
+    )
+    c.add_argument("--status", metavar="UUID",
+                   help="with --live: how a VM arriving here stands, as JSON")  # fmt: skip
 
 
 def _stop_args(c: argparse.ArgumentParser) -> None:
@@ -710,8 +742,10 @@ COMMANDS: tuple[Command, ...] = (
     ("delete-snapshot", "delete a VM's snapshot", cmd_delete_snapshot, _snapshot_args),
     ("send", "write a stopped VM (vm.json and disks) as one checksummed stream on stdout",
      cmd_send, _with_uuid),
-    ("receive", "create the VM a `vmadm send` stream on stdin carries (same uuid)",
-     cmd_receive, _no_args),
+    ("receive", "create the VM a `vmadm send` stream on stdin carries (same uuid); "
+     "--live: the far end of a live migration", cmd_receive, _receive_args),
+    ("migrate", "live-migrate a running VM, disks included, to another vmadmd host over ssh",
+     cmd_migrate, _migrate_args),
 )  # fmt: skip
 
 

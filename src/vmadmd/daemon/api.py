@@ -50,6 +50,9 @@ if TYPE_CHECKING:
     from vmadmd.daemon.websocket import WebSocket
 
 MAX_BODY = 64 * 1024
+# A VM arriving by live migration brings its vm.json (at most 1 MiB): only
+# that route takes a body past MAX_BODY.
+MAX_INCOMING_BODY = (1 << 20) + MAX_BODY
 MAX_TIMEOUT = 86400.0
 KEEPALIVE = 15.0  # an idle event stream sends a comment this often
 
@@ -59,7 +62,7 @@ it (a running VM it has not reached yet would read as stopped)."""
 STREAMS = frozenset({"/events", "/vm/{uuid}/serial"})
 """Routes that hold their connection (a stream, a WebSocket): no HEAD."""
 
-__all__ = ["MAX_BODY", "Api", "error_reply", "json_reply"]
+__all__ = ["MAX_BODY", "MAX_INCOMING_BODY", "Api", "error_reply", "json_reply"]
 
 
 def params_of(request: Request) -> dict[str, str]:
@@ -78,10 +81,10 @@ def params_of(request: Request) -> dict[str, str]:
     return params
 
 
-def json_body(request: Request) -> dict[str, Any]:
+def json_body(request: Request, limit: int = MAX_BODY) -> dict[str, Any]:
     """The request's JSON object body."""
-    if len(request.body) > MAX_BODY:
-        raise PayloadTooLarge(f"request body larger than {MAX_BODY} bytes")
+    if len(request.body) > limit:
+        raise PayloadTooLarge(f"request body larger than {limit} bytes")
     try:
         body = json.loads(request.body)
     except ValueError as err:
@@ -137,6 +140,9 @@ class Api:
                 "POST": self.snapshot_action,
                 "DELETE": self.delete_snapshot,
             },
+            "/vm/{uuid}/migration": {"GET": self.migration},
+            "/vms/incoming": {"POST": self.incoming},
+            "/vm/{uuid}/incoming": {"GET": self.arrival, "POST": self.incoming_action},
         }
         router = Router()
         for pattern, methods in self.routes.items():
@@ -316,6 +322,37 @@ class Api:
         headers = {"Cache-Control": "no-cache"}
         return Reply(200, b"", "text/event-stream", headers, stream=stream)
 
+    # -- live migration (daemon/migration.py) ------------------------------------
+
+    async def migration(self, request: Request) -> Reply:
+        """Where this VM's outgoing migration stands (or how it ended)."""
+        uuid = validate_uuid(request.match["uuid"])
+        return json_reply(self.manager.migrations.progress(uuid).to_json())
+
+    async def incoming(self, request: Request) -> Reply:
+        """A VM arriving: made here, its qemu waiting for disks and state."""
+        body = json_body(request, MAX_INCOMING_BODY)
+        if set(body) - {"vm", "disk_sizes", "receiver"}:
+            raise InvalidParameter('the body has "vm", "disk_sizes" and "receiver" only')
+        migs = self.manager.migrations
+        reply = await migs.receive(body.get("vm"), body.get("disk_sizes"), body.get("receiver"))
+        return json_reply(reply)
+
+    async def arrival(self, request: Request) -> Reply:
+        uuid = validate_uuid(request.match["uuid"])
+        return json_reply(self.manager.migrations.arrival(uuid))
+
+    async def incoming_action(self, request: Request) -> Reply:
+        uuid = validate_uuid(request.match["uuid"])
+        action = params_of(request).get("action")
+        migs = self.manager.migrations
+        if action == "commit":
+            return json_reply(await migs.commit(uuid))
+        if action == "abort":
+            await migs.abort(uuid)
+            return json_reply({"uuid": uuid, "state": "discarded"})
+        raise InvalidParameter("action must be commit or abort")
+
     async def screenshot_png(self, request: Request) -> Reply:
         uuid = validate_uuid(request.match["uuid"])
         data = await (await self.manager.running(uuid)).screenshot_png()
@@ -367,6 +404,17 @@ class Api:
             timeout = parse_unplug_timeout(params.get("unplug_timeout"))
             result = await m.apply_devices(uuid, timeout)
             return json_reply({"uuid": uuid, **result})
+        if action == "migrate":
+            target = params.get("target")
+            if not target:
+                raise InvalidParameter("target is required: an ssh destination, [user@]host")
+            raw = params.get("bandwidth")
+            try:
+                bandwidth = int(raw) if raw else None
+            except ValueError:
+                raise InvalidParameter("bandwidth must be a whole number of MiB/s") from None
+            progress = await m.migrations.start(uuid, target, bandwidth)
+            return json_reply(progress.to_json(), status=202)
         if action == "console":
             m.load(uuid)
             if self.console is None:

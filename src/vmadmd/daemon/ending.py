@@ -17,7 +17,7 @@ from vmadmd.daemon.locks import vm_lock
 from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.monitor import Shutdown
 from vmadmd.daemon.settings import CrashRestart, Shared
-from vmadmd.errors import VmadmError
+from vmadmd.errors import VmadmError, VmNotFound
 from vmadmd.vm import ending as ending_mod
 from vmadmd.vm import launch, net, transition
 from vmadmd.vm.ending import Ending
@@ -177,5 +177,9 @@ async def release_unless_restarted(shared: Shared, uuid: str, nics: list[Any]) -
     try:
         async with vm_lock(shared.store, uuid, SETTLE_LOCK_WAIT):
             await asyncio.to_thread(release)
+    except VmNotFound:
+        # Deleted (`vmadm delete`, a VM migrated away or an incoming one
+        # discarded): its deleter removed its taps and cgroup.
+        vlog.info("deleted: nothing left to clean up")
     except Exception:
         vlog.exception("cleanup after exit failed")

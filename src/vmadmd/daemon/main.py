@@ -24,10 +24,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from vmadmd.daemon import autoboot, logs
-from vmadmd.daemon.api import MAX_BODY, Api
+from vmadmd.daemon.api import MAX_INCOMING_BODY, Api
 from vmadmd.daemon.events import EventBus
 from vmadmd.daemon.manager import Manager
 from vmadmd.daemon.metrics import Metrics
+from vmadmd.daemon.migration import MigrationSettings
 from vmadmd.daemon.server import HttpServer
 from vmadmd.daemon.settings import CrashRestart, DaemonSettings
 from vmadmd.daemon.vncconsole import is_loopback
@@ -155,6 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="restart_on_crash: no restart past N crashes within the window",
     )
     p.add_argument("--crash-restart-window", type=float, default=600.0, metavar="SECS")
+    p.add_argument(
+        "--ssh-config",
+        default=env_or("VMADMD_SSH_CONFIG", "") or None,
+        metavar="FILE",
+        help="vmadm migrate: ssh's configuration file (ssh -F)",
+    )
+    p.add_argument(
+        "--remote-vmadm",
+        default=env_or("VMADMD_REMOTE_VMADM", "vmadm"),
+        metavar="CMD",
+        help="vmadm migrate: the command that is vmadm on targets",
+    )
     p.add_argument("--console-listen", metavar="ADDR:PORT", default=None,
                    help="serve browser (noVNC) consoles here; off by default")  # fmt: skip
     p.add_argument("--console-tls-cert", metavar="PEM", help="serve consoles over HTTPS/WSS")
@@ -334,6 +347,7 @@ class Daemon:
                 limit=args.crash_restart_limit,
                 window=args.crash_restart_window,
             ),
+            migration=MigrationSettings(ssh_config=args.ssh_config, remote_vmadm=args.remote_vmadm),
         )
         self.metrics = Metrics()
         self.manager = Manager(settings, self.bus, self.metrics)
@@ -360,7 +374,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self.api = Api(self.manager, self.bus, self.status, self.metrics, self.console)
         self.server = HttpServer(
-            self.api.service, client_timeout=args.client_timeout, max_body=MAX_BODY
+            self.api.service, client_timeout=args.client_timeout, max_body=MAX_INCOMING_BODY
         )
 
     def status(self) -> dict[str, Any]:

@@ -23,13 +23,14 @@ from vmadmd.daemon.events import EventBus
 from vmadmd.daemon.locks import vm_lock
 from vmadmd.daemon.logs import vm_log
 from vmadmd.daemon.metrics import Metrics
+from vmadmd.daemon.migration import Migrations
 from vmadmd.daemon.settings import DaemonSettings, Shared
 from vmadmd.daemon.snapshots import SnapshotService
 from vmadmd.daemon.stats import VmStatsCollector
 from vmadmd.daemon.supervisor import VmSupervisor
 from vmadmd.daemon.sweep import StartupSweep, in_batches
 from vmadmd.errors import StartFailed, VmadmError, VmBroken, VmBusy, WrongState
-from vmadmd.vm import transition
+from vmadmd.vm import migrating, transition
 from vmadmd.vm.bootopts import BootOptions
 from vmadmd.vm.layer import VmLayer, running_pidfd, state_of
 from vmadmd.vm.sockets import Peer
@@ -72,6 +73,7 @@ class Manager:
         )
         metrics.watch_state(self._state_snapshot)
         self.snapshots = SnapshotService(self)
+        self.migrations = Migrations(self, settings.migration)
         self.stats = VmStatsCollector(lambda: [sup.stats_state for sup in self.vms.values()])
         metrics.add_collector(self.stats)
 
@@ -202,7 +204,11 @@ class Manager:
             return
         if found is not None:
             self._attach(uuid, record, *found)
-        elif record.get(transition.KEY):
+        if migrating.KEY in record:
+            # A migration a previous daemon left half-done (or ours, which
+            # ``settle`` leaves alone).
+            self.migrations.settle_soon(uuid, record, found is not None)
+        if found is None and record.get(transition.KEY):
             # qemu went away while no daemon watched: finish the transition.
             settled = await settle_record(self._shared, uuid, None)
             # A reboot's second half boots qemu: not inside the sweep, which

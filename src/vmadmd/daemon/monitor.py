@@ -351,6 +351,31 @@ class Monitor:
             raise QmpCommandFailed(err.message, err.error_class, err.desc) from err
         return out if isinstance(out, str) else str(out)
 
+    async def command(
+        self,
+        cmd: str,
+        arguments: Mapping[str, object] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Any:
+        """One of the daemon's own commands (the migration's), unfiltered.
+
+        Never reached from a user's request: ``passthrough`` is that path.
+        """
+        return await self._conn.execute(cmd, arguments, timeout=timeout)
+
+    async def pass_fd(self, fd: int, name: str, *, timeout: float | None = None) -> None:
+        """``getfd``: qemu keeps a copy of ``fd`` under ``name`` (a command
+        that names it takes it).  Raises QmpRefused when qemu did not take it."""
+        async with self._fd_lock:
+            (got,) = await self._conn.execute_all(
+                [("getfd", {"fdname": name})], timeout=timeout, fd=fd
+            )
+        if isinstance(got, BaseException):
+            if isinstance(got, (QmpConnectionLost, QmpTimeout)):
+                self._conn.orphans.add(name)
+            raise got
+
     async def blockstats(self) -> dict[str, DiskStats]:
         """Each disk's counters, by device."""
         return blockstats_of(await self._conn.execute("query-blockstats"))

@@ -9,6 +9,7 @@ from typing import Any
 
 from vmadmd.daemon.events import EventBus
 from vmadmd.daemon.metrics import Metrics
+from vmadmd.daemon.migration import MigrationSettings
 from vmadmd.vm import cgroup
 from vmadmd.vm.config import VmSettings
 from vmadmd.vm.store import Store
@@ -36,6 +37,7 @@ class DaemonSettings:
     # relaying only when qemu cannot take one; "proxy": always relay.
     vnc_relay: str = "listen"
     crash_restart: CrashRestart = field(default_factory=CrashRestart)
+    migration: MigrationSettings = field(default_factory=MigrationSettings)
 
 
 @dataclass

@@ -138,6 +138,33 @@ class VmLayer:
                 self.disks.check_disk_path(f"disks[{i}].path", disk["path"], zonepath)
         return uuid, vm
 
+    def create_incoming(
+        self, record: VmRecord, sizes: Sequence[int], since_ms: int, workdir: str = ""
+    ) -> str:
+        """Make a VM arriving by live migration (``vm/migrating.py``): its
+        zone, a uid of this host, empty disks of the sizes given.  Not booted."""
+        from vmadmd.vm import migrating
+
+        uuid = str(record["uuid"])
+        migrating.refuse_existing(
+            self.store.exists(uuid) or os.path.exists(self.store.paths(uuid).zonepath), uuid
+        )
+        uid = record["zone_uid"] = self._new_uid(uuid)
+        mig = migrating.Migration("target", "incoming", "", since_ms, workdir)
+        record[migrating.KEY] = mig.to_json()
+        net.name_taps(record.get("nics", []), uid)
+        paths = self.store.create(uuid, {**record, "disks": []})
+        try:
+            self._own(paths, uid)
+            migrating.make_disks(record, sizes, paths.zonepath)
+            for disk in record["disks"]:
+                own_disk(paths, disk["path"], uid)
+            self.store.update(uuid, lambda r: r.update(disks=record["disks"]))
+        except BaseException:
+            self.store.remove(uuid)
+            raise
+        return uuid
+
     def _create(self, uuid: str, vm: VmRecord) -> str:
         # Everything that can be refused is refused before anything is made.
         zonepath = self.store.paths(uuid).zonepath
@@ -206,9 +233,18 @@ class VmLayer:
             return self.start_locked(uuid, set_autoboot=set_autoboot, boot=boot)
 
     def start_locked(
-        self, uuid: str, *, set_autoboot: bool = True, boot: BootOptions | None = None
+        self,
+        uuid: str,
+        *,
+        set_autoboot: bool = True,
+        boot: BootOptions | None = None,
+        incoming: bool = False,
     ) -> int:
-        """``start``, for a caller that holds the VM's lock already."""
+        """``start``, for a caller that holds the VM's lock already.
+
+        ``incoming``: qemu waits, paused, for a live migration's state
+        (``daemon/migration.py``) instead of booting the guest.
+        """
         paths = self.store.paths(uuid)
         vm = self.store.load(uuid)
         if self.pid(uuid, vm) is not None:
@@ -236,7 +272,7 @@ class VmLayer:
             except InvalidParameter as err:
                 raise InvalidParameter(f"VM {uuid}: {err}") from None
         try:
-            return self._start_opened(uuid, vm, paths, set_autoboot, boot, media_fds)
+            return self._start_opened(uuid, vm, paths, set_autoboot, boot, media_fds, incoming)
         finally:
             for fd in media_fds:
                 os.close(fd)
@@ -249,6 +285,7 @@ class VmLayer:
         set_autoboot: bool,
         boot: BootOptions | None,
         media_fds: Sequence[int],
+        incoming: bool,
     ) -> int:
         uid = self._ensure_uid(uuid, vm, paths)
         self._settle_devices(vm, paths, uid)
@@ -261,7 +298,7 @@ class VmLayer:
             # Its own cgroup, with SmartOS's limits, named after the uuid:
             # qemu is born in it.
             placement = self.cgroups.prepare(uuid, cgroup.limits_of(vm))
-            pid = self._spawn(vm, paths, uid, placement, boot, media_fds)
+            pid = self._spawn(vm, paths, uid, placement, boot, media_fds, incoming=incoming)
         except BaseException:
             net.remove_taps(nics, uid)
             self.cgroups.remove(uuid)
@@ -318,6 +355,8 @@ class VmLayer:
         placement: cgroup.Placement,
         boot: BootOptions | None = None,
         media_fds: Sequence[int] = (),
+        *,
+        incoming: bool = False,
     ) -> int:
         # Here, not at the top: `vmadm list/get` never start a VM, and every
         # millisecond of import is paid by every vmadm call.
@@ -346,6 +385,7 @@ class VmLayer:
                 vm, paths, self.settings.qemu, accel, disk_fds=disks, tap_fds=taps,
                 require_vnc_password=self.settings.vnc_require_password,
                 user_net=self.settings.user_net, boot=boot, media_fds=media_fds,
+                incoming=incoming,
             )  # fmt: skip
             fds = [d.fd for d in disks] + [d.image_fd for d in disks if d.image_fd is not None]
             fds += taps.values()

@@ -169,6 +169,7 @@ def build_argv(
     user_net: UserNet = "restricted",
     boot: BootOptions | None = None,
     media_fds: Sequence[int] = (),
+    incoming: bool = False,
 ) -> list[str]:
     """The full argv for ``vm``; run it with ``cwd=paths.runtime_dir`` and
     ``disk_fds`` (one per disk) and ``tap_fds`` (nic index -> an fd on its
@@ -180,7 +181,9 @@ def build_argv(
     reaches neither the host (whose 127.0.0.1 slirp maps to 10.0.2.2) nor
     the outside; ``nat`` lets it reach both.  ``boot``: options for this
     boot only (an order, CDs and disks from the zone root, whose fds are
-    ``media_fds``, one per medium).
+    ``media_fds``, one per medium).  ``incoming``: the target of a
+    live migration (``-incoming defer -S``: it waits for ``migrate-incoming``
+    and stays paused once the state is in, until the daemon says ``cont``).
     """
     uuid = vm["uuid"]
     cpu = vm.get("cpu_type") or ("host" if accel == "kvm" else "qemu64")
@@ -261,4 +264,6 @@ def build_argv(
         import shlex  # here, not at the top: the CLI's start-up time
 
         argv += shlex.split(extra)
+    if incoming:
+        argv += ["-incoming", "defer", "-S"]
     return argv
