@@ -80,11 +80,11 @@ def test_boot_order_and_media_on_qemus_command_line() -> None:
     # No order anywhere: as before, the boot disk first by bootindex, no -boot.
     argv = _argv(vm, None, [])
     assert "-boot" not in argv
-    assert "virtio-blk-pci,drive=disk0,bootindex=0" in argv
+    assert "virtio-blk-pci,drive=disk0,id=disk0,bootindex=0" in argv
     # The VM's own order: -boot, and no bootindex to override it.
     argv = _argv({**vm, "boot": "order=dc"}, None, [])
     assert argv[argv.index("-boot") + 1] == "order=dc"
-    assert "virtio-blk-pci,drive=disk0" in argv
+    assert "virtio-blk-pci,drive=disk0,id=disk0" in argv
     # This boot's options win; its CD is read-only raw over its fd, in an
     # fd set after the disks'.
     boot = BootOptions.from_args(["order=cd,once=d", "cdrom=/i.iso,ide", "disk=/e.img,scsi"])
