@@ -67,6 +67,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("vmadmd.api")
 
 MAX_HEAD = 32 * 1024
+AHEAD_BODY = 64 * 1024
+"""A client far ahead of its answers is read no further once this much more
+than a head is buffered past the request being served (or ``max_body`` if
+smaller); not the largest body a route takes (1 MiB for an arriving VM),
+which is read as it comes once the connection is served again."""
 STREAM_PENDING = 1 << 20  # a stream's unsent bytes before its writer waits
 
 
@@ -220,7 +225,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
         self._advance()
 
     def _too_far_ahead(self) -> bool:
-        return self.ahead > MAX_HEAD + self.server.max_body
+        return self.ahead > MAX_HEAD + min(self.server.max_body, AHEAD_BODY)
 
     def eof_received(self) -> bool | None:
         if self.ws is not None:
@@ -274,7 +279,13 @@ class HttpProtocol(asyncio.BufferedProtocol):
                 else:
                     self._refuse(status, "BadRequest", f"malformed HTTP request: {err}"[:200])
                 return
-            if event is h11.NEED_DATA or event is h11.PAUSED:
+            if event is h11.NEED_DATA:
+                # Nothing is being served: what comes next is this request's
+                # (h11 hands its body on as it comes), so read on.
+                self.ahead = 0
+                self.flow.resume_reading()
+                return
+            if event is h11.PAUSED:
                 return
             if isinstance(event, h11.Request):
                 if not self._begin(event):
