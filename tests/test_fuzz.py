@@ -16,6 +16,8 @@ import socket
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from .conftest import REPO, Env, _bin, bios_payload
 
 U_UNKNOWN = "0b3f1c2e-9a4d-4f5e-8b6a-1c2d3e4f5a6b"
@@ -36,6 +38,7 @@ def accepts(port: int) -> bool:
     return True
 
 
+@pytest.mark.timeout(600)
 def test_schemathesis_finds_no_server_error(env: Env) -> None:
     daemon = env.start_daemon("--qmp-timeout", "2", "--log-level", "info")
     running = env.create(bios_payload())

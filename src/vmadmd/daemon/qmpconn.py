@@ -132,9 +132,12 @@ class QmpConnection:
                 self._log.debug("%s", self.last_error)
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(client.disconnect(), 1.0)
-                with contextlib.suppress(TimeoutError):
-                    # A command waiting for the connection cuts the back-off short.
-                    await asyncio.wait_for(self._wanted.wait(), delay)
+                if self._wanted.is_set():
+                    await asyncio.sleep(min(delay, 0.1))  # a command waits: retry soon
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        # A command that starts waiting cuts the back-off short.
+                        await asyncio.wait_for(self._wanted.wait(), delay)
                 delay = min(delay * 2, 0.1 if self._wanted.is_set() else 2.0)
                 continue
             if self._closed or self._gone:
