@@ -66,7 +66,7 @@ def test_start_options_parse_as_smartos_has_them() -> None:
 
 
 def _argv(vm: dict[str, Any], boot: BootOptions | None, media_fds: list[int]) -> list[str]:
-    paths = VmPaths("/zones/" + vm["uuid"])
+    paths = VmPaths("/nonexistent-zones/" + vm["uuid"])
     fds = [DiskFds(10 + i) for i in range(len(vm.get("disks", [])))]
     return build_argv(vm, paths, "qemu-system-x86_64", "tcg", disk_fds=fds, boot=boot,
                       media_fds=media_fds)  # fmt: skip
@@ -75,7 +75,7 @@ def _argv(vm: dict[str, Any], boot: BootOptions | None, media_fds: list[int]) ->
 def test_boot_order_and_media_on_qemus_command_line() -> None:
     vm: dict[str, Any] = {
         "uuid": "2ad5b6d8-0e26-4d7f-9a51-1f7b4e1d2c3a", "ram": 128, "vcpus": 1,
-        "disks": [{"path": "/zones/x/disk0.qcow2", "model": "virtio", "boot": True}],
+        "disks": [{"path": "/nonexistent-zones/x/disk0.qcow2", "model": "virtio", "boot": True}],
     }  # fmt: skip
     # No order anywhere: as before, the boot disk first by bootindex, no -boot.
     argv = _argv(vm, None, [])

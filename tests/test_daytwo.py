@@ -126,7 +126,7 @@ def test_refusals_leave_vm_json_unchanged(env: Env, running_vm: RunVm) -> None:
         ({"add_disks": [{"path": f"{env.zones}/{uuid}/vm.json"}]}, "is not a disk"),
         ({"update_disks": [{"path": "/etc/passwd", "size": 100}]}, "outside the VM's zonepath"),
         ({"remove_disks": [boot]}, "boot disk of the running VM"),
-        ({"remove_disks": ["/zones/nope/disk0.qcow2"]}, "outside the VM's zonepath"),
+        ({"remove_disks": ["/nonexistent-zones/nope/disk0.qcow2"]}, "outside the VM's zonepath"),
         ({"remove_nics": ["02:08:20:00:00:09"]}, "not a nic of this VM"),
         ({"add_disks": [{"size": 0}]}, "between 1 and"),
         ({"add_disks": [{"size": 8, "model": "floppy"}]}, "model must be one of"),
@@ -344,7 +344,7 @@ def test_a_hot_plug_qemu_made_before_the_daemon_recorded_it_is_read_back(
 
 # -- the rules alone (no qemu) ----------------------------------------------------------
 
-ZP = "/zones/6f1c2c3e-0b6d-4d5e-9a1b-2c3d4e5f6a7b"
+ZP = "/nonexistent-zones/6f1c2c3e-0b6d-4d5e-9a1b-2c3d4e5f6a7b"
 UID = 2_000_000_007
 
 
@@ -361,7 +361,8 @@ def record(**extra: Any) -> dict[str, Any]:
 
 
 def edit(vm: dict[str, Any], running: bool = False, **edits: Any) -> Any:
-    return check_edits(vm, edits, zonepath=ZP, disks=Disks("/zones/images"), running=running,
+    images = Disks("/nonexistent-zones/images")
+    return check_edits(vm, edits, zonepath=ZP, disks=images, running=running,
                        sizes=lambda path, fmt: 48)  # fmt: skip
 
 
